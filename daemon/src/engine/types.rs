@@ -1,0 +1,142 @@
+//! Public request/response types of the engine, independent of HTTP.
+use serde::{Deserialize, Serialize};
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// OpenAI-style chat messages, rendered with the model's chat template
+    /// (generation prompt added).
+    Chat { messages: Vec<serde_json::Value> },
+    /// Raw text, tokenized as is (BOS added when the model asks for it).
+    Text(String),
+}
+
+/// Sampling parameters, named as in the OpenAI API (plus the usual open-model extensions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// The served model id asked for.
+    pub model: String,
+    pub input: PromptInput,
+    pub sampling: SamplingParams,
+    /// None: up to the end of the context.
+    pub max_tokens: Option<usize>,
+    /// Stop strings: generation ends before the first occurrence, which is not returned.
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Streamed back to the caller of [`super::EngineHandle::submit`], in order.
+#[derive(Debug, Clone)]
+pub enum GenEvent {
+    /// New text (never a split UTF-8 character, never part of a stop string).
+    Text(String),
+    Finished { reason: FinishReason, usage: Usage },
+    /// Generation failed after it started; no further events follow.
+    Failed(String),
+}
+
+/// A served model as listed by `/v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub created: u64,
+    pub owned_by: String,
+    pub context_length: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the model is still loading")]
+    NotReady,
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// A request value is invalid; `param` is the request field at fault (OpenAI naming).
+    #[error("{message}")]
+    Invalid { param: String, message: String },
+    #[error("the engine has stopped: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl SamplingParams {
+    /// Checks ranges; the error names the OpenAI request field.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        fn bad(param: &str, message: String) -> Result<(), EngineError> {
+            Err(EngineError::Invalid {
+                param: param.to_string(),
+                message,
+            })
+        }
+        let t = self.temperature;
+        if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
+            return bad("temperature", format!("temperature must be between 0 and 2, got {t}"));
+        }
+        let p = self.top_p;
+        if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+            return bad("top_p", format!("top_p must be in (0, 1], got {p}"));
+        }
+        let m = self.min_p;
+        if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
+            return bad("min_p", format!("min_p must be between 0 and 1, got {m}"));
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return bad(
+                "repetition_penalty",
+                format!("repetition_penalty must be a positive number, got {r}"),
+            );
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return bad(name, format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        Ok(())
+    }
+}

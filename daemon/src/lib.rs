@@ -1,0 +1,11 @@
+//! itamae: one resident base model, tuned into specialists and served.
+//!
+//! Layers, each knowing only the one below:
+//! `api` (HTTP) → `engine` (scheduling, sampling, generation) → `model` (the transformer, its
+//! tokenizer and chat template) → `ops` (numeric kernels with fast and differentiable paths).
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod model;
+pub mod ops;

@@ -1,0 +1,136 @@
+//! Loading a single GGUF file: metadata → [`ModelConfig`], tensors dequantized to f32 and renamed
+//! to HF names (undoing llama.cpp's Q/K row permutation for the llama arch), text side through
+//! [`super::tokenizer::from_gguf`].
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+
+use super::config::{Arch, ModelConfig};
+use super::{ModelError, Result};
+
+/// GGUF tensor name → HF name, or None for tensors we do not use.
+fn hf_name(gguf: &str) -> Option<String> {
+    let map_global = |s: &str| match s {
+        "token_embd.weight" => Some("model.embed_tokens.weight".to_string()),
+        "output_norm.weight" => Some("model.norm.weight".to_string()),
+        "output.weight" => Some("lm_head.weight".to_string()),
+        _ => None,
+    };
+    if let Some(n) = map_global(gguf) {
+        return Some(n);
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (idx, tail) = rest.split_once('.')?;
+    let idx: usize = idx.parse().ok()?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let hf = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{idx}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's interleaving of Q/K rows (made for interleaved RoPE) so that the
+/// rotate-half RoPE of HF checkpoints applies: rows viewed as `(n_head, rows/n_head/2, 2, ...)`
+/// with axes 1 and 2 swapped.
+pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    w.reshape((n_head, rows / n_head / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+pub struct GgufParts {
+    pub config: ModelConfig,
+    pub weights: HashMap<String, Tensor>,
+    pub metadata: HashMap<String, gguf_file::Value>,
+}
+
+pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        ModelError::Config(format!("{} is not a readable GGUF file: {e}", path.display()))
+    })?;
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let config = ModelConfig::from_gguf(&content.metadata, has_output)?;
+    let mut weights = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(hf) = hf_name(name) else { continue };
+        let info = &content.tensor_infos[name];
+        let q = content
+            .tensor(&mut file, name, device)
+            .map_err(|e| ModelError::Config(format!("reading tensor `{name}`: {e}")))?;
+        let t = q.dequantize(device).map_err(|_| ModelError::UnsupportedQuant {
+            tensor: name.clone(),
+            dtype: format!("{:?}", info.ggml_dtype),
+        })?;
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        let t = if config.arch == Arch::Llama && name.ends_with("attn_q.weight") {
+            unpermute_qk(&t, config.num_heads)?
+        } else if config.arch == Arch::Llama && name.ends_with("attn_k.weight") {
+            unpermute_qk(&t, config.num_kv_heads)?
+        } else {
+            t
+        };
+        weights.insert(hf, t);
+    }
+    Ok(GgufParts {
+        config,
+        weights,
+        metadata: content.metadata,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hf() {
+        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.12.ffn_norm.weight").unwrap(), "model.layers.12.post_attention_layernorm.weight");
+        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert!(hf_name("rope_freqs.weight").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp's convert script: w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2)
+        let (n_head, rows, cols) = (3, 12, 5);
+        let w = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap();
+        let permuted = w
+            .reshape((n_head, 2, rows / n_head / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap();
+        let back = unpermute_qk(&permuted, n_head).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+    }
+}

@@ -1,0 +1,59 @@
+//! Loading an HF model directory: `config.json`, `model.safetensors` or a sharded
+//! `model.safetensors.index.json`, and the text side through [`super::tokenizer::from_hf_dir`].
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use super::{ModelError, Result};
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    ModelConfig::from_hf_json(&read_text(&dir.join("config.json"))?)
+}
+
+/// All tensors of the checkpoint, converted to f32.
+pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let files: Vec<std::path::PathBuf> = if single.exists() {
+        vec![single]
+    } else {
+        let index_path = dir.join("model.safetensors.index.json");
+        let index: serde_json::Value = serde_json::from_str(&read_text(&index_path)?)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", index_path.display())))?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Config(format!("{} has no weight_map", index_path.display())))?;
+        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        shards.sort();
+        shards.dedup();
+        shards
+            .iter()
+            .map(|s| {
+                // Shard names come from a file: keep them inside the model directory.
+                if s.contains('/') || s.contains("..") {
+                    Err(ModelError::Config(format!("invalid shard name `{s}`")))
+                } else {
+                    Ok(dir.join(s))
+                }
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut out = HashMap::new();
+    for f in files {
+        let tensors = candle_core::safetensors::load(&f, device)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", f.display())))?;
+        for (name, t) in tensors {
+            out.insert(name, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,425 @@
+//! The Llama-family transformer (Llama/SmolLM, Mistral, Qwen2): pre-norm decoder blocks with
+//! grouped-query attention, rotate-half RoPE, RMSNorm and a SwiGLU MLP; optional q/k/v biases
+//! (Qwen2) and a tied or separate LM head.
+//!
+//! One forward serves training and serving. Which kernels run is decided inside [`crate::ops`]
+//! from whether a gradient is tracked:
+//!
+//! | step            | serving (no gradient)               | training (gradient tracked)      |
+//! |-----------------|-------------------------------------|----------------------------------|
+//! | RMSNorm         | `candle_nn::ops::rms_norm` (fused)  | composed `x·rsqrt(mean(x²)+ε)·w` |
+//! | RoPE            | `candle_nn::rotary_emb::rope`       | composed narrow/mul/cat          |
+//! | softmax         | `softmax_last_dim` (fused)          | composed exp/sum (max detached)  |
+//! | projections     | 2-D matmul (gemm)                   | same                             |
+//! | attention       | GQA folded into rows, one matmul per KV head, KV cache | same, no cache |
+//!
+//! Weights are plain f32 tensors named as in HF checkpoints; GGUF files are dequantized and
+//! renamed at load time, so both sources end up in the same structure.
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+use super::config::{rope_inv_freq, ModelConfig};
+use crate::ops;
+
+pub struct Attention {
+    pub q_proj: Tensor,
+    pub k_proj: Tensor,
+    pub v_proj: Tensor,
+    pub o_proj: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+}
+
+pub struct Mlp {
+    pub gate_proj: Tensor,
+    pub up_proj: Tensor,
+    pub down_proj: Tensor,
+}
+
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    /// Shares storage with `embed_tokens` when the embeddings are tied.
+    pub lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// Per-sequence key/value cache for incremental decoding.
+pub struct KvCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// `capacity` is a hint (prompt + generation budget); the cache grows past it if needed.
+    pub fn new(cfg: &ModelConfig, capacity: usize) -> Self {
+        Self {
+            layers: (0..cfg.num_layers)
+                .map(|_| candle_nn::kv_cache::KvCache::new(2, capacity.max(1)))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn take(w: &mut HashMap<String, Tensor>, name: &str) -> std::result::Result<Tensor, String> {
+    w.remove(name).ok_or_else(|| name.to_string())
+}
+
+impl Llama {
+    /// Builds the model from f32 tensors named as in HF checkpoints (`model.layers.0.self_attn.q_proj.weight`, …).
+    /// Returns the name of the first missing tensor on error.
+    pub fn from_weights(
+        cfg: ModelConfig,
+        mut w: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> std::result::Result<Self, super::ModelError> {
+        let missing = super::ModelError::MissingTensor;
+        let embed_tokens = take(&mut w, "model.embed_tokens.weight").map_err(missing)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut t = |n: &str| take(&mut w, &format!("{p}.{n}")).map_err(missing);
+            let bias = cfg.qkv_bias;
+            let attn = Attention {
+                q_proj: t("self_attn.q_proj.weight")?,
+                k_proj: t("self_attn.k_proj.weight")?,
+                v_proj: t("self_attn.v_proj.weight")?,
+                o_proj: t("self_attn.o_proj.weight")?,
+                q_bias: if bias { Some(t("self_attn.q_proj.bias")?) } else { None },
+                k_bias: if bias { Some(t("self_attn.k_proj.bias")?) } else { None },
+                v_bias: if bias { Some(t("self_attn.v_proj.bias")?) } else { None },
+            };
+            let mlp = Mlp {
+                gate_proj: t("mlp.gate_proj.weight")?,
+                up_proj: t("mlp.up_proj.weight")?,
+                down_proj: t("mlp.down_proj.weight")?,
+            };
+            layers.push(Block {
+                input_layernorm: t("input_layernorm.weight")?,
+                attn,
+                post_attention_layernorm: t("post_attention_layernorm.weight")?,
+                mlp,
+            });
+        }
+        let norm = take(&mut w, "model.norm.weight").map_err(missing)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            take(&mut w, "lm_head.weight").map_err(missing)?
+        };
+        let model = Self::assemble(cfg, embed_tokens, layers, norm, lm_head, device)?;
+        model.check_shapes()?;
+        Ok(model)
+    }
+
+    fn assemble(
+        cfg: ModelConfig,
+        embed_tokens: Tensor,
+        layers: Vec<Block>,
+        norm: Tensor,
+        lm_head: Tensor,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv: Vec<f32> = rope_inv_freq(&cfg).iter().map(|&f| f as f32).collect();
+        let half = inv.len();
+        let max = cfg.max_position_embeddings.max(1);
+        let inv = Tensor::from_vec(inv, (1, half), device)?;
+        let pos = Tensor::arange(0u32, max as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    fn check_shapes(&self) -> std::result::Result<(), super::ModelError> {
+        let c = &self.cfg;
+        let (h, q, kv, ff) = (c.hidden_size, c.num_heads * c.head_dim, c.kv_dim(), c.intermediate_size);
+        let want = |name: String, t: &Tensor, dims: &[usize]| {
+            if t.dims() == dims {
+                Ok(())
+            } else {
+                Err(super::ModelError::Config(format!(
+                    "tensor `{name}` has shape {:?}, expected {dims:?}",
+                    t.dims()
+                )))
+            }
+        };
+        want("model.embed_tokens.weight".into(), &self.embed_tokens, &[c.vocab_size, h])?;
+        want("lm_head.weight".into(), &self.lm_head, &[c.vocab_size, h])?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            want(format!("{p}.self_attn.q_proj.weight"), &l.attn.q_proj, &[q, h])?;
+            want(format!("{p}.self_attn.k_proj.weight"), &l.attn.k_proj, &[kv, h])?;
+            want(format!("{p}.self_attn.v_proj.weight"), &l.attn.v_proj, &[kv, h])?;
+            want(format!("{p}.self_attn.o_proj.weight"), &l.attn.o_proj, &[h, q])?;
+            want(format!("{p}.mlp.gate_proj.weight"), &l.mlp.gate_proj, &[ff, h])?;
+            want(format!("{p}.mlp.up_proj.weight"), &l.mlp.up_proj, &[ff, h])?;
+            want(format!("{p}.mlp.down_proj.weight"), &l.mlp.down_proj, &[h, ff])?;
+        }
+        Ok(())
+    }
+
+    /// A model with random weights, for tests and benchmarks.
+    pub fn random(cfg: ModelConfig, device: &Device) -> Result<Self> {
+        let c = &cfg;
+        let r = |rows: usize, cols: usize| -> Result<Tensor> {
+            Tensor::randn(0f32, (1.0 / cols as f64).sqrt() as f32, (rows, cols), device)
+        };
+        let norm_w = |n: usize| -> Result<Tensor> { Tensor::rand(0.8f32, 1.2, n, device) };
+        let (h, q, kv, ff) = (c.hidden_size, c.num_heads * c.head_dim, c.kv_dim(), c.intermediate_size);
+        let bias = |n: usize| -> Result<Option<Tensor>> {
+            if c.qkv_bias {
+                Ok(Some(Tensor::randn(0f32, 0.1, n, device)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::new();
+        for _ in 0..c.num_layers {
+            layers.push(Block {
+                input_layernorm: norm_w(h)?,
+                attn: Attention {
+                    q_proj: r(q, h)?,
+                    k_proj: r(kv, h)?,
+                    v_proj: r(kv, h)?,
+                    o_proj: r(h, q)?,
+                    q_bias: bias(q)?,
+                    k_bias: bias(kv)?,
+                    v_bias: bias(kv)?,
+                },
+                post_attention_layernorm: norm_w(h)?,
+                mlp: Mlp {
+                    gate_proj: r(ff, h)?,
+                    up_proj: r(ff, h)?,
+                    down_proj: r(h, ff)?,
+                },
+            });
+        }
+        let embed = Tensor::randn(0f32, 1.0, (c.vocab_size, h), device)?;
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            r(c.vocab_size, h)?
+        };
+        let norm = norm_w(h)?;
+        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token ids `(b, l)` → embeddings `(b, l, hidden)`.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size).forward(tokens)
+    }
+
+    /// Runs the decoder stack on embeddings `(b, l, hidden)` whose first position is absolute
+    /// position `offset` (= the cache length when a cache is given). Returns the final-normed
+    /// hidden states `(b, l, hidden)`.
+    pub fn forward_hidden(&self, x: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        if offset + l > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the context of {}",
+                offset + l,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let cos = self.cos.narrow(0, offset, l)?;
+        let sin = self.sin.narrow(0, offset, l)?;
+        let mask = if l > 1 {
+            Some(ops::causal_mask(l, offset, x.dtype(), &self.device)?)
+        } else {
+            None
+        };
+        let c = &self.cfg;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+            let a = &layer.attn;
+            let heads = |w: &Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
+                ops::linear(&h, w, bias.as_ref())?
+                    .reshape((b, l, n, c.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = ops::rope(&heads(&a.q_proj, &a.q_bias, c.num_heads)?, &cos, &sin)?;
+            let k = ops::rope(&heads(&a.k_proj, &a.k_bias, c.num_kv_heads)?, &cos, &sin)?;
+            let v = heads(&a.v_proj, &a.v_bias, c.num_kv_heads)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => cache.layers[i].append(&k, &v)?,
+                None => (k, v),
+            };
+            let att = ops::attention(&q, &k, &v, mask.as_ref(), scale)?
+                .transpose(1, 2)?
+                .reshape((b, l, c.num_heads * c.head_dim))?;
+            x = (x + ops::linear(&att, &a.o_proj, None)?)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let m = &layer.mlp;
+            let gate = ops::linear(&h, &m.gate_proj, None)?.silu()?;
+            let up = ops::linear(&h, &m.up_proj, None)?;
+            x = (x + ops::linear(&(gate * up)?, &m.down_proj, None)?)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += l;
+        }
+        ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Hidden states `(..., hidden)` → logits `(..., vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::linear(hidden, &self.lm_head, None)
+    }
+
+    /// Full forward: tokens `(b, l)` → logits `(b, l, vocab)`.
+    pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(&self.embed(tokens)?, cache)?;
+        self.logits(&h)
+    }
+
+    /// Logits of the last position only `(b, vocab)`: what generation needs, without paying
+    /// the LM head for every prompt position.
+    pub fn forward_last(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(&self.embed(tokens)?, cache)?;
+        let l = h.dim(1)?;
+        self.logits(&h.narrow(1, l - 1, 1)?.squeeze(1)?)
+    }
+}
+
+/// Splits the last dimension of a logits tensor into a `Vec<f32>` per row.
+pub fn rows_f32(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let v = logits.dim(D::Minus1)?;
+    let flat = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(flat.chunks(v).map(|c| c.to_vec()).collect())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::config::{Arch, RopeScaling};
+
+    pub fn tiny_config(arch: Arch) -> ModelConfig {
+        ModelConfig {
+            arch,
+            vocab_size: 61,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 64,
+            tie_word_embeddings: arch != Arch::Qwen2,
+            qkv_bias: arch == Arch::Qwen2,
+        }
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn shapes() {
+        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let t = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &Device::Cpu).unwrap();
+        assert_eq!(m.forward(&t, None).unwrap().dims(), &[2, 5, 61]);
+        assert_eq!(m.forward_last(&t, None).unwrap().dims(), &[2, 61]);
+    }
+
+    #[test]
+    fn kv_cache_decode_equals_full_forward() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let m = Llama::random(tiny_config(arch), &Device::Cpu).unwrap();
+            let ids = [3u32, 14, 15, 9, 26, 5, 35, 8, 9, 7];
+            let full = m
+                .forward(&Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            // prefill 4 tokens, then one at a time, then a chunk of 3
+            let mut cache = KvCache::new(&m.cfg, 4);
+            let mut outs = Vec::new();
+            for chunk in [&ids[0..4], &ids[4..5], &ids[5..6], &ids[6..7], &ids[7..10]] {
+                let t = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                outs.push(m.forward(&t, Some(&mut cache)).unwrap().squeeze(0).unwrap());
+            }
+            assert_eq!(cache.len(), ids.len());
+            let inc = Tensor::cat(&outs, 0).unwrap();
+            let d = max_abs(&full, &inc);
+            assert!(d < 1e-4, "{arch:?}: max abs diff {d}");
+        }
+    }
+
+    #[test]
+    fn positions_beyond_context_are_an_error() {
+        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let t = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).unwrap();
+        assert!(m.forward(&t, None).is_err());
+    }
+
+    #[test]
+    fn training_path_reaches_every_weight() {
+        // The composed path must carry a gradient to every weight kind of the model.
+        let cfg = tiny_config(Arch::Qwen2);
+        let mut m = Llama::random(cfg, &Device::Cpu).unwrap();
+        let var = candle_core::Var::from_tensor(&m.layers[0].attn.q_proj).unwrap();
+        m.layers[0].attn.q_proj = var.as_tensor().clone();
+        let nvar = candle_core::Var::from_tensor(&m.layers[1].input_layernorm).unwrap();
+        m.layers[1].input_layernorm = nvar.as_tensor().clone();
+        let t = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+        let loss = m.forward(&t, None).unwrap().sqr().unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        for v in [&var, &nvar] {
+            let gv = g.get(v.as_tensor()).expect("gradient missing");
+            let n = gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(n > 0.0);
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The model layer: one Llama-family transformer (Llama/SmolLM, Mistral, Qwen2), its config, the
+//! loaders for GGUF files and HF directories, the tokenizer and the chat template.
+pub mod chat_template;
+pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod llama;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+
+pub use chat_template::ChatTemplate;
+pub use config::{ModelConfig, RopeScaling};
+pub use llama::{KvCache, Llama};
+pub use tokenizer::TextSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2)")]
+    UnsupportedArch(String),
+    #[error("unsupported tensor type {dtype} for tensor `{tensor}`")]
+    UnsupportedQuant { tensor: String, dtype: String },
+    #[error("unsupported pre-tokenizer `{0}` (supported: smollm, qwen2, llama-bpe, gpt2, default)")]
+    UnsupportedPreTokenizer(String),
+    #[error("unsupported tokenizer model `{0}` (supported: gpt2 byte-level BPE)")]
+    UnsupportedTokenizer(String),
+    #[error("missing metadata key `{0}`")]
+    MissingKey(String),
+    #[error("missing tensor `{0}`")]
+    MissingTensor(String),
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// A model ready to serve or train: weights, text side and chat template.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub text: TextSpec,
+    pub template: Option<ChatTemplate>,
+    /// Served id of the base model (the file or directory name).
+    pub name: String,
+}
+
+/// Loads a GGUF file or an HF directory.
+pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<LoadedModel> {
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (config, weights, text) = if meta.is_dir() {
+        let config = hf::read_config(path)?;
+        let weights = hf::read_weights(path, device)?;
+        (config, weights, tokenizer::from_hf_dir(path)?)
+    } else {
+        let parts = gguf::read(path, device)?;
+        let text = tokenizer::from_gguf(&parts.metadata)?;
+        (parts.config, parts.weights, text)
+    };
+    let model = Llama::from_weights(config, weights, device)?;
+    let template = match &text.chat_template {
+        Some(src) => Some(ChatTemplate::new(
+            src,
+            text.bos_token.as_deref().unwrap_or(""),
+            text.eos_token.as_deref().unwrap_or(""),
+        )?),
+        None => None,
+    };
+    let name = if meta.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    }
+    .map(|s| s.to_string_lossy().into_owned())
+    .unwrap_or_else(|| "model".to_string());
+    Ok(LoadedModel {
+        model,
+        text,
+        template,
+        name,
+    })
+}
