@@ -1,43 +1,360 @@
-//! The engine owns the resident model on a dedicated thread: requests are rendered, tokenized and
-//! validated on the caller's side ([`EngineHandle::prepare`]), then queued to the engine thread,
-//! which runs prefill and decode with sampling and streams text back ([`GenEvent`]).
+//! The engine owns the resident model on a dedicated thread, so HTTP workers never run tensor
+//! code. Requests are rendered, tokenized and validated on the caller's side
+//! ([`EngineHandle::prepare`]: cheap, and errors can still become a 4xx before any streaming
+//! starts), then queued to the engine thread ([`EngineHandle::submit`]), which interleaves the
+//! active sequences one step at a time (prefill, then one decode step each, round robin), samples,
+//! detokenizes and streams text back as [`GenEvent`]s.
+pub mod detok;
+pub mod sampling;
 pub mod types;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{Device, Tensor};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::model::{self, ChatTemplate, KvCache, Llama, LoadedModel};
+use detok::{Detokenizer, Filtered, StopFilter};
+use sampling::Sampler;
 pub use types::*;
+
+/// What request handlers need of the loaded model, shared read-only with the engine thread.
+struct Shared {
+    id: String,
+    created: u64,
+    tokenizer: tokenizers::Tokenizer,
+    template: Option<ChatTemplate>,
+    bos_id: Option<u32>,
+    add_bos: bool,
+    eos_ids: Vec<u32>,
+    context: usize,
+}
 
 /// A validated, tokenized request ready to run.
 pub struct Prepared {
     pub prompt_tokens: usize,
     pub max_tokens: usize,
+    tokens: Vec<u32>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+}
+
+struct Job {
+    p: Prepared,
+    events: UnboundedSender<GenEvent>,
 }
 
 /// Cheap to clone; shared by every HTTP worker.
 #[derive(Clone)]
-pub struct EngineHandle {}
+pub struct EngineHandle {
+    shared: Arc<OnceLock<Result<Arc<Shared>, String>>>,
+    queue: std_mpsc::Sender<Job>,
+}
 
 impl EngineHandle {
-    /// True once the model is loaded and the engine thread runs.
-    pub fn is_ready(&self) -> bool {
-        todo!()
+    /// Starts the engine thread, which loads the model from `path` (GGUF file or HF directory)
+    /// and then serves. [`Self::wait_loaded`] tells how the load went.
+    pub fn start(path: PathBuf, device: Device) -> Self {
+        let shared = Arc::new(OnceLock::new());
+        let (tx, rx) = std_mpsc::channel();
+        let slot = shared.clone();
+        std::thread::Builder::new()
+            .name("itamae-engine".into())
+            .spawn(move || match model::load(&path, &device) {
+                Ok(loaded) => {
+                    let (model, sh) = split(loaded);
+                    let sh = Arc::new(sh);
+                    let _ = slot.set(Ok(sh.clone()));
+                    tracing::info!(model = %sh.id, context = sh.context, "model loaded");
+                    run(model, sh, rx);
+                }
+                Err(e) => {
+                    let msg = format!("cannot load model {}: {e}", path.display());
+                    tracing::error!("{msg}");
+                    let _ = slot.set(Err(msg));
+                }
+            })
+            .expect("spawning the engine thread");
+        Self { shared, queue: tx }
     }
 
-    /// The base model and (later) every variant.
+    /// Serves an already loaded model (tests, benchmarks).
+    pub fn from_loaded(loaded: LoadedModel) -> Self {
+        let (model, sh) = split(loaded);
+        let sh = Arc::new(sh);
+        let (tx, rx) = std_mpsc::channel();
+        let run_sh = sh.clone();
+        std::thread::Builder::new()
+            .name("itamae-engine".into())
+            .spawn(move || run(model, run_sh, rx))
+            .expect("spawning the engine thread");
+        Self {
+            shared: Arc::new(OnceLock::from(Ok(sh))),
+            queue: tx,
+        }
+    }
+
+    /// Blocks until the load finished; the error says why it failed.
+    pub fn wait_loaded(&self) -> Result<(), String> {
+        loop {
+            match self.shared.get() {
+                Some(Ok(_)) => return Ok(()),
+                Some(Err(e)) => return Err(e.clone()),
+                None => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn shared(&self) -> Result<&Arc<Shared>, EngineError> {
+        match self.shared.get() {
+            Some(Ok(s)) => Ok(s),
+            Some(Err(e)) => Err(EngineError::Unavailable(e.clone())),
+            None => Err(EngineError::NotReady),
+        }
+    }
+
+    /// True once the model is loaded and the engine thread runs.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.shared.get(), Some(Ok(_)))
+    }
+
+    /// The served models (the base model for now).
     pub fn models(&self) -> Vec<ModelCard> {
-        todo!()
+        match self.shared() {
+            Ok(s) => vec![ModelCard {
+                id: s.id.clone(),
+                created: s.created,
+                owned_by: "itamae".into(),
+                context_length: s.context,
+            }],
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Renders the chat template, tokenizes and checks lengths against the context:
     /// errors name the request field (`messages`, `prompt`, `max_tokens`, `model`, ...).
-    pub fn prepare(&self, _req: GenerationRequest) -> Result<Prepared, EngineError> {
-        todo!()
+    pub fn prepare(&self, req: GenerationRequest) -> Result<Prepared, EngineError> {
+        let sh = self.shared()?;
+        if req.model != sh.id {
+            return Err(EngineError::ModelNotFound(req.model));
+        }
+        req.sampling.validate()?;
+        let invalid = |param: &str, message: String| EngineError::Invalid {
+            param: param.into(),
+            message,
+        };
+        let (param, text, add_bos) = match &req.input {
+            PromptInput::Chat { messages } => {
+                if messages.is_empty() {
+                    return Err(invalid("messages", "messages must not be empty".into()));
+                }
+                let tpl = sh.template.as_ref().ok_or_else(|| {
+                    invalid("messages", "this model has no chat template; use /v1/completions".into())
+                })?;
+                let text = tpl
+                    .render(messages, true)
+                    .map_err(|e| invalid("messages", e.to_string()))?;
+                // The template writes BOS itself when the model wants one.
+                ("messages", text, false)
+            }
+            PromptInput::Text(t) => ("prompt", t.clone(), sh.add_bos),
+        };
+        let enc = sh
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| EngineError::Internal(format!("tokenizer: {e}")))?;
+        let mut tokens = Vec::with_capacity(enc.len() + 1);
+        if add_bos {
+            tokens.extend(sh.bos_id);
+        }
+        tokens.extend_from_slice(enc.get_ids());
+        if tokens.is_empty() {
+            return Err(invalid(param, format!("{param} is empty")));
+        }
+        let n = tokens.len();
+        if n >= sh.context {
+            return Err(invalid(
+                param,
+                format!(
+                    "the prompt has {n} tokens, but the model's context is {} tokens (room must be left for at least one generated token)",
+                    sh.context
+                ),
+            ));
+        }
+        let room = sh.context - n;
+        let max_tokens = match req.max_tokens {
+            None => room,
+            Some(0) => return Err(invalid("max_tokens", "max_tokens must be at least 1".into())),
+            Some(m) if m > room => {
+                return Err(invalid(
+                    "max_tokens",
+                    format!(
+                        "max_tokens is {m}, but the prompt ({n} tokens) leaves room for {room} tokens in the model's context of {}",
+                        sh.context
+                    ),
+                ))
+            }
+            Some(m) => m,
+        };
+        Ok(Prepared {
+            prompt_tokens: n,
+            max_tokens,
+            tokens,
+            sampling: req.sampling,
+            stop: req.stop,
+        })
     }
 
     /// Queues a prepared request; events arrive on the returned receiver until `Finished` or `Failed`.
     /// Dropping the receiver cancels the generation.
-    pub fn submit(
-        &self,
-        _p: Prepared,
-    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<GenEvent>, EngineError> {
-        todo!()
+    pub fn submit(&self, p: Prepared) -> Result<UnboundedReceiver<GenEvent>, EngineError> {
+        self.shared()?;
+        let (tx, rx) = unbounded_channel();
+        self.queue
+            .send(Job { p, events: tx })
+            .map_err(|_| EngineError::Unavailable("the engine thread has stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+fn split(l: LoadedModel) -> (Llama, Shared) {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let sh = Shared {
+        id: l.name,
+        created,
+        tokenizer: l.text.tokenizer,
+        template: l.template,
+        bos_id: l.text.bos_id,
+        add_bos: l.text.add_bos,
+        eos_ids: l.text.eos_ids,
+        context: l.model.cfg.max_position_embeddings,
+    };
+    (l.model, sh)
+}
+
+/// One sequence being generated.
+struct Seq {
+    job: Job,
+    cache: KvCache,
+    /// Prompt then generated ids.
+    ids: Vec<u32>,
+    /// Ids not yet fed to the model (the prompt at first, then the last sampled id).
+    feed: Vec<u32>,
+    generated: usize,
+    counts: HashMap<u32, usize>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: StopFilter,
+}
+
+enum Step {
+    Continue,
+    Done,
+}
+
+fn run(model: Llama, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
+    let mut active: Vec<Seq> = Vec::new();
+    loop {
+        // Block only when idle; otherwise take whatever arrived between steps.
+        if active.is_empty() {
+            match rx.recv() {
+                Ok(job) => active.push(Seq::new(job, &model)),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            active.push(Seq::new(job, &model));
+        }
+        active.retain_mut(|seq| match seq.step(&model, &sh) {
+            Ok(Step::Continue) => true,
+            Ok(Step::Done) => false,
+            Err(e) => {
+                tracing::error!("generation failed: {e}");
+                let _ = seq.job.events.send(GenEvent::Failed(e.to_string()));
+                false
+            }
+        });
+    }
+}
+
+impl Seq {
+    fn new(job: Job, model: &Llama) -> Self {
+        let cache = KvCache::new(&model.cfg, job.p.prompt_tokens + job.p.max_tokens);
+        Self {
+            ids: job.p.tokens.clone(),
+            feed: job.p.tokens.clone(),
+            generated: 0,
+            counts: HashMap::new(),
+            sampler: Sampler::new(job.p.sampling.clone()),
+            detok: Detokenizer::new(),
+            stop: StopFilter::new(job.p.stop.clone()),
+            cache,
+            job,
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Step {
+        let usage = Usage {
+            prompt_tokens: self.job.p.prompt_tokens,
+            completion_tokens: self.generated,
+            total_tokens: self.job.p.prompt_tokens + self.generated,
+        };
+        let _ = self.job.events.send(GenEvent::Finished { reason, usage });
+        Step::Done
+    }
+
+    fn emit(&mut self, text: String) -> bool {
+        text.is_empty() || self.job.events.send(GenEvent::Text(text)).is_ok()
+    }
+
+    fn step(&mut self, model: &Llama, sh: &Shared) -> candle_core::Result<Step> {
+        if self.job.events.is_closed() {
+            return Ok(Step::Done); // the client went away
+        }
+        let input = Tensor::new(self.feed.as_slice(), model.device())?.unsqueeze(0)?;
+        let logits = model.forward_last(&input, Some(&mut self.cache))?;
+        let mut logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
+        self.feed = vec![id];
+        if sh.eos_ids.contains(&id) {
+            let rest = self.detok.flush(&sh.tokenizer) + &self.stop.flush();
+            self.emit(rest);
+            return Ok(self.finish(FinishReason::Stop));
+        }
+        self.generated += 1;
+        self.ids.push(id);
+        *self.counts.entry(id).or_default() += 1;
+        let delta = self.detok.push(&sh.tokenizer, id);
+        match self.stop.push(&delta) {
+            Filtered::Stop(text) => {
+                self.emit(text);
+                return Ok(self.finish(FinishReason::Stop));
+            }
+            Filtered::Emit(text) => {
+                if !self.emit(text) {
+                    return Ok(Step::Done);
+                }
+            }
+        }
+        if self.generated >= self.job.p.max_tokens {
+            let rest = self.detok.flush(&sh.tokenizer);
+            let rest = match self.stop.push(&rest) {
+                Filtered::Stop(t) => {
+                    self.emit(t);
+                    return Ok(self.finish(FinishReason::Stop));
+                }
+                Filtered::Emit(t) => t + &self.stop.flush(),
+            };
+            self.emit(rest);
+            return Ok(self.finish(FinishReason::Length));
+        }
+        Ok(Step::Continue)
     }
 }

@@ -1,0 +1,116 @@
+//! Route handlers. Handlers that generate parse and validate the body before they look up the
+//! engine, so every validation error is answered without touching the model.
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::request::{parse_chat, parse_completion, Common};
+use super::response::{collect, full_response, sse_stream, Kind, Meta};
+use crate::engine::{EngineHandle, GenerationRequest, ModelCard};
+
+fn engine(req: &HttpRequest) -> Result<EngineHandle, ApiError> {
+    req.app_data::<web::Data<EngineHandle>>()
+        .map(|d| d.get_ref().clone())
+        .ok_or_else(|| ApiError::internal("No engine is attached to this server"))
+}
+
+/// `GET /healthz`: the process answers.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the model is loaded and requests can be served.
+pub async fn readyz(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    if engine(&req)?.is_ready() {
+        Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
+    } else {
+        Err(ApiError::not_ready("The model is still loading"))
+    }
+}
+
+fn model_object(card: &ModelCard) -> Value {
+    json!({
+        "id": card.id,
+        "object": "model",
+        "created": card.created,
+        "owned_by": card.owned_by,
+        "context_length": card.context_length,
+    })
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let data: Vec<Value> = engine(&req)?.models().iter().map(model_object).collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn get_model(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    engine(&req)?
+        .models()
+        .iter()
+        .find(|c| c.id == id)
+        .map(|c| HttpResponse::Ok().json(model_object(c)))
+        .ok_or_else(|| ApiError::model_not_found(&id))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    req: HttpRequest,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed = parse_chat(&body)?;
+    generate(&req, Kind::Chat, &parsed.common, parsed.generation()).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    req: HttpRequest,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed = parse_completion(&body)?;
+    generate(&req, Kind::Text, &parsed.common, parsed.generation()).await
+}
+
+async fn generate(
+    req: &HttpRequest,
+    kind: Kind,
+    common: &Common,
+    gen: GenerationRequest,
+) -> Result<HttpResponse, ApiError> {
+    let engine = engine(req)?;
+    // Template rendering and tokenization are CPU work: keep them off the I/O thread.
+    let prepared = {
+        let engine = engine.clone();
+        web::block(move || engine.prepare(gen)).await??
+    };
+    let mut rx = engine.submit(prepared)?;
+    let meta = Meta::new(kind, common.model.clone(), common.include_usage);
+    if common.stream {
+        Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .insert_header(("X-Accel-Buffering", "no"))
+            .streaming(sse_stream(rx, meta)))
+    } else {
+        let generated = collect(&mut rx, &meta).await?;
+        Ok(HttpResponse::Ok().json(full_response(&meta, &generated)))
+    }
+}
+
+/// Any unknown route.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::not_found(format!("Invalid URL ({} {})", req.method(), req.path())).error_response()
+}
+
+/// A known route asked with the wrong method.
+pub async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    ApiError::method_not_allowed(format!(
+        "Method {} is not allowed on {}",
+        req.method(),
+        req.path()
+    ))
+    .error_response()
+}

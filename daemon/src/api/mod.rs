@@ -1,0 +1,211 @@
+//! The HTTP API: OpenAI-style chat and text completions, the model list, and health probes.
+//!
+//! Routes (see `openapi/openapi.yaml`):
+//! - `GET /healthz`, `GET /readyz`
+//! - `GET /v1/models`, `GET /v1/models/{id}`
+//! - `POST /v1/chat/completions`, `POST /v1/completions` (both stream with `"stream": true`)
+//!
+//! Every error is `{"error":{"message","type","param","code"}}`, built by [`ApiError`].
+pub mod error;
+pub mod handlers;
+pub mod request;
+pub mod response;
+
+use std::time::Instant;
+
+use actix_web::dev::Service;
+use actix_web::{web, App, HttpServer};
+
+pub use error::ApiError;
+
+use crate::engine::EngineHandle;
+
+/// Largest accepted JSON request body.
+pub const JSON_LIMIT: usize = 4 * 1024 * 1024;
+/// HTTP worker threads (the model runs on the engine's own thread).
+pub const WORKERS: usize = 2;
+
+/// The JSON extractor settings: size limit, any content type, OpenAI-style errors.
+pub fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(JSON_LIMIT)
+        .content_type_required(false)
+        .error_handler(error::json_error)
+}
+
+/// Registers every route, the JSON settings and the 404 fallback. The engine is looked up as
+/// `web::Data<EngineHandle>` app data, which the caller registers.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    fn resource(path: &str) -> actix_web::Resource {
+        web::resource(path).default_service(web::to(handlers::method_not_allowed))
+    }
+    cfg.app_data(json_config())
+        .service(resource("/healthz").route(web::get().to(handlers::healthz)))
+        .service(resource("/readyz").route(web::get().to(handlers::readyz)))
+        .service(resource("/v1/models").route(web::get().to(handlers::list_models)))
+        // Model ids may hold `/` and `:` (tuned variants).
+        .service(resource("/v1/models/{id:.+}").route(web::get().to(handlers::get_model)))
+        .service(resource("/v1/chat/completions").route(web::post().to(handlers::chat_completions)))
+        .service(resource("/v1/completions").route(web::post().to(handlers::completions)))
+        .default_service(web::to(handlers::not_found));
+}
+
+/// Serves the API on `host:port` until SIGINT/SIGTERM (actix stops gracefully on both).
+/// Must run inside an actix or tokio runtime.
+pub async fn serve(engine: EngineHandle, host: String, port: u16) -> std::io::Result<()> {
+    let data = web::Data::new(engine);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .wrap_fn(|req, srv| {
+                let started = Instant::now();
+                let method = req.method().clone();
+                let path = req.path().to_owned();
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await;
+                    match &res {
+                        Ok(r) => tracing::info!(
+                            %method,
+                            %path,
+                            status = r.status().as_u16(),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "request"
+                        ),
+                        Err(e) => tracing::warn!(%method, %path, "request failed: {e}"),
+                    }
+                    res
+                }
+            })
+            .configure(configure)
+    })
+    .workers(WORKERS)
+    .bind((host.as_str(), port))?;
+    tracing::info!("listening on http://{host}:{port}");
+    server.run().await
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use actix_web::test;
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    async fn call(req: test::TestRequest) -> (StatusCode, Value) {
+        // No engine attached: these requests must be answered before the engine is needed.
+        let app = test::init_service(App::new().configure(configure)).await;
+        let res = test::call_service(&app, req.to_request()).await;
+        let status = res.status();
+        let body = test::read_body(res).await;
+        let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    fn post(path: &str, body: &str) -> test::TestRequest {
+        test::TestRequest::post()
+            .uri(path)
+            .insert_header(("content-type", "application/json"))
+            .set_payload(body.to_owned())
+    }
+
+    #[actix_web::test]
+    async fn healthz_is_ok() {
+        let (s, v) = call(test::TestRequest::get().uri("/healthz")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v, json!({"status": "ok"}));
+    }
+
+    #[actix_web::test]
+    async fn unknown_route_is_openai_404() {
+        let (s, v) = call(test::TestRequest::get().uri("/v1/nope")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("/v1/nope"));
+    }
+
+    #[actix_web::test]
+    async fn wrong_method_is_405() {
+        let (s, v) = call(test::TestRequest::get().uri("/v1/chat/completions")).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(v["error"]["message"].is_string());
+    }
+
+    #[actix_web::test]
+    async fn malformed_json_is_400() {
+        for body in ["{\"model\": ", "", "not json", "{\"model\": \"m\",}"] {
+            let (s, v) = call(post("/v1/chat/completions", body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert!(v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("could not parse"));
+        }
+    }
+
+    #[actix_web::test]
+    async fn any_content_type_is_read_as_json() {
+        let req = test::TestRequest::post()
+            .uri("/v1/completions")
+            .insert_header(("content-type", "application/x-www-form-urlencoded"))
+            .set_payload("{\"model\": \"m\", \"prompt\": \"x\", \"echo\": true}");
+        let (s, v) = call(req).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"]["param"], "echo");
+    }
+
+    #[actix_web::test]
+    async fn oversized_body_is_413() {
+        let big = format!("{{\"model\": \"{}\"}}", "x".repeat(JSON_LIMIT + 1));
+        let (s, v) = call(post("/v1/completions", &big)).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(v["error"]["message"].is_string());
+    }
+
+    #[actix_web::test]
+    async fn validation_errors_name_the_param() {
+        let cases = [
+            (
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[]}"#,
+                "messages",
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"x","content":"b"}]}"#,
+                "messages[1].role",
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[{"role":"user","content":"a"}],"temperature":5}"#,
+                "temperature",
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[{"role":"user","content":"a"}],"n":2}"#,
+                "n",
+            ),
+            (
+                "/v1/completions",
+                r#"{"model":"m","prompt":"a","max_tokens":0}"#,
+                "max_tokens",
+            ),
+        ];
+        for (path, body, param) in cases {
+            let (s, v) = call(post(path, body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(v["error"]["param"], param, "{body}");
+            assert_eq!(v["error"]["code"], Value::Null);
+        }
+    }
+
+    #[actix_web::test]
+    async fn model_ids_may_hold_slashes() {
+        // Routed to the model handler (which then needs the engine), not to the 404 fallback.
+        let (s, v) = call(test::TestRequest::get().uri("/v1/models/org/name:v1")).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(v["error"]["message"].as_str().unwrap().contains("engine"));
+    }
+}

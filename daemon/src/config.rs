@@ -1,0 +1,169 @@
+//! Daemon configuration: a TOML file (`configs/itamae.toml` documents every key) overridden by
+//! environment variables, overridden by command-line flags. Resolution lives here so that every
+//! entry point (serve, bench) reads settings the same way.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid device `{0}` (expected `cpu`, `cuda` or `cuda:N`)")]
+    Device(String),
+    #[error("device `{device}` is not available: {message}")]
+    DeviceUnavailable { device: String, message: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: Option<PathBuf>,
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub data_dir: Option<PathBuf>,
+}
+
+impl FileConfig {
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_PORT: u16 = 8080;
+pub const DEFAULT_DATA_DIR: &str = "data";
+
+/// Settings after flag > env > file > default resolution. Flags and env vars arrive together
+/// through clap (`#[arg(env = ...)]`), which already gives flags precedence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    pub model: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub device: String,
+}
+
+/// Values given on the command line or in the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub model: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub data_dir: Option<PathBuf>,
+    pub device: Option<String>,
+}
+
+impl ServeConfig {
+    pub fn resolve(file: FileConfig, o: Overrides) -> Self {
+        Self {
+            model: o
+                .model
+                .or(file.model.path)
+                .unwrap_or_else(|| DEFAULT_MODEL.into()),
+            host: o
+                .host
+                .or(file.server.host)
+                .unwrap_or_else(|| DEFAULT_HOST.into()),
+            port: o.port.or(file.server.port).unwrap_or(DEFAULT_PORT),
+            data_dir: o
+                .data_dir
+                .or(file.storage.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            device: o
+                .device
+                .or(file.model.device)
+                .unwrap_or_else(|| "cpu".into()),
+        }
+    }
+}
+
+/// The compute device named in the config. CUDA needs a build with the `cuda` feature; without
+/// it candle reports that it was not compiled in, and that message is passed on.
+pub fn device(name: &str) -> Result<candle_core::Device, ConfigError> {
+    let unavailable = |e: candle_core::Error| ConfigError::DeviceUnavailable {
+        device: name.to_string(),
+        message: e.to_string(),
+    };
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => candle_core::Device::new_cuda(0).map_err(unavailable),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => candle_core::Device::new_cuda(n).map_err(unavailable),
+            _ => Err(ConfigError::Device(other.to_string())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_over_file_over_default() {
+        let file: FileConfig = toml::from_str(
+            "[server]\nport = 9000\nhost = \"0.0.0.0\"\n[model]\npath = \"m.gguf\"\n",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(
+            file,
+            Overrides {
+                port: Some(1234),
+                ..Default::default()
+            },
+        );
+        assert_eq!(c.port, 1234);
+        assert_eq!(c.host, "0.0.0.0");
+        assert_eq!(c.model, PathBuf::from("m.gguf"));
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn unknown_keys_and_devices_are_errors() {
+        assert!(toml::from_str::<FileConfig>("[server]\nprot = 1\n").is_err());
+        assert!(matches!(device("tpu"), Err(ConfigError::Device(_))));
+        assert!(device("cpu").is_ok());
+    }
+
+    #[test]
+    fn shipped_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/itamae.toml");
+        FileConfig::read(&p).unwrap();
+    }
+}

@@ -1,0 +1,198 @@
+//! Next-token choice: penalties (repetition as in HF transformers, presence/frequency as in the
+//! OpenAI API), then greedy or temperature sampling restricted by top-k, top-p and min-p.
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::types::SamplingParams;
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    /// `context`: prompt and generated ids (for the repetition penalty);
+    /// `generated`: counts of generated ids (for presence/frequency penalties).
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        context: &[u32],
+        generated: &HashMap<u32, usize>,
+    ) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in context {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    if !*s {
+                        *s = true;
+                        let l = &mut logits[t as usize];
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
+                    }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in generated {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        // Candidates sorted by logit, best first; top-k cuts before the softmax.
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        if p.top_k > 0 && p.top_k < idx.len() {
+            idx.select_nth_unstable_by(p.top_k - 1, by_logit);
+            idx.truncate(p.top_k);
+        }
+        idx.sort_unstable_by(by_logit);
+        let max = logits[idx[0] as usize];
+        let mut probs: Vec<f32> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) / p.temperature).exp())
+            .collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        let mut keep = probs.len();
+        if p.min_p > 0.0 {
+            let floor = p.min_p * probs[0];
+            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+        }
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut n = 0;
+            for &x in &probs[..keep] {
+                cum += x;
+                n += 1;
+                if cum >= p.top_p {
+                    break;
+                }
+            }
+            keep = n.max(1);
+        }
+        let mass: f32 = probs[..keep].iter().sum();
+        let mut r = self.rng.random::<f32>() * mass;
+        for (k, &x) in probs[..keep].iter().enumerate() {
+            r -= x;
+            if r <= 0.0 {
+                return idx[k];
+            }
+        }
+        idx[keep - 1]
+    }
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams::default()
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..params()
+        });
+        let mut l = vec![0.1, 3.0, -1.0, 2.9];
+        assert_eq!(s.sample(&mut l, &[], &HashMap::new()), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 2.0,
+            ..params()
+        });
+        let mut l = vec![0.1, 3.0, -1.0, 2.0];
+        // 3.0 / 2 = 1.5 < 2.0
+        assert_eq!(s.sample(&mut l, &[1, 1], &HashMap::new()), 3);
+    }
+
+    #[test]
+    fn frequency_penalty_counts_occurrences() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            frequency_penalty: 0.5,
+            ..params()
+        });
+        let mut l = vec![0.0, 3.0, 2.2];
+        let counts = HashMap::from([(1u32, 2usize)]);
+        assert_eq!(s.sample(&mut l, &[], &counts), 2);
+    }
+
+    #[test]
+    fn seed_reproduces_and_top_k_restricts() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            seed: Some(7),
+            ..params()
+        };
+        let logits = vec![1.0, 0.5, 0.9, 0.2, 0.8];
+        let draw = |p: SamplingParams| {
+            let mut s = Sampler::new(p);
+            (0..200)
+                .map(|_| s.sample(&mut logits.clone(), &[], &HashMap::new()))
+                .collect::<Vec<_>>()
+        };
+        let a = draw(p.clone());
+        assert_eq!(a, draw(p));
+        assert!(a.iter().all(|&t| t == 0 || t == 2), "top_k=2 allows only ids 0 and 2");
+        assert!(a.contains(&0) && a.contains(&2));
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        let logits = vec![5.0, 4.0, 0.0, -1.0];
+        for p in [
+            SamplingParams {
+                top_p: 0.5,
+                seed: Some(1),
+                ..params()
+            },
+            SamplingParams {
+                min_p: 0.5,
+                seed: Some(1),
+                ..params()
+            },
+        ] {
+            let mut s = Sampler::new(p);
+            for _ in 0..100 {
+                // p(0) ≈ 0.73: top_p 0.5 keeps only id 0; min_p 0.5 drops id 1 (0.27 < 0.36)
+                assert_eq!(s.sample(&mut logits.clone(), &[], &HashMap::new()), 0);
+            }
+        }
+    }
+}

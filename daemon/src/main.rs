@@ -1,0 +1,132 @@
+//! `itamaed`: the daemon (`serve`) and its benchmarks (`bench`).
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use itamae::config::{self, FileConfig, Overrides, ServeConfig};
+use itamae::engine::EngineHandle;
+
+#[derive(Parser)]
+#[command(name = "itamaed", version, about = "itamae daemon: one base model, tuned and served")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the base model and serve the OpenAI-style API.
+    Serve {
+        /// TOML config file (see configs/itamae.toml).
+        #[arg(long, env = "ITAMAE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Base model: a GGUF file or an HF directory.
+        #[arg(long, env = "ITAMAE_MODEL")]
+        model: Option<PathBuf>,
+        #[arg(long, env = "ITAMAE_HOST")]
+        host: Option<String>,
+        #[arg(long, env = "ITAMAE_PORT")]
+        port: Option<u16>,
+        #[arg(long, env = "ITAMAE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+        #[arg(long, env = "ITAMAE_DEVICE")]
+        device: Option<String>,
+    },
+    /// Benchmarks that print figures (and ratios against a peer when it is installed).
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
+    Decode {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Python of a venv with llama-cpp-python installed (scripts/setup-bench-venv.sh).
+        #[arg(long, env = "ITAMAE_BENCH_PYTHON")]
+        peer_python: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,actix_server=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Serve {
+            config,
+            model,
+            host,
+            port,
+            data_dir,
+            device,
+        } => serve(
+            config,
+            Overrides {
+                model,
+                host,
+                port,
+                data_dir,
+                device,
+            },
+        ),
+        Command::Bench {
+            which:
+                BenchCommand::Decode {
+                    model,
+                    tokens,
+                    runs,
+                    peer_python,
+                },
+        } => itamae::bench::decode(&model, tokens, runs, peer_python.as_deref()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let file = match &config_path {
+        Some(p) => FileConfig::read(p)?,
+        None => FileConfig::default(),
+    };
+    let cfg = ServeConfig::resolve(file, overrides);
+    if !cfg.model.exists() {
+        anyhow::bail!(
+            "model {} not found (run scripts/fetch-model.sh for the default model, or pass --model)",
+            cfg.model.display()
+        );
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        anyhow::anyhow!("cannot create data directory {}: {e}", cfg.data_dir.display())
+    })?;
+    let device = config::device(&cfg.device)?;
+    tracing::info!(model = %cfg.model.display(), host = %cfg.host, port = cfg.port, "starting itamaed");
+    let engine = EngineHandle::start(cfg.model.clone(), device);
+    // The HTTP server is up (and /readyz says 503) while the model loads; a failed load ends
+    // the process with the loader's message rather than serving nothing.
+    let watcher = engine.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = watcher.wait_loaded() {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    });
+    actix_web::rt::System::new().block_on(itamae::api::serve(engine, cfg.host.clone(), cfg.port))?;
+    tracing::info!("itamaed stopped");
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! End to end: starts `itamaed serve` on the real SmolLM2 GGUF and talks HTTP to it.
+//!
+//! Needs `models/SmolLM2-135M-Instruct.Q4_1.gguf` (run `scripts/fetch-model.sh`), or a GGUF path
+//! in `ITAMAE_TEST_MODEL`. One daemon serves every check, run in sequence by one test.
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::blocking::{Client, Response};
+use serde_json::{json, Value};
+
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn model_path() -> PathBuf {
+    let path = match std::env::var_os("ITAMAE_TEST_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(WORKSPACE).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    assert!(
+        path.is_file(),
+        "test model {} is missing: run scripts/fetch-model.sh (or set ITAMAE_TEST_MODEL)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A running daemon; killed (and its data dir removed) on drop.
+struct Daemon {
+    child: Child,
+    base: String,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        let model = model_path();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("itamae-e2e-{}-{nanos}", std::process::id()));
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir).expect("create the temporary data dir");
+        let log = dir.join("itamaed.log");
+        let log_file = File::create(&log).expect("create the daemon log");
+        let log_err = log_file.try_clone().expect("clone the log handle");
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_itamaed"))
+            .arg("serve")
+            .arg("--model")
+            .arg(&model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn()
+            .expect("start itamaed");
+        Daemon {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            log,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn wait_ready(&mut self, http: &Client) {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("itamaed exited early ({status}); log:\n{}", self.log_tail());
+            }
+            if let Ok(res) = http.get(self.url("/readyz")).send() {
+                if res.status() == 200 {
+                    eprintln!("itamaed ready after {:.1?}", started.elapsed());
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "itamaed not ready after {READY_TIMEOUT:?}; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- itamaed log (tail) ---\n{}", self.log_tail());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Ctx {
+    daemon: Daemon,
+    http: Client,
+    model: String,
+}
+
+impl Ctx {
+    fn get(&self, path: &str) -> Response {
+        self.http
+            .get(self.daemon.url(path))
+            .send()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Response {
+        self.http
+            .post(self.daemon.url(path))
+            .json(body)
+            .send()
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    fn post_ok(&self, path: &str, body: &Value) -> Value {
+        let res = self.post(path, body);
+        let status = res.status();
+        let text = res.text().expect("response body");
+        assert_eq!(status, 200, "POST {path} {body}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+
+    /// Posts and expects an OpenAI error with this status and `error.param`.
+    fn post_err(&self, path: &str, body: &Value, status: u16, param: Option<&str>) -> Value {
+        let res = self.post(path, body);
+        self.check_err(res, status, param, &format!("POST {path}"))
+    }
+
+    fn check_err(&self, res: Response, status: u16, param: Option<&str>, what: &str) -> Value {
+        let got = res.status().as_u16();
+        let text = res.text().expect("response body");
+        assert_eq!(got, status, "{what}: {text}");
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"));
+        let err = &v["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: no error.message in {v}"
+        );
+        assert!(err["type"].is_string(), "{what}: no error.type in {v}");
+        if let Some(p) = param {
+            assert_eq!(err["param"], p, "{what}: {v}");
+        }
+        v
+    }
+
+    fn chat_body(&self, content: &str, extra: Value) -> Value {
+        let mut body = json!({
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        body
+    }
+
+    /// Posts a streamed request; returns the parsed data payloads (without the final `[DONE]`).
+    fn post_stream(&self, path: &str, body: &Value) -> Vec<Value> {
+        let res = self.post(path, body);
+        let status = res.status();
+        let ctype = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let text = res.text().expect("stream body");
+        assert_eq!(status, 200, "POST {path} {body}: {text}");
+        assert!(
+            ctype.starts_with("text/event-stream"),
+            "content-type {ctype}"
+        );
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        assert_eq!(events.last(), Some(&"data: [DONE]"), "stream: {text}");
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| {
+                let data = e
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not a data event: {e:?}"));
+                let v: Value =
+                    serde_json::from_str(data).unwrap_or_else(|err| panic!("{err}: {data}"));
+                assert!(v.get("error").is_none(), "error event: {v}");
+                v
+            })
+            .collect()
+    }
+}
+
+fn check_usage(usage: &Value, max_tokens: u64) -> (u64, u64) {
+    let p = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+    let c = usage["completion_tokens"]
+        .as_u64()
+        .expect("completion_tokens");
+    let t = usage["total_tokens"].as_u64().expect("total_tokens");
+    assert!(p > 0, "{usage}");
+    assert_eq!(t, p + c, "{usage}");
+    assert!(c <= max_tokens, "{usage}");
+    (p, c)
+}
+
+fn check_finish(reason: &Value) {
+    assert!(
+        reason == "stop" || reason == "length",
+        "finish_reason {reason}"
+    );
+}
+
+#[test]
+fn e2e_serve() {
+    let http = Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("http client");
+    let mut daemon = Daemon::start();
+    daemon.wait_ready(&http);
+    let mut ctx = Ctx {
+        daemon,
+        http,
+        model: String::new(),
+    };
+
+    health(&ctx);
+    ctx.model = models(&ctx);
+    let answer = chat(&ctx);
+    chat_stream(&ctx, &answer);
+    completions(&ctx);
+    errors(&ctx);
+    // Still alive and serving after all of that.
+    health(&ctx);
+    assert_eq!(ctx.get("/readyz").status(), 200);
+}
+
+fn health(ctx: &Ctx) {
+    let res = ctx.get("/healthz");
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().expect("healthz JSON");
+    assert_eq!(v["status"], "ok");
+}
+
+/// Lists the models and returns the id of the base model.
+fn models(ctx: &Ctx) -> String {
+    let res = ctx.get("/v1/models");
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().expect("models JSON");
+    assert_eq!(v["object"], "list", "{v}");
+    let data = v["data"].as_array().expect("data array");
+    assert!(!data.is_empty(), "no models: {v}");
+    for m in data {
+        assert_eq!(m["object"], "model", "{m}");
+        assert!(
+            m["id"].is_string() && m["created"].is_u64() && m["owned_by"].is_string(),
+            "{m}"
+        );
+    }
+    let stem = model_path()
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .map(str::to_owned)
+        .unwrap_or_default();
+    let id = data
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .find(|id| *id == stem)
+        .or_else(|| data[0]["id"].as_str())
+        .expect("a model id")
+        .to_string();
+
+    let one: Value = ctx
+        .get(&format!("/v1/models/{id}"))
+        .json()
+        .expect("model JSON");
+    assert_eq!(one["id"], id.as_str(), "{one}");
+    let res = ctx.get("/v1/models/no-such-model");
+    ctx.check_err(res, 404, Some("model"), "GET /v1/models/no-such-model");
+    id
+}
+
+const QUESTION: &str = "What is the capital of France?";
+
+fn greedy() -> Value {
+    json!({"temperature": 0, "max_tokens": 30})
+}
+
+fn chat(ctx: &Ctx) -> String {
+    let v = ctx.post_ok("/v1/chat/completions", &ctx.chat_body(QUESTION, greedy()));
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert!(
+        v["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("chatcmpl-")),
+        "{v}"
+    );
+    assert!(v["created"].is_u64(), "{v}");
+    assert_eq!(v["model"], ctx.model.as_str());
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    check_finish(&choice["finish_reason"]);
+    check_usage(&v["usage"], 30);
+    let content = choice["message"]["content"]
+        .as_str()
+        .expect("message content")
+        .to_string();
+    assert!(content.contains("Paris"), "answer: {content:?}");
+    content
+}
+
+fn chat_stream(ctx: &Ctx, answer: &str) {
+    let mut extra = greedy();
+    extra["stream"] = json!(true);
+    extra["stream_options"] = json!({"include_usage": true});
+    let chunks = ctx.post_stream("/v1/chat/completions", &ctx.chat_body(QUESTION, extra));
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    let id = chunks[0]["id"].as_str().expect("chunk id");
+    assert!(id.starts_with("chatcmpl-"));
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk", "{c}");
+        assert_eq!(c["id"], id, "{c}");
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // The last chunk carries usage only; the one before it the finish reason.
+    let usage_chunk = &chunks[chunks.len() - 1];
+    assert_eq!(usage_chunk["choices"], json!([]), "{usage_chunk}");
+    check_usage(&usage_chunk["usage"], 30);
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    check_finish(&finish["finish_reason"]);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, answer, "streamed and whole answers differ");
+
+    // Without include_usage: no usage chunk.
+    let mut extra = greedy();
+    extra["stream"] = json!(true);
+    let chunks = ctx.post_stream("/v1/chat/completions", &ctx.chat_body(QUESTION, extra));
+    let last = chunks.last().expect("chunks");
+    check_finish(&last["choices"][0]["finish_reason"]);
+}
+
+fn completions(ctx: &Ctx) {
+    let body = json!({
+        "model": ctx.model,
+        "prompt": "The capital of France is",
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    let v = ctx.post_ok("/v1/completions", &body);
+    assert_eq!(v["object"], "text_completion", "{v}");
+    assert!(
+        v["id"].as_str().is_some_and(|id| id.starts_with("cmpl-")),
+        "{v}"
+    );
+    let choice = &v["choices"][0];
+    check_finish(&choice["finish_reason"]);
+    check_usage(&v["usage"], 8);
+    let text = choice["text"].as_str().expect("text").to_string();
+
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let chunks = ctx.post_stream("/v1/completions", &stream_body);
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    for c in &chunks {
+        assert_eq!(c["object"], "text_completion", "{c}");
+    }
+    assert_eq!(streamed, text);
+    check_finish(&chunks.last().expect("chunks")["choices"][0]["finish_reason"]);
+
+    // Default max_tokens is 16, as OpenAI.
+    let v = ctx.post_ok(
+        "/v1/completions",
+        &json!({"model": ctx.model, "prompt": "Once upon a time", "temperature": 0}),
+    );
+    check_usage(&v["usage"], 16);
+}
+
+fn errors(ctx: &Ctx) {
+    let chat = "/v1/chat/completions";
+
+    let res = ctx
+        .http
+        .post(ctx.daemon.url(chat))
+        .header("content-type", "application/json")
+        .body("{\"model\": \"x\", \"messages\": [")
+        .send()
+        .expect("malformed JSON request");
+    ctx.check_err(res, 400, None, "malformed JSON");
+
+    let mut body = ctx.chat_body("hi", json!({}));
+    body["model"] = json!("no-such-model");
+    let v = ctx.post_err(chat, &body, 404, Some("model"));
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    // A streamed request failing before generation gets a plain JSON error too.
+    body["stream"] = json!(true);
+    ctx.post_err(chat, &body, 404, Some("model"));
+
+    let body = json!({"model": ctx.model, "messages": []});
+    ctx.post_err(chat, &body, 400, Some("messages"));
+
+    let body = json!({"model": ctx.model, "messages": [{"role": "wizard", "content": "hi"}]});
+    ctx.post_err(chat, &body, 400, Some("messages[0].role"));
+
+    let body = ctx.chat_body("hi", json!({"temperature": 5}));
+    ctx.post_err(chat, &body, 400, Some("temperature"));
+
+    let body = ctx.chat_body("hi", json!({"max_tokens": 100000}));
+    ctx.post_err(chat, &body, 400, Some("max_tokens"));
+
+    let body = ctx.chat_body(&"hello ".repeat(10000), json!({"max_tokens": 10}));
+    ctx.post_err(chat, &body, 400, Some("messages"));
+
+    let body = ctx.chat_body("hi", json!({"n": 2}));
+    ctx.post_err(chat, &body, 400, Some("n"));
+
+    let body = json!({"model": ctx.model, "prompt": "x", "echo": true});
+    ctx.post_err("/v1/completions", &body, 400, Some("echo"));
+
+    let body = json!({"model": ctx.model, "prompt": "hello ".repeat(10000)});
+    ctx.post_err("/v1/completions", &body, 400, Some("prompt"));
+
+    let res = ctx.get("/v1/no-such-route");
+    ctx.check_err(res, 404, None, "unknown route");
+}
