@@ -3,15 +3,26 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use itamae::engine::{EngineHandle, FinishReason, GenEvent, GenerationRequest, PromptInput, SamplingParams};
+use itamae::engine::{
+    EngineHandle, FinishReason, GenEvent, GenerationRequest, PromptInput, SamplingParams,
+};
 use itamae::model::{self, LoadedModel};
 use serde_json::json;
 
 fn model_path() -> PathBuf {
-    let p = std::env::var_os("ITAMAE_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    });
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
+    let p = std::env::var_os("ITAMAE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            ))
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
     p
 }
 
@@ -24,7 +35,11 @@ fn engine() -> &'static EngineHandle {
     E.get_or_init(|| EngineHandle::from_loaded(load()))
 }
 
-fn generate(messages: serde_json::Value, max_tokens: usize, stop: Vec<String>) -> (Vec<String>, FinishReason) {
+fn generate(
+    messages: serde_json::Value,
+    max_tokens: usize,
+    stop: Vec<String>,
+) -> (Vec<String>, FinishReason) {
     let e = engine();
     let id = e.models()[0].id.clone();
     let p = e
@@ -48,7 +63,10 @@ fn generate(messages: serde_json::Value, max_tokens: usize, stop: Vec<String>) -
             GenEvent::Text(t) => pieces.push(t),
             GenEvent::Finished { reason, usage } => {
                 assert!(usage.completion_tokens <= max_tokens);
-                assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+                assert_eq!(
+                    usage.total_tokens,
+                    usage.prompt_tokens + usage.completion_tokens
+                );
                 return (pieces, reason);
             }
             GenEvent::Failed(e) => panic!("generation failed: {e}"),
@@ -60,8 +78,20 @@ fn generate(messages: serde_json::Value, max_tokens: usize, stop: Vec<String>) -
 fn config_matches_the_reference() {
     let m = load();
     let c = &m.model.cfg;
-    assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (30, 576, 9, 3, 64));
-    assert_eq!((c.intermediate_size, c.vocab_size, c.max_position_embeddings), (1536, 49152, 8192));
+    assert_eq!(
+        (
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim
+        ),
+        (30, 576, 9, 3, 64)
+    );
+    assert_eq!(
+        (c.intermediate_size, c.vocab_size, c.max_position_embeddings),
+        (1536, 49152, 8192)
+    );
     assert_eq!(c.rope_theta, 100000.0);
     assert!(c.tie_word_embeddings);
     assert_eq!(m.name, "SmolLM2-135M-Instruct.Q4_1");
@@ -69,7 +99,11 @@ fn config_matches_the_reference() {
 
 #[test]
 fn greedy_chatml_answers_paris() {
-    let (pieces, reason) = generate(json!([{"role": "user", "content": "What is the capital of France?"}]), 40, vec![]);
+    let (pieces, reason) = generate(
+        json!([{"role": "user", "content": "What is the capital of France?"}]),
+        40,
+        vec![],
+    );
     let text: String = pieces.concat();
     assert!(text.contains("Paris"), "answer: {text:?}");
     assert_eq!(reason, FinishReason::Stop, "answer: {text:?}");
@@ -90,14 +124,31 @@ fn stop_strings_end_generation_and_are_not_returned() {
 /// Logits parity against HF transformers (scripts/reference_logits.py, fixture committed).
 #[test]
 fn logits_match_transformers_reference() {
-    let fx: serde_json::Value = serde_json::from_str(include_str!("fixtures/reference_logits.json")).unwrap();
+    let fx: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/reference_logits.json")).unwrap();
     let m = load();
     let prompt = fx["prompt"].as_str().unwrap();
-    let ids: Vec<u32> = m.text.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+    let ids: Vec<u32> = m
+        .text
+        .tokenizer
+        .encode(prompt, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     let want_ids: Vec<u32> = serde_json::from_value(fx["input_ids"].clone()).unwrap();
     assert_eq!(ids, want_ids, "tokenization differs from transformers");
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = m.model.forward(&input, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = m
+        .model
+        .forward(&input, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let subset: Vec<usize> = serde_json::from_value(fx["vocab_subset"].clone()).unwrap();
     let want: Vec<Vec<f32>> = serde_json::from_value(fx["logits_subset"].clone()).unwrap();
     let top_ids: Vec<Vec<usize>> = serde_json::from_value(fx["top10"].clone()).unwrap();
@@ -111,10 +162,18 @@ fn logits_match_transformers_reference() {
             worst = worst.max((row[v] - top_vals[pos][k]).abs());
         }
         // the argmax agrees at every position
-        let arg = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let arg = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
         assert_eq!(arg, top_ids[pos][0], "argmax differs at position {pos}");
     }
-    eprintln!("max abs logit diff vs transformers over {} positions: {worst:.2e}", logits.len());
+    eprintln!(
+        "max abs logit diff vs transformers over {} positions: {worst:.2e}",
+        logits.len()
+    );
     assert!(worst < 1e-3, "max abs diff {worst}");
 }
 
@@ -128,6 +187,15 @@ fn training_path_matches_serving_path() {
     let v = candle_core::Var::from_tensor(&m.model.layers[0].input_layernorm).unwrap();
     m.model.layers[0].input_layernorm = v.as_tensor().clone();
     let slow = m.model.forward(&ids, None).unwrap();
-    let d = (fast - slow).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d = (fast - slow)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-3, "max abs diff {d}");
 }

@@ -49,12 +49,20 @@ pub fn decode(
         let mut cache = KvCache::new(&m.cfg, prompt.len() + tokens);
         let t = Instant::now();
         let input = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
-        let mut next = argmax(&m.forward_last(&input, Some(&mut cache))?.squeeze(0)?.to_vec1()?);
+        let mut next = argmax(
+            &m.forward_last(&input, Some(&mut cache))?
+                .squeeze(0)?
+                .to_vec1()?,
+        );
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for _ in 0..tokens {
             let input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-            next = argmax(&m.forward_last(&input, Some(&mut cache))?.squeeze(0)?.to_vec1()?);
+            next = argmax(
+                &m.forward_last(&input, Some(&mut cache))?
+                    .squeeze(0)?
+                    .to_vec1()?,
+            );
         }
         let dec = t.elapsed().as_secs_f64();
         if run > 0 {
@@ -84,7 +92,10 @@ pub fn decode(
         .output()
         .with_context(|| format!("running {}", py.display()))?;
     if !out.status.success() {
-        anyhow::bail!("llama-cpp-python bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!(
+            "llama-cpp-python bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("peer output: {}", String::from_utf8_lossy(&out.stdout)))?;
@@ -92,6 +103,10 @@ pub fn decode(
     let pd = v["decode_tps"].as_f64().unwrap_or(f64::NAN);
     let pn = v["prompt_tokens"].as_u64().unwrap_or(0);
     println!("llama.cpp  prompt {pn:>4} tok: {pp:>8.1} tok/s | decode {tokens} tok: {pd:>6.1} tok/s  (Q4_1 kernels)");
-    println!("ratio itamae/llama.cpp: prompt {:.2}x, decode {:.2}x", p / pp, d / pd);
+    println!(
+        "ratio itamae/llama.cpp: prompt {:.2}x, decode {:.2}x",
+        p / pp,
+        d / pd
+    );
     Ok(())
 }

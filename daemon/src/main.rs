@@ -6,7 +6,11 @@ use itamae::config::{self, FileConfig, Overrides, ServeConfig};
 use itamae::engine::EngineHandle;
 
 #[derive(Parser)]
-#[command(name = "itamaed", version, about = "itamae daemon: one base model, tuned and served")]
+#[command(
+    name = "itamaed",
+    version,
+    about = "itamae daemon: one base model, tuned and served"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -112,7 +116,10 @@ fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<(
         );
     }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        anyhow::anyhow!("cannot create data directory {}: {e}", cfg.data_dir.display())
+        anyhow::anyhow!(
+            "cannot create data directory {}: {e}",
+            cfg.data_dir.display()
+        )
     })?;
     let device = config::device(&cfg.device)?;
     tracing::info!(model = %cfg.model.display(), host = %cfg.host, port = cfg.port, "starting itamaed");
@@ -126,7 +133,11 @@ fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<(
             std::process::exit(1);
         }
     });
-    actix_web::rt::System::new().block_on(itamae::api::serve(engine, cfg.host.clone(), cfg.port))?;
+    actix_web::rt::System::new().block_on(itamae::api::serve(
+        engine,
+        cfg.host.clone(),
+        cfg.port,
+    ))?;
     tracing::info!("itamaed stopped");
     Ok(())
 }

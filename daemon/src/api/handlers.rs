@@ -84,7 +84,9 @@ async fn generate(
     // Template rendering and tokenization are CPU work: keep them off the I/O thread.
     let prepared = {
         let engine = engine.clone();
-        web::block(move || engine.prepare(gen)).await??
+        web::block(move || engine.prepare(gen))
+            .await?
+            .map_err(|e| name_max_tokens(e.into(), common))?
     };
     let mut rx = engine.submit(prepared)?;
     let meta = Meta::new(kind, common.model.clone(), common.include_usage);
@@ -98,6 +100,14 @@ async fn generate(
         let generated = collect(&mut rx, &meta).await?;
         Ok(HttpResponse::Ok().json(full_response(&meta, &generated)))
     }
+}
+
+/// The engine names `max_tokens`; chat requests may have said `max_completion_tokens`.
+fn name_max_tokens(mut e: ApiError, common: &Common) -> ApiError {
+    if e.param.as_deref() == Some("max_tokens") {
+        e.param = Some(common.max_tokens_param.to_string());
+    }
+    e
 }
 
 /// Any unknown route.

@@ -80,6 +80,9 @@ pub async fn serve(engine: EngineHandle, host: String, port: u16) -> std::io::Re
             .configure(configure)
     })
     .workers(WORKERS)
+    // Abort a connection as soon as the client closes it, so that a non-streamed generation
+    // whose client went away is dropped (and thereby cancelled) instead of running to the end.
+    .h1_allow_half_closed(false)
     .bind((host.as_str(), port))?;
     tracing::info!("listening on http://{host}:{port}");
     server.run().await

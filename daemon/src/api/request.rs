@@ -19,6 +19,8 @@ pub struct Common {
     pub model: String,
     pub sampling: SamplingParams,
     pub max_tokens: Option<usize>,
+    /// The request field `max_tokens` came from (`max_completion_tokens` in chat requests).
+    pub max_tokens_param: &'static str,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -71,11 +73,17 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
     let obj = as_object(body)?;
     let model = parse_model(obj)?;
     let messages = parse_messages(obj)?;
-    let max_tokens = match opt_uint(obj, "max_completion_tokens")? {
-        Some(n) => Some(check_max_tokens("max_completion_tokens", n)?),
-        None => opt_uint(obj, "max_tokens")?
-            .map(|n| check_max_tokens("max_tokens", n))
-            .transpose()?,
+    let (max_tokens, max_tokens_param) = match opt_uint(obj, "max_completion_tokens")? {
+        Some(n) => (
+            Some(check_max_tokens("max_completion_tokens", n)?),
+            "max_completion_tokens",
+        ),
+        None => (
+            opt_uint(obj, "max_tokens")?
+                .map(|n| check_max_tokens("max_tokens", n))
+                .transpose()?,
+            "max_tokens",
+        ),
     };
     check_n(obj)?;
     if opt_bool(obj, "logprobs")? == Some(true) {
@@ -84,7 +92,8 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
             "logprobs are not supported by this server",
         ));
     }
-    let common = parse_common(obj, model, max_tokens)?;
+    let mut common = parse_common(obj, model, max_tokens)?;
+    common.max_tokens_param = max_tokens_param;
     Ok(ChatRequest { common, messages })
 }
 
@@ -487,6 +496,7 @@ fn parse_common(
         model,
         sampling,
         max_tokens,
+        max_tokens_param: "max_tokens",
         stop,
         stream,
         include_usage,
@@ -516,6 +526,7 @@ mod tests {
         assert_eq!(r.messages, vec![user("hi")]);
         assert_eq!(r.common.sampling, SamplingParams::default());
         assert_eq!(r.common.max_tokens, None);
+        assert_eq!(r.common.max_tokens_param, "max_tokens");
         assert!(r.common.stop.is_empty());
         assert!(!r.common.stream);
         assert!(!r.common.include_usage);
@@ -561,6 +572,7 @@ mod tests {
         );
         let c = &r.common;
         assert_eq!(c.max_tokens, Some(7));
+        assert_eq!(c.max_tokens_param, "max_completion_tokens");
         assert_eq!(c.sampling.temperature, 0.0);
         assert_eq!(c.sampling.top_p, 0.9);
         assert_eq!(c.sampling.top_k, 40);

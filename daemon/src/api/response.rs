@@ -89,11 +89,35 @@ pub struct Generated {
     pub usage: Usage,
 }
 
+/// Logs a generation abandoned by its client (the future or stream dropped before the end).
+struct CancelLog<'a> {
+    id: &'a str,
+    armed: bool,
+}
+
+impl Drop for CancelLog<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(id = %self.id, "client went away; generation cancelled");
+        }
+    }
+}
+
 /// Waits for a generation to finish and gathers its text.
 pub async fn collect(
     rx: &mut UnboundedReceiver<GenEvent>,
     meta: &Meta,
 ) -> Result<Generated, ApiError> {
+    let mut guard = CancelLog {
+        id: &meta.id,
+        armed: true,
+    };
+    let result = gather(rx, meta).await;
+    guard.armed = false;
+    result
+}
+
+async fn gather(rx: &mut UnboundedReceiver<GenEvent>, meta: &Meta) -> Result<Generated, ApiError> {
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
@@ -240,6 +264,13 @@ pub fn sse_stream(
         meta: Meta,
         queue: VecDeque<Bytes>,
         done: bool,
+    }
+    impl Drop for State {
+        fn drop(&mut self) {
+            if !self.done {
+                tracing::info!(id = %self.meta.id, "client went away; generation cancelled");
+            }
+        }
     }
     let mut queue = VecDeque::new();
     if meta.kind == Kind::Chat {

@@ -136,7 +136,10 @@ mod tests {
 
     #[test]
     fn stop_split_across_pieces_is_not_emitted() {
-        assert_eq!(run(&["\n\nUser:"], &["Hi", " there\n", "\nUs", "er:", " x"]), ("Hi there".into(), true));
+        assert_eq!(
+            run(&["\n\nUser:"], &["Hi", " there\n", "\nUs", "er:", " x"]),
+            ("Hi there".into(), true)
+        );
     }
 
     #[test]

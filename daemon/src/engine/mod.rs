@@ -153,7 +153,10 @@ impl EngineHandle {
                     return Err(invalid("messages", "messages must not be empty".into()));
                 }
                 let tpl = sh.template.as_ref().ok_or_else(|| {
-                    invalid("messages", "this model has no chat template; use /v1/completions".into())
+                    invalid(
+                        "messages",
+                        "this model has no chat template; use /v1/completions".into(),
+                    )
                 })?;
                 let text = tpl
                     .render(messages, true)

@@ -169,7 +169,10 @@ mod tests {
         };
         let a = draw(p.clone());
         assert_eq!(a, draw(p));
-        assert!(a.iter().all(|&t| t == 0 || t == 2), "top_k=2 allows only ids 0 and 2");
+        assert!(
+            a.iter().all(|&t| t == 0 || t == 2),
+            "top_k=2 allows only ids 0 and 2"
+        );
         assert!(a.contains(&0) && a.contains(&2));
     }
 

@@ -72,7 +72,10 @@ pub struct Usage {
 pub enum GenEvent {
     /// New text (never a split UTF-8 character, never part of a stop string).
     Text(String),
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     /// Generation failed after it started; no further events follow.
     Failed(String),
 }
@@ -112,7 +115,10 @@ impl SamplingParams {
         }
         let t = self.temperature;
         if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
-            return bad("temperature", format!("temperature must be between 0 and 2, got {t}"));
+            return bad(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {t}"),
+            );
         }
         let p = self.top_p;
         if !(p.is_finite() && p > 0.0 && p <= 1.0) {

@@ -37,7 +37,9 @@ impl Arch {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -73,15 +75,20 @@ impl ModelConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(format!(
                 "num_attention_heads {} must be a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
         }
         if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {
             return bad("hidden_size, num_hidden_layers and vocab_size must be positive".into());
@@ -91,8 +98,8 @@ impl ModelConfig {
 
     /// From an HF `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let c: HfConfig =
-            serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let c: HfConfig = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         let arch_name = c
             .model_type
             .clone()
@@ -140,7 +147,8 @@ impl ModelConfig {
         let get_u = |k: &str| -> Result<usize> {
             let name = key(k);
             let v = md.get(&name).ok_or(ModelError::MissingKey(name.clone()))?;
-            Ok(value_to_u64(v).map_err(|_| ModelError::Config(format!("`{name}` is not an integer")))?
+            Ok(value_to_u64(v)
+                .map_err(|_| ModelError::Config(format!("`{name}` is not an integer")))?
                 as usize)
         };
         let get_f = |k: &str| -> Option<f64> { md.get(&key(k)).and_then(|v| value_to_f64(v).ok()) };
@@ -166,7 +174,9 @@ impl ModelConfig {
                 factor: get_f("rope.scaling.factor").unwrap_or(1.0),
             },
             Some(other) => {
-                return Err(ModelError::Config(format!("unsupported rope scaling `{other}`")))
+                return Err(ModelError::Config(format!(
+                    "unsupported rope scaling `{other}`"
+                )))
             }
         };
         let cfg = Self {
@@ -220,7 +230,9 @@ fn parse_hf_rope_scaling(s: &serde_json::Value) -> Result<RopeScaling> {
         .unwrap_or("default");
     let f = |k: &str| s.get(k).and_then(|v| v.as_f64());
     let need = |k: &str| {
-        f(k).ok_or_else(|| ModelError::Config(format!("rope_scaling.{k} is missing or not a number")))
+        f(k).ok_or_else(|| {
+            ModelError::Config(format!("rope_scaling.{k} is missing or not a number"))
+        })
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -284,8 +296,8 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f64> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })

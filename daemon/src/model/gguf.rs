@@ -66,7 +66,10 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
     };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| {
-        ModelError::Config(format!("{} is not a readable GGUF file: {e}", path.display()))
+        ModelError::Config(format!(
+            "{} is not a readable GGUF file: {e}",
+            path.display()
+        ))
     })?;
     let has_output = content.tensor_infos.contains_key("output.weight");
     let config = ModelConfig::from_gguf(&content.metadata, has_output)?;
@@ -79,10 +82,12 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
         let q = content
             .tensor(&mut file, name, device)
             .map_err(|e| ModelError::Config(format!("reading tensor `{name}`: {e}")))?;
-        let t = q.dequantize(device).map_err(|_| ModelError::UnsupportedQuant {
-            tensor: name.clone(),
-            dtype: format!("{:?}", info.ggml_dtype),
-        })?;
+        let t = q
+            .dequantize(device)
+            .map_err(|_| ModelError::UnsupportedQuant {
+                tensor: name.clone(),
+                dtype: format!("{:?}", info.ggml_dtype),
+            })?;
         let t = t.to_dtype(candle_core::DType::F32)?;
         let t = if config.arch == Arch::Llama && name.ends_with("attn_q.weight") {
             unpermute_qk(&t, config.num_heads)?
@@ -106,10 +111,22 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
-        assert_eq!(hf_name("blk.12.ffn_norm.weight").unwrap(), "model.layers.12.post_attention_layernorm.weight");
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias").unwrap(),
+            "model.layers.0.self_attn.k_proj.bias"
+        );
+        assert_eq!(
+            hf_name("blk.12.ffn_norm.weight").unwrap(),
+            "model.layers.12.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert!(hf_name("rope_freqs.weight").is_none());
     }
 

@@ -31,8 +31,13 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
         let map = index
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::Config(format!("{} has no weight_map", index_path.display())))?;
-        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            .ok_or_else(|| {
+                ModelError::Config(format!("{} has no weight_map", index_path.display()))
+            })?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         shards.sort();
         shards.dedup();
         shards

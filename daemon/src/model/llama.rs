@@ -84,6 +84,157 @@ impl KvCache {
     }
 }
 
+/// The projections an adapter can add a delta to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// HF module name (`q_proj`, …), as PEFT's `target_modules` names it.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// Path of the module inside a layer (`self_attn.q_proj`, `mlp.up_proj`, …).
+    pub fn hf_path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// (in, out) features of this projection.
+    pub fn dims(self, c: &ModelConfig) -> (usize, usize) {
+        let (h, q, kv, ff) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.kv_dim(),
+            c.intermediate_size,
+        );
+        match self {
+            Proj::Q => (h, q),
+            Proj::K | Proj::V => (h, kv),
+            Proj::O => (q, h),
+            Proj::Gate | Proj::Up => (h, ff),
+            Proj::Down => (ff, h),
+        }
+    }
+}
+
+/// What an adapter changes in a forward pass. Implemented in the adapters layer; the model only
+/// calls it, so one forward serves the base model and every variant.
+pub trait ForwardHooks {
+    /// Output added to projection `proj` of layer `layer` for its input `x` (LoRA: `s·B·A·x`).
+    fn linear_delta(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Number of prefix positions [`Self::kv_prefix`] provides (prefix tuning).
+    fn prefix_len(&self) -> usize {
+        0
+    }
+    /// Keys and values `(1, n_kv, prefix_len, head_dim)` placed ahead of the sequence in layer
+    /// `layer` (keys already rotated, as stored in a KV cache).
+    fn kv_prefix(&self, _layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+/// Several examples packed in one row: attention stays inside an example and positions restart.
+pub struct Packed {
+    /// `(b, l)` u32 position of each token within its example.
+    pub positions: Tensor,
+    /// `(b, l, l)` additive mask (0 or -inf).
+    pub mask: Tensor,
+}
+
+impl Packed {
+    /// From per-row segment ids (tokens of one example share an id; ids increase along a row).
+    pub fn from_segments(segments: &[Vec<u32>], device: &Device) -> Result<Self> {
+        let b = segments.len();
+        let l = segments.first().map_or(0, |s| s.len());
+        let mut pos = Vec::with_capacity(b * l);
+        let mut mask = Vec::with_capacity(b * l * l);
+        for row in segments {
+            if row.len() != l {
+                candle_core::bail!("packed rows must have equal length");
+            }
+            let mut p = 0u32;
+            for (i, &s) in row.iter().enumerate() {
+                p = if i > 0 && row[i - 1] == s { p + 1 } else { 0 };
+                pos.push(p);
+                for (j, &sj) in row.iter().enumerate() {
+                    mask.push(if j <= i && sj == s {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            positions: Tensor::from_vec(pos, (b, l), device)?,
+            mask: Tensor::from_vec(mask, (b, l, l), device)?,
+        })
+    }
+}
+
+/// Per-call options of [`Llama::forward_hidden`].
+#[derive(Default)]
+pub struct Ctx<'a> {
+    pub cache: Option<&'a mut KvCache>,
+    pub hooks: Option<&'a dyn ForwardHooks>,
+    pub packed: Option<&'a Packed>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn with_cache(cache: Option<&'a mut KvCache>) -> Self {
+        Self {
+            cache,
+            ..Default::default()
+        }
+    }
+}
+
+fn expand_batch(t: &Tensor, b: usize) -> Result<Tensor> {
+    if t.dim(0)? == b {
+        Ok(t.clone())
+    } else {
+        let mut dims = t.dims().to_vec();
+        dims[0] = b;
+        t.expand(dims)?.contiguous()
+    }
+}
+
 fn take(w: &mut HashMap<String, Tensor>, name: &str) -> std::result::Result<Tensor, String> {
     w.remove(name).ok_or_else(|| name.to_string())
 }
@@ -108,9 +259,21 @@ impl Llama {
                 k_proj: t("self_attn.k_proj.weight")?,
                 v_proj: t("self_attn.v_proj.weight")?,
                 o_proj: t("self_attn.o_proj.weight")?,
-                q_bias: if bias { Some(t("self_attn.q_proj.bias")?) } else { None },
-                k_bias: if bias { Some(t("self_attn.k_proj.bias")?) } else { None },
-                v_bias: if bias { Some(t("self_attn.v_proj.bias")?) } else { None },
+                q_bias: if bias {
+                    Some(t("self_attn.q_proj.bias")?)
+                } else {
+                    None
+                },
+                k_bias: if bias {
+                    Some(t("self_attn.k_proj.bias")?)
+                } else {
+                    None
+                },
+                v_bias: if bias {
+                    Some(t("self_attn.v_proj.bias")?)
+                } else {
+                    None
+                },
             };
             let mlp = Mlp {
                 gate_proj: t("mlp.gate_proj.weight")?,
@@ -165,7 +328,12 @@ impl Llama {
 
     fn check_shapes(&self) -> std::result::Result<(), super::ModelError> {
         let c = &self.cfg;
-        let (h, q, kv, ff) = (c.hidden_size, c.num_heads * c.head_dim, c.kv_dim(), c.intermediate_size);
+        let (h, q, kv, ff) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.kv_dim(),
+            c.intermediate_size,
+        );
         let want = |name: String, t: &Tensor, dims: &[usize]| {
             if t.dims() == dims {
                 Ok(())
@@ -176,17 +344,45 @@ impl Llama {
                 )))
             }
         };
-        want("model.embed_tokens.weight".into(), &self.embed_tokens, &[c.vocab_size, h])?;
+        want(
+            "model.embed_tokens.weight".into(),
+            &self.embed_tokens,
+            &[c.vocab_size, h],
+        )?;
         want("lm_head.weight".into(), &self.lm_head, &[c.vocab_size, h])?;
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            want(format!("{p}.self_attn.q_proj.weight"), &l.attn.q_proj, &[q, h])?;
-            want(format!("{p}.self_attn.k_proj.weight"), &l.attn.k_proj, &[kv, h])?;
-            want(format!("{p}.self_attn.v_proj.weight"), &l.attn.v_proj, &[kv, h])?;
-            want(format!("{p}.self_attn.o_proj.weight"), &l.attn.o_proj, &[h, q])?;
-            want(format!("{p}.mlp.gate_proj.weight"), &l.mlp.gate_proj, &[ff, h])?;
+            want(
+                format!("{p}.self_attn.q_proj.weight"),
+                &l.attn.q_proj,
+                &[q, h],
+            )?;
+            want(
+                format!("{p}.self_attn.k_proj.weight"),
+                &l.attn.k_proj,
+                &[kv, h],
+            )?;
+            want(
+                format!("{p}.self_attn.v_proj.weight"),
+                &l.attn.v_proj,
+                &[kv, h],
+            )?;
+            want(
+                format!("{p}.self_attn.o_proj.weight"),
+                &l.attn.o_proj,
+                &[h, q],
+            )?;
+            want(
+                format!("{p}.mlp.gate_proj.weight"),
+                &l.mlp.gate_proj,
+                &[ff, h],
+            )?;
             want(format!("{p}.mlp.up_proj.weight"), &l.mlp.up_proj, &[ff, h])?;
-            want(format!("{p}.mlp.down_proj.weight"), &l.mlp.down_proj, &[h, ff])?;
+            want(
+                format!("{p}.mlp.down_proj.weight"),
+                &l.mlp.down_proj,
+                &[h, ff],
+            )?;
         }
         Ok(())
     }
@@ -195,10 +391,20 @@ impl Llama {
     pub fn random(cfg: ModelConfig, device: &Device) -> Result<Self> {
         let c = &cfg;
         let r = |rows: usize, cols: usize| -> Result<Tensor> {
-            Tensor::randn(0f32, (1.0 / cols as f64).sqrt() as f32, (rows, cols), device)
+            Tensor::randn(
+                0f32,
+                (1.0 / cols as f64).sqrt() as f32,
+                (rows, cols),
+                device,
+            )
         };
         let norm_w = |n: usize| -> Result<Tensor> { Tensor::rand(0.8f32, 1.2, n, device) };
-        let (h, q, kv, ff) = (c.hidden_size, c.num_heads * c.head_dim, c.kv_dim(), c.intermediate_size);
+        let (h, q, kv, ff) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.kv_dim(),
+            c.intermediate_size,
+        );
         let bias = |n: usize| -> Result<Option<Tensor>> {
             if c.qkv_bias {
                 Ok(Some(Tensor::randn(0f32, 0.1, n, device)?))
@@ -246,54 +452,135 @@ impl Llama {
         candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size).forward(tokens)
     }
 
-    /// Runs the decoder stack on embeddings `(b, l, hidden)` whose first position is absolute
-    /// position `offset` (= the cache length when a cache is given). Returns the final-normed
-    /// hidden states `(b, l, hidden)`.
-    pub fn forward_hidden(&self, x: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Runs the decoder stack on embeddings `(b, l, hidden)`. Returns the final-normed hidden
+    /// states `(b, l, hidden)`.
+    ///
+    /// Positions: with a cache, the first position is the cache length; without one, 0. A KV
+    /// prefix from the hooks (prefix tuning) sits ahead of the sequence and shifts positions by
+    /// its length, as HF does with `past_key_values`; with a cache it is written into the empty
+    /// cache once, so decode steps reuse it.
+    pub fn forward_hidden(&self, x: &Tensor, ctx: Ctx<'_>) -> Result<Tensor> {
+        let Ctx {
+            mut cache,
+            hooks,
+            packed,
+        } = ctx;
         let (b, l, _) = x.dims3()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len);
-        if offset + l > self.cfg.max_position_embeddings {
+        let c = &self.cfg;
+        let prefix_len = hooks.map_or(0, |h| h.prefix_len());
+        // Prefix KV tensors to concatenate on each layer (training path, no cache).
+        let mut cat_prefix = false;
+        if let Some(cache) = cache.as_deref_mut() {
+            if cache.is_empty() && prefix_len > 0 {
+                if let Some(h) = hooks {
+                    for (i, layer_cache) in cache.layers.iter_mut().enumerate() {
+                        if let Some((k, v)) = h.kv_prefix(i)? {
+                            layer_cache.append(&expand_batch(&k, b)?, &expand_batch(&v, b)?)?;
+                        }
+                    }
+                    cache.len = prefix_len;
+                }
+            }
+        } else {
+            cat_prefix = prefix_len > 0;
+        }
+        let offset = match cache.as_ref() {
+            Some(cache) => cache.len,
+            None => prefix_len,
+        };
+        if offset + l > c.max_position_embeddings {
             candle_core::bail!(
                 "sequence of {} positions exceeds the context of {}",
                 offset + l,
-                self.cfg.max_position_embeddings
+                c.max_position_embeddings
             );
         }
-        let cos = self.cos.narrow(0, offset, l)?;
-        let sin = self.sin.narrow(0, offset, l)?;
-        let mask = if l > 1 {
-            Some(ops::causal_mask(l, offset, x.dtype(), &self.device)?)
-        } else {
-            None
+        let (cos, sin, mask) = match packed {
+            Some(p) => {
+                let pos = p.positions.flatten_all()?;
+                let pos = if offset > 0 {
+                    pos.broadcast_add(&Tensor::new(offset as u32, &self.device)?)?
+                } else {
+                    pos
+                };
+                let half = c.head_dim / 2;
+                let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, l, half))?;
+                let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, l, half))?;
+                let mask = p.mask.to_dtype(x.dtype())?;
+                let mask = if offset > 0 {
+                    let visible = Tensor::zeros((b, l, offset), x.dtype(), &self.device)?;
+                    Tensor::cat(&[&visible, &mask], 2)?
+                } else {
+                    mask
+                };
+                (cos, sin, Some(mask))
+            }
+            None => {
+                let mask = if l > 1 {
+                    Some(ops::causal_mask(l, offset, x.dtype(), &self.device)?)
+                } else {
+                    None
+                };
+                (
+                    self.cos.narrow(0, offset, l)?,
+                    self.sin.narrow(0, offset, l)?,
+                    mask,
+                )
+            }
         };
-        let c = &self.cfg;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let proj = |layer: usize, which: Proj, h: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
+            let y = ops::linear(h, w, bias)?;
+            match hooks {
+                Some(hk) => match hk.linear_delta(layer, which, h)? {
+                    Some(d) => y + d,
+                    None => Ok(y),
+                },
+                None => Ok(y),
+            }
+        };
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
             let a = &layer.attn;
-            let heads = |w: &Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
-                ops::linear(&h, w, bias.as_ref())?
-                    .reshape((b, l, n, c.head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = ops::rope(&heads(&a.q_proj, &a.q_bias, c.num_heads)?, &cos, &sin)?;
-            let k = ops::rope(&heads(&a.k_proj, &a.k_bias, c.num_kv_heads)?, &cos, &sin)?;
-            let v = heads(&a.v_proj, &a.v_bias, c.num_kv_heads)?;
+            let heads =
+                |which: Proj, w: &Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
+                    proj(i, which, &h, w, bias.as_ref())?
+                        .reshape((b, l, n, c.head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+            let q = ops::rope(
+                &heads(Proj::Q, &a.q_proj, &a.q_bias, c.num_heads)?,
+                &cos,
+                &sin,
+            )?;
+            let k = ops::rope(
+                &heads(Proj::K, &a.k_proj, &a.k_bias, c.num_kv_heads)?,
+                &cos,
+                &sin,
+            )?;
+            let v = heads(Proj::V, &a.v_proj, &a.v_bias, c.num_kv_heads)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => cache.layers[i].append(&k, &v)?,
+                None if cat_prefix => match hooks.map(|h| h.kv_prefix(i)).transpose()?.flatten() {
+                    Some((pk, pv)) => (
+                        Tensor::cat(&[&expand_batch(&pk, b)?, &k], 2)?,
+                        Tensor::cat(&[&expand_batch(&pv, b)?, &v], 2)?,
+                    ),
+                    None => (k, v),
+                },
                 None => (k, v),
             };
             let att = ops::attention(&q, &k, &v, mask.as_ref(), scale)?
                 .transpose(1, 2)?
                 .reshape((b, l, c.num_heads * c.head_dim))?;
-            x = (x + ops::linear(&att, &a.o_proj, None)?)?;
+            x = (x + proj(i, Proj::O, &att, &a.o_proj, None)?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
             let m = &layer.mlp;
-            let gate = ops::linear(&h, &m.gate_proj, None)?.silu()?;
-            let up = ops::linear(&h, &m.up_proj, None)?;
-            x = (x + ops::linear(&(gate * up)?, &m.down_proj, None)?)?;
+            let gate = proj(i, Proj::Gate, &h, &m.gate_proj, None)?.silu()?;
+            let up = proj(i, Proj::Up, &h, &m.up_proj, None)?;
+            x = (x + proj(i, Proj::Down, &(gate * up)?, &m.down_proj, None)?)?;
         }
         if let Some(cache) = cache {
             cache.len += l;
@@ -308,14 +595,19 @@ impl Llama {
 
     /// Full forward: tokens `(b, l)` → logits `(b, l, vocab)`.
     pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let h = self.forward_hidden(&self.embed(tokens)?, cache)?;
+        let h = self.forward_hidden(&self.embed(tokens)?, Ctx::with_cache(cache))?;
         self.logits(&h)
     }
 
     /// Logits of the last position only `(b, vocab)`: what generation needs, without paying
     /// the LM head for every prompt position.
     pub fn forward_last(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let h = self.forward_hidden(&self.embed(tokens)?, cache)?;
+        self.last_logits(&self.embed(tokens)?, Ctx::with_cache(cache))
+    }
+
+    /// Logits of the last position `(b, vocab)` for embeddings `(b, l, hidden)`.
+    pub fn last_logits(&self, x: &Tensor, ctx: Ctx<'_>) -> Result<Tensor> {
+        let h = self.forward_hidden(x, ctx)?;
         let l = h.dim(1)?;
         self.logits(&h.narrow(1, l - 1, 1)?.squeeze(1)?)
     }
@@ -324,7 +616,10 @@ impl Llama {
 /// Splits the last dimension of a logits tensor into a `Vec<f32>` per row.
 pub fn rows_f32(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     let v = logits.dim(D::Minus1)?;
-    let flat = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let flat = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok(flat.chunks(v).map(|c| c.to_vec()).collect())
 }
 
@@ -379,7 +674,13 @@ pub(crate) mod tests {
             let m = Llama::random(tiny_config(arch), &Device::Cpu).unwrap();
             let ids = [3u32, 14, 15, 9, 26, 5, 35, 8, 9, 7];
             let full = m
-                .forward(&Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+                .forward(
+                    &Tensor::new(&ids[..], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                    None,
+                )
                 .unwrap()
                 .squeeze(0)
                 .unwrap();
@@ -387,7 +688,10 @@ pub(crate) mod tests {
             let mut cache = KvCache::new(&m.cfg, 4);
             let mut outs = Vec::new();
             for chunk in [&ids[0..4], &ids[4..5], &ids[5..6], &ids[6..7], &ids[7..10]] {
-                let t = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                let t = Tensor::new(chunk, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
                 outs.push(m.forward(&t, Some(&mut cache)).unwrap().squeeze(0).unwrap());
             }
             assert_eq!(cache.len(), ids.len());
@@ -414,12 +718,155 @@ pub(crate) mod tests {
         let nvar = candle_core::Var::from_tensor(&m.layers[1].input_layernorm).unwrap();
         m.layers[1].input_layernorm = nvar.as_tensor().clone();
         let t = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
-        let loss = m.forward(&t, None).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss = m
+            .forward(&t, None)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let g = loss.backward().unwrap();
         for v in [&var, &nvar] {
             let gv = g.get(v.as_tensor()).expect("gradient missing");
-            let n = gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let n = gv
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(n > 0.0);
         }
+    }
+
+    #[test]
+    fn packed_rows_equal_separate_sequences() {
+        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let a = [5u32, 6, 7];
+        let b = [9u32, 10, 11, 12];
+        let solo = |ids: &[u32]| {
+            m.forward(
+                &Tensor::new(ids, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+        };
+        let packed_ids: Vec<u32> = a.iter().chain(b.iter()).copied().collect();
+        let packed = Packed::from_segments(&[vec![0, 0, 0, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+        let emb = m
+            .embed(
+                &Tensor::new(packed_ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap();
+        let ctx = Ctx {
+            packed: Some(&packed),
+            ..Default::default()
+        };
+        let out = m
+            .logits(&m.forward_hidden(&emb, ctx).unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let want = Tensor::cat(&[solo(&a), solo(&b)], 0).unwrap();
+        assert!(max_abs(&out, &want) < 1e-4);
+    }
+
+    struct TestHooks {
+        k: Tensor,
+        v: Tensor,
+        delta_scale: f64,
+    }
+
+    impl ForwardHooks for TestHooks {
+        fn linear_delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+            if layer == 1 && proj == Proj::Up {
+                // a fixed rank-1 style delta: sum of inputs broadcast over outputs
+                let s = (x.sum_keepdim(D::Minus1)? * self.delta_scale)?;
+                Ok(Some(
+                    s.broadcast_as((x.dim(0)?, x.dim(1)?, 48))?.contiguous()?,
+                ))
+            } else {
+                Ok(None)
+            }
+        }
+        fn prefix_len(&self) -> usize {
+            self.k.dim(2).unwrap()
+        }
+        fn kv_prefix(&self, _layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+            Ok(Some((self.k.clone(), self.v.clone())))
+        }
+    }
+
+    #[test]
+    fn hooks_apply_identically_with_and_without_cache() {
+        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let hooks = TestHooks {
+            k: Tensor::randn(0f32, 1., (1, 2, 3, 8), &Device::Cpu).unwrap(),
+            v: Tensor::randn(0f32, 1., (1, 2, 3, 8), &Device::Cpu).unwrap(),
+            delta_scale: 0.1,
+        };
+        let ids = [4u32, 8, 15, 16, 23, 42];
+        let emb = m
+            .embed(
+                &Tensor::new(&ids[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap();
+        let full = m
+            .logits(
+                &m.forward_hidden(
+                    &emb,
+                    Ctx {
+                        hooks: Some(&hooks),
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let base = m
+            .forward(
+                &Tensor::new(&ids[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap();
+        assert!(
+            max_abs(&full, &base.squeeze(0).unwrap()) > 1e-3,
+            "hooks changed nothing"
+        );
+        let mut cache = KvCache::new(&m.cfg, 16);
+        let mut outs = Vec::new();
+        for (start, len) in [(0, 4), (4, 1), (5, 1)] {
+            let x = emb.narrow(1, start, len).unwrap();
+            let ctx = Ctx {
+                cache: Some(&mut cache),
+                hooks: Some(&hooks),
+                packed: None,
+            };
+            outs.push(
+                m.logits(&m.forward_hidden(&x, ctx).unwrap())
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), 3 + ids.len());
+        let inc = Tensor::cat(&outs, 0).unwrap();
+        assert!(max_abs(&full, &inc) < 1e-4);
     }
 }

@@ -25,7 +25,9 @@ pub enum ModelError {
     UnsupportedArch(String),
     #[error("unsupported tensor type {dtype} for tensor `{tensor}`")]
     UnsupportedQuant { tensor: String, dtype: String },
-    #[error("unsupported pre-tokenizer `{0}` (supported: smollm, qwen2, llama-bpe, gpt2, default)")]
+    #[error(
+        "unsupported pre-tokenizer `{0}` (supported: smollm, qwen2, llama-bpe, gpt2, default)"
+    )]
     UnsupportedPreTokenizer(String),
     #[error("unsupported tokenizer model `{0}` (supported: gpt2 byte-level BPE)")]
     UnsupportedTokenizer(String),

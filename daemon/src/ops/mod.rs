@@ -49,10 +49,14 @@ fn softmax_composed(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotate-half (HF/NeoX style) rotary embedding. `x` is `(batch, heads, seq, head_dim)`;
-/// `cos`/`sin` are `(seq, head_dim / 2)` for the positions of `x`.
+/// `cos`/`sin` are `(seq, head_dim / 2)` for the positions of `x`, or `(batch, 1, seq, head_dim / 2)`
+/// when every row has its own positions (packed examples).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if tracked(&[x]) {
         rope_composed(x, cos, sin)
+    } else if cos.rank() == 4 {
+        let (cos, sin) = (cos.squeeze(1)?.contiguous()?, sin.squeeze(1)?.contiguous()?);
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     } else {
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
     }
@@ -62,7 +66,14 @@ fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
-    let (cos, sin) = (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?);
+    let (cos, sin) = if cos.rank() == 4 {
+        (cos.clone(), sin.clone())
+    } else {
+        (
+            cos.unsqueeze(0)?.unsqueeze(0)?,
+            sin.unsqueeze(0)?.unsqueeze(0)?,
+        )
+    };
     // [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
     let lo = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
     let hi = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
@@ -92,8 +103,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 ///
 /// `q`: `(b, n_head, l, d)`, `k`/`v`: `(b, n_kv, t, d)` with `n_head = n_kv · rep`. Query heads
 /// that share a KV head are folded into the row dimension, so one matmul per KV head serves them
-/// all. `mask`: additive, `(l, t)` (0 or -inf), broadcast over batch and heads; `None` when every
-/// query may see every key (single-token decode).
+/// all. `mask`: additive (0 or -inf), `(l, t)` broadcast over batch and heads, or `(b, l, t)`
+/// per row (packed examples); `None` when every query may see every key (single-token decode).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -109,8 +120,15 @@ pub fn attention(
     let v = v.contiguous()?;
     let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = match mask {
+        // rows are (rep, l): the same mask for every query head of the group.
+        Some(m) if m.rank() == 3 => {
+            let m = m
+                .unsqueeze(1)?
+                .expand((b, rep, l, t))?
+                .reshape((b, 1, rep * l, t))?;
+            scores.broadcast_add(&m)?
+        }
         Some(m) => {
-            // rows are (rep, l): the same (l, t) mask for every query head of the group.
             let m = m.unsqueeze(0)?.expand((rep, l, t))?.reshape((rep * l, t))?;
             scores.broadcast_add(&m)?
         }
@@ -125,7 +143,15 @@ pub fn attention(
 pub fn causal_mask(l: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let t = offset + l;
     let data: Vec<f32> = (0..l)
-        .flat_map(|i| (0..t).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(data, (l, t), device)?.to_dtype(dtype)
 }
@@ -209,7 +235,10 @@ mod tests {
         let w = randn(&[8], DType::F32);
         let y = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
-        assert!(g.get(x.as_tensor()).is_some(), "fast path was taken under training");
+        assert!(
+            g.get(x.as_tensor()).is_some(),
+            "fast path was taken under training"
+        );
     }
 
     #[test]
@@ -271,7 +300,13 @@ mod tests {
     }
 
     /// Reference attention: K/V repeated per query head, plain softmax.
-    fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+    fn attention_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> Tensor {
         let (b, n_head, _, d) = q.dims4().unwrap();
         let (_, n_kv, t, _) = k.dims4().unwrap();
         let rep = n_head / n_kv;
@@ -315,9 +350,18 @@ mod tests {
         let mask = causal_mask(l, 0, DType::F64, &Device::Cpu).unwrap();
         let m = Some(&mask);
         for (name, e) in [
-            ("q", max_grad_error(&q, |q| attention(q, &k, &v, m, 0.5)).unwrap()),
-            ("k", max_grad_error(&k, |k| attention(&q, k, &v, m, 0.5)).unwrap()),
-            ("v", max_grad_error(&v, |v| attention(&q, &k, v, m, 0.5)).unwrap()),
+            (
+                "q",
+                max_grad_error(&q, |q| attention(q, &k, &v, m, 0.5)).unwrap(),
+            ),
+            (
+                "k",
+                max_grad_error(&k, |k| attention(&q, k, &v, m, 0.5)).unwrap(),
+            ),
+            (
+                "v",
+                max_grad_error(&v, |v| attention(&q, &k, v, m, 0.5)).unwrap(),
+            ),
         ] {
             assert!(e < 1e-6, "d{name} error {e}");
         }
