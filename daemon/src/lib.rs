@@ -3,6 +3,7 @@
 //! Layers, each knowing only the one below:
 //! `api` (HTTP) → `engine` (scheduling, sampling, generation) → `model` (the transformer, its
 //! tokenizer and chat template) → `ops` (numeric kernels with fast and differentiable paths).
+pub mod adapters;
 pub mod api;
 pub mod bench;
 pub mod config;

@@ -85,14 +85,23 @@ impl KvCache {
 }
 
 /// The projections an adapter can add a delta to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Proj {
+    #[serde(rename = "q_proj")]
     Q,
+    #[serde(rename = "k_proj")]
     K,
+    #[serde(rename = "v_proj")]
     V,
+    #[serde(rename = "o_proj")]
     O,
+    #[serde(rename = "gate_proj")]
     Gate,
+    #[serde(rename = "up_proj")]
     Up,
+    #[serde(rename = "down_proj")]
     Down,
 }
 

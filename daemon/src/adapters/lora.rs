@@ -1,0 +1,273 @@
+//! LoRA: `y = W·x + s · B·A·dropout(x)` on chosen projections, with `s = alpha / r`
+//! (`alpha / √r` with rsLoRA). A starts Kaiming-uniform, B at zero, as in PEFT, so a fresh adapter
+//! leaves the model unchanged.
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{rng, seeded_uniform};
+use crate::model::llama::Proj;
+use crate::model::ModelConfig;
+use crate::ops;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub target_modules: Vec<Proj>,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: Proj::ALL.to_vec(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// `target_modules` as users and PEFT write them: `all-linear`, or module names.
+    pub fn parse_targets(names: &[String]) -> std::result::Result<Vec<Proj>, String> {
+        if names.len() == 1 && names[0] == "all-linear" {
+            return Ok(Proj::ALL.to_vec());
+        }
+        let mut out = Vec::new();
+        for n in names {
+            let p = Proj::ALL
+                .into_iter()
+                .find(|p| p.hf_name() == n)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown target module `{n}` (expected all-linear or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                    )
+                })?;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        if out.is_empty() {
+            return Err("target_modules must not be empty".into());
+        }
+        Ok(out)
+    }
+
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// The A and B matrices of one projection.
+#[derive(Clone)]
+pub struct LoraPair {
+    /// `(r, in)`
+    pub a: Tensor,
+    /// `(out, r)`
+    pub b: Tensor,
+}
+
+pub struct Lora {
+    pub config: LoraConfig,
+    /// Keyed by (layer, projection).
+    pub pairs: BTreeMap<(usize, Proj), LoraPair>,
+    /// Dropout is applied only while training.
+    pub training: bool,
+}
+
+/// PEFT's tensor name prefix for a projection of a layer.
+pub fn peft_prefix(layer: usize, proj: Proj) -> String {
+    format!("base_model.model.model.layers.{layer}.{}", proj.hf_path())
+}
+
+impl Lora {
+    /// A fresh adapter: A Kaiming-uniform (PEFT's `kaiming_uniform_(a=√5)`, bound `1/√in`),
+    /// B zero.
+    pub fn init(model: &ModelConfig, config: LoraConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut r = rng(seed);
+        let mut pairs = BTreeMap::new();
+        for layer in 0..model.num_layers {
+            for &proj in &config.target_modules {
+                let (i, o) = proj.dims(model);
+                let bound = 1.0 / (i as f32).sqrt();
+                let a = Tensor::from_vec(seeded_uniform(config.r * i, bound, &mut r), (config.r, i), device)?;
+                let b = Tensor::zeros((o, config.r), candle_core::DType::F32, device)?;
+                pairs.insert((layer, proj), LoraPair { a, b });
+            }
+        }
+        Ok(Self {
+            config,
+            pairs,
+            training: false,
+        })
+    }
+
+    pub fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(p) = self.pairs.get(&(layer, proj)) else {
+            return Ok(None);
+        };
+        let x = if self.training && self.config.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.config.dropout)?
+        } else {
+            x.clone()
+        };
+        let h = ops::linear(&x, &p.a, None)?;
+        let y = ops::linear(&h, &p.b, None)?;
+        Ok(Some((y * self.config.scale())?))
+    }
+
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (&(layer, proj), p) in &self.pairs {
+            let pre = peft_prefix(layer, proj);
+            out.push((format!("{pre}.lora_A.weight"), p.a.clone()));
+            out.push((format!("{pre}.lora_B.weight"), p.b.clone()));
+        }
+        out
+    }
+
+    /// Rebuilds from PEFT-named tensors; the pairs present decide the targets.
+    pub fn from_tensors(
+        model: &ModelConfig,
+        mut config: LoraConfig,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> std::result::Result<Self, String> {
+        let mut pairs = BTreeMap::new();
+        let mut targets = Vec::new();
+        for layer in 0..model.num_layers {
+            for proj in Proj::ALL {
+                let pre = peft_prefix(layer, proj);
+                let a = tensors.get(&format!("{pre}.lora_A.weight"));
+                let b = tensors.get(&format!("{pre}.lora_B.weight"));
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        let (i, o) = proj.dims(model);
+                        if a.dims() != [config.r, i] || b.dims() != [o, config.r] {
+                            return Err(format!(
+                                "{pre}: lora_A {:?} / lora_B {:?} do not match r={} and the base model ({o}x{i})",
+                                a.dims(),
+                                b.dims(),
+                                config.r
+                            ));
+                        }
+                        let a = a.to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
+                        let b = b.to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
+                        pairs.insert((layer, proj), LoraPair { a, b });
+                        if !targets.contains(&proj) {
+                            targets.push(proj);
+                        }
+                    }
+                    (None, None) => {}
+                    _ => return Err(format!("{pre}: lora_A and lora_B must both be present")),
+                }
+            }
+        }
+        if pairs.is_empty() {
+            return Err("the adapter holds no LoRA tensor for this model's layers".into());
+        }
+        let known: usize = tensors.keys().filter(|k| k.contains(".lora_")).count();
+        if known != 2 * pairs.len() {
+            return Err("the adapter holds LoRA tensors for modules this model does not have".into());
+        }
+        config.target_modules = targets;
+        Ok(Self {
+            config,
+            pairs,
+            training: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Arch;
+    use crate::model::llama::{tests::tiny_config, Ctx, ForwardHooks, Llama};
+
+    struct Only<'a>(&'a Lora);
+    impl ForwardHooks for Only<'_> {
+        fn linear_delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+            self.0.delta(layer, proj, x)
+        }
+    }
+
+    #[test]
+    fn fresh_adapter_is_identity_and_trained_one_is_not() {
+        let cfg = tiny_config(Arch::Llama);
+        let m = Llama::random(cfg.clone(), &Device::Cpu).unwrap();
+        let mut lora = Lora::init(&cfg, LoraConfig::default(), 1, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+        let run = |l: &Lora| {
+            let h = m
+                .forward_hidden(
+                    &m.embed(&ids).unwrap(),
+                    Ctx {
+                        hooks: Some(&Only(l)),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            m.logits(&h).unwrap()
+        };
+        let base = m.forward(&ids, None).unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(d(&run(&lora), &base) < 1e-6);
+        for p in lora.pairs.values_mut() {
+            p.b = Tensor::randn(0f32, 0.1, p.b.dims(), &Device::Cpu).unwrap();
+        }
+        assert!(d(&run(&lora), &base) > 1e-3);
+    }
+
+    #[test]
+    fn delta_matches_formula() {
+        let cfg = tiny_config(Arch::Llama);
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: vec![Proj::V],
+            use_rslora: true,
+        };
+        let mut lora = Lora::init(&cfg, config, 3, &Device::Cpu).unwrap();
+        let p = lora.pairs.get_mut(&(1, Proj::V)).unwrap();
+        p.b = Tensor::randn(0f32, 1., p.b.dims(), &Device::Cpu).unwrap();
+        let (a, b) = (p.a.clone(), p.b.clone());
+        let x = Tensor::randn(0f32, 1., (2, 3, 32), &Device::Cpu).unwrap();
+        let got = lora.delta(1, Proj::V, &x).unwrap().unwrap();
+        let want = (x
+            .reshape((6, 32))
+            .unwrap()
+            .matmul(&a.t().unwrap())
+            .unwrap()
+            .matmul(&b.t().unwrap())
+            .unwrap()
+            * (8.0 / 2.0))
+            .unwrap()
+            .reshape((2, 3, 16))
+            .unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5);
+        assert!(lora.delta(0, Proj::Q, &x).unwrap().is_none());
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(LoraConfig::parse_targets(&["all-linear".into()]).unwrap().len(), 7);
+        assert_eq!(
+            LoraConfig::parse_targets(&["q_proj".into(), "v_proj".into()]).unwrap(),
+            vec![Proj::Q, Proj::V]
+        );
+        assert!(LoraConfig::parse_targets(&["lm_head".into()]).unwrap_err().contains("lm_head"));
+    }
+}

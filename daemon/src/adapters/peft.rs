@@ -1,0 +1,380 @@
+//! HF PEFT on-disk format: `adapter_config.json` + `adapter_model.safetensors`, byte-compatible
+//! with `PeftModel.save_pretrained` / `from_pretrained` for LoRA, prompt tuning and prefix tuning.
+//! Writes are atomic: files go to a temporary sibling directory, are fsynced, and the directory
+//! is renamed into place, so a reader never sees half an adapter.
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+use super::lora::{Lora, LoraConfig};
+use super::prefix::{Prefix, PrefixConfig};
+use super::prompt::{PromptInit, PromptTuningConfig, SoftPrompt};
+use super::Adapter;
+use crate::model::llama::Proj;
+use crate::model::ModelConfig;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("adapter_config.json: {0}")]
+    Config(String),
+    #[error("adapter_model.safetensors: {0}")]
+    Weights(String),
+    #[error("unsupported peft_type `{0}` (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)")]
+    UnsupportedType(String),
+    #[error("the adapter does not fit this base model: {0}")]
+    Mismatch(String),
+}
+
+type Result<T> = std::result::Result<T, PeftError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PeftError + '_ {
+    move |source| PeftError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The `adapter_config.json` PEFT writes for this adapter.
+pub fn config_json(adapter: &Adapter, model: &ModelConfig, base_name: &str) -> Value {
+    let common = json!({
+        "base_model_name_or_path": base_name,
+        "task_type": "CAUSAL_LM",
+        "inference_mode": true,
+        "revision": null,
+    });
+    let mut v = match adapter {
+        Adapter::Lora(l) => {
+            let c = &l.config;
+            json!({
+                "peft_type": "LORA",
+                "r": c.r,
+                "lora_alpha": c.alpha,
+                "lora_dropout": c.dropout,
+                "target_modules": c.target_modules.iter().map(|p| p.hf_name()).collect::<Vec<_>>(),
+                "bias": "none",
+                "use_rslora": c.use_rslora,
+                "use_dora": false,
+                "fan_in_fan_out": false,
+                "init_lora_weights": true,
+                "modules_to_save": null,
+                "layers_to_transform": null,
+                "layers_pattern": null,
+                "rank_pattern": {},
+                "alpha_pattern": {},
+            })
+        }
+        Adapter::Prompt(p) => {
+            let (init, text) = match &p.config.init {
+                PromptInit::Random => ("RANDOM", Value::Null),
+                PromptInit::Text(t) => ("TEXT", Value::String(t.clone())),
+                PromptInit::SampleVocab => ("SAMPLE_VOCAB", Value::Null),
+            };
+            json!({
+                "peft_type": "PROMPT_TUNING",
+                "num_virtual_tokens": p.config.num_virtual_tokens,
+                "token_dim": model.hidden_size,
+                "num_transformer_submodules": 1,
+                "num_attention_heads": model.num_heads,
+                "num_layers": model.num_layers,
+                "prompt_tuning_init": init,
+                "prompt_tuning_init_text": text,
+                "tokenizer_name_or_path": if text.is_null() { Value::Null } else { Value::String(base_name.into()) },
+                "tokenizer_kwargs": null,
+            })
+        }
+        Adapter::Prefix(p) => json!({
+            // PEFT sizes prefixes of GQA models by their KV heads (token_dim = kv_dim).
+            "peft_type": "PREFIX_TUNING",
+            "num_virtual_tokens": p.config.num_virtual_tokens,
+            "token_dim": model.kv_dim(),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": model.num_kv_heads,
+            "num_layers": model.num_layers,
+            "encoder_hidden_size": p.config.encoder_hidden_size,
+            "prefix_projection": p.config.prefix_projection,
+        }),
+    };
+    if let (Some(obj), Some(c)) = (v.as_object_mut(), common.as_object()) {
+        for (k, val) in c {
+            obj.insert(k.clone(), val.clone());
+        }
+    }
+    v
+}
+
+/// Writes the adapter atomically to `dir` (replacing an existing one).
+pub fn save(dir: &Path, adapter: &Adapter, model: &ModelConfig, base_name: &str) -> Result<()> {
+    let config = serde_json::to_vec_pretty(&config_json(adapter, model, base_name))
+        .map_err(|e| PeftError::Config(e.to_string()))?;
+    let tensors: HashMap<String, Tensor> = adapter
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| t.contiguous().map(|t| (k, t)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(|e| PeftError::Weights(e.to_string()))?;
+    write_atomically(dir, |tmp| {
+        let cpath = tmp.join(CONFIG_FILE);
+        let mut f = std::fs::File::create(&cpath).map_err(io(&cpath))?;
+        f.write_all(&config).map_err(io(&cpath))?;
+        f.sync_all().map_err(io(&cpath))?;
+        let wpath = tmp.join(WEIGHTS_FILE);
+        candle_core::safetensors::save(&tensors, &wpath).map_err(|e| PeftError::Weights(e.to_string()))?;
+        std::fs::File::open(&wpath)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&wpath))
+    })
+}
+
+/// Fills a temporary sibling of `dir` with `fill`, then swaps it into place.
+pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let nonce: u64 = rand::random();
+    let tmp = parent.join(format!(".{name}.tmp-{nonce:016x}"));
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{nonce:016x}"));
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old).map_err(io(dir))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io(dir)(e));
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    // The rename is durable only once the parent directory entry is on disk.
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn get_usize(c: &Value, key: &str) -> Result<usize> {
+    c.get(key)
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .ok_or_else(|| PeftError::Config(format!("`{key}` is missing or not a non-negative integer")))
+}
+
+/// Reads a PEFT adapter directory written by itamae or by PEFT itself.
+pub fn load(dir: &Path, model: &ModelConfig, device: &Device) -> Result<Adapter> {
+    let cpath = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cpath).map_err(io(&cpath))?;
+    let c: Value = serde_json::from_str(&text).map_err(|e| PeftError::Config(e.to_string()))?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    if !wpath.exists() {
+        return Err(io(&wpath)(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "missing (only safetensors weights are read)",
+        )));
+    }
+    let tensors = candle_core::safetensors::load(&wpath, device)
+        .map_err(|e| PeftError::Weights(e.to_string()))?;
+    from_parts(&c, tensors, model)
+}
+
+/// Builds an adapter from a parsed `adapter_config.json` and its tensors.
+pub fn from_parts(c: &Value, tensors: HashMap<String, Tensor>, model: &ModelConfig) -> Result<Adapter> {
+    let kind = c
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| PeftError::Config("`peft_type` is missing".into()))?;
+    let f32_tensor = |name: &str| -> Result<Tensor> {
+        tensors
+            .get(name)
+            .ok_or_else(|| PeftError::Weights(format!("tensor `{name}` is missing")))?
+            .to_dtype(candle_core::DType::F32)
+            .map_err(|e| PeftError::Weights(e.to_string()))
+    };
+    match kind {
+        "LORA" => {
+            let r = get_usize(c, "r")?;
+            if r == 0 {
+                return Err(PeftError::Config("`r` must be positive".into()));
+            }
+            let alpha = c.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+            if c.get("use_dora").and_then(Value::as_bool) == Some(true) {
+                return Err(PeftError::Config("DoRA adapters are not supported".into()));
+            }
+            if c.get("bias").and_then(Value::as_str).is_some_and(|b| b != "none") {
+                return Err(PeftError::Config("LoRA bias training is not supported (bias must be \"none\")".into()));
+            }
+            if c.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+                return Err(PeftError::Config("fan_in_fan_out is not supported for Llama-family models".into()));
+            }
+            let config = LoraConfig {
+                r,
+                alpha,
+                dropout: c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
+                target_modules: Proj::ALL.to_vec(),
+                use_rslora: c.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            };
+            Lora::from_tensors(model, config, &tensors)
+                .map(Adapter::Lora)
+                .map_err(PeftError::Mismatch)
+        }
+        "PROMPT_TUNING" => {
+            let n = get_usize(c, "num_virtual_tokens")?;
+            let emb = f32_tensor("prompt_embeddings")?;
+            if emb.dims() != [n, model.hidden_size] {
+                return Err(PeftError::Mismatch(format!(
+                    "prompt_embeddings has shape {:?}, expected [{n}, {}]",
+                    emb.dims(),
+                    model.hidden_size
+                )));
+            }
+            let init = match c.get("prompt_tuning_init").and_then(Value::as_str) {
+                Some("TEXT") => PromptInit::Text(
+                    c.get("prompt_tuning_init_text")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+                Some("SAMPLE_VOCAB") => PromptInit::SampleVocab,
+                _ => PromptInit::Random,
+            };
+            Ok(Adapter::Prompt(SoftPrompt {
+                config: PromptTuningConfig {
+                    num_virtual_tokens: n,
+                    init,
+                },
+                embeddings: emb,
+            }))
+        }
+        "PREFIX_TUNING" => {
+            let n = get_usize(c, "num_virtual_tokens")?;
+            let config = PrefixConfig {
+                num_virtual_tokens: n,
+                prefix_projection: c.get("prefix_projection").and_then(Value::as_bool).unwrap_or(false),
+                encoder_hidden_size: c
+                    .get("encoder_hidden_size")
+                    .and_then(Value::as_u64)
+                    .map(|v| v as usize)
+                    .unwrap_or(model.kv_dim()),
+            };
+            let flat = f32_tensor("prompt_embeddings")?;
+            Prefix::from_flat(model, config, flat)
+                .map(Adapter::Prefix)
+                .map_err(|e| PeftError::Mismatch(e.to_string()))
+        }
+        other => Err(PeftError::UnsupportedType(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::lora::LoraConfig;
+    use crate::model::config::Arch;
+    use crate::model::llama::tests::tiny_config;
+    use crate::model::Llama;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("itamae-peft-{tag}-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn same(a: &Adapter, b: &Adapter) {
+        let (ta, tb) = (a.tensors(), b.tensors());
+        assert_eq!(ta.len(), tb.len());
+        let tb: HashMap<_, _> = tb.into_iter().collect();
+        for (k, t) in ta {
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), tb[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{k}");
+        }
+    }
+
+    #[test]
+    fn round_trips_every_kind_and_replaces_atomically() {
+        let cfg = tiny_config(Arch::Llama);
+        let m = Llama::random(cfg.clone(), &Device::Cpu).unwrap();
+        let dir = tmpdir("rt");
+        let lora = Adapter::Lora(
+            Lora::init(
+                &cfg,
+                LoraConfig {
+                    target_modules: vec![Proj::Q, Proj::Down],
+                    ..Default::default()
+                },
+                1,
+                &Device::Cpu,
+            )
+            .unwrap(),
+        );
+        let prompt = Adapter::Prompt(
+            SoftPrompt::init(
+                &m,
+                PromptTuningConfig {
+                    num_virtual_tokens: 4,
+                    init: PromptInit::Text("hi".into()),
+                },
+                &[1, 2],
+                0,
+            )
+            .unwrap(),
+        );
+        let pcfg = PrefixConfig {
+            num_virtual_tokens: 3,
+            prefix_projection: false,
+            encoder_hidden_size: cfg.kv_dim(),
+        };
+        let flat = Tensor::randn(0f32, 1., (3, cfg.num_layers * 2 * cfg.kv_dim()), &Device::Cpu).unwrap();
+        let prefix = Adapter::Prefix(Prefix::from_flat(&cfg, pcfg, flat).unwrap());
+        for a in [&lora, &prompt, &prefix] {
+            let d = dir.join("variant");
+            save(&d, a, &cfg, "base").unwrap();
+            let back = load(&d, &cfg, &Device::Cpu).unwrap();
+            assert_eq!(back.kind(), a.kind());
+            same(a, &back);
+        }
+        // only the final directory is left behind, no temporaries
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("variant")]);
+        let c: Value = serde_json::from_slice(&std::fs::read(dir.join("variant").join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(c["peft_type"], "PREFIX_TUNING");
+        assert_eq!(c["token_dim"], cfg.kv_dim());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_adapters_are_named() {
+        let cfg = tiny_config(Arch::Llama);
+        let e = from_parts(&json!({"peft_type": "IA3"}), HashMap::new(), &cfg).err().unwrap();
+        assert!(e.to_string().contains("IA3"));
+        let e = from_parts(&json!({"peft_type": "LORA", "r": 4}), HashMap::new(), &cfg).err().unwrap();
+        assert!(e.to_string().contains("no LoRA tensor"), "{e}");
+        let t = Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = from_parts(
+            &json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2}),
+            HashMap::from([("prompt_embeddings".to_string(), t)]),
+            &cfg,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("expected [2, 32]"), "{e}");
+    }
+}
