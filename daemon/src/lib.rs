@@ -4,6 +4,7 @@
 //! `api` (HTTP) → `engine` (scheduling, sampling, generation) → `model` (the transformer, its
 //! tokenizer and chat template) → `ops` (numeric kernels with fast and differentiable paths).
 pub mod adapters;
+pub mod train;
 pub mod api;
 pub mod bench;
 pub mod config;

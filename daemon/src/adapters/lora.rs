@@ -25,7 +25,7 @@ impl Default for LoraConfig {
         Self {
             r: 16,
             alpha: 32.0,
-            dropout: 0.05,
+            dropout: 0.0,
             target_modules: Proj::ALL.to_vec(),
             use_rslora: false,
         }
@@ -82,6 +82,9 @@ pub struct Lora {
     pub pairs: BTreeMap<(usize, Proj), LoraPair>,
     /// Dropout is applied only while training.
     pub training: bool,
+    /// Seed of the current micro-batch's dropout masks: set by the trainer per micro-batch so
+    /// that a resumed run draws the same masks as an uninterrupted one.
+    pub dropout_seed: std::sync::atomic::AtomicU64,
 }
 
 /// PEFT's tensor name prefix for a projection of a layer.
@@ -108,7 +111,21 @@ impl Lora {
             config,
             pairs,
             training: false,
+            dropout_seed: Default::default(),
         })
+    }
+
+    fn dropout(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let p = self.config.dropout;
+        let seed = self.dropout_seed.load(std::sync::atomic::Ordering::Relaxed)
+            ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 
     pub fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
@@ -116,7 +133,7 @@ impl Lora {
             return Ok(None);
         };
         let x = if self.training && self.config.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.config.dropout)?
+            self.dropout(layer, proj, x)?
         } else {
             x.clone()
         };
@@ -183,6 +200,7 @@ impl Lora {
             config,
             pairs,
             training: false,
+            dropout_seed: Default::default(),
         })
     }
 }

@@ -30,13 +30,18 @@ pub async fn readyz(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 }
 
 fn model_object(card: &ModelCard) -> Value {
-    json!({
+    let mut v = json!({
         "id": card.id,
         "object": "model",
         "created": card.created,
         "owned_by": card.owned_by,
         "context_length": card.context_length,
-    })
+    });
+    if let (Some(obj), Some(parent)) = (v.as_object_mut(), &card.parent) {
+        obj.insert("parent".into(), json!(parent));
+        obj.insert("adapter_type".into(), json!(card.adapter_type));
+    }
+    v
 }
 
 /// `GET /v1/models`.

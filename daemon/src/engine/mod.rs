@@ -11,12 +11,14 @@ pub mod types;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{Device, Tensor};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::adapters::Adapter;
+use crate::model::llama::{Ctx, ForwardHooks};
 use crate::model::{self, ChatTemplate, KvCache, Llama, LoadedModel};
 use detok::{Detokenizer, Filtered, StopFilter};
 use sampling::Sampler;
@@ -25,6 +27,7 @@ pub use types::*;
 /// What request handlers need of the loaded model, shared read-only with the engine thread.
 struct Shared {
     id: String,
+    config: model::ModelConfig,
     created: u64,
     tokenizer: tokenizers::Tokenizer,
     template: Option<ChatTemplate>,
@@ -32,12 +35,21 @@ struct Shared {
     add_bos: bool,
     eos_ids: Vec<u32>,
     context: usize,
+    /// Served variants by id. Requests hold an `Arc` to the adapter they started with, so
+    /// replacing or removing one never disturbs a running generation.
+    adapters: RwLock<HashMap<String, Variant>>,
+}
+
+struct Variant {
+    adapter: Arc<Adapter>,
+    created: u64,
 }
 
 /// A validated, tokenized request ready to run.
 pub struct Prepared {
     pub prompt_tokens: usize,
     pub max_tokens: usize,
+    adapter: Option<Arc<Adapter>>,
     tokens: Vec<u32>,
     sampling: SamplingParams,
     stop: Vec<String>,
@@ -122,26 +134,90 @@ impl EngineHandle {
         matches!(self.shared.get(), Some(Ok(_)))
     }
 
-    /// The served models (the base model for now).
+    /// The base model, then every variant by id.
     pub fn models(&self) -> Vec<ModelCard> {
-        match self.shared() {
-            Ok(s) => vec![ModelCard {
-                id: s.id.clone(),
-                created: s.created,
+        let Ok(s) = self.shared() else {
+            return Vec::new();
+        };
+        let mut out = vec![ModelCard {
+            id: s.id.clone(),
+            created: s.created,
+            owned_by: "itamae".into(),
+            context_length: s.context,
+            parent: None,
+            adapter_type: None,
+        }];
+        let adapters = s.adapters.read().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<&String> = adapters.keys().collect();
+        ids.sort();
+        for id in ids {
+            let v = &adapters[id];
+            out.push(ModelCard {
+                id: id.clone(),
+                created: v.created,
                 owned_by: "itamae".into(),
                 context_length: s.context,
-            }],
-            Err(_) => Vec::new(),
+                parent: Some(s.id.clone()),
+                adapter_type: Some(v.adapter.kind().into()),
+            });
         }
+        out
+    }
+
+    /// Serves `adapter` as model `id` from the next request on (replacing a variant of that id).
+    pub fn add_adapter(&self, id: &str, adapter: Adapter) -> Result<(), EngineError> {
+        let s = self.shared()?;
+        if id == s.id {
+            return Err(EngineError::Invalid {
+                param: "id".into(),
+                message: format!("`{id}` is the base model's id"),
+            });
+        }
+        let v = Variant {
+            adapter: Arc::new(adapter),
+            created: now(),
+        };
+        s.adapters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), v);
+        Ok(())
+    }
+
+    /// Stops serving a variant; running requests finish on it. False if it was not served.
+    pub fn remove_adapter(&self, id: &str) -> Result<bool, EngineError> {
+        let s = self.shared()?;
+        Ok(s.adapters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .is_some())
+    }
+
+    /// The base model's architecture (for loading adapters against it).
+    pub fn model_config(&self) -> Result<model::ModelConfig, EngineError> {
+        Ok(self.shared()?.config.clone())
     }
 
     /// Renders the chat template, tokenizes and checks lengths against the context:
     /// errors name the request field (`messages`, `prompt`, `max_tokens`, `model`, ...).
     pub fn prepare(&self, req: GenerationRequest) -> Result<Prepared, EngineError> {
         let sh = self.shared()?;
-        if req.model != sh.id {
-            return Err(EngineError::ModelNotFound(req.model));
-        }
+        let adapter = if req.model == sh.id {
+            None
+        } else {
+            let adapters = sh.adapters.read().unwrap_or_else(|e| e.into_inner());
+            match adapters.get(&req.model) {
+                Some(v) => Some(v.adapter.clone()),
+                None => return Err(EngineError::ModelNotFound(req.model)),
+            }
+        };
+        // Virtual tokens (soft prompt or prefix) take context positions too.
+        let virtual_tokens = adapter.as_deref().map_or(0, |a| match a {
+            Adapter::Prompt(p) => p.len(),
+            Adapter::Prefix(p) => p.len(),
+            Adapter::Lora(_) => 0,
+        });
         req.sampling.validate()?;
         let invalid = |param: &str, message: String| EngineError::Invalid {
             param: param.into(),
@@ -179,16 +255,16 @@ impl EngineHandle {
             return Err(invalid(param, format!("{param} is empty")));
         }
         let n = tokens.len();
-        if n >= sh.context {
+        let context = sh.context.saturating_sub(virtual_tokens);
+        if n >= context {
             return Err(invalid(
                 param,
                 format!(
-                    "the prompt has {n} tokens, but the model's context is {} tokens (room must be left for at least one generated token)",
-                    sh.context
+                    "the prompt has {n} tokens, but the model's context is {context} tokens (room must be left for at least one generated token)"
                 ),
             ));
         }
-        let room = sh.context - n;
+        let room = context - n;
         let max_tokens = match req.max_tokens {
             None => room,
             Some(0) => return Err(invalid("max_tokens", "max_tokens must be at least 1".into())),
@@ -196,8 +272,7 @@ impl EngineHandle {
                 return Err(invalid(
                     "max_tokens",
                     format!(
-                        "max_tokens is {m}, but the prompt ({n} tokens) leaves room for {room} tokens in the model's context of {}",
-                        sh.context
+                        "max_tokens is {m}, but the prompt ({n} tokens) leaves room for {room} tokens in the model's context of {context}"
                     ),
                 ))
             }
@@ -206,6 +281,7 @@ impl EngineHandle {
         Ok(Prepared {
             prompt_tokens: n,
             max_tokens,
+            adapter,
             tokens,
             sampling: req.sampling,
             stop: req.stop,
@@ -224,14 +300,19 @@ impl EngineHandle {
     }
 }
 
-fn split(l: LoadedModel) -> (Llama, Shared) {
-    let created = SystemTime::now()
+fn now() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn split(l: LoadedModel) -> (Llama, Shared) {
     let sh = Shared {
         id: l.name,
-        created,
+        created: now(),
+        config: l.model.cfg.clone(),
+        adapters: RwLock::new(HashMap::new()),
         tokenizer: l.text.tokenizer,
         template: l.template,
         bos_id: l.text.bos_id,
@@ -289,7 +370,7 @@ fn run(model: Llama, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
 
 impl Seq {
     fn new(job: Job, model: &Llama) -> Self {
-        let cache = KvCache::new(&model.cfg, job.p.prompt_tokens + job.p.max_tokens);
+        let cache = KvCache::new(&model.cfg, job.p.prompt_tokens + job.p.max_tokens + 64);
         Self {
             ids: job.p.tokens.clone(),
             feed: job.p.tokens.clone(),
@@ -322,7 +403,19 @@ impl Seq {
             return Ok(Step::Done); // the client went away
         }
         let input = Tensor::new(self.feed.as_slice(), model.device())?.unsqueeze(0)?;
-        let logits = model.forward_last(&input, Some(&mut self.cache))?;
+        let mut x = model.embed(&input)?;
+        if let (Some(soft), true) = (
+            self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt),
+            self.cache.is_empty(),
+        ) {
+            x = Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1)?;
+        }
+        let ctx = Ctx {
+            cache: Some(&mut self.cache),
+            hooks: self.job.p.adapter.as_deref().map(|a| a as &dyn ForwardHooks),
+            packed: None,
+        };
+        let logits = model.last_logits(&x, ctx)?;
         let mut logits = logits.squeeze(0)?.to_vec1::<f32>()?;
         let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
         self.feed = vec![id];

@@ -87,6 +87,10 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: String,
     pub context_length: usize,
+    /// The base model a variant was tuned from; None for the base itself.
+    pub parent: Option<String>,
+    /// `lora`, `prompt_tuning` or `prefix_tuning` for variants.
+    pub adapter_type: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

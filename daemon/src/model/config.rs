@@ -96,6 +96,50 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The HF `config.json` for this config (what [`Self::from_hf_json`] reads back).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (arch_class, model_type) = match self.arch {
+            Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Mistral => ("MistralForCausalLM", "mistral"),
+            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        serde_json::json!({
+            "architectures": [arch_class],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.qkv_bias,
+            "torch_dtype": "float32",
+        })
+    }
+
     /// From an HF `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let c: HfConfig = serde_json::from_str(text)
@@ -324,6 +368,18 @@ mod tests {
         let f = rope_inv_freq(&c);
         assert_eq!(f.len(), 8);
         assert_eq!(f[0], 1.0); // high frequency: untouched
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let c = ModelConfig::from_hf_json(
+            r#"{"model_type":"qwen2","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,
+            "rope_scaling":{"type":"linear","factor":2.0},"tie_word_embeddings":false}"#,
+        )
+        .unwrap();
+        let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(format!("{c:?}"), format!("{back:?}"));
     }
 
     #[test]

@@ -62,3 +62,42 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
     }
     Ok(out)
 }
+
+/// Writes an HF model directory (config.json, model.safetensors, tokenizer.json,
+/// tokenizer_config.json, generation_config.json) atomically: what full SFT produces and what
+/// HF `transformers` (and PEFT, for interop checks) load as a base model.
+pub fn save_model_dir(dir: &Path, model: &super::Llama, text: &super::TextSpec) -> Result<()> {
+    let config = serde_json::to_vec_pretty(&model.cfg.to_hf_json())
+        .map_err(|e| ModelError::Config(e.to_string()))?;
+    let weights: HashMap<String, Tensor> = model
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| t.detach().contiguous().map(|t| (n, t)))
+        .collect::<candle_core::Result<_>>()?;
+    let tok_config = serde_json::json!({
+        "chat_template": text.chat_template,
+        "bos_token": text.bos_token,
+        "eos_token": text.eos_token,
+        "add_bos_token": text.add_bos,
+        "model_max_length": model.cfg.max_position_embeddings,
+    });
+    let gen_config = serde_json::json!({
+        "bos_token_id": text.bos_id,
+        "eos_token_id": text.eos_ids,
+    });
+    crate::adapters::peft::write_atomically(dir, |tmp| {
+        let w = |name: &str, bytes: &[u8]| -> std::result::Result<(), crate::adapters::peft::PeftError> {
+            let p = tmp.join(name);
+            std::fs::write(&p, bytes).map_err(|source| crate::adapters::peft::PeftError::Io { path: p, source })
+        };
+        w("config.json", &config)?;
+        w("tokenizer_config.json", tok_config.to_string().as_bytes())?;
+        w("generation_config.json", gen_config.to_string().as_bytes())?;
+        text.tokenizer
+            .save(tmp.join("tokenizer.json"), false)
+            .map_err(|e| crate::adapters::peft::PeftError::Config(format!("tokenizer.json: {e}")))?;
+        candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))
+            .map_err(|e| crate::adapters::peft::PeftError::Weights(e.to_string()))
+    })
+    .map_err(|e| ModelError::Config(format!("writing {}: {e}", dir.display())))
+}

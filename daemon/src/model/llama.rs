@@ -396,6 +396,47 @@ impl Llama {
         Ok(())
     }
 
+    /// Every weight with its HF name (the tied LM head is listed once, as the embeddings).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.attn;
+            for (n, t) in [
+                ("input_layernorm.weight", &l.input_layernorm),
+                ("self_attn.q_proj.weight", &a.q_proj),
+                ("self_attn.k_proj.weight", &a.k_proj),
+                ("self_attn.v_proj.weight", &a.v_proj),
+                ("self_attn.o_proj.weight", &a.o_proj),
+                ("post_attention_layernorm.weight", &l.post_attention_layernorm),
+                ("mlp.gate_proj.weight", &l.mlp.gate_proj),
+                ("mlp.up_proj.weight", &l.mlp.up_proj),
+                ("mlp.down_proj.weight", &l.mlp.down_proj),
+            ] {
+                out.push((format!("{p}.{n}"), t.clone()));
+            }
+            for (n, t) in [
+                ("self_attn.q_proj.bias", &a.q_bias),
+                ("self_attn.k_proj.bias", &a.k_bias),
+                ("self_attn.v_proj.bias", &a.v_bias),
+            ] {
+                if let Some(t) = t {
+                    out.push((format!("{p}.{n}"), t.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// The same model built from other tensors of the same names (e.g. trainable copies).
+    pub fn with_weights(&self, weights: HashMap<String, Tensor>) -> std::result::Result<Self, super::ModelError> {
+        Self::from_weights(self.cfg.clone(), weights, &self.device)
+    }
+
     /// A model with random weights, for tests and benchmarks.
     pub fn random(cfg: ModelConfig, device: &Device) -> Result<Self> {
         let c = &cfg;
