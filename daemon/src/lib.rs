@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod train;
 pub mod api;
 pub mod bench;
+pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod model;

@@ -35,6 +35,29 @@ enum Command {
         /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
         #[arg(long, env = "ITAMAE_DEVICE")]
         device: Option<String>,
+        /// Serve a PEFT adapter directory as a variant: `NAME=DIR` (repeatable).
+        #[arg(long = "adapter", value_name = "NAME=DIR")]
+        adapters: Vec<String>,
+    },
+    /// Fine-tune the model on a JSONL dataset and save the result (PEFT adapter or model dir).
+    Train(Box<itamae::commands::TrainArgs>),
+    /// Chat in-process with the base model or a PEFT adapter.
+    Chat(itamae::commands::ChatArgs),
+    /// Write the base model as an HF directory (config.json, model.safetensors, tokenizer files).
+    ExportHf {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print every position's logits for a raw-text prompt as JSON (interop checks).
+    Logits {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
     },
     /// Benchmarks that print figures (and ratios against a peer when it is installed).
     Bench {
@@ -77,8 +100,10 @@ fn main() {
             port,
             data_dir,
             device,
+            adapters,
         } => serve(
             config,
+            adapters,
             Overrides {
                 model,
                 host,
@@ -87,6 +112,14 @@ fn main() {
                 device,
             },
         ),
+        Command::Train(a) => itamae::commands::train(*a),
+        Command::Chat(a) => itamae::commands::chat(a),
+        Command::ExportHf { model, out } => itamae::commands::export_hf(&model, &out),
+        Command::Logits {
+            model,
+            adapter,
+            prompt,
+        } => itamae::commands::logits(&model, adapter.as_deref(), &prompt),
         Command::Bench {
             which:
                 BenchCommand::Decode {
@@ -103,7 +136,20 @@ fn main() {
     }
 }
 
-fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+fn serve(
+    config_path: Option<PathBuf>,
+    adapters: Vec<String>,
+    overrides: Overrides,
+) -> anyhow::Result<()> {
+    let adapters: Vec<(String, PathBuf)> = adapters
+        .iter()
+        .map(|a| match a.split_once('=') {
+            Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+                Ok((name.to_string(), PathBuf::from(dir)))
+            }
+            _ => Err(anyhow::anyhow!("--adapter expects NAME=DIR, got `{a}`")),
+        })
+        .collect::<anyhow::Result<_>>()?;
     let file = match &config_path {
         Some(p) => FileConfig::read(p)?,
         None => FileConfig::default(),
@@ -131,6 +177,26 @@ fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<(
         if let Err(e) = watcher.wait_loaded() {
             eprintln!("error: {e}");
             std::process::exit(1);
+        }
+        for (name, dir) in adapters {
+            let loaded = watcher
+                .model_config()
+                .map_err(anyhow::Error::from)
+                .and_then(|cfg| {
+                    Ok(itamae::adapters::peft::load(
+                        &dir,
+                        &cfg,
+                        &candle_core::Device::Cpu,
+                    )?)
+                })
+                .and_then(|a| Ok(watcher.add_adapter(&name, a)?));
+            match loaded {
+                Ok(()) => tracing::info!(adapter = %name, dir = %dir.display(), "serving adapter"),
+                Err(e) => {
+                    eprintln!("error: adapter {name} ({}): {e}", dir.display());
+                    std::process::exit(1);
+                }
+            }
         }
     });
     actix_web::rt::System::new().block_on(itamae::api::serve(

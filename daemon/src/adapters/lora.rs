@@ -95,14 +95,23 @@ pub fn peft_prefix(layer: usize, proj: Proj) -> String {
 impl Lora {
     /// A fresh adapter: A Kaiming-uniform (PEFT's `kaiming_uniform_(a=√5)`, bound `1/√in`),
     /// B zero.
-    pub fn init(model: &ModelConfig, config: LoraConfig, seed: u64, device: &Device) -> Result<Self> {
+    pub fn init(
+        model: &ModelConfig,
+        config: LoraConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let mut r = rng(seed);
         let mut pairs = BTreeMap::new();
         for layer in 0..model.num_layers {
             for &proj in &config.target_modules {
                 let (i, o) = proj.dims(model);
                 let bound = 1.0 / (i as f32).sqrt();
-                let a = Tensor::from_vec(seeded_uniform(config.r * i, bound, &mut r), (config.r, i), device)?;
+                let a = Tensor::from_vec(
+                    seeded_uniform(config.r * i, bound, &mut r),
+                    (config.r, i),
+                    device,
+                )?;
                 let b = Tensor::zeros((o, config.r), candle_core::DType::F32, device)?;
                 pairs.insert((layer, proj), LoraPair { a, b });
             }
@@ -176,8 +185,12 @@ impl Lora {
                                 config.r
                             ));
                         }
-                        let a = a.to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
-                        let b = b.to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
+                        let a = a
+                            .to_dtype(candle_core::DType::F32)
+                            .map_err(|e| e.to_string())?;
+                        let b = b
+                            .to_dtype(candle_core::DType::F32)
+                            .map_err(|e| e.to_string())?;
                         pairs.insert((layer, proj), LoraPair { a, b });
                         if !targets.contains(&proj) {
                             targets.push(proj);
@@ -193,7 +206,9 @@ impl Lora {
         }
         let known: usize = tensors.keys().filter(|k| k.contains(".lora_")).count();
         if known != 2 * pairs.len() {
-            return Err("the adapter holds LoRA tensors for modules this model does not have".into());
+            return Err(
+                "the adapter holds LoRA tensors for modules this model does not have".into(),
+            );
         }
         config.target_modules = targets;
         Ok(Self {
@@ -238,7 +253,14 @@ mod tests {
         };
         let base = m.forward(&ids, None).unwrap();
         let d = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         assert!(d(&run(&lora), &base) < 1e-6);
         for p in lora.pairs.values_mut() {
@@ -274,18 +296,32 @@ mod tests {
             .unwrap()
             .reshape((2, 3, 16))
             .unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5);
         assert!(lora.delta(0, Proj::Q, &x).unwrap().is_none());
     }
 
     #[test]
     fn targets_parse() {
-        assert_eq!(LoraConfig::parse_targets(&["all-linear".into()]).unwrap().len(), 7);
+        assert_eq!(
+            LoraConfig::parse_targets(&["all-linear".into()])
+                .unwrap()
+                .len(),
+            7
+        );
         assert_eq!(
             LoraConfig::parse_targets(&["q_proj".into(), "v_proj".into()]).unwrap(),
             vec![Proj::Q, Proj::V]
         );
-        assert!(LoraConfig::parse_targets(&["lm_head".into()]).unwrap_err().contains("lm_head"));
+        assert!(LoraConfig::parse_targets(&["lm_head".into()])
+            .unwrap_err()
+            .contains("lm_head"));
     }
 }

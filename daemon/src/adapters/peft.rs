@@ -129,7 +129,8 @@ pub fn save(dir: &Path, adapter: &Adapter, model: &ModelConfig, base_name: &str)
         f.write_all(&config).map_err(io(&cpath))?;
         f.sync_all().map_err(io(&cpath))?;
         let wpath = tmp.join(WEIGHTS_FILE);
-        candle_core::safetensors::save(&tensors, &wpath).map_err(|e| PeftError::Weights(e.to_string()))?;
+        candle_core::safetensors::save(&tensors, &wpath)
+            .map_err(|e| PeftError::Weights(e.to_string()))?;
         std::fs::File::open(&wpath)
             .and_then(|f| f.sync_all())
             .map_err(io(&wpath))
@@ -138,7 +139,10 @@ pub fn save(dir: &Path, adapter: &Adapter, model: &ModelConfig, base_name: &str)
 
 /// Fills a temporary sibling of `dir` with `fill`, then swaps it into place.
 pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let name = dir
         .file_name()
@@ -177,7 +181,9 @@ fn get_usize(c: &Value, key: &str) -> Result<usize> {
     c.get(key)
         .and_then(Value::as_u64)
         .map(|v| v as usize)
-        .ok_or_else(|| PeftError::Config(format!("`{key}` is missing or not a non-negative integer")))
+        .ok_or_else(|| {
+            PeftError::Config(format!("`{key}` is missing or not a non-negative integer"))
+        })
 }
 
 /// Reads a PEFT adapter directory written by itamae or by PEFT itself.
@@ -198,7 +204,11 @@ pub fn load(dir: &Path, model: &ModelConfig, device: &Device) -> Result<Adapter>
 }
 
 /// Builds an adapter from a parsed `adapter_config.json` and its tensors.
-pub fn from_parts(c: &Value, tensors: HashMap<String, Tensor>, model: &ModelConfig) -> Result<Adapter> {
+pub fn from_parts(
+    c: &Value,
+    tensors: HashMap<String, Tensor>,
+    model: &ModelConfig,
+) -> Result<Adapter> {
     let kind = c
         .get("peft_type")
         .and_then(Value::as_str)
@@ -220,18 +230,28 @@ pub fn from_parts(c: &Value, tensors: HashMap<String, Tensor>, model: &ModelConf
             if c.get("use_dora").and_then(Value::as_bool) == Some(true) {
                 return Err(PeftError::Config("DoRA adapters are not supported".into()));
             }
-            if c.get("bias").and_then(Value::as_str).is_some_and(|b| b != "none") {
-                return Err(PeftError::Config("LoRA bias training is not supported (bias must be \"none\")".into()));
+            if c.get("bias")
+                .and_then(Value::as_str)
+                .is_some_and(|b| b != "none")
+            {
+                return Err(PeftError::Config(
+                    "LoRA bias training is not supported (bias must be \"none\")".into(),
+                ));
             }
             if c.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-                return Err(PeftError::Config("fan_in_fan_out is not supported for Llama-family models".into()));
+                return Err(PeftError::Config(
+                    "fan_in_fan_out is not supported for Llama-family models".into(),
+                ));
             }
             let config = LoraConfig {
                 r,
                 alpha,
                 dropout: c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
                 target_modules: Proj::ALL.to_vec(),
-                use_rslora: c.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+                use_rslora: c
+                    .get("use_rslora")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             };
             Lora::from_tensors(model, config, &tensors)
                 .map(Adapter::Lora)
@@ -269,7 +289,10 @@ pub fn from_parts(c: &Value, tensors: HashMap<String, Tensor>, model: &ModelConf
             let n = get_usize(c, "num_virtual_tokens")?;
             let config = PrefixConfig {
                 num_virtual_tokens: n,
-                prefix_projection: c.get("prefix_projection").and_then(Value::as_bool).unwrap_or(false),
+                prefix_projection: c
+                    .get("prefix_projection")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
                 encoder_hidden_size: c
                     .get("encoder_hidden_size")
                     .and_then(Value::as_u64)
@@ -304,7 +327,11 @@ mod tests {
         assert_eq!(ta.len(), tb.len());
         let tb: HashMap<_, _> = tb.into_iter().collect();
         for (k, t) in ta {
-            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), tb[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{k}");
+            assert_eq!(
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                tb[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{k}"
+            );
         }
     }
 
@@ -342,7 +369,13 @@ mod tests {
             prefix_projection: false,
             encoder_hidden_size: cfg.kv_dim(),
         };
-        let flat = Tensor::randn(0f32, 1., (3, cfg.num_layers * 2 * cfg.kv_dim()), &Device::Cpu).unwrap();
+        let flat = Tensor::randn(
+            0f32,
+            1.,
+            (3, cfg.num_layers * 2 * cfg.kv_dim()),
+            &Device::Cpu,
+        )
+        .unwrap();
         let prefix = Adapter::Prefix(Prefix::from_flat(&cfg, pcfg, flat).unwrap());
         for a in [&lora, &prompt, &prefix] {
             let d = dir.join("variant");
@@ -352,9 +385,14 @@ mod tests {
             same(a, &back);
         }
         // only the final directory is left behind, no temporaries
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("variant")]);
-        let c: Value = serde_json::from_slice(&std::fs::read(dir.join("variant").join(CONFIG_FILE)).unwrap()).unwrap();
+        let c: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("variant").join(CONFIG_FILE)).unwrap())
+                .unwrap();
         assert_eq!(c["peft_type"], "PREFIX_TUNING");
         assert_eq!(c["token_dim"], cfg.kv_dim());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -363,9 +401,13 @@ mod tests {
     #[test]
     fn bad_adapters_are_named() {
         let cfg = tiny_config(Arch::Llama);
-        let e = from_parts(&json!({"peft_type": "IA3"}), HashMap::new(), &cfg).err().unwrap();
+        let e = from_parts(&json!({"peft_type": "IA3"}), HashMap::new(), &cfg)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("IA3"));
-        let e = from_parts(&json!({"peft_type": "LORA", "r": 4}), HashMap::new(), &cfg).err().unwrap();
+        let e = from_parts(&json!({"peft_type": "LORA", "r": 4}), HashMap::new(), &cfg)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("no LoRA tensor"), "{e}");
         let t = Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
         let e = from_parts(

@@ -74,19 +74,25 @@ pub struct PrefixParams {
 }
 
 impl PrefixParams {
-    pub fn init(model: &ModelConfig, config: &PrefixConfig, seed: u64, device: &Device) -> Result<Self> {
+    pub fn init(
+        model: &ModelConfig,
+        config: &PrefixConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let mut r = rng(seed);
         let p = config.num_virtual_tokens;
         let out = model.num_layers * 2 * model.kv_dim();
         if config.prefix_projection {
             let (h, e) = (model.kv_dim(), config.encoder_hidden_size);
-            let lin = |o: usize, i: usize, r: &mut rand::rngs::StdRng| -> Result<(Tensor, Tensor)> {
-                let bound = 1.0 / (i as f32).sqrt();
-                Ok((
-                    Tensor::from_vec(seeded_uniform(o * i, bound, r), (o, i), device)?,
-                    Tensor::from_vec(seeded_uniform(o, bound, r), o, device)?,
-                ))
-            };
+            let lin =
+                |o: usize, i: usize, r: &mut rand::rngs::StdRng| -> Result<(Tensor, Tensor)> {
+                    let bound = 1.0 / (i as f32).sqrt();
+                    Ok((
+                        Tensor::from_vec(seeded_uniform(o * i, bound, r), (o, i), device)?,
+                        Tensor::from_vec(seeded_uniform(o, bound, r), o, device)?,
+                    ))
+                };
             let embedding = Tensor::from_vec(seeded_normal(p * h, 1.0, &mut r), (p, h), device)?;
             let (w1, b1) = lin(e, h, &mut r)?;
             let (w2, b2) = lin(out, e, &mut r)?;
@@ -96,7 +102,8 @@ impl PrefixParams {
             })
         } else {
             // Keys/values of the size attention produces: small values, like a fresh cache.
-            let embedding = Tensor::from_vec(seeded_normal(p * out, 0.1, &mut r), (p, out), device)?;
+            let embedding =
+                Tensor::from_vec(seeded_normal(p * out, 0.1, &mut r), (p, out), device)?;
             Ok(Self {
                 embedding,
                 mlp: None,
@@ -109,7 +116,8 @@ impl PrefixParams {
         match &self.mlp {
             None => Ok(self.embedding.clone()),
             Some([w1, b1, w2, b2]) => {
-                let h = candle_nn::Linear::new(w1.clone(), Some(b1.clone())).forward(&self.embedding)?;
+                let h = candle_nn::Linear::new(w1.clone(), Some(b1.clone()))
+                    .forward(&self.embedding)?;
                 candle_nn::Linear::new(w2.clone(), Some(b2.clone())).forward(&h.tanh()?)
             }
         }

@@ -93,7 +93,11 @@ mod tests {
     #[test]
     fn inits_have_the_right_shape_and_text_repeats() {
         let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
-        for init in [PromptInit::Random, PromptInit::Text("x".into()), PromptInit::SampleVocab] {
+        for init in [
+            PromptInit::Random,
+            PromptInit::Text("x".into()),
+            PromptInit::SampleVocab,
+        ] {
             let p = SoftPrompt::init(
                 &m,
                 PromptTuningConfig {

@@ -412,7 +412,12 @@ impl Seq {
         }
         let ctx = Ctx {
             cache: Some(&mut self.cache),
-            hooks: self.job.p.adapter.as_deref().map(|a| a as &dyn ForwardHooks),
+            hooks: self
+                .job
+                .p
+                .adapter
+                .as_deref()
+                .map(|a| a as &dyn ForwardHooks),
             packed: None,
         };
         let logits = model.last_logits(&x, ctx)?;

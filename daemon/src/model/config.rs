@@ -105,7 +105,9 @@ impl ModelConfig {
         };
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => serde_json::Value::Null,
-            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,

@@ -398,7 +398,10 @@ impl Llama {
 
     /// Every weight with its HF name (the tied LM head is listed once, as the embeddings).
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &l.attn;
@@ -408,7 +411,10 @@ impl Llama {
                 ("self_attn.k_proj.weight", &a.k_proj),
                 ("self_attn.v_proj.weight", &a.v_proj),
                 ("self_attn.o_proj.weight", &a.o_proj),
-                ("post_attention_layernorm.weight", &l.post_attention_layernorm),
+                (
+                    "post_attention_layernorm.weight",
+                    &l.post_attention_layernorm,
+                ),
                 ("mlp.gate_proj.weight", &l.mlp.gate_proj),
                 ("mlp.up_proj.weight", &l.mlp.up_proj),
                 ("mlp.down_proj.weight", &l.mlp.down_proj),
@@ -433,7 +439,10 @@ impl Llama {
     }
 
     /// The same model built from other tensors of the same names (e.g. trainable copies).
-    pub fn with_weights(&self, weights: HashMap<String, Tensor>) -> std::result::Result<Self, super::ModelError> {
+    pub fn with_weights(
+        &self,
+        weights: HashMap<String, Tensor>,
+    ) -> std::result::Result<Self, super::ModelError> {
         Self::from_weights(self.cfg.clone(), weights, &self.device)
     }
 

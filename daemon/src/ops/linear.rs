@@ -13,7 +13,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
 };
 
-use super::blas::{self, BlasFloat, Mat, Operand};
+use super::blas::{self, BlasFloat, Operand};
 
 /// `x · wᵀ (+ b)` for `x` of any rank `(..., in)` and `w` of shape `(out, in)`, `b` of `(out)`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -227,8 +227,7 @@ impl Gemm {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (Operand::new(a, la)?, Operand::new(b, lb)?);
-        let flip = |m: Mat<'_, T>, t: bool| if t { m.t() } else { m };
-        let (am, bm) = (flip(a.mat(), self.ta), flip(b.mat(), self.tb));
+        let (am, bm) = (a.mat().t_if(self.ta), b.mat().t_if(self.tb));
         let (m, n) = (am.rows, bm.cols);
         let y = blas::matmul(am, bm)?;
         Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
@@ -395,8 +394,14 @@ mod tests {
         let y = linear_blas(x.as_tensor(), &w, Some(&b)).unwrap();
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(x.as_tensor()).is_some());
-        assert!(g.get(&w).is_none(), "a gradient was computed for a frozen W");
-        assert!(g.get(&b).is_none(), "a gradient was computed for a frozen bias");
+        assert!(
+            g.get(&w).is_none(),
+            "a gradient was computed for a frozen W"
+        );
+        assert!(
+            g.get(&b).is_none(),
+            "a gradient was computed for a frozen bias"
+        );
         // The op's backward returns None for the frozen operands (not a dropped result).
         let (dx, dw, db) = backward(x.as_tensor(), &w, Some(&b), &y).unwrap();
         assert!(dx.is_some() && dw.is_none() && db.is_none());

@@ -11,6 +11,10 @@
 //! finite-difference gradient check in f64.
 use candle_core::{DType, Device, Result, Tensor, D};
 
+pub mod blas;
+pub mod linear;
+pub mod loss;
+
 /// Whether any of `ts` takes part in a gradient computation.
 fn tracked(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
@@ -82,21 +86,12 @@ fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// `x · wᵀ (+ b)` for `x` of any rank `(..., in)` and `w` of shape `(out, in)`.
 ///
-/// Flattened to a 2-D matmul: candle's batched CPU matmul is wrong for some broadcast (stride-0)
-/// layouts (REFERENCE.md §2), and one large GEMM is faster than many small ones anyway.
+/// Flattened to a 2-D product: candle's batched CPU matmul is wrong for some broadcast (stride-0)
+/// layouts (REFERENCE.md §2), and one large GEMM is faster than many small ones anyway. On CPU
+/// (f32/f64) it runs on BLAS and its backward skips the gradient of a frozen weight
+/// ([`linear::linear`]); elsewhere it is candle's matmul.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims();
-    let in_dim = dims[dims.len() - 1];
-    let rows = x.elem_count() / in_dim.max(1);
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out_dims = dims.to_vec();
-    let last = out_dims.len() - 1;
-    out_dims[last] = w.dim(0)?;
-    y.reshape(out_dims)
+    linear::linear(x, w, b)
 }
 
 /// Scaled dot-product attention with grouped-query heads, without copying K/V per query head.

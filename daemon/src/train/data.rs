@@ -227,7 +227,8 @@ fn parse<R: Read>(
     let mut total: u64 = 0;
     let mut line = 0usize;
     let mut non_blank = 0usize;
-    // Content plus its newline; one byte more than that proves the line too long.
+    // The longest allowed content plus its newline: that many bytes without a newline prove the
+    // line too long, and nothing longer is ever buffered.
     let max_read = opts.max_line_bytes as u64 + 1;
     loop {
         buf.clear();
@@ -755,8 +756,8 @@ pub fn split_validation(
     seed: u64,
 ) -> (Vec<Example>, Vec<Example>) {
     let n = examples.len();
-    // `!(x > 0)` also catches NaN.
-    if n < 2 || !(fraction > 0.0) {
+    // NaN is not greater than zero either.
+    if n < 2 || fraction.is_nan() || fraction <= 0.0 {
         return (examples, Vec::new());
     }
     let wanted = (n as f64 * fraction.min(1.0)).round() as usize;
@@ -1763,9 +1764,7 @@ mod tests {
                         .map_or(row.len(), |p| i + p);
                     if row[i] >= 1000 {
                         real += end - i;
-                        for j in i + 1..end {
-                            assert_eq!(row[j], batch.targets[r][j - 1]);
-                        }
+                        assert_eq!(row[i + 1..end], batch.targets[r][i..end - 1]);
                     } else {
                         assert!(batch.weights[r][i..end].iter().all(|&w| w == 0.0));
                     }

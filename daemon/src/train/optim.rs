@@ -64,7 +64,11 @@ impl AdamW {
         let inv = 1.0 / denom.max(1.0);
         let mut sq = 0f64;
         for g in grads {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
         let norm = sq.sqrt() * inv;
         let mut scale = inv;
@@ -102,13 +106,18 @@ impl AdamW {
         out
     }
 
-    pub fn load_state(&mut self, params: &[Param], t: u64, state: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        params: &[Param],
+        t: u64,
+        state: &HashMap<String, Tensor>,
+    ) -> Result<()> {
         for (i, p) in params.iter().enumerate() {
             for (slot, key) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
                 let name = format!("{key}.{}", p.name);
-                let s = state
-                    .get(&name)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks `{name}`")))?;
+                let s = state.get(&name).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("optimizer state lacks `{name}`"))
+                })?;
                 if s.dims() != p.var.dims() {
                     candle_core::bail!("optimizer state `{name}` has the wrong shape");
                 }
@@ -180,15 +189,17 @@ mod tests {
         }];
         let mut opt = AdamW::new(AdamWConfig::default(), &p).unwrap();
         let g = Tensor::new(&[30.0f32, 40.0], &Device::Cpu).unwrap();
-        let norm = opt.step(&p, &[g.clone()], 1.0, 0.1).unwrap();
+        let norm = opt.step(&p, std::slice::from_ref(&g), 1.0, 0.1).unwrap();
         assert!((norm - 50.0).abs() < 1e-4);
         let state = opt.state_tensors(&p);
         let mut again = AdamW::new(AdamWConfig::default(), &p).unwrap();
         again.load_state(&p, opt.t, &state).unwrap();
         let before = p[0].var.as_tensor().to_vec1::<f32>().unwrap();
-        opt.step(&p, &[g.clone()], 1.0, 0.1).unwrap();
+        opt.step(&p, std::slice::from_ref(&g), 1.0, 0.1).unwrap();
         let a = p[0].var.as_tensor().to_vec1::<f32>().unwrap();
-        p[0].var.set(&Tensor::new(before.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        p[0].var
+            .set(&Tensor::new(before.as_slice(), &Device::Cpu).unwrap())
+            .unwrap();
         again.step(&p, &[g], 1.0, 0.1).unwrap();
         assert_eq!(a, p[0].var.as_tensor().to_vec1::<f32>().unwrap());
     }

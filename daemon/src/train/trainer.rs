@@ -100,7 +100,12 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |field: &str, m: String| Err(TrainError::Config { field: field.into(), message: m });
+        let bad = |field: &str, m: String| {
+            Err(TrainError::Config {
+                field: field.into(),
+                message: m,
+            })
+        };
         if self.batch_size == 0 {
             return bad("batch_size", "batch_size must be at least 1".into());
         }
@@ -111,7 +116,10 @@ impl TrainConfig {
             return bad("epochs", "epochs must be at least 1".into());
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return bad("learning_rate", format!("learning_rate must be positive, got {}", self.learning_rate));
+            return bad(
+                "learning_rate",
+                format!("learning_rate must be positive, got {}", self.learning_rate),
+            );
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return bad("warmup_ratio", "warmup_ratio must be in [0, 1)".into());
@@ -133,7 +141,10 @@ impl TrainConfig {
             }
             Method::PromptTuning(c) => {
                 if c.num_virtual_tokens == 0 {
-                    return bad("num_virtual_tokens", "num_virtual_tokens must be at least 1".into());
+                    return bad(
+                        "num_virtual_tokens",
+                        "num_virtual_tokens must be at least 1".into(),
+                    );
                 }
                 if self.pack {
                     return bad("pack", "packing is not supported with prompt tuning (the soft prompt belongs to each example)".into());
@@ -141,10 +152,16 @@ impl TrainConfig {
             }
             Method::PrefixTuning(c) => {
                 if c.num_virtual_tokens == 0 {
-                    return bad("num_virtual_tokens", "num_virtual_tokens must be at least 1".into());
+                    return bad(
+                        "num_virtual_tokens",
+                        "num_virtual_tokens must be at least 1".into(),
+                    );
                 }
                 if c.prefix_projection && c.encoder_hidden_size == 0 {
-                    return bad("encoder_hidden_size", "encoder_hidden_size must be at least 1".into());
+                    return bad(
+                        "encoder_hidden_size",
+                        "encoder_hidden_size must be at least 1".into(),
+                    );
                 }
             }
             Method::Full => {}
@@ -293,8 +310,16 @@ impl<'m> Trainer<'m> {
                     let name = crate::adapters::lora::peft_prefix(layer, proj);
                     let (va, a) = var_of(&pair.a)?;
                     let (vb, b) = var_of(&pair.b)?;
-                    params.push(Param { name: format!("{name}.lora_A.weight"), var: va, decay: true });
-                    params.push(Param { name: format!("{name}.lora_B.weight"), var: vb, decay: true });
+                    params.push(Param {
+                        name: format!("{name}.lora_A.weight"),
+                        var: va,
+                        decay: true,
+                    });
+                    params.push(Param {
+                        name: format!("{name}.lora_B.weight"),
+                        var: vb,
+                        decay: true,
+                    });
                     *pair = LoraPair { a, b };
                 }
                 lora.training = true;
@@ -303,20 +328,32 @@ impl<'m> Trainer<'m> {
             Method::PromptTuning(c) => {
                 let mut soft = SoftPrompt::init(base, c.clone(), init_ids, config.seed)?;
                 let (v, t) = var_of(&soft.embeddings)?;
-                params.push(Param { name: "prompt_embeddings".into(), var: v, decay: false });
+                params.push(Param {
+                    name: "prompt_embeddings".into(),
+                    var: v,
+                    decay: false,
+                });
                 soft.embeddings = t;
                 Trainable::Adapter(Adapter::Prompt(soft))
             }
             Method::PrefixTuning(c) => {
                 let mut p = PrefixParams::init(&base.cfg, c, config.seed, &dev)?;
                 let (v, t) = var_of(&p.embedding)?;
-                params.push(Param { name: "prefix.embedding".into(), var: v, decay: false });
+                params.push(Param {
+                    name: "prefix.embedding".into(),
+                    var: v,
+                    decay: false,
+                });
                 p.embedding = t;
                 if let Some(mlp) = p.mlp.as_mut() {
                     for (i, w) in mlp.iter_mut().enumerate() {
                         let (v, t) = var_of(w)?;
                         // weights decay, biases do not
-                        params.push(Param { name: format!("prefix.mlp.{i}"), var: v, decay: i % 2 == 0 });
+                        params.push(Param {
+                            name: format!("prefix.mlp.{i}"),
+                            var: v,
+                            decay: i % 2 == 0,
+                        });
                         *w = t;
                     }
                 }
@@ -327,7 +364,11 @@ impl<'m> Trainer<'m> {
                 for (name, t) in base.named_weights() {
                     let (v, t) = var_of(&t)?;
                     let decay = t.rank() == 2 && !name.contains("norm");
-                    params.push(Param { name: name.clone(), var: v, decay });
+                    params.push(Param {
+                        name: name.clone(),
+                        var: v,
+                        decay,
+                    });
                     weights.insert(name, t);
                 }
                 Trainable::Full(base.with_weights(weights)?)
@@ -398,7 +439,12 @@ impl<'m> Trainer<'m> {
             )?,
         };
         let h = hidden.reshape((b * l, hidden.dim(2)?))?;
-        lm_loss(&h, &model.lm_head, &targets.flatten_all()?, &weights.flatten_all()?)
+        lm_loss(
+            &h,
+            &model.lm_head,
+            &targets.flatten_all()?,
+            &weights.flatten_all()?,
+        )
     }
 
     /// Loss of one micro-batch on the trainable parameters (gradients tracked).
@@ -407,7 +453,8 @@ impl<'m> Trainer<'m> {
             Trainable::Full(m) => self.loss(m, None, batch),
             Trainable::Adapter(a) => self.loss(self.base, Some(a), batch),
             Trainable::Prefix(c, p) => {
-                let prefix = Adapter::Prefix(Prefix::from_flat(&self.base.cfg, c.clone(), p.project()?)?);
+                let prefix =
+                    Adapter::Prefix(Prefix::from_flat(&self.base.cfg, c.clone(), p.project()?)?);
                 self.loss(self.base, Some(&prefix), batch)
             }
         }
@@ -415,7 +462,9 @@ impl<'m> Trainer<'m> {
 
     fn set_dropout_seed(&self, micro: u64) {
         if let Trainable::Adapter(Adapter::Lora(l)) = &self.trainable {
-            let s = self.config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (self.state.step as u64) << 16 ^ micro;
+            let s = self.config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+                ^ (self.state.step as u64) << 16
+                ^ micro;
             l.dropout_seed.store(s, Ordering::Relaxed);
         }
     }
@@ -429,7 +478,12 @@ impl<'m> Trainer<'m> {
         let full;
         let (model, adapter) = match &self.trainable {
             Trainable::Full(m) => {
-                full = m.with_weights(m.named_weights().into_iter().map(|(n, t)| (n, t.detach())).collect())?;
+                full = m.with_weights(
+                    m.named_weights()
+                        .into_iter()
+                        .map(|(n, t)| (n, t.detach()))
+                        .collect(),
+                )?;
                 (&full, None)
             }
             _ => (self.base, self.adapter()?),
@@ -438,7 +492,10 @@ impl<'m> Trainer<'m> {
         let mut count = 0f64;
         let mut correct = 0usize;
         // One epoch covers every validation example once; the order does not matter for a sum.
-        let mut batches = Batcher::new(Arc::new(self.valid.clone()), batch_options(&self.config, false))?;
+        let mut batches = Batcher::new(
+            Arc::new(self.valid.clone()),
+            batch_options(&self.config, false),
+        )?;
         for _ in 0..batches.steps_per_epoch() {
             let batch = batches.next_batch();
             let (loss, n, c) = self.loss(model, adapter.as_ref(), &batch)?;
@@ -455,7 +512,10 @@ impl<'m> Trainer<'m> {
 
     /// Validation loss of another adapter on this trainer's validation set (checks and tools).
     pub fn loss_of_adapter(&self, adapter: &Adapter) -> Result<f64, TrainError> {
-        let mut batches = Batcher::new(Arc::new(self.valid.clone()), batch_options(&self.config, false))?;
+        let mut batches = Batcher::new(
+            Arc::new(self.valid.clone()),
+            batch_options(&self.config, false),
+        )?;
         let (mut sum, mut count) = (0f64, 0f64);
         for _ in 0..batches.steps_per_epoch() {
             let (loss, n, _) = self.loss(self.base, Some(adapter), &batches.next_batch())?;
@@ -487,7 +547,13 @@ impl<'m> Trainer<'m> {
                 finish = Finish::Cancelled;
                 break;
             }
-            let lr = lr_at(self.config.schedule, self.config.learning_rate, warmup, self.total_steps, self.state.step);
+            let lr = lr_at(
+                self.config.schedule,
+                self.config.learning_rate,
+                warmup,
+                self.total_steps,
+                self.state.step,
+            );
             let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
             let mut loss_sum = 0f64;
             let mut count = 0f64;
@@ -539,7 +605,9 @@ impl<'m> Trainer<'m> {
                 eta_secs: elapsed / done * (self.total_steps - self.state.step) as f64,
             }));
             let at_end = self.state.step == self.total_steps;
-            let eval_now = at_end || (self.config.eval_every > 0 && self.state.step % self.config.eval_every == 0);
+            let eval_now = at_end
+                || (self.config.eval_every > 0
+                    && self.state.step.is_multiple_of(self.config.eval_every));
             if eval_now {
                 if let Some(m) = self.evaluate()? {
                     on_event(&TrainEvent::Eval(m));
@@ -562,10 +630,18 @@ impl<'m> Trainer<'m> {
                 }
             }
             if let Some(dir) = out_dir {
-                if self.config.checkpoint_every > 0 && self.state.step % self.config.checkpoint_every == 0 && !at_end {
-                    let path = dir.join("checkpoints").join(format!("step-{}", self.state.step));
+                if self.config.checkpoint_every > 0
+                    && self.state.step.is_multiple_of(self.config.checkpoint_every)
+                    && !at_end
+                {
+                    let path = dir
+                        .join("checkpoints")
+                        .join(format!("step-{}", self.state.step));
                     self.save_checkpoint(&path)?;
-                    on_event(&TrainEvent::Checkpoint { step: self.state.step, path });
+                    on_event(&TrainEvent::Checkpoint {
+                        step: self.state.step,
+                        path,
+                    });
                 }
             }
             if finish == Finish::EarlyStopped {
@@ -640,18 +716,28 @@ impl<'m> Trainer<'m> {
                 let cfg = serde_json::to_vec_pretty(&peft::config_json(a, &model_cfg, &base_name))
                     .map_err(|e| peft::PeftError::Config(e.to_string()))?;
                 let p = tmp.join(peft::CONFIG_FILE);
-                std::fs::write(&p, cfg).map_err(|source| peft::PeftError::Io { path: p.clone(), source })?;
+                std::fs::write(&p, cfg).map_err(|source| peft::PeftError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
                 let tensors: HashMap<String, Tensor> = a.tensors().into_iter().collect();
-                candle_core::safetensors::save(&tensors, tmp.join(peft::WEIGHTS_FILE)).map_err(err)?;
+                candle_core::safetensors::save(&tensors, tmp.join(peft::WEIGHTS_FILE))
+                    .map_err(err)?;
             }
-            candle_core::safetensors::save(&params, tmp.join("trainable.safetensors")).map_err(err)?;
+            candle_core::safetensors::save(&params, tmp.join("trainable.safetensors"))
+                .map_err(err)?;
             candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors")).map_err(err)?;
             let p = tmp.join("trainer_state.json");
-            std::fs::write(&p, &state_json).map_err(|source| peft::PeftError::Io { path: p.clone(), source })?;
-            for f in std::fs::read_dir(tmp).map_err(|source| peft::PeftError::Io { path: tmp.to_path_buf(), source })? {
-                if let Ok(f) = f {
-                    let _ = std::fs::File::open(f.path()).and_then(|h| h.sync_all());
-                }
+            std::fs::write(&p, &state_json).map_err(|source| peft::PeftError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            let entries = std::fs::read_dir(tmp).map_err(|source| peft::PeftError::Io {
+                path: tmp.to_path_buf(),
+                source,
+            })?;
+            for f in entries.flatten() {
+                let _ = std::fs::File::open(f.path()).and_then(|h| h.sync_all());
             }
             Ok(())
         })?;
@@ -660,23 +746,34 @@ impl<'m> Trainer<'m> {
 
     /// Continues exactly where the checkpoint at `path` left off.
     pub fn resume_from(&mut self, path: &Path) -> Result<(), TrainError> {
-        let ck = |message: String| TrainError::Checkpoint { path: path.to_path_buf(), message };
+        let ck = |message: String| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message,
+        };
         let sp = path.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| ck(e.to_string()))?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|e| ck(e.to_string()))?;
         if state.method != self.config.method.name() {
-            return Err(ck(format!("made by method {}, not {}", state.method, self.config.method.name())));
+            return Err(ck(format!(
+                "made by method {}, not {}",
+                state.method,
+                self.config.method.name()
+            )));
         }
         let dev = self.base.device();
-        let params = candle_core::safetensors::load(path.join("trainable.safetensors"), dev).map_err(|e| ck(e.to_string()))?;
+        let params = candle_core::safetensors::load(path.join("trainable.safetensors"), dev)
+            .map_err(|e| ck(e.to_string()))?;
         for p in &self.params {
-            let t = params.get(&p.name).ok_or_else(|| ck(format!("lacks parameter `{}`", p.name)))?;
+            let t = params
+                .get(&p.name)
+                .ok_or_else(|| ck(format!("lacks parameter `{}`", p.name)))?;
             if t.dims() != p.var.dims() {
                 return Err(ck(format!("parameter `{}` has the wrong shape", p.name)));
             }
             p.var.set(t)?;
         }
-        let opt = candle_core::safetensors::load(path.join("optimizer.safetensors"), dev).map_err(|e| ck(e.to_string()))?;
+        let opt = candle_core::safetensors::load(path.join("optimizer.safetensors"), dev)
+            .map_err(|e| ck(e.to_string()))?;
         self.opt.load_state(&self.params, state.adam_t, &opt)?;
         self.batcher.seek(state.cursor)?;
         self.state = state;
@@ -700,7 +797,15 @@ fn detached_adapter(a: &Adapter, cfg: &crate::model::ModelConfig) -> candle_core
             pairs: l
                 .pairs
                 .iter()
-                .map(|(k, p)| (*k, LoraPair { a: p.a.detach(), b: p.b.detach() }))
+                .map(|(k, p)| {
+                    (
+                        *k,
+                        LoraPair {
+                            a: p.a.detach(),
+                            b: p.b.detach(),
+                        },
+                    )
+                })
                 .collect(),
             training: false,
             dropout_seed: Default::default(),
@@ -709,7 +814,9 @@ fn detached_adapter(a: &Adapter, cfg: &crate::model::ModelConfig) -> candle_core
             config: p.config.clone(),
             embeddings: p.embeddings.detach(),
         }),
-        Adapter::Prefix(p) => Adapter::Prefix(Prefix::from_flat(cfg, p.config.clone(), p.flat.detach())?),
+        Adapter::Prefix(p) => {
+            Adapter::Prefix(Prefix::from_flat(cfg, p.config.clone(), p.flat.detach())?)
+        }
     })
 }
 
@@ -725,10 +832,15 @@ fn lm_loss(
     let nll = lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
     let loss = (nll * weights)?.sum_all()?;
     let w = weights.to_vec1::<f32>()?;
-    let pred = logits.detach().argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    let pred = logits
+        .detach()
+        .argmax(candle_core::D::Minus1)?
+        .to_vec1::<u32>()?;
     let t = targets.to_vec1::<u32>()?;
     let count: f64 = w.iter().map(|&x| x as f64).sum();
-    let correct = (0..w.len()).filter(|&i| w[i] > 0.0 && pred[i] == t[i]).count();
+    let correct = (0..w.len())
+        .filter(|&i| w[i] > 0.0 && pred[i] == t[i])
+        .count();
     Ok((loss, count, correct))
 }
 
@@ -745,7 +857,9 @@ mod tests {
         (0..n)
             .map(|i| {
                 let len = 5 + (i % 4);
-                let ids: Vec<u32> = (0..len).map(|j| ((i as u32 * 7 + j as u32 * 3 + seed) % 60) + 1).collect();
+                let ids: Vec<u32> = (0..len)
+                    .map(|j| ((i as u32 * 7 + j as u32 * 3 + seed) % 60) + 1)
+                    .collect();
                 let mut weights = vec![1.0; len];
                 weights[0] = 0.0;
                 weights[1] = 0.0;
@@ -818,7 +932,16 @@ mod tests {
             .collect();
         for method in methods() {
             let name = method.name();
-            let mut t = Trainer::new(&m, None, "tiny", config(method), examples(4, 0), vec![], &[]).unwrap();
+            let mut t = Trainer::new(
+                &m,
+                None,
+                "tiny",
+                config(method),
+                examples(4, 0),
+                vec![],
+                &[],
+            )
+            .unwrap();
             let mut losses = Vec::new();
             t.run(None, &TrainControl::default(), &mut |e| {
                 if let TrainEvent::Step(s) = e {
@@ -832,7 +955,15 @@ mod tests {
             for p in &t.params {
                 let init_is_zero = p.name.contains("lora_B");
                 let _ = init_is_zero;
-                let n = p.var.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let n = p
+                    .var
+                    .as_tensor()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(n > 0.0, "{name}: {} is all zeros", p.name);
             }
         }
@@ -855,11 +986,24 @@ mod tests {
             let start: Vec<Vec<f32>> = t
                 .params
                 .iter()
-                .map(|p| p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .map(|p| {
+                    p.var
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
                 .collect();
             t.run(None, &TrainControl::default(), &mut |_| {}).unwrap();
             for (p, s) in t.params.iter().zip(&start) {
-                let now = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let now = p
+                    .var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
                 assert!(&now != s, "{name}: {} did not change", p.name);
             }
         }
@@ -894,7 +1038,18 @@ mod tests {
                 losses
             };
             let text = tiny_text();
-            let new = || Trainer::new(&m, Some(&text), "tiny", cfg.clone(), data.clone(), vec![], &[]).unwrap();
+            let new = || {
+                Trainer::new(
+                    &m,
+                    Some(&text),
+                    "tiny",
+                    cfg.clone(),
+                    data.clone(),
+                    vec![],
+                    &[],
+                )
+                .unwrap()
+            };
             let mut full = new();
             let all = record(&mut full, None);
             let mut first = new();
@@ -902,12 +1057,20 @@ mod tests {
             assert_eq!(head.len(), 4, "{name}: cancel stops between steps");
             // resume from the step-3 checkpoint (step 4 ran past it and is redone)
             let mut resumed = new();
-            resumed.resume_from(&dir.join("checkpoints").join("step-3")).unwrap();
+            resumed
+                .resume_from(&dir.join("checkpoints").join("step-3"))
+                .unwrap();
             let tail = record(&mut resumed, None);
             assert_eq!(tail.first().map(|x| x.0), Some(4));
             for (a, b) in all[3..].iter().zip(&tail) {
                 assert_eq!(a.0, b.0);
-                assert!((a.1 - b.1).abs() < 1e-5, "{name}: step {} loss {} vs resumed {}", a.0, a.1, b.1);
+                assert!(
+                    (a.1 - b.1).abs() < 1e-5,
+                    "{name}: step {} loss {} vs resumed {}",
+                    a.0,
+                    a.1,
+                    b.1
+                );
             }
             std::fs::remove_dir_all(&dir).ok();
         }
@@ -920,13 +1083,21 @@ mod tests {
         for method in methods().into_iter().take(3) {
             let mut cfg = config(method);
             cfg.max_steps = Some(5);
-            let mut t = Trainer::new(&m, None, "tiny", cfg, examples(4, 3), examples(3, 9), &[]).unwrap();
-            let out = t.run(Some(&dir), &TrainControl::default(), &mut |_| {}).unwrap();
+            let mut t =
+                Trainer::new(&m, None, "tiny", cfg, examples(4, 3), examples(3, 9), &[]).unwrap();
+            let out = t
+                .run(Some(&dir), &TrainControl::default(), &mut |_| {})
+                .unwrap();
             let eval = out.last_eval.unwrap();
             // the saved adapter, loaded back, gives the same validation loss
             let a = crate::adapters::peft::load(&dir, &m.cfg, &Device::Cpu).unwrap();
             let again = t.loss_of_adapter(&a).unwrap();
-            assert!((again - eval.valid_loss).abs() < 1e-5, "{} vs {}", again, eval.valid_loss);
+            assert!(
+                (again - eval.valid_loss).abs() < 1e-5,
+                "{} vs {}",
+                again,
+                eval.valid_loss
+            );
         }
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -936,11 +1107,15 @@ mod tests {
         let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let mut c = config(methods().remove(1));
         c.pack = true;
-        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[]).err().unwrap();
+        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[])
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("`pack`"), "{e}");
         let mut c = config(methods().remove(0));
         c.batch_size = 0;
-        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[]).err().unwrap();
+        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[])
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("batch_size"), "{e}");
     }
 }

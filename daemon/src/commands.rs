@@ -1,0 +1,417 @@
+//! One-shot commands of `itamaed` besides `serve`: `train` (a fine-tuning run from the command
+//! line), `chat` (talk to the base model or an adapter in-process), `export-hf` (write the base
+//! model as an HF directory) and `logits` (dump logits, for interop checks against PEFT).
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+
+use crate::adapters::{peft, LoraConfig, PrefixConfig, PromptInit, PromptTuningConfig};
+use crate::engine::{EngineHandle, GenEvent, GenerationRequest, PromptInput, SamplingParams};
+use crate::model::{self, LoadedModel};
+use crate::train::data::{self, DataOptions};
+use crate::train::optim::Schedule;
+use crate::train::{Finish, Method, TrainConfig, TrainControl, TrainEvent, Trainer};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MethodArg {
+    Lora,
+    PromptTuning,
+    PrefixTuning,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum InitArg {
+    Random,
+    Text,
+    SampleVocab,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScheduleArg {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Flags of `itamaed train`, named like the job API's fields.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[arg(long, env = "ITAMAE_MODEL", default_value = crate::config::DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Training JSONL (chat `messages`, `prompt`/`completion`, or `text`).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub validation_data: Option<PathBuf>,
+    /// Fraction of the training data held out for validation when no validation file is given.
+    #[arg(long, default_value_t = 0.0)]
+    pub validation_split: f64,
+    #[arg(long, value_enum, default_value = "lora")]
+    pub method: MethodArg,
+    /// Output directory (PEFT adapter, or an HF model directory for `full`).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Default: per method (LoRA 2e-4, prompt tuning 3e-2, prefix tuning 1e-2, full 2e-5).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Scales the per-method default (OpenAI's `learning_rate_multiplier`).
+    #[arg(long)]
+    pub learning_rate_multiplier: Option<f64>,
+    #[arg(long, default_value_t = 0.05)]
+    pub warmup_ratio: f64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+    /// Reject over-long examples instead of cutting them.
+    #[arg(long)]
+    pub no_truncation: bool,
+    /// Pack short examples into shared rows (attention stays within each example).
+    #[arg(long)]
+    pub pack: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    #[arg(long)]
+    pub early_stopping_patience: Option<usize>,
+    /// Continue from a checkpoint directory (`<out>/checkpoints/step-N`).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    // LoRA
+    #[arg(long, default_value_t = 16)]
+    pub r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    /// `all-linear` or a comma-separated list (q_proj,v_proj,...).
+    #[arg(long, default_value = "all-linear", value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    #[arg(long)]
+    pub use_rslora: bool,
+    // prompt / prefix tuning
+    #[arg(long, default_value_t = 20)]
+    pub num_virtual_tokens: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub prompt_init: InitArg,
+    #[arg(long, default_value = "You are a helpful assistant.")]
+    pub prompt_init_text: String,
+    #[arg(long)]
+    pub prefix_projection: bool,
+    #[arg(long)]
+    pub encoder_hidden_size: Option<usize>,
+}
+
+fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
+    model::load(path, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+fn method_of(a: &TrainArgs, loaded: &LoadedModel) -> anyhow::Result<Method> {
+    Ok(match a.method {
+        MethodArg::Lora => Method::Lora(LoraConfig {
+            r: a.r,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            target_modules: LoraConfig::parse_targets(&a.target_modules)
+                .map_err(|e| anyhow::anyhow!("--target-modules: {e}"))?,
+            use_rslora: a.use_rslora,
+        }),
+        MethodArg::PromptTuning => Method::PromptTuning(PromptTuningConfig {
+            num_virtual_tokens: a.num_virtual_tokens,
+            init: match a.prompt_init {
+                InitArg::Random => PromptInit::Random,
+                InitArg::Text => PromptInit::Text(a.prompt_init_text.clone()),
+                InitArg::SampleVocab => PromptInit::SampleVocab,
+            },
+        }),
+        MethodArg::PrefixTuning => Method::PrefixTuning(PrefixConfig {
+            num_virtual_tokens: a.num_virtual_tokens,
+            prefix_projection: a.prefix_projection,
+            encoder_hidden_size: a.encoder_hidden_size.unwrap_or(loaded.model.cfg.kv_dim()),
+        }),
+        MethodArg::Full => Method::Full,
+    })
+}
+
+/// `itamaed train`.
+pub fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let loaded = load_model(&a.model)?;
+    let method = method_of(&a, &loaded)?;
+    let opts = DataOptions {
+        max_seq_len: a.max_seq_len,
+        truncation: !a.no_truncation,
+        pack: a.pack,
+        ..Default::default()
+    };
+    let template = loaded.template.as_ref();
+    let (train, report) = data::load_jsonl(&a.data, &loaded.text, template, &opts)?;
+    eprintln!(
+        "data {}: {} examples, {} tokens ({} trained), {} truncated",
+        a.data.display(),
+        report.examples,
+        report.tokens,
+        report.trainable_tokens,
+        report.truncated
+    );
+    let (train, valid) = match &a.validation_data {
+        Some(v) => {
+            let (valid, r) = data::load_jsonl(v, &loaded.text, template, &opts)?;
+            eprintln!("validation {}: {} examples", v.display(), r.examples);
+            (train, valid)
+        }
+        None => data::split_validation(train, a.validation_split, a.seed),
+    };
+    let mut config = TrainConfig::new(method.clone());
+    let default_lr = method.default_learning_rate();
+    config.learning_rate = match (a.learning_rate, a.learning_rate_multiplier) {
+        (Some(_), Some(_)) => bail!("give --learning-rate or --learning-rate-multiplier, not both"),
+        (Some(lr), None) => lr,
+        (None, Some(m)) => default_lr * m,
+        (None, None) => default_lr,
+    };
+    config.epochs = a.epochs;
+    config.max_steps = a.max_steps;
+    config.batch_size = a.batch_size;
+    config.grad_accum = a.grad_accum;
+    config.warmup_ratio = a.warmup_ratio;
+    config.schedule = match a.schedule {
+        ScheduleArg::Cosine => Schedule::Cosine,
+        ScheduleArg::Linear => Schedule::Linear,
+        ScheduleArg::Constant => Schedule::Constant,
+    };
+    config.adamw.weight_decay = a.weight_decay;
+    config.adamw.max_grad_norm = a.max_grad_norm;
+    config.seed = a.seed;
+    config.max_seq_len = a.max_seq_len;
+    config.pack = a.pack;
+    config.eval_every = a.eval_every;
+    config.checkpoint_every = a.checkpoint_every;
+    config.early_stopping_patience = a.early_stopping_patience;
+    let init_ids: Vec<u32> = match &method {
+        Method::PromptTuning(PromptTuningConfig {
+            init: PromptInit::Text(t),
+            ..
+        }) => loaded
+            .text
+            .tokenizer
+            .encode(t.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("tokenizing --prompt-init-text: {e}"))?
+            .get_ids()
+            .to_vec(),
+        _ => Vec::new(),
+    };
+    let mut trainer = Trainer::new(
+        &loaded.model,
+        Some(&loaded.text),
+        &loaded.name,
+        config,
+        train,
+        valid,
+        &init_ids,
+    )?;
+    if let Some(ck) = &a.resume {
+        trainer.resume_from(ck)?;
+        eprintln!("resumed from {} at step {}", ck.display(), trainer.step());
+    }
+    let control = TrainControl::default();
+    let started = Instant::now();
+    let outcome = trainer.run(Some(&a.out), &control, &mut |e| match e {
+        TrainEvent::Step(s) => eprintln!(
+            "step {:>5}/{} | loss {:.4} | acc {:.3} | lr {:.2e} | {:.0} tok/s | ETA {}",
+            s.step,
+            s.total_steps,
+            s.loss,
+            s.mean_token_accuracy,
+            s.learning_rate,
+            s.tokens_per_sec,
+            fmt_secs(s.eta_secs)
+        ),
+        TrainEvent::Eval(m) => eprintln!(
+            "eval  step {:>5} | valid_loss {:.4} | valid_acc {:.3}",
+            m.step, m.valid_loss, m.valid_mean_token_accuracy
+        ),
+        TrainEvent::Checkpoint { step, path } => {
+            eprintln!("checkpoint step {step}: {}", path.display())
+        }
+        TrainEvent::Message(m) => eprintln!("{m}"),
+    })?;
+    let how = match outcome.finish {
+        Finish::Completed => "completed",
+        Finish::EarlyStopped => "stopped early",
+        Finish::Cancelled => "cancelled",
+    };
+    println!(
+        "training {how}: {} steps, {} tokens in {}; result in {}",
+        outcome.steps,
+        outcome.trained_tokens,
+        fmt_secs(started.elapsed().as_secs_f64()),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn fmt_secs(s: f64) -> String {
+    if !s.is_finite() {
+        return "?".into();
+    }
+    let s = s.round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[arg(long, env = "ITAMAE_MODEL", default_value = crate::config::DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// A PEFT adapter directory to chat with (LoRA, prompt or prefix tuning).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// One-shot prompt; without it, read prompts from stdin, one per line.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+}
+
+/// `itamaed chat`: in-process generation through the same engine the daemon serves with.
+pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
+    let loaded = load_model(&a.model)?;
+    let base = loaded.name.clone();
+    let cfg = loaded.model.cfg.clone();
+    let engine = EngineHandle::from_loaded(loaded);
+    let model_id = match &a.adapter {
+        Some(dir) => {
+            let adapter = peft::load(dir, &cfg, &candle_core::Device::Cpu)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            let id = format!(
+                "{base}:{}",
+                dir.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            );
+            engine.add_adapter(&id, adapter)?;
+            id
+        }
+        None => base,
+    };
+    let mut history: Vec<serde_json::Value> = Vec::new();
+    if let Some(s) = &a.system {
+        history.push(serde_json::json!({"role": "system", "content": s}));
+    }
+    let ask = |prompt: &str, history: &mut Vec<serde_json::Value>| -> anyhow::Result<()> {
+        history.push(serde_json::json!({"role": "user", "content": prompt}));
+        let p = engine.prepare(GenerationRequest {
+            model: model_id.clone(),
+            input: PromptInput::Chat {
+                messages: history.clone(),
+            },
+            sampling: SamplingParams {
+                temperature: a.temperature,
+                ..Default::default()
+            },
+            max_tokens: Some(a.max_tokens),
+            stop: vec![],
+        })?;
+        let mut rx = engine.submit(p)?;
+        let mut answer = String::new();
+        use std::io::Write;
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                GenEvent::Text(t) => {
+                    print!("{t}");
+                    std::io::stdout().flush().ok();
+                    answer.push_str(&t);
+                }
+                GenEvent::Finished { .. } => break,
+                GenEvent::Failed(e) => bail!("generation failed: {e}"),
+            }
+        }
+        println!();
+        history.push(serde_json::json!({"role": "assistant", "content": answer}));
+        Ok(())
+    };
+    match &a.prompt {
+        Some(p) => ask(p, &mut history),
+        None => {
+            for line in std::io::stdin().lines() {
+                let line = line?;
+                if !line.trim().is_empty() {
+                    ask(line.trim(), &mut history)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `itamaed export-hf`: the base model as an HF directory (what PEFT and transformers load).
+pub fn export_hf(model_path: &Path, out: &Path) -> anyhow::Result<()> {
+    let loaded = load_model(model_path)?;
+    model::hf::save_model_dir(out, &loaded.model, &loaded.text)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// `itamaed logits`: JSON `{"input_ids", "logits"}` (every position) for a raw-text prompt, with an
+/// optional adapter; the interop check compares it with PEFT's.
+pub fn logits(model_path: &Path, adapter: Option<&Path>, prompt: &str) -> anyhow::Result<()> {
+    use crate::model::llama::{Ctx, ForwardHooks};
+    use candle_core::Tensor;
+    let loaded = load_model(model_path)?;
+    let m = &loaded.model;
+    let adapter = adapter
+        .map(|d| {
+            peft::load(d, &m.cfg, m.device()).with_context(|| format!("loading {}", d.display()))
+        })
+        .transpose()?;
+    let ids = loaded
+        .text
+        .tokenizer
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
+        .get_ids()
+        .to_vec();
+    let input = Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?;
+    let mut x = m.embed(&input)?;
+    let mut skip = 0;
+    if let Some(soft) = adapter.as_ref().and_then(|a| a.soft_prompt()) {
+        x = Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1)?;
+        skip = soft.dim(0)?;
+    }
+    let h = m.forward_hidden(
+        &x,
+        Ctx {
+            hooks: adapter.as_ref().map(|a| a as &dyn ForwardHooks),
+            ..Default::default()
+        },
+    )?;
+    let h = h.narrow(1, skip, ids.len())?;
+    let logits = m.logits(&h)?.squeeze(0)?.to_vec2::<f32>()?;
+    println!(
+        "{}",
+        serde_json::json!({"input_ids": ids, "logits": logits})
+    );
+    Ok(())
+}
