@@ -21,8 +21,12 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import torch
+# Everything is local: keep transformers/PEFT from trying the (unreachable) hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file
 
 import peft
@@ -55,6 +59,7 @@ class Checker:
         self._base = None
         self._tok = None
         self._ids = None
+        self.f64 = {}  # (direction, what) -> (itamae vs PEFT f64, PEFT f32 vs PEFT f64)
 
     # ------------------------------------------------------------------ plumbing
     def itamaed(self, *args, capture=False):
@@ -83,9 +88,9 @@ class Checker:
         log(f"[{status}] {direction:14s} {what:34s} {fig}  (limit {limit}){'  ' + note if note else ''}")
         return ok
 
-    def base(self):
+    def base(self, dtype=torch.float32):
         """A fresh copy of the exported base (PEFT mutates the model it wraps)."""
-        m = AutoModelForCausalLM.from_pretrained(self.hf_dir, torch_dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(self.hf_dir, dtype=dtype)
         m.eval()
         return m
 
@@ -95,25 +100,48 @@ class Checker:
     @torch.no_grad()
     def peft_logits(self, model, kind):
         ids = self.ids_tensor()
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
         if kind == "prompt":
             # PEFT returns the virtual positions too; itamae drops them.
             out = out[NUM_VIRTUAL:]
         assert out.shape[0] == ids.shape[1], (out.shape, ids.shape)
         return out
 
-    def compare(self, direction, what, ref, got, note=""):
+    def peft_logits64(self, adapter_dir, kind):
+        """PEFT's logits for a saved adapter with the base in float64."""
+        model = PeftModel.from_pretrained(self.base(torch.float64), adapter_dir)
+        model.eval()
+        return self.peft_logits(model, kind).double()
+
+    def compare(self, direction, what, ref, got, ref64=None, note=""):
+        """Max abs diff of itamae's logits `got` against PEFT's float32 logits `ref`.
+
+        `ref64` is the same PEFT computation in float64 (the exact math). When the float32 figure
+        is over the tolerance, the comparison still passes if itamae's distance to the float64
+        result is within the tolerance or within twice PEFT's own float32 error (capped at 10x the
+        tolerance): the two float32 runs then differ by rounding, not by what they compute. PEFT's
+        default N(0, 1) prompt/prefix inits are that ill-conditioned: PEFT float32 vs float64 alone
+        reaches ~1e-3 on some seeds.
+        """
         if ref.shape != got.shape:
             return self.row(direction, what, float("inf"), self.a.tol, False,
                             f"shape {tuple(got.shape)} vs {tuple(ref.shape)}")
         d = (ref - got).abs()
+        fig = float(d.max())
         worst = int(d.max(dim=1).values.argmax())
         note = (note + " " if note else "") + f"worst pos {worst}, |logit|max {ref.abs().max():.1f}"
-        # The argmax agreement is informative only: it must hold whenever the figure is tiny.
-        same_top = bool((ref.argmax(-1) == got.argmax(-1)).all())
-        if not same_top:
+        ok = fig <= self.a.tol
+        if ref64 is not None:
+            it64 = float((got.double() - ref64).abs().max())
+            peft64 = float((ref.double() - ref64).abs().max())
+            self.f64[(direction, what)] = (it64, peft64)
+            note += f"; vs PEFT f64: itamae {it64:.2e}, PEFT f32 {peft64:.2e}"
+            if not ok and it64 <= min(10 * self.a.tol, max(self.a.tol, 2 * peft64)):
+                ok = True
+                note += " -> accepted as float32 rounding (see compare())"
+        if not bool((ref.argmax(-1) == got.argmax(-1)).all()):
             note += ", argmax differs"
-        return self.row(direction, what, float(d.max()), self.a.tol, None, note)
+        return self.row(direction, what, fig, self.a.tol, ok, note)
 
     # ------------------------------------------------------------------ steps
     def export_and_base(self):
@@ -127,14 +155,15 @@ class Checker:
                  hf_ids == ids, f"{len(ids)} tokens" + ("" if hf_ids == ids else f": itamae {ids} vs HF {hf_ids}"))
         base = self.base()
         with torch.no_grad():
-            ref = base(self.ids_tensor()).logits[0].float()
+            ref = base(self.ids_tensor()).logits[0]
+            ref64 = self.base(torch.float64)(self.ids_tensor()).logits[0]
         self.base_logits = ref
-        self.compare("base", "logits, no adapter", ref, it_logits)
+        self.compare("base", "logits, no adapter", ref, it_logits, ref64)
 
     def check_saved_tensors(self, direction, what, model, adapter_dir):
         """Every tensor in the file must be what PEFT now holds (no silently ignored keys)."""
         file_sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-        live = get_peft_model_state_dict(model)
+        live = get_peft_model_state_dict(model, save_embedding_layers=False)
         missing = sorted(set(live) - set(file_sd))
         unexpected = sorted(set(file_sd) - set(live))
         worst = 0.0
@@ -143,7 +172,7 @@ class Checker:
             if live[k].shape != file_sd[k].shape:
                 bad_shape.append(f"{k}: file {tuple(file_sd[k].shape)} PEFT {tuple(live[k].shape)}")
                 continue
-            worst = max(worst, float((live[k].float().cpu() - file_sd[k].float()).abs().max()))
+            worst = max(worst, float((live[k].detach().float().cpu() - file_sd[k].float()).abs().max()))
         ok = not missing and not unexpected and not bad_shape and worst == 0.0
         note = f"{len(file_sd)} tensors"
         if missing:
@@ -169,14 +198,14 @@ class Checker:
             ("lora", "lora", ["--r", "8", "--alpha", "16", "--target-modules", "all-linear",
                               "--learning-rate", "1e-3"],
              {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM"}),
-            ("prompt", "prompt_tuning", ["--num-virtual-tokens", str(NUM_VIRTUAL), "--prompt-init", "text"],
+            ("prompt", "prompt-tuning", ["--num-virtual-tokens", str(NUM_VIRTUAL), "--prompt-init", "text"],
              {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": NUM_VIRTUAL, "token_dim": 576,
               "num_transformer_submodules": 1, "task_type": "CAUSAL_LM"}),
-            ("prefix", "prefix_tuning", ["--num-virtual-tokens", str(NUM_VIRTUAL)],
+            ("prefix", "prefix-tuning", ["--num-virtual-tokens", str(NUM_VIRTUAL)],
              {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": NUM_VIRTUAL, "token_dim": 192,
               "num_attention_heads": 3, "num_layers": 30, "num_transformer_submodules": 1,
               "prefix_projection": False, "task_type": "CAUSAL_LM"}),
-            ("prefix+proj", "prefix_tuning", ["--num-virtual-tokens", str(NUM_VIRTUAL), "--prefix-projection"],
+            ("prefix+proj", "prefix-tuning", ["--num-virtual-tokens", str(NUM_VIRTUAL), "--prefix-projection"],
              {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": NUM_VIRTUAL, "token_dim": 192,
               "num_attention_heads": 3, "num_layers": 30, "prefix_projection": True}),
         ]
@@ -200,12 +229,12 @@ class Checker:
             self.check_saved_tensors("itamae->PEFT", name, model, d)
             ref = self.peft_logits(model, kind)
             moved = float((ref - self.base_logits).abs().max())
-            self.compare("itamae->PEFT", name + " logits", ref, it_logits,
-                         f"(adapter moves logits by {moved:.3f})")
+            self.row("itamae->PEFT", name + " effect (max|adapter-base|)", moved, f"> {100 * self.a.tol:g}",
+                     moved > 100 * self.a.tol, "an adapter that changes nothing would make the check vacuous")
+            self.compare("itamae->PEFT", name + " logits", ref, it_logits, self.peft_logits64(d, kind))
 
     def peft_to_itamae(self):
         log("\n== PEFT -> itamae: adapters created by PEFT, loaded by itamaed")
-        torch.manual_seed(1234)
         cases = [
             ("lora", LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
                                 init_lora_weights=False, task_type="CAUSAL_LM")),
@@ -215,10 +244,12 @@ class Checker:
             ("prefix+proj", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL,
                                                prefix_projection=True, encoder_hidden_size=64)),
         ]
-        for name, cfg in cases:
+        for i, (name, cfg) in enumerate(cases):
             kind = name.split("+")[0]
             d = os.path.join(self.work, "peft-" + name.replace("+", "-"))
-            model = get_peft_model(self.base(), cfg)
+            base = self.base()
+            torch.manual_seed(1234 + i)  # per case, so the random adapters are reproducible
+            model = get_peft_model(base, cfg)
             model.eval()
             if kind == "lora":
                 # PEFT's non-default init gives B the nn.Linear init (|B| up to 1/sqrt(r)), which
@@ -239,17 +270,21 @@ class Checker:
                      self.a.tol, None, "(PEFT self-consistency)")
             moved = float((ref - self.base_logits).abs().max())
             _, it_logits = self.itamae_logits(d)
-            self.compare("PEFT->itamae", name + " logits", ref, it_logits,
-                         f"(adapter moves logits by {moved:.3f})")
+            self.row("PEFT->itamae", name + " effect (max|adapter-base|)", moved, f"> {100 * self.a.tol:g}",
+                     moved > 100 * self.a.tol, "an adapter that changes nothing would make the check vacuous")
+            self.compare("PEFT->itamae", name + " logits", ref, it_logits, self.peft_logits64(d, kind))
 
     def summary(self):
         log("\n== summary (max abs diff of logits over all positions, tolerance %g)" % self.a.tol)
         log(f"prompt: {PROMPT!r} ({len(self._ids or [])} tokens); torch {torch.__version__}, "
             f"transformers {transformers.__version__}, peft {peft.__version__}")
-        log(f"{'direction':14s} {'check':40s} {'figure':>12s}  result")
+        log("figure = itamae vs PEFT float32; f64 columns: itamae vs PEFT float64, PEFT float32 vs float64")
+        log(f"{'direction':14s} {'check':40s} {'figure':>10s} {'it-vs-f64':>10s} {'peft32-f64':>10s}  result")
         for direction, what, fig, limit, ok, note in self.rows:
             f = f"{fig:.3e}" if isinstance(fig, float) else str(fig)
-            log(f"{direction:14s} {what:40s} {f:>12s}  {'PASS' if ok else 'FAIL'}")
+            e = self.f64.get((direction, what))
+            e = f"{e[0]:10.3e} {e[1]:10.3e}" if e else " " * 21
+            log(f"{direction:14s} {what:40s} {f:>10s} {e}  {'PASS' if ok else 'FAIL'}")
         bad = [r for r in self.rows if not r[4]]
         log(f"\n{len(self.rows) - len(bad)}/{len(self.rows)} checks passed")
         return not bad
@@ -267,6 +302,7 @@ def main():
                    help="factor applied to PEFT's random lora_B before saving (PEFT->itamae)")
     p.add_argument("--only", choices=["itamae-to-peft", "peft-to-itamae"], help="run one direction")
     a = p.parse_args()
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     c = Checker(a)
     try:

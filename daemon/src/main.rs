@@ -68,6 +68,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
+    Train {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Timed steps (one more warm-up step runs first).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Python of a venv with torch, transformers and peft (scripts/setup-peft-venv.sh).
+        #[arg(long, env = "ITAMAE_PEFT_PYTHON")]
+        peer_python: Option<PathBuf>,
+    },
     /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
     Decode {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
@@ -129,6 +144,16 @@ fn main() {
                     peer_python,
                 },
         } => itamae::bench::decode(&model, tokens, runs, peer_python.as_deref()),
+        Command::Bench {
+            which:
+                BenchCommand::Train {
+                    model,
+                    seq,
+                    batch,
+                    steps,
+                    peer_python,
+                },
+        } => itamae::bench::train(&model, seq, batch, steps, peer_python.as_deref()),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -238,6 +238,18 @@ pub fn from_parts(
                     "LoRA bias training is not supported (bias must be \"none\")".into(),
                 ));
             }
+            for key in ["alpha_pattern", "rank_pattern"] {
+                if c.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+                    return Err(PeftError::Config(format!(
+                        "per-module `{key}` is not supported (one r and lora_alpha for every module)"
+                    )));
+                }
+            }
+            if let Some(name) = tensors.keys().find(|k| !k.contains(".lora_A.") && !k.contains(".lora_B.")) {
+                return Err(PeftError::Config(format!(
+                    "tensor `{name}` is not a LoRA A/B matrix (modules_to_save and trained biases are not supported)"
+                )));
+            }
             if c.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
                 return Err(PeftError::Config(
                     "fan_in_fan_out is not supported for Llama-family models".into(),
@@ -401,6 +413,19 @@ mod tests {
     #[test]
     fn bad_adapters_are_named() {
         let cfg = tiny_config(Arch::Llama);
+        let e = from_parts(&json!({"peft_type": "LORA", "r": 4, "alpha_pattern": {"q_proj": 64}}), HashMap::new(), &cfg)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("alpha_pattern"), "{e}");
+        let norm = Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = from_parts(
+            &json!({"peft_type": "LORA", "r": 4}),
+            HashMap::from([("base_model.model.model.norm.weight".to_string(), norm)]),
+            &cfg,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("modules_to_save"), "{e}");
         let e = from_parts(&json!({"peft_type": "IA3"}), HashMap::new(), &cfg)
             .err()
             .unwrap();

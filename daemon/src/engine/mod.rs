@@ -29,11 +29,7 @@ struct Shared {
     id: String,
     config: model::ModelConfig,
     created: u64,
-    tokenizer: tokenizers::Tokenizer,
-    template: Option<ChatTemplate>,
-    bos_id: Option<u32>,
-    add_bos: bool,
-    eos_ids: Vec<u32>,
+    base: BaseModel,
     context: usize,
     /// Served variants by id. Requests hold an `Arc` to the adapter they started with, so
     /// replacing or removing one never disturbs a running generation.
@@ -43,6 +39,15 @@ struct Shared {
 struct Variant {
     adapter: Arc<Adapter>,
     created: u64,
+}
+
+/// The resident base model and its text side, shared (not copied) with whoever trains on it.
+#[derive(Clone)]
+pub struct BaseModel {
+    pub model: Arc<Llama>,
+    pub text: Arc<model::TextSpec>,
+    pub template: Option<Arc<ChatTemplate>>,
+    pub name: String,
 }
 
 /// A validated, tokenized request ready to run.
@@ -194,6 +199,11 @@ impl EngineHandle {
             .is_some())
     }
 
+    /// The resident base model: training borrows these very tensors (no second copy).
+    pub fn base(&self) -> Result<BaseModel, EngineError> {
+        Ok(self.shared()?.base.clone())
+    }
+
     /// The base model's architecture (for loading adapters against it).
     pub fn model_config(&self) -> Result<model::ModelConfig, EngineError> {
         Ok(self.shared()?.config.clone())
@@ -228,7 +238,7 @@ impl EngineHandle {
                 if messages.is_empty() {
                     return Err(invalid("messages", "messages must not be empty".into()));
                 }
-                let tpl = sh.template.as_ref().ok_or_else(|| {
+                let tpl = sh.base.template.as_deref().ok_or_else(|| {
                     invalid(
                         "messages",
                         "this model has no chat template; use /v1/completions".into(),
@@ -240,15 +250,17 @@ impl EngineHandle {
                 // The template writes BOS itself when the model wants one.
                 ("messages", text, false)
             }
-            PromptInput::Text(t) => ("prompt", t.clone(), sh.add_bos),
+            PromptInput::Text(t) => ("prompt", t.clone(), sh.base.text.add_bos),
         };
         let enc = sh
+            .base
+            .text
             .tokenizer
             .encode(text.as_str(), false)
             .map_err(|e| EngineError::Internal(format!("tokenizer: {e}")))?;
         let mut tokens = Vec::with_capacity(enc.len() + 1);
         if add_bos {
-            tokens.extend(sh.bos_id);
+            tokens.extend(sh.base.text.bos_id);
         }
         tokens.extend_from_slice(enc.get_ids());
         if tokens.is_empty() {
@@ -307,20 +319,22 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn split(l: LoadedModel) -> (Llama, Shared) {
+fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
+    let model = Arc::new(l.model);
     let sh = Shared {
-        id: l.name,
+        id: l.name.clone(),
         created: now(),
-        config: l.model.cfg.clone(),
+        config: model.cfg.clone(),
         adapters: RwLock::new(HashMap::new()),
-        tokenizer: l.text.tokenizer,
-        template: l.template,
-        bos_id: l.text.bos_id,
-        add_bos: l.text.add_bos,
-        eos_ids: l.text.eos_ids,
-        context: l.model.cfg.max_position_embeddings,
+        context: model.cfg.max_position_embeddings,
+        base: BaseModel {
+            model: model.clone(),
+            text: Arc::new(l.text),
+            template: l.template.map(Arc::new),
+            name: l.name,
+        },
     };
-    (l.model, sh)
+    (model, sh)
 }
 
 /// One sequence being generated.
@@ -343,7 +357,7 @@ enum Step {
     Done,
 }
 
-fn run(model: Llama, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
+fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
     let mut active: Vec<Seq> = Vec::new();
     loop {
         // Block only when idle; otherwise take whatever arrived between steps.
@@ -424,15 +438,15 @@ impl Seq {
         let mut logits = logits.squeeze(0)?.to_vec1::<f32>()?;
         let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
         self.feed = vec![id];
-        if sh.eos_ids.contains(&id) {
-            let rest = self.detok.flush(&sh.tokenizer) + &self.stop.flush();
+        if sh.base.text.eos_ids.contains(&id) {
+            let rest = self.detok.flush(&sh.base.text.tokenizer) + &self.stop.flush();
             self.emit(rest);
             return Ok(self.finish(FinishReason::Stop));
         }
         self.generated += 1;
         self.ids.push(id);
         *self.counts.entry(id).or_default() += 1;
-        let delta = self.detok.push(&sh.tokenizer, id);
+        let delta = self.detok.push(&sh.base.text.tokenizer, id);
         match self.stop.push(&delta) {
             Filtered::Stop(text) => {
                 self.emit(text);
@@ -445,7 +459,7 @@ impl Seq {
             }
         }
         if self.generated >= self.job.p.max_tokens {
-            let rest = self.detok.flush(&sh.tokenizer);
+            let rest = self.detok.flush(&sh.base.text.tokenizer);
             let rest = match self.stop.push(&rest) {
                 Filtered::Stop(t) => {
                     self.emit(t);

@@ -184,6 +184,8 @@ pub struct Packed {
     pub positions: Tensor,
     /// `(b, l, l)` additive mask (0 or -inf).
     pub mask: Tensor,
+    /// The per-row segment ids the two above were built from.
+    pub segments: Vec<Vec<u32>>,
 }
 
 impl Packed {
@@ -213,6 +215,7 @@ impl Packed {
         Ok(Self {
             positions: Tensor::from_vec(pos, (b, l), device)?,
             mask: Tensor::from_vec(mask, (b, l, l), device)?,
+            segments: segments.to_vec(),
         })
     }
 }
@@ -631,7 +634,15 @@ impl Llama {
                 },
                 None => (k, v),
             };
-            let att = ops::attention(&q, &k, &v, mask.as_ref(), scale)?
+            let att = if q.track_op() && self.device.is_cpu() {
+                // Training: fused kernel that recomputes probabilities in the backward.
+                let visible = k.dim(2)? - l;
+                let segments = packed.map(|p| p.segments.as_slice());
+                ops::attention::fused_attention(&q, &k, &v, visible, segments, scale)?
+            } else {
+                ops::attention(&q, &k, &v, mask.as_ref(), scale)?
+            };
+            let att = att
                 .transpose(1, 2)?
                 .reshape((b, l, c.num_heads * c.head_dim))?;
             x = (x + proj(i, Proj::O, &att, &a.o_proj, None)?)?;

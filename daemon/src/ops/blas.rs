@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use candle_core::{bail, Layout, Result};
+use candle_core::{bail, Layout, Result, Storage};
 use cblas_sys::{CblasNoTrans, CblasRowMajor, CblasTrans, CBLAS_TRANSPOSE};
 use std::ffi::{c_char, c_int};
 // The link attribute brings in the system OpenBLAS, which also provides the `cblas_*` symbols
@@ -212,6 +212,18 @@ impl<'a, T> Mat<'a, T> {
             cols,
             ld: cols.max(1),
             trans: false,
+        }
+    }
+
+    /// Element `(i, j)` of the logical matrix.
+    pub fn at(&self, i: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        if self.trans {
+            self.data[j * self.ld + i]
+        } else {
+            self.data[i * self.ld + j]
         }
     }
 
@@ -469,6 +481,17 @@ impl<'a, T: Copy> Operand<'a, T> {
     }
 }
 
+/// A CPU storage (e.g. from `Tensor::storage_and_layout`) as a 2-D BLAS operand of type `T`.
+pub(crate) fn cpu_operand<'a, T: BlasFloat>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Result<Operand<'a, T>> {
+    match storage {
+        Storage::Cpu(c) => Operand::new(T::cpu_storage_as_slice(c)?, layout),
+        _ => bail!("blas: operand is not on the CPU"),
+    }
+}
+
 /// The kernel set OpenBLAS chose when it loaded (e.g. "Haswell", "SkylakeX", "Prescott").
 pub fn core_name() -> String {
     // SAFETY: openblas_get_corename takes no arguments and returns a pointer to a static,
@@ -508,18 +531,39 @@ pub fn wanted_coretype() -> Option<&'static str> {
     None
 }
 
-/// When `OPENBLAS_CORETYPE` is unset and OpenBLAS runs slower kernels than this CPU supports,
-/// re-executes the current program (same arguments) with the variable set — OpenBLAS reads it
-/// only when the library loads. Call it first thing in `main`, before threads start. Returns
-/// `Ok(())` when nothing needed doing; on a successful re-exec it does not return.
+/// Overrides an inherited `OPENBLAS_CORETYPE` for the daemon: `auto` picks the kernel set from
+/// the CPU's flags (some hosts set `Haswell` for every process, AVX-512 CPUs included, where
+/// `SkylakeX` runs GEMMs about twice as fast); any other value is used as the core type.
+pub const CORETYPE_OVERRIDE_ENV: &str = "ITAMAE_OPENBLAS_CORETYPE";
+
+/// When OpenBLAS runs slower kernels than this CPU supports and `OPENBLAS_CORETYPE` is unset
+/// (or [`CORETYPE_OVERRIDE_ENV`] asks for another core type), re-executes the current program
+/// with the same arguments and `OPENBLAS_CORETYPE` set: OpenBLAS reads it only when the library
+/// loads. Call it first thing in `main`, before threads start, then [`self_check`]. Returns
+/// `Ok(())` when nothing needed doing; after a successful re-exec it does not return.
 pub fn ensure_coretype_env() -> std::io::Result<()> {
-    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
-        return Ok(());
+    let current = std::env::var("OPENBLAS_CORETYPE").ok();
+    let overridden = std::env::var(CORETYPE_OVERRIDE_ENV).ok();
+    match coretype_to_set(current.as_deref(), overridden.as_deref(), wanted_coretype) {
+        Some(core) => reexec_with_coretype(&core),
+        None => Ok(()),
     }
-    let Some(core) = wanted_coretype() else {
-        return Ok(());
+}
+
+/// The core type to re-execute with, if any. `detect` is [`wanted_coretype`], called only when
+/// the answer depends on it.
+fn coretype_to_set(
+    current: Option<&str>,
+    overridden: Option<&str>,
+    detect: impl FnOnce() -> Option<&'static str>,
+) -> Option<String> {
+    let wanted = match overridden.filter(|v| !v.is_empty()) {
+        None if current.is_some() => return None,
+        None | Some("auto") => detect()?.to_string(),
+        Some(core) => core.to_string(),
     };
-    reexec_with_coretype(core)
+    // The child starts with the variable equal to `wanted`, so it cannot loop.
+    (current != Some(wanted.as_str())).then_some(wanted)
 }
 
 #[cfg(unix)]
@@ -531,7 +575,6 @@ fn reexec_with_coretype(core: &str) -> std::io::Result<()> {
     if let Some(arg0) = args.next() {
         cmd.arg0(arg0);
     }
-    // The child sees the variable set, so it cannot loop.
     Err(cmd.args(args).env("OPENBLAS_CORETYPE", core).exec())
 }
 
@@ -651,12 +694,20 @@ pub fn generic_kernels() -> bool {
     false
 }
 
+/// Set to `0` or `off` to keep every matmul on candle's gemm (A/B measurements, or a BLAS that
+/// misbehaves in a way the self-check misses).
+pub const DISABLE_ENV: &str = "ITAMAE_BLAS";
+
 /// Whether BLAS should carry the f32/f64 CPU matmuls: its kernels are tuned for this CPU and
 /// passed [`self_check`]. Decided once per process; otherwise candle's gemm is used, since
 /// generic kernels are slower than it and wrong results must never be served or trained on.
 pub fn preferred() -> bool {
     static PREFERRED: OnceLock<bool> = OnceLock::new();
     *PREFERRED.get_or_init(|| {
+        if matches!(std::env::var(DISABLE_ENV).as_deref(), Ok("0") | Ok("off")) {
+            tracing::info!("{DISABLE_ENV} is off: using candle's matmul");
+            return false;
+        }
         if generic_kernels() {
             tracing::warn!(
                 "OpenBLAS runs generic \"{}\" kernels on this CPU: using candle's matmul \
@@ -795,6 +846,66 @@ mod tests {
         }
     }
 
+    #[test]
+    fn coretype_decision() {
+        let skx = || Some("SkylakeX");
+        let none = || None;
+        // Unset: follow detection.
+        assert_eq!(
+            coretype_to_set(None, None, skx).as_deref(),
+            Some("SkylakeX")
+        );
+        assert_eq!(coretype_to_set(None, None, none), None);
+        // Set by the environment: respected unless the daemon's override asks otherwise.
+        assert_eq!(coretype_to_set(Some("Haswell"), None, skx), None);
+        assert_eq!(coretype_to_set(Some("Haswell"), Some(""), skx), None);
+        assert_eq!(
+            coretype_to_set(Some("Haswell"), Some("auto"), skx).as_deref(),
+            Some("SkylakeX")
+        );
+        assert_eq!(coretype_to_set(Some("Haswell"), Some("auto"), none), None);
+        assert_eq!(
+            coretype_to_set(Some("Haswell"), Some("Zen"), none).as_deref(),
+            Some("Zen")
+        );
+        // The re-executed child: already what was asked for.
+        assert_eq!(coretype_to_set(Some("Zen"), Some("Zen"), skx), None);
+        assert_eq!(coretype_to_set(Some("SkylakeX"), None, skx), None);
+    }
+
+    /// Re-executes this test binary through [`ensure_coretype_env`] with an override, and checks
+    /// that the child runs the kernels asked for (it only can if the variable was set before the
+    /// library loaded).
+    #[cfg(all(unix, target_arch = "x86_64"))]
+    #[test]
+    fn reexec_sets_coretype_before_load() {
+        if !std::arch::is_x86_feature_detected!("avx") {
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--ignored", "--exact", "--nocapture"])
+            .arg("ops::blas::tests::reexec_child")
+            .env_remove("OPENBLAS_CORETYPE")
+            // Sandybridge (AVX) kernels: correct on any AVX CPU and named unlike the defaults.
+            .env(CORETYPE_OVERRIDE_ENV, "Sandybridge")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed: {stdout}");
+        assert!(
+            stdout.contains("child kernels: Sandybridge"),
+            "child output: {stdout}"
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn reexec_child() {
+        ensure_coretype_env().unwrap();
+        println!("child kernels: {}", core_name());
+    }
+
     /// Many shapes (small-matrix kernels, tails, threading threshold, m = 1), every transpose
     /// pair and padded leading dimensions, f32 against a float64 reference. For vetting a kernel
     /// set: `OPENBLAS_CORETYPE=SkylakeX cargo test ... blas_stress -- --ignored`.
@@ -859,67 +970,64 @@ mod tests {
         }
     }
 
-    /// GFLOP/s of BLAS vs candle's matmul on the model's shapes. Run with
+    /// GFLOP/s of BLAS vs candle's matmul on the model's shapes, best of several runs (the
+    /// machine is shared). `ta`/`tb`: operands stored transposed. Run with
     /// `cargo test --release -p itamae-daemon --lib blas_gflops -- --ignored --nocapture`, and
-    /// with `OPENBLAS_CORETYPE=SkylakeX` in front to compare kernel sets.
+    /// with `OPENBLAS_CORETYPE=SkylakeX` (or unset) in front to compare kernel sets.
     #[test]
     #[ignore]
     fn blas_gflops() {
         use candle_core::{Device, Tensor};
         use std::time::Instant;
         println!("OpenBLAS kernels: {}", core_name());
+        // (m, k, n, A stored transposed, B stored transposed, what)
         let shapes = [
-            (2048, 576, 1536),
-            (2048, 1536, 576),
-            (2048, 576, 576),
-            (2048, 576, 49152),
-            (256, 576, 49152),
-            (256, 49152, 576),
-            (1, 576, 1536),
-            (1, 1536, 576),
-            (1, 576, 49152),
+            (2048, 576, 1536, false, true, "fwd gate/up  x·Wᵀ"),
+            (2048, 1536, 576, false, true, "fwd down     x·Wᵀ"),
+            (2048, 576, 576, false, true, "fwd q/o      x·Wᵀ"),
+            (2048, 1536, 576, false, false, "bwd dX gate  dY·W"),
+            (2048, 576, 1536, false, false, "bwd dX down  dY·W"),
+            (1536, 2048, 576, true, false, "bwd dW gate  dYᵀ·X"),
+            (2048, 576, 49152, false, true, "lm head      H·Eᵀ"),
+            (256, 576, 49152, false, true, "CE chunk     H·Eᵀ"),
+            (256, 49152, 576, false, false, "CE chunk dH  G·E"),
+            (49152, 256, 576, true, false, "CE chunk dE  Gᵀ·H"),
+            (1, 576, 1536, false, true, "decode       x·Wᵀ"),
+            (1, 1536, 576, false, true, "decode       x·Wᵀ"),
+            (1, 576, 49152, false, true, "decode head  x·Eᵀ"),
         ];
-        for (m, k, n) in shapes {
-            let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
-            let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();
+        for (m, k, n, ta, tb, what) in shapes {
+            let a =
+                Tensor::randn(0f32, 1., if ta { (k, m) } else { (m, k) }, &Device::Cpu).unwrap();
+            let b =
+                Tensor::randn(0f32, 1., if tb { (n, k) } else { (k, n) }, &Device::Cpu).unwrap();
             let flop = 2.0 * (m * k * n) as f64;
-            let reps = ((20e9 / flop) as usize).clamp(3, 2000);
-            let wt = w.t().unwrap();
-            let time = |f: &mut dyn FnMut()| {
+            let reps = ((10e9 / flop) as usize).clamp(5, 500);
+            let best = |f: &mut dyn FnMut()| {
                 f();
-                let t = Instant::now();
+                let mut best = f64::INFINITY;
                 for _ in 0..reps {
+                    let t = Instant::now();
                     f();
+                    best = best.min(t.elapsed().as_secs_f64());
                 }
-                t.elapsed().as_secs_f64() / reps as f64
+                best
             };
-            let candle = time(&mut || {
-                x.matmul(&wt).unwrap();
+            let (at, bt) = (
+                if ta { a.t().unwrap() } else { a.clone() },
+                if tb { b.t().unwrap() } else { b.clone() },
+            );
+            let candle = best(&mut || {
+                at.matmul(&bt).unwrap();
             });
-            let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let av = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bv = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut c = vec![0f32; m * n];
-            let blas_nt = time(&mut || {
+            let blas = best(&mut || {
                 gemm(
                     1.0,
-                    Mat::new(&xv, m, k),
-                    Mat::new(&wv, n, k).t(),
-                    0.0,
-                    &mut c,
-                    n,
-                )
-                .unwrap();
-            });
-            // The same product with the weight stored k × n (the backward's dY·W layout).
-            let wkn: Vec<f32> = transpose(&wv.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, k)
-                .into_iter()
-                .map(|v| v as f32)
-                .collect();
-            let blas_nn = time(&mut || {
-                gemm(
-                    1.0,
-                    Mat::new(&xv, m, k),
-                    Mat::new(&wkn, k, n),
+                    view(&av, m, k, ta),
+                    view(&bv, k, n, tb),
                     0.0,
                     &mut c,
                     n,
@@ -928,10 +1036,9 @@ mod tests {
             });
             let g = |s: f64| flop / s / 1e9;
             println!(
-                "{m:>5}x{k:>5}x{n:>5}: candle {:>6.1} | blas x·Wᵀ {:>6.1} | blas x·W {:>6.1} GFLOP/s",
+                "{what:<20} {m:>5}x{k:>5}x{n:>5}: candle {:>6.1} | blas {:>6.1} GFLOP/s",
                 g(candle),
-                g(blas_nt),
-                g(blas_nn)
+                g(blas)
             );
         }
     }

@@ -7,11 +7,15 @@
 //!   `matmul`), because candle's fused kernels silently drop the gradient (REFERENCE.md §2).
 //!
 //! The path is chosen per call from [`Tensor::track_op`], so one model forward serves both
-//! training and inference. Every op here is tested against a composed reference and with a
+//! training and inference. On CPU the training path uses our own fused ops with analytic
+//! backward ([`fused`], [`attention`], [`linear`], [`loss`]) instead of the composed graphs,
+//! which are kept as the reference they are tested against and for other devices. Every op here is tested against a composed reference and with a
 //! finite-difference gradient check in f64.
 use candle_core::{DType, Device, Result, Tensor, D};
 
+pub mod attention;
 pub mod blas;
+pub mod fused;
 pub mod linear;
 pub mod loss;
 
@@ -22,7 +26,9 @@ fn tracked(ts: &[&Tensor]) -> bool {
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if tracked(&[x, w]) {
+    if tracked(&[x, w]) && x.device().is_cpu() {
+        fused::rms_norm(x, w, eps)
+    } else if tracked(&[x, w]) {
         rms_norm_composed(x, w, eps)
     } else {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
@@ -56,7 +62,9 @@ fn softmax_composed(x: &Tensor) -> Result<Tensor> {
 /// `cos`/`sin` are `(seq, head_dim / 2)` for the positions of `x`, or `(batch, 1, seq, head_dim / 2)`
 /// when every row has its own positions (packed examples).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if tracked(&[x]) {
+    if tracked(&[x]) && x.device().is_cpu() {
+        fused::rope(x, cos, sin)
+    } else if tracked(&[x]) {
         rope_composed(x, cos, sin)
     } else if cos.rank() == 4 {
         let (cos, sin) = (cos.squeeze(1)?.contiguous()?, sin.squeeze(1)?.contiguous()?);

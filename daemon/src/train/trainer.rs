@@ -563,11 +563,16 @@ impl<'m> Trainer<'m> {
                 let batch = self.batcher.next_batch();
                 real_tokens += batch.tokens;
                 self.set_dropout_seed(micro as u64);
+                let t0 = Instant::now();
                 let (loss, n, c) = self.train_loss(&batch)?;
                 loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 count += n;
                 correct += c;
+                let t1 = Instant::now();
                 let g = loss.backward()?;
+                if std::env::var_os("ITAMAE_PROFILE").is_some() {
+                    eprintln!("forward {:.2} s, backward {:.2} s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
+                }
                 for (slot, p) in grads.iter_mut().zip(&self.params) {
                     if let Some(gp) = g.get(p.var.as_tensor()) {
                         *slot = Some(match slot.take() {
@@ -820,28 +825,16 @@ fn detached_adapter(a: &Adapter, cfg: &crate::model::ModelConfig) -> candle_core
     })
 }
 
-/// Composed LM-head cross-entropy: weighted NLL sum, weight sum, correct predictions.
+/// LM-head cross-entropy without materialising the logits: weighted NLL sum (a scalar tensor
+/// carrying the gradient), weight sum, correct argmax predictions among weighted tokens.
 fn lm_loss(
     hidden: &Tensor,
     head: &Tensor,
     targets: &Tensor,
     weights: &Tensor,
 ) -> candle_core::Result<(Tensor, f64, usize)> {
-    let logits = ops::linear(hidden, head, None)?;
-    let lsm = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
-    let nll = lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-    let loss = (nll * weights)?.sum_all()?;
-    let w = weights.to_vec1::<f32>()?;
-    let pred = logits
-        .detach()
-        .argmax(candle_core::D::Minus1)?
-        .to_vec1::<u32>()?;
-    let t = targets.to_vec1::<u32>()?;
-    let count: f64 = w.iter().map(|&x| x as f64).sum();
-    let correct = (0..w.len())
-        .filter(|&i| w[i] > 0.0 && pred[i] == t[i])
-        .count();
-    Ok((loss, count, correct))
+    let (loss, stats) = ops::loss::lm_head_cross_entropy(hidden, head, targets, weights)?;
+    Ok((loss, stats.weight_sum, stats.correct))
 }
 
 #[cfg(test)]
