@@ -3,20 +3,27 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/itamae-target
 export CARGO_TARGET_DIR
 
-.PHONY: serve test model bench lint
+.PHONY: serve test model system bench bench-train lint
 
-serve: model
+serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
 
-test: model
+test: system model
 	cargo test --release --workspace
 
 model:
 	@scripts/fetch-model.sh
 
-bench: model
+# Debian packages the build links against (OpenBLAS); idempotent.
+system:
+	@scripts/setup-system.sh
+
+bench: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- bench decode
 
-lint:
+bench-train: system model
+	cargo run --release -p itamae-daemon --bin itamaed -- bench train
+
+lint: system
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings

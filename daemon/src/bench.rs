@@ -182,7 +182,12 @@ pub fn train(
             let now = Instant::now();
             step_times.push(now.duration_since(last).as_secs_f64());
             last = now;
-            eprintln!("step {} loss {:.4} ({:.2} s)", s.step, s.loss, step_times.last().unwrap_or(&0.0));
+            eprintln!(
+                "step {} loss {:.4} ({:.2} s)",
+                s.step,
+                s.loss,
+                step_times.last().unwrap_or(&0.0)
+            );
         }
     })?;
     let timed = &step_times[1..];
@@ -193,7 +198,9 @@ pub fn train(
         "itamae  LoRA r=16 all-linear, batch {batch} x seq {seq}: {secs:.2} s/step, {tps:.0} tokens/s, peak RSS {rss:.2} GB"
     );
     let Some(py) = peer_python else {
-        println!("peer: HF PEFT not configured (scripts/setup-peft-venv.sh, then ITAMAE_PEFT_PYTHON)");
+        println!(
+            "peer: HF PEFT not configured (scripts/setup-peft-venv.sh, then ITAMAE_PEFT_PYTHON)"
+        );
         return Ok(());
     };
     let hf_dir = std::env::temp_dir().join(format!("itamae-bench-hf-{}", std::process::id()));
@@ -208,7 +215,10 @@ pub fn train(
     let _ = std::fs::remove_dir_all(&hf_dir);
     let out = out?;
     if !out.status.success() {
-        anyhow::bail!("PEFT bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!(
+            "PEFT bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("peer output: {}", String::from_utf8_lossy(&out.stdout)))?;
@@ -216,6 +226,10 @@ pub fn train(
     let prss = v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1e9;
     let psecs = v["secs_per_step"].as_f64().unwrap_or(f64::NAN);
     println!("HF PEFT LoRA r=16 all-linear, batch {batch} x seq {seq}: {psecs:.2} s/step, {ptps:.0} tokens/s, peak RSS {prss:.2} GB");
-    println!("ratio itamae/PEFT: tokens/s {:.2}x, peak RSS {:.2}x", tps / ptps, rss / prss);
+    println!(
+        "ratio itamae/PEFT: tokens/s {:.2}x, peak RSS {:.2}x",
+        tps / ptps,
+        rss / prss
+    );
     Ok(())
 }

@@ -4,11 +4,12 @@
 //! `api` (HTTP) → `engine` (scheduling, sampling, generation) → `model` (the transformer, its
 //! tokenizer and chat template) → `ops` (numeric kernels with fast and differentiable paths).
 pub mod adapters;
-pub mod train;
 pub mod api;
 pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod jobs;
 pub mod model;
 pub mod ops;
+pub mod train;

@@ -100,6 +100,16 @@ enum BenchCommand {
 }
 
 fn main() {
+    // OpenBLAS reads its CPU core type only when it loads: re-exec with it set when this CPU
+    // would be misdetected (REFERENCE.md §2). Must come before any BLAS call.
+    if let Err(e) = itamae::ops::blas::ensure_coretype_env() {
+        eprintln!("warning: could not re-execute with OPENBLAS_CORETYPE set: {e}");
+    }
+    // candle's elementwise thread pool spins 25k iterations before parking; on 2 cores that
+    // spinning starves the BLAS and rayon threads between ops. Park sooner unless told otherwise.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -224,10 +234,26 @@ fn serve(
             }
         }
     });
+    // Files, jobs and their results live in the data directory; the runner thread re-serves
+    // finished jobs and resumes interrupted ones once the model is loaded.
+    let mut jobs_cfg = itamae::jobs::JobsConfig::new(cfg.data_dir.clone());
+    if let Ok(org) = std::env::var("ITAMAE_ORGANIZATION_ID") {
+        if !org.is_empty() {
+            jobs_cfg.organization_id = org;
+        }
+    }
+    if let Some(n) = std::env::var("ITAMAE_MAX_UPLOAD_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        jobs_cfg.max_upload_bytes = n;
+    }
+    let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     actix_web::rt::System::new().block_on(itamae::api::serve(
         engine,
         cfg.host.clone(),
         cfg.port,
+        Some(jobs),
     ))?;
     tracing::info!("itamaed stopped");
     Ok(())

@@ -137,7 +137,12 @@ pub fn save(dir: &Path, adapter: &Adapter, model: &ModelConfig, base_name: &str)
     })
 }
 
-/// Fills a temporary sibling of `dir` with `fill`, then swaps it into place.
+/// Entries of an output directory that belong to the run rather than to its result: they are
+/// carried over when the result is replaced (checkpoints live beside the final adapter).
+pub const KEPT_ENTRIES: &[&str] = &["checkpoints"];
+
+/// Fills a temporary sibling of `dir` with `fill`, then swaps it into place. Entries of the old
+/// directory named in [`KEPT_ENTRIES`] are moved into the new one first.
 pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir
         .parent()
@@ -155,6 +160,15 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    for keep in KEPT_ENTRIES {
+        let from = dir.join(keep);
+        if from.exists() && !tmp.join(keep).exists() {
+            if let Err(e) = std::fs::rename(&from, tmp.join(keep)) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(io(&from)(e));
+            }
+        }
+    }
     let old = parent.join(format!(".{name}.old-{nonce:016x}"));
     let had_old = dir.exists();
     if had_old {
@@ -163,6 +177,9 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     if let Err(e) = std::fs::rename(&tmp, dir) {
         if had_old {
             let _ = std::fs::rename(&old, dir);
+            for keep in KEPT_ENTRIES {
+                let _ = std::fs::rename(tmp.join(keep), dir.join(keep));
+            }
         }
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(io(dir)(e));
@@ -239,13 +256,19 @@ pub fn from_parts(
                 ));
             }
             for key in ["alpha_pattern", "rank_pattern"] {
-                if c.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+                if c.get(key)
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| !m.is_empty())
+                {
                     return Err(PeftError::Config(format!(
                         "per-module `{key}` is not supported (one r and lora_alpha for every module)"
                     )));
                 }
             }
-            if let Some(name) = tensors.keys().find(|k| !k.contains(".lora_A.") && !k.contains(".lora_B.")) {
+            if let Some(name) = tensors
+                .keys()
+                .find(|k| !k.contains(".lora_A.") && !k.contains(".lora_B."))
+            {
                 return Err(PeftError::Config(format!(
                     "tensor `{name}` is not a LoRA A/B matrix (modules_to_save and trained biases are not supported)"
                 )));
@@ -396,6 +419,11 @@ mod tests {
             assert_eq!(back.kind(), a.kind());
             same(a, &back);
         }
+        // replacing a result keeps the run's checkpoints beside it
+        std::fs::create_dir_all(dir.join("variant/checkpoints/step-1")).unwrap();
+        save(&dir.join("variant"), &prefix, &cfg, "base").unwrap();
+        assert!(dir.join("variant/checkpoints/step-1").is_dir());
+        std::fs::remove_dir_all(dir.join("variant/checkpoints")).unwrap();
         // only the final directory is left behind, no temporaries
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -413,9 +441,13 @@ mod tests {
     #[test]
     fn bad_adapters_are_named() {
         let cfg = tiny_config(Arch::Llama);
-        let e = from_parts(&json!({"peft_type": "LORA", "r": 4, "alpha_pattern": {"q_proj": 64}}), HashMap::new(), &cfg)
-            .err()
-            .unwrap();
+        let e = from_parts(
+            &json!({"peft_type": "LORA", "r": 4, "alpha_pattern": {"q_proj": 64}}),
+            HashMap::new(),
+            &cfg,
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("alpha_pattern"), "{e}");
         let norm = Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap();
         let e = from_parts(

@@ -4,10 +4,14 @@
 //! - `GET /healthz`, `GET /readyz`
 //! - `GET /v1/models`, `GET /v1/models/{id}`
 //! - `POST /v1/chat/completions`, `POST /v1/completions` (both stream with `"stream": true`)
+//! - `/v1/files…` and `/v1/fine_tuning/jobs…` ([`files`], [`jobs`]; the service behind them is
+//!   `crate::jobs::Jobs`, registered as app data when the server has a data directory)
 //!
 //! Every error is `{"error":{"message","type","param","code"}}`, built by [`ApiError`].
 pub mod error;
+pub mod files;
 pub mod handlers;
+pub mod jobs;
 pub mod request;
 pub mod response;
 
@@ -47,37 +51,49 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/models/{id:.+}").route(web::get().to(handlers::get_model)))
         .service(resource("/v1/chat/completions").route(web::post().to(handlers::chat_completions)))
         .service(resource("/v1/completions").route(web::post().to(handlers::completions)))
+        .configure(files::configure)
+        .configure(jobs::configure)
         .default_service(web::to(handlers::not_found));
 }
 
 /// Serves the API on `host:port` until SIGINT/SIGTERM (actix stops gracefully on both).
+/// Without `jobs`, the files and fine-tuning routes answer 503.
 /// Must run inside an actix or tokio runtime.
-pub async fn serve(engine: EngineHandle, host: String, port: u16) -> std::io::Result<()> {
+pub async fn serve(
+    engine: EngineHandle,
+    host: String,
+    port: u16,
+    jobs: Option<crate::jobs::Jobs>,
+) -> std::io::Result<()> {
     let data = web::Data::new(engine);
+    let jobs = jobs.map(web::Data::new);
     let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            .wrap_fn(|req, srv| {
-                let started = Instant::now();
-                let method = req.method().clone();
-                let path = req.path().to_owned();
-                let fut = srv.call(req);
-                async move {
-                    let res = fut.await;
-                    match &res {
-                        Ok(r) => tracing::info!(
-                            %method,
-                            %path,
-                            status = r.status().as_u16(),
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "request"
-                        ),
-                        Err(e) => tracing::warn!(%method, %path, "request failed: {e}"),
-                    }
-                    res
+        let app = App::new().app_data(data.clone());
+        let app = match &jobs {
+            Some(j) => app.app_data(j.clone()),
+            None => app,
+        };
+        app.wrap_fn(|req, srv| {
+            let started = Instant::now();
+            let method = req.method().clone();
+            let path = req.path().to_owned();
+            let fut = srv.call(req);
+            async move {
+                let res = fut.await;
+                match &res {
+                    Ok(r) => tracing::info!(
+                        %method,
+                        %path,
+                        status = r.status().as_u16(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "request"
+                    ),
+                    Err(e) => tracing::warn!(%method, %path, "request failed: {e}"),
                 }
-            })
-            .configure(configure)
+                res
+            }
+        })
+        .configure(configure)
     })
     .workers(WORKERS)
     // Abort a connection as soon as the client closes it, so that a non-streamed generation

@@ -50,7 +50,14 @@ impl FusedAttention {
     }
 
     /// Scaled, masked scores of one head into `s` (`l × t`); masked entries are -inf.
-    fn scores<T: BlasFloat>(&self, dm: Dims, bi: usize, q: &[T], k: &[T], s: &mut [T]) -> Result<()> {
+    fn scores<T: BlasFloat>(
+        &self,
+        dm: Dims,
+        bi: usize,
+        q: &[T],
+        k: &[T],
+        s: &mut [T],
+    ) -> Result<()> {
         let (l, t, d) = (dm.l, dm.t, dm.d);
         gemm(
             T::from_f64(self.scale),
@@ -71,7 +78,14 @@ impl FusedAttention {
     }
 
     fn forward<T: BlasFloat>(&self, dm: Dims, q: &[T], k: &[T], v: &[T]) -> Result<Vec<T>> {
-        let Dims { b, nh, nkv, l, t, d } = dm;
+        let Dims {
+            b,
+            nh,
+            nkv,
+            l,
+            t,
+            d,
+        } = dm;
         let rep = nh / nkv;
         let mut out = vec![T::from_f64(0.0); b * nh * l * d];
         let mut lse = vec![0f64; b * nh * l];
@@ -100,7 +114,14 @@ impl FusedAttention {
                         *lse = m + sum.ln();
                     });
                 let oh = &mut out[((bi * nh + h) * l) * d..][..l * d];
-                gemm(T::from_f64(1.0), Mat::new(&s, l, t), Mat::new(vg, t, d), T::from_f64(0.0), oh, d)?;
+                gemm(
+                    T::from_f64(1.0),
+                    Mat::new(&s, l, t),
+                    Mat::new(vg, t, d),
+                    T::from_f64(0.0),
+                    oh,
+                    d,
+                )?;
             }
         }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
@@ -117,7 +138,14 @@ impl FusedAttention {
         o: &[T],
         go: &[T],
     ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-        let Dims { b, nh, nkv, l, t, d } = dm;
+        let Dims {
+            b,
+            nh,
+            nkv,
+            l,
+            t,
+            d,
+        } = dm;
         let rep = nh / nkv;
         let zero = T::from_f64(0.0);
         let one = T::from_f64(1.0);
@@ -140,14 +168,30 @@ impl FusedAttention {
                 let (oh, goh) = (&o[qo..][..l * d], &go[qo..][..l * d]);
                 self.scores(dm, bi, qh, kg, &mut p)?;
                 let lse_h = &lse[(bi * nh + h) * l..][..l];
-                p.par_chunks_mut(t).zip(lse_h.par_iter()).for_each(|(row, &lse)| {
-                    for x in row.iter_mut() {
-                        *x = T::from_f64((x.to_f64() - lse).exp());
-                    }
-                });
+                p.par_chunks_mut(t)
+                    .zip(lse_h.par_iter())
+                    .for_each(|(row, &lse)| {
+                        for x in row.iter_mut() {
+                            *x = T::from_f64((x.to_f64() - lse).exp());
+                        }
+                    });
                 // dV_g += Pᵀ·dO ; dP = dO·V_gᵀ
-                gemm(one, Mat::new(&p, l, t).t(), Mat::new(goh, l, d), one, &mut gv[ko..][..t * d], d)?;
-                gemm(one, Mat::new(goh, l, d), Mat::new(vg, t, d).t(), zero, &mut dp, t)?;
+                gemm(
+                    one,
+                    Mat::new(&p, l, t).t(),
+                    Mat::new(goh, l, d),
+                    one,
+                    &mut gv[ko..][..t * d],
+                    d,
+                )?;
+                gemm(
+                    one,
+                    Mat::new(goh, l, d),
+                    Mat::new(vg, t, d).t(),
+                    zero,
+                    &mut dp,
+                    t,
+                )?;
                 // dS = P ∘ (dP − rowsum(dO ∘ O))
                 dp.par_chunks_mut(t)
                     .zip(p.par_chunks(t))
@@ -161,8 +205,22 @@ impl FusedAttention {
                         }
                     });
                 // dQ = scale·dS·K_g ; dK_g += scale·dSᵀ·Q
-                gemm(sc, Mat::new(&dp, l, t), Mat::new(kg, t, d), zero, &mut gq[qo..][..l * d], d)?;
-                gemm(sc, Mat::new(&dp, l, t).t(), Mat::new(qh, l, d), one, &mut gk[ko..][..t * d], d)?;
+                gemm(
+                    sc,
+                    Mat::new(&dp, l, t),
+                    Mat::new(kg, t, d),
+                    zero,
+                    &mut gq[qo..][..l * d],
+                    d,
+                )?;
+                gemm(
+                    sc,
+                    Mat::new(&dp, l, t).t(),
+                    Mat::new(qh, l, d),
+                    one,
+                    &mut gk[ko..][..t * d],
+                    d,
+                )?;
             }
         }
         Ok((gq, gk, gv))
@@ -173,9 +231,20 @@ fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
     let (b, nh, l, d) = q.shape().dims4()?;
     let (kb, nkv, t, kd) = k.shape().dims4()?;
     if kb != b || kd != d || nkv == 0 || nh % nkv != 0 {
-        candle_core::bail!("fused attention: q {:?} and k {:?} do not fit", q.shape(), k.shape());
+        candle_core::bail!(
+            "fused attention: q {:?} and k {:?} do not fit",
+            q.shape(),
+            k.shape()
+        );
     }
-    Ok(Dims { b, nh, nkv, l, t, d })
+    Ok(Dims {
+        b,
+        nh,
+        nkv,
+        l,
+        t,
+        d,
+    })
 }
 
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -202,10 +271,19 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let dm = dims(l1, l2)?;
         if l3.shape() != l2.shape() {
-            candle_core::bail!("fused attention: v {:?} differs from k {:?}", l3.shape(), l2.shape());
+            candle_core::bail!(
+                "fused attention: v {:?} differs from k {:?}",
+                l3.shape(),
+                l2.shape()
+            );
         }
         if dm.t < dm.l + self.offset {
-            candle_core::bail!("fused attention: {} keys for {} queries at offset {}", dm.t, dm.l, self.offset);
+            candle_core::bail!(
+                "fused attention: {} keys for {} queries at offset {}",
+                dm.t,
+                dm.l,
+                self.offset
+            );
         }
         let shape = l1.shape().clone();
         match s1.dtype() {
@@ -285,7 +363,10 @@ mod tests {
     use candle_core::Device;
 
     fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::randn(0f32, 1., shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

@@ -509,6 +509,12 @@ pub fn core_name() -> String {
 const AVX512_CORES: &[&str] = &["skylakex", "cooperlake", "sapphirerapids"];
 const AVX2_CORES: &[&str] = &["haswell", "zen", "skylakex", "cooperlake", "sapphirerapids"];
 
+/// Whether OpenBLAS runs AVX-512 kernels (decided at load; cached).
+pub fn avx512_kernels() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| AVX512_CORES.contains(&core_name().to_lowercase().as_str()))
+}
+
 /// The `OPENBLAS_CORETYPE` this CPU should run, when OpenBLAS picked a weaker kernel set than
 /// the CPU supports (None: nothing to fix, or not x86-64).
 pub fn wanted_coretype() -> Option<&'static str> {
@@ -992,6 +998,10 @@ mod tests {
             (256, 576, 49152, false, true, "CE chunk     H·Eᵀ"),
             (256, 49152, 576, false, false, "CE chunk dH  G·E"),
             (49152, 256, 576, true, false, "CE chunk dE  Gᵀ·H"),
+            (42, 576, 1536, false, true, "prompt       x·Wᵀ"),
+            (42, 1536, 576, false, true, "prompt       x·Wᵀ"),
+            (42, 576, 192, false, true, "prompt       x·Wᵀ"),
+            (8, 576, 1536, false, true, "batch decode x·Wᵀ"),
             (1, 576, 1536, false, true, "decode       x·Wᵀ"),
             (1, 1536, 576, false, true, "decode       x·Wᵀ"),
             (1, 576, 49152, false, true, "decode head  x·Eᵀ"),

@@ -2,7 +2,9 @@
 //! build five to eight single-threaded elementwise nodes per call (each kept for the backward);
 //! these keep only their inputs and run row-parallel with rayon.
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -25,13 +27,15 @@ impl RmsNorm {
     fn fwd<T: WithDType>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let n = w.len();
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, xr)| {
-            let ms = xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / n as f64;
-            let r = 1.0 / (ms + self.eps).sqrt();
-            for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
-                *o = T::from_f64(xv.to_f64() * r * wv.to_f64());
-            }
-        });
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(o, xr)| {
+                let ms = xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / n as f64;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
+                    *o = T::from_f64(xv.to_f64() * r * wv.to_f64());
+                }
+            });
         out
     }
 
@@ -74,7 +78,13 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let n = l2.shape().elem_count();
         if l1.shape().dims().last() != Some(&n) {
             candle_core::bail!("rms norm: x {:?} vs w {:?}", l1.shape(), l2.shape());
@@ -82,19 +92,34 @@ impl CustomOp2 for RmsNorm {
         let shape = l1.shape().clone();
         match s1.dtype() {
             DType::F32 => Ok((
-                CpuStorage::F32(self.fwd::<f32>(slice(s1, l1, "rms norm")?, slice(s2, l2, "rms norm")?)),
+                CpuStorage::F32(
+                    self.fwd::<f32>(slice(s1, l1, "rms norm")?, slice(s2, l2, "rms norm")?),
+                ),
                 shape,
             )),
             DType::F64 => Ok((
-                CpuStorage::F64(self.fwd::<f64>(slice(s1, l1, "rms norm")?, slice(s2, l2, "rms norm")?)),
+                CpuStorage::F64(
+                    self.fwd::<f64>(slice(s1, l1, "rms norm")?, slice(s2, l2, "rms norm")?),
+                ),
                 shape,
             )),
             other => candle_core::bail!("rms norm: unsupported dtype {other:?}"),
         }
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        fn run<T: WithDType>(op: &RmsNorm, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn run<T: WithDType>(
+            op: &RmsNorm,
+            x: &Tensor,
+            w: &Tensor,
+            g: &Tensor,
+        ) -> Result<(Tensor, Tensor)> {
             let (dx, dw) = op.bwd(&to_vec::<T>(x)?, &to_vec::<T>(w)?, &to_vec::<T>(g)?);
             Ok((
                 Tensor::from_vec(dx, x.shape(), x.device())?,
@@ -123,7 +148,13 @@ struct Rope {
 
 impl Rope {
     /// `x (b, h, l, d)`, `cos`/`sin` `(l, d/2)` or `(b, l, d/2)`.
-    fn apply<T: WithDType>(x: &[T], dims: (usize, usize, usize, usize), cos: &[T], sin: &[T], per_batch: bool) -> Vec<T> {
+    fn apply<T: WithDType>(
+        x: &[T],
+        dims: (usize, usize, usize, usize),
+        cos: &[T],
+        sin: &[T],
+        per_batch: bool,
+    ) -> Vec<T> {
         let (_, h, l, d) = dims;
         let half = d / 2;
         let mut out = vec![T::zero(); x.len()];
@@ -133,7 +164,10 @@ impl Rope {
             .for_each(|(bh, (o, xs))| {
                 let base = if per_batch { (bh / h) * l * half } else { 0 };
                 for p in 0..l {
-                    let (c, s) = (&cos[base + p * half..][..half], &sin[base + p * half..][..half]);
+                    let (c, s) = (
+                        &cos[base + p * half..][..half],
+                        &sin[base + p * half..][..half],
+                    );
                     let (xr, orow) = (&xs[p * d..][..d], &mut o[p * d..][..d]);
                     for i in 0..half {
                         let (x1, x2) = (xr[i].to_f64(), xr[i + half].to_f64());
@@ -159,11 +193,17 @@ impl CustomOp1 for Rope {
         match s.dtype() {
             DType::F32 => {
                 let (c, si) = (to_vec::<f32>(&self.cos)?, to_vec::<f32>(&self.sin)?);
-                Ok((CpuStorage::F32(Self::apply(slice(s, l, "rope")?, dims, &c, &si, per_batch)), shape))
+                Ok((
+                    CpuStorage::F32(Self::apply(slice(s, l, "rope")?, dims, &c, &si, per_batch)),
+                    shape,
+                ))
             }
             DType::F64 => {
                 let (c, si) = (to_vec::<f64>(&self.cos)?, to_vec::<f64>(&self.sin)?);
-                Ok((CpuStorage::F64(Self::apply(slice(s, l, "rope")?, dims, &c, &si, per_batch)), shape))
+                Ok((
+                    CpuStorage::F64(Self::apply(slice(s, l, "rope")?, dims, &c, &si, per_batch)),
+                    shape,
+                ))
             }
             other => candle_core::bail!("rope: unsupported dtype {other:?}"),
         }
@@ -197,11 +237,25 @@ mod tests {
     use candle_core::Device;
 
     fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::randn(0f32, 1., shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     #[test]
@@ -225,7 +279,8 @@ mod tests {
         // per-row positions
         let theta = randn(&[2, 1, 4, 4], DType::F64);
         let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
-        let want = crate::ops::rope(&candle_core::Var::from_tensor(&x).unwrap(), &cos, &sin).unwrap();
+        let want =
+            crate::ops::rope(&candle_core::Var::from_tensor(&x).unwrap(), &cos, &sin).unwrap();
         assert!(max_diff(&rope(&x, &cos, &sin).unwrap(), &want) < 1e-12);
         assert!(max_grad_error(&x, |x| rope(x, &cos, &sin)).unwrap() < 1e-6);
     }

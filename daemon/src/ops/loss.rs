@@ -44,8 +44,8 @@ impl CeStats {
 /// Weighted sum of token NLLs `Σ_i w_i · (logsumexp(h_i · headᵀ) − h_i · head[t_i])`, as a
 /// scalar of `hidden`'s dtype (callers divide by their token count), and [`CeStats`].
 ///
-/// `hidden`: `(n, h)`; `head`: `(vocab, h)`, frozen or trained; `targets`: `(n)` integer ids
-/// (any value where the weight is 0); `weights`: `(n)` floats. Gradients flow to `hidden` and
+/// `hidden`: `(n, h)` or `(b, l, h)`; `head`: `(vocab, h)`, frozen or trained; `targets`: `n`
+/// integer ids, any shape (any value where the weight is 0, e.g. -100); `weights`: `n` floats. Gradients flow to `hidden` and
 /// `head` when they track. On CPU f32/f64 with tuned BLAS the logits are never materialized;
 /// elsewhere this is [`lm_head_cross_entropy_reference`].
 pub fn lm_head_cross_entropy(
@@ -65,6 +65,8 @@ pub fn lm_head_cross_entropy_chunked(
     weights: &Tensor,
     chunk_rows: usize,
 ) -> Result<(Tensor, CeStats)> {
+    let (hidden, targets, weights) = flatten_rows(hidden, targets, weights)?;
+    let (hidden, targets, weights) = (&hidden, &targets, &weights);
     let rows = Rows::read(hidden, head, targets, weights)?;
     let dtype = hidden.dtype();
     let cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == dtype;
@@ -97,8 +99,24 @@ pub fn lm_head_cross_entropy_reference(
     targets: &Tensor,
     weights: &Tensor,
 ) -> Result<(Tensor, CeStats)> {
-    let rows = Rows::read(hidden, head, targets, weights)?;
-    reference(hidden, head, &rows)
+    let (hidden, targets, weights) = flatten_rows(hidden, targets, weights)?;
+    let rows = Rows::read(&hidden, head, &targets, &weights)?;
+    reference(&hidden, head, &rows)
+}
+
+/// `(..., h)` hidden states → `(n, h)`, and targets and weights of any shape → `(n)`.
+fn flatten_rows(
+    hidden: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let hidden = if hidden.rank() > 2 {
+        let h = hidden.dim(candle_core::D::Minus1)?;
+        hidden.reshape((hidden.elem_count() / h.max(1), h))?
+    } else {
+        hidden.clone()
+    };
+    Ok((hidden, targets.flatten_all()?, weights.flatten_all()?))
 }
 
 fn reference(hidden: &Tensor, head: &Tensor, rows: &Rows) -> Result<(Tensor, CeStats)> {
@@ -561,6 +579,25 @@ mod tests {
         assert!((s.accuracy() - 2.0 / 3.0).abs() < 1e-12);
         let (_, rs) = lm_head_cross_entropy_reference(&hidden, &head, &t, &w).unwrap();
         assert_eq!(s, rs);
+    }
+
+    #[test]
+    fn accepts_batched_rows_and_i64_ignore_index() {
+        let hidden = randn(&[2, 3, 8], DType::F32);
+        let head = randn(&[10, 8], DType::F32);
+        let t = Tensor::new(&[[1i64, -100, 3], [4, 5, -100]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[[1f32, 0., 1.], [1., 1., 0.]], &Device::Cpu).unwrap();
+        let (got, s) = lm_head_cross_entropy(&hidden, &head, &t, &w).unwrap();
+        let flat_t = Tensor::new(&[1u32, 0, 3, 4, 5, 0], &Device::Cpu).unwrap();
+        let (want, rs) = lm_head_cross_entropy_reference(
+            &hidden.reshape((6, 8)).unwrap(),
+            &head,
+            &flat_t,
+            &w.flatten_all().unwrap(),
+        )
+        .unwrap();
+        assert!((scalar(&got) - scalar(&want)).abs() < 1e-4);
+        assert_eq!((s, s.counted), (rs, 4));
     }
 
     #[test]

@@ -571,7 +571,11 @@ impl<'m> Trainer<'m> {
                 let t1 = Instant::now();
                 let g = loss.backward()?;
                 if std::env::var_os("ITAMAE_PROFILE").is_some() {
-                    eprintln!("forward {:.2} s, backward {:.2} s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
+                    eprintln!(
+                        "forward {:.2} s, backward {:.2} s",
+                        (t1 - t0).as_secs_f64(),
+                        t1.elapsed().as_secs_f64()
+                    );
                 }
                 for (slot, p) in grads.iter_mut().zip(&self.params) {
                     if let Some(gp) = g.get(p.var.as_tensor()) {

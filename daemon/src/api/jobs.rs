@@ -1,0 +1,544 @@
+//! `/v1/fine_tuning/jobs`: create (validated here, files validated in the background), list,
+//! retrieve, cancel, pause, resume, events (paged newest first, or live as Server-Sent Events
+//! with `?stream=true`) and checkpoints. Shapes follow OpenAI's; the adapter travels in the
+//! `method.supervised.adapter` extension (see `crate::jobs::spec`).
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::handlers::method_not_allowed;
+use crate::jobs::spec::{parse_create, SpecError};
+use crate::jobs::storage::{new_id, now, valid_id, JOB_PREFIX};
+use crate::jobs::store::{status, CheckpointRow, EventRow, JobRow, Store};
+use crate::jobs::Jobs;
+
+/// How often a live event stream looks for new events.
+const STREAM_POLL: Duration = Duration::from_millis(300);
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    fn resource(path: &str) -> actix_web::Resource {
+        web::resource(path).default_service(web::to(method_not_allowed))
+    }
+    cfg.service(
+        resource("/v1/fine_tuning/jobs")
+            .route(web::post().to(create))
+            .route(web::get().to(list)),
+    )
+    .service(resource("/v1/fine_tuning/jobs/{id}").route(web::get().to(retrieve)))
+    .service(resource("/v1/fine_tuning/jobs/{id}/cancel").route(web::post().to(cancel)))
+    .service(resource("/v1/fine_tuning/jobs/{id}/pause").route(web::post().to(pause)))
+    .service(resource("/v1/fine_tuning/jobs/{id}/resume").route(web::post().to(resume)))
+    .service(resource("/v1/fine_tuning/jobs/{id}/events").route(web::get().to(events)))
+    .service(resource("/v1/fine_tuning/jobs/{id}/checkpoints").route(web::get().to(checkpoints)));
+}
+
+/// The jobs service registered as app data; absent when the server runs without one.
+pub(crate) fn jobs_of(req: &HttpRequest) -> Result<Jobs, ApiError> {
+    req.app_data::<web::Data<Jobs>>()
+        .map(|d| d.get_ref().clone())
+        .ok_or_else(|| ApiError::unavailable("Fine-tuning is not enabled on this server"))
+}
+
+pub(crate) fn db_error(e: sqlx::Error) -> ApiError {
+    tracing::error!("jobs database: {e}");
+    ApiError::internal(format!("Database error: {e}"))
+}
+
+pub(crate) fn query_map(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .map_err(|e| ApiError::bad_request(format!("Invalid query string: {e}")))
+}
+
+/// `limit` from the query: `default` when absent, 1..=`max`.
+pub(crate) fn limit_param(
+    q: &HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::invalid(
+                "limit",
+                format!("limit must be an integer from 1 to {max}, got `{s}`"),
+            )),
+        },
+    }
+}
+
+fn spec_error(e: SpecError) -> ApiError {
+    if e.param.is_empty() {
+        ApiError::bad_request(e.message)
+    } else {
+        ApiError::invalid(e.param, e.message)
+    }
+}
+
+fn job_id(id: &str) -> Result<&str, ApiError> {
+    if valid_id(JOB_PREFIX, id) {
+        Ok(id)
+    } else {
+        Err(ApiError::invalid(
+            "fine_tuning_job_id",
+            format!("Invalid fine-tuning job id `{id}`"),
+        ))
+    }
+}
+
+pub(crate) fn job_object(j: &JobRow, organization_id: &str) -> Value {
+    json!({
+        "object": "fine_tuning.job",
+        "id": j.id,
+        "created_at": j.created_at,
+        "error": j.error,
+        "fine_tuned_model": j.fine_tuned_model,
+        "finished_at": j.finished_at,
+        "hyperparameters": j.hyperparameters,
+        "model": j.model,
+        "organization_id": organization_id,
+        "result_files": j.result_files,
+        "status": j.status,
+        "trained_tokens": j.trained_tokens,
+        "training_file": j.training_file,
+        "validation_file": j.validation_file,
+        "seed": j.seed,
+        "estimated_finish": j.estimated_finish,
+        "method": j.method,
+        "metadata": j.metadata,
+        "user_provided_suffix": j.suffix,
+        "integrations": [],
+    })
+}
+
+fn event_object(e: &EventRow) -> Value {
+    json!({
+        "object": "fine_tuning.job.event",
+        "id": e.id,
+        "created_at": e.created_at,
+        "level": e.level,
+        "message": e.message,
+        "type": e.kind,
+        "data": e.data.clone().unwrap_or_else(|| json!({})),
+    })
+}
+
+fn checkpoint_object(c: &CheckpointRow) -> Value {
+    json!({
+        "object": "fine_tuning.job.checkpoint",
+        "id": c.id,
+        "created_at": c.created_at,
+        "fine_tuned_model_checkpoint": c.model,
+        "step_number": c.step,
+        "metrics": c.metrics,
+        "fine_tuning_job_id": c.job_id,
+    })
+}
+
+async fn find(jobs: &Jobs, id: &str) -> Result<JobRow, ApiError> {
+    let id = job_id(id)?;
+    jobs.store()
+        .get_job(id)
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| ApiError::not_found(format!("No fine-tuning job with id `{id}`")))
+}
+
+fn ok_job(jobs: &Jobs, j: &JobRow) -> HttpResponse {
+    HttpResponse::Ok().json(job_object(j, &jobs.config().organization_id))
+}
+
+/// `POST /v1/fine_tuning/jobs`.
+pub async fn create(req: HttpRequest, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
+    let jobs = jobs_of(&req)?;
+    let default_seed = rand::random_range(0..(1u64 << 31));
+    let c = parse_create(&body, default_seed).map_err(spec_error)?;
+    let base = jobs.engine().base()?;
+    if c.model != base.name {
+        return Err(ApiError {
+            message: format!(
+                "The model `{}` cannot be fine-tuned here: the base model is `{}`",
+                c.model, base.name
+            ),
+            ..ApiError::model_not_found(&c.model)
+        });
+    }
+    for (file, param) in std::iter::once((&c.training_file, "training_file"))
+        .chain(c.validation_file.iter().map(|f| (f, "validation_file")))
+    {
+        match jobs.store().get_file(file).await.map_err(db_error)? {
+            None => {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("The file `{file}` does not exist"),
+                ))
+            }
+            Some(f) if f.purpose != super::files::FINE_TUNE => {
+                return Err(ApiError::invalid(
+                    param,
+                    format!(
+                        "The file `{file}` has purpose `{}`, not `fine-tune`",
+                        f.purpose
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let id = new_id(JOB_PREFIX);
+    let spec_json = serde_json::to_value(&c.spec)
+        .map_err(|e| ApiError::internal(format!("Cannot store the job: {e}")))?;
+    let row = JobRow {
+        id: id.clone(),
+        created_at: now(),
+        status: status::VALIDATING.into(),
+        model: c.model.clone(),
+        training_file: c.training_file.clone(),
+        validation_file: c.validation_file.clone(),
+        suffix: c.suffix.clone(),
+        seed: c.spec.seed as i64,
+        metadata: c.metadata.clone(),
+        hyperparameters: c.spec.hyperparameters_json(None),
+        method: c.spec.method_json(None),
+        spec: spec_json,
+        variant: jobs.variant_name(&base.name, c.suffix.as_deref(), &id),
+        error: None,
+        fine_tuned_model: None,
+        finished_at: None,
+        trained_tokens: None,
+        estimated_finish: None,
+        result_files: json!([]),
+    };
+    jobs.store().insert_job(&row).await.map_err(db_error)?;
+    jobs.store()
+        .add_event(
+            &id,
+            "info",
+            &format!("Created fine-tuning job: {id}"),
+            "message",
+            None,
+        )
+        .await
+        .map_err(db_error)?;
+    tracing::info!(job = %id, "fine-tuning job created");
+    jobs.validate_in_background(id);
+    Ok(ok_job(&jobs, &row))
+}
+
+/// `GET /v1/fine_tuning/jobs` (`after`, `limit` = 20).
+pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let jobs = jobs_of(&req)?;
+    let q = query_map(&req)?;
+    let limit = limit_param(&q, 20, 100)?;
+    let after = match q.get("after") {
+        Some(a) if valid_id(JOB_PREFIX, a) => Some(a.as_str()),
+        Some(_) => return Err(ApiError::invalid("after", "Invalid fine-tuning job id")),
+        None => None,
+    };
+    let page = jobs
+        .store()
+        .list_jobs(after, limit)
+        .await
+        .map_err(db_error)?;
+    let org = &jobs.config().organization_id;
+    let data: Vec<Value> = page.data.iter().map(|j| job_object(j, org)).collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}`.
+pub async fn retrieve(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let jobs = jobs_of(&req)?;
+    let j = find(&jobs, &id).await?;
+    Ok(ok_job(&jobs, &j))
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/cancel`: a queued job never starts, a running one stops
+/// between two steps (its status says `cancelled` at once).
+pub async fn cancel(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let jobs = jobs_of(&req)?;
+    let j = find(&jobs, &id).await?;
+    if status::is_terminal(&j.status) {
+        return Err(ApiError::bad_request(format!(
+            "Job {} has already {}: it cannot be cancelled",
+            j.id,
+            if j.status == status::SUCCEEDED {
+                "succeeded"
+            } else {
+                j.status.as_str()
+            }
+        )));
+    }
+    let from = [
+        status::VALIDATING,
+        status::QUEUED,
+        status::RUNNING,
+        status::PAUSED,
+    ];
+    let changed = jobs
+        .store()
+        .finish_unsuccessfully(&j.id, &from, status::CANCELLED, None)
+        .await
+        .map_err(db_error)?;
+    // Status first, then the switch: the runner publishes the switch first and reads the status
+    // after, so one of the two sides sees the other.
+    if let Some(c) = jobs.control(&j.id) {
+        c.cancel.store(true, Ordering::SeqCst);
+    }
+    if changed {
+        jobs.store()
+            .add_event(&j.id, "info", "Fine-tuning job cancelled", "message", None)
+            .await
+            .map_err(db_error)?;
+        jobs.wake();
+    }
+    let j = find(&jobs, &j.id).await?;
+    Ok(ok_job(&jobs, &j))
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/pause`: a running job stops between two steps and waits.
+pub async fn pause(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    pause_or_resume(req, id, true).await
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/resume`: a paused job goes on.
+pub async fn resume(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    pause_or_resume(req, id, false).await
+}
+
+async fn pause_or_resume(
+    req: HttpRequest,
+    id: web::Path<String>,
+    pause: bool,
+) -> Result<HttpResponse, ApiError> {
+    let jobs = jobs_of(&req)?;
+    let j = find(&jobs, &id).await?;
+    let (from, to, verb) = if pause {
+        (status::RUNNING, status::PAUSED, "paused")
+    } else {
+        (status::PAUSED, status::RUNNING, "resumed")
+    };
+    if j.status == to {
+        return Ok(ok_job(&jobs, &j));
+    }
+    if j.status != from {
+        return Err(ApiError::bad_request(format!(
+            "Job {} is {}: only a {from} job can be {verb}",
+            j.id, j.status
+        )));
+    }
+    let changed = jobs
+        .store()
+        .transition(&j.id, &[from], to)
+        .await
+        .map_err(db_error)?;
+    if let Some(c) = jobs.control(&j.id) {
+        c.pause.store(pause, Ordering::SeqCst);
+    }
+    if changed {
+        let msg = if pause {
+            "Fine-tuning job paused"
+        } else {
+            "Fine-tuning job resumed"
+        };
+        jobs.store()
+            .add_event(&j.id, "info", msg, "message", None)
+            .await
+            .map_err(db_error)?;
+    }
+    let j = find(&jobs, &j.id).await?;
+    Ok(ok_job(&jobs, &j))
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/events` (`after`, `limit` = 20, newest first), or with
+/// `stream=true` every event oldest first as Server-Sent Events, then live ones until the job
+/// ends (`data: [DONE]`).
+pub async fn events(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let jobs = jobs_of(&req)?;
+    let q = query_map(&req)?;
+    let j = find(&jobs, &id).await?;
+    let stream = match q.get("stream").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::invalid("stream", "stream must be true or false")),
+    };
+    if stream {
+        return Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .insert_header(("X-Accel-Buffering", "no"))
+            .streaming(event_stream(jobs.store().clone(), j.id)));
+    }
+    let limit = limit_param(&q, 20, 1000)?;
+    let after = match q.get("after") {
+        Some(a) if valid_id(crate::jobs::storage::EVENT_PREFIX, a) => Some(a.as_str()),
+        Some(_) => return Err(ApiError::invalid("after", "Invalid event id")),
+        None => None,
+    };
+    let page = jobs
+        .store()
+        .list_events(&j.id, after, limit)
+        .await
+        .map_err(db_error)?;
+    let data: Vec<Value> = page.data.iter().map(event_object).collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
+}
+
+struct StreamState {
+    store: Store,
+    job_id: String,
+    last_seq: i64,
+    pending: VecDeque<EventRow>,
+    /// The job was seen finished once: one more look picks up its last events.
+    terminal_seen: bool,
+    done: bool,
+    finished: bool,
+}
+
+fn event_stream(
+    store: Store,
+    job_id: String,
+) -> impl futures::Stream<Item = Result<web::Bytes, std::io::Error>> {
+    let st = StreamState {
+        store,
+        job_id,
+        last_seq: 0,
+        pending: VecDeque::new(),
+        terminal_seen: false,
+        done: false,
+        finished: false,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(e) = st.pending.pop_front() {
+                st.last_seq = e.seq;
+                let line = format!("data: {}\n\n", event_object(&e));
+                return Some((Ok(web::Bytes::from(line)), st));
+            }
+            if st.finished {
+                return None;
+            }
+            if st.done {
+                st.finished = true;
+                return Some((Ok(web::Bytes::from_static(b"data: [DONE]\n\n")), st));
+            }
+            // The status is read before the events, so that every event written before the job
+            // ended is fetched after it is seen ended.
+            let terminal = match st.store.get_job(&st.job_id).await {
+                Ok(Some(j)) => status::is_terminal(&j.status),
+                _ => true,
+            };
+            match st.store.events_since(&st.job_id, st.last_seq).await {
+                Ok(evs) => st.pending.extend(evs),
+                Err(e) => {
+                    tracing::warn!("event stream: {e}");
+                    st.done = true;
+                    continue;
+                }
+            }
+            if terminal {
+                // The runner writes its closing events just after the final status.
+                if st.terminal_seen {
+                    st.done = true;
+                    continue;
+                }
+                st.terminal_seen = true;
+            }
+            if st.pending.is_empty() {
+                tokio::time::sleep(if terminal {
+                    Duration::from_millis(1000)
+                } else {
+                    STREAM_POLL
+                })
+                .await;
+            }
+        }
+    })
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/checkpoints` (`after`, `limit` = 10), newest step first.
+pub async fn checkpoints(
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let jobs = jobs_of(&req)?;
+    let q = query_map(&req)?;
+    let j = find(&jobs, &id).await?;
+    let limit = limit_param(&q, 10, 100)?;
+    let all = jobs
+        .store()
+        .list_checkpoints(&j.id)
+        .await
+        .map_err(db_error)?;
+    let start = match q.get("after") {
+        Some(a) => match all.iter().position(|c| &c.id == a) {
+            Some(i) => i + 1,
+            None => return Err(ApiError::invalid("after", "Unknown checkpoint id")),
+        },
+        None => 0,
+    };
+    let page: Vec<&CheckpointRow> = all.iter().skip(start).take(limit).collect();
+    let has_more = all.len() > start + page.len();
+    let data: Vec<Value> = page.iter().map(|c| checkpoint_object(c)).collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": page.first().map(|c| &c.id),
+        "last_id": page.last().map(|c| &c.id),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::{test as atest, App};
+
+    use super::*;
+
+    #[actix_web::test]
+    async fn without_the_jobs_service_routes_answer_503() {
+        let app = atest::init_service(App::new().configure(crate::api::configure)).await;
+        for req in [
+            atest::TestRequest::get().uri("/v1/files"),
+            atest::TestRequest::get().uri("/v1/fine_tuning/jobs"),
+            atest::TestRequest::get().uri("/v1/fine_tuning/jobs/ftjob-abc/events"),
+            atest::TestRequest::post().uri("/v1/fine_tuning/jobs/ftjob-abc/cancel"),
+        ] {
+            let res = atest::call_service(&app, req.to_request()).await;
+            assert_eq!(res.status().as_u16(), 503);
+        }
+        let res = atest::call_service(
+            &app,
+            atest::TestRequest::put()
+                .uri("/v1/fine_tuning/jobs")
+                .to_request(),
+        )
+        .await;
+        assert_eq!(res.status().as_u16(), 405);
+    }
+
+    #[test]
+    fn limits_and_ids_are_checked() {
+        let q = |s: &str| -> HashMap<String, String> {
+            web::Query::<HashMap<String, String>>::from_query(s)
+                .unwrap()
+                .into_inner()
+        };
+        assert_eq!(limit_param(&q(""), 20, 100).unwrap(), 20);
+        assert_eq!(limit_param(&q("limit=5"), 20, 100).unwrap(), 5);
+        for bad in ["limit=0", "limit=101", "limit=x", "limit=-1"] {
+            assert_eq!(
+                limit_param(&q(bad), 20, 100).unwrap_err().param.as_deref(),
+                Some("limit")
+            );
+        }
+        assert!(job_id("ftjob-abc").is_ok());
+        assert!(job_id("../ftjob-abc").is_err());
+        assert!(job_id("ftjob-../../x").is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! Fine-tuning jobs and their files: what `POST /v1/files` and `/v1/fine_tuning/jobs` act on.
+//!
+//! - [`store`]: the SQLite database (files, jobs, events, checkpoints), through `sqlx`.
+//! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes.
+//! - [`spec`]: a job request parsed and validated into what the trainer needs.
+//! - [`runner`]: the one thread that trains jobs, one at a time in creation order, on the
+//!   engine's resident base model, and serves each result (and checkpoint) as a variant the
+//!   moment it exists; at start it brings back everything a crash or restart left behind.
+//!
+//! [`Jobs`] ties them together and is what the HTTP handlers hold.
+pub mod runner;
+pub mod spec;
+pub mod storage;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::engine::EngineHandle;
+use crate::train::TrainControl;
+use storage::Storage;
+use store::Store;
+
+/// Default `organization_id` (and the `{org}` of tuned model names).
+pub const DEFAULT_ORGANIZATION: &str = "itamae";
+/// Default size limit of one uploaded file.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 512 << 20;
+
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    pub data_dir: PathBuf,
+    pub organization_id: String,
+    pub max_upload_bytes: u64,
+}
+
+impl JobsConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            organization_id: DEFAULT_ORGANIZATION.into(),
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+        }
+    }
+}
+
+/// The jobs service: cheap to clone, shared by the HTTP workers and the runner thread.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    cfg: JobsConfig,
+    store: Store,
+    storage: Storage,
+    engine: EngineHandle,
+    /// A runtime for the database calls of plain threads (runner, validation); HTTP handlers
+    /// use their own. It lives as long as the runner thread, that is, the process.
+    rt: tokio::runtime::Handle,
+    /// Bumped whenever the runner may have work (a job queued, cancelled, ...).
+    wake: (Mutex<u64>, Condvar),
+    /// The job the runner is training and its cancel/pause switches.
+    current: Mutex<Option<(String, Arc<TrainControl>)>>,
+}
+
+impl Jobs {
+    /// Opens the database under `cfg.data_dir` and starts the runner thread, which waits for
+    /// the engine's model, serves every stored result again and resumes interrupted jobs.
+    pub fn open(cfg: JobsConfig, engine: EngineHandle) -> anyhow::Result<Self> {
+        let inner = Self::open_inner(cfg, engine)?;
+        let (rt, inner) = inner;
+        let runner_inner = inner.clone();
+        std::thread::Builder::new()
+            .name("itamae-jobs".into())
+            .spawn(move || {
+                // Owning the runtime here keeps it alive (and never drops it on an async thread).
+                let _rt = rt;
+                runner::run(runner_inner);
+            })?;
+        Ok(Self { inner })
+    }
+
+    fn open_inner(
+        cfg: JobsConfig,
+        engine: EngineHandle,
+    ) -> anyhow::Result<(tokio::runtime::Runtime, Arc<Inner>)> {
+        let storage = Storage::open(&cfg.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the data directory {}: {e}",
+                cfg.data_dir.display()
+            )
+        })?;
+        // A multi-threaded runtime so that sqlx's background work (returning connections to
+        // the pool) runs even while no thread blocks on it.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("itamae-jobs-db")
+            .enable_all()
+            .build()?;
+        let db = storage.db_path();
+        let store = rt
+            .block_on(Store::open(&db))
+            .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", db.display()))?;
+        let inner = Arc::new(Inner {
+            cfg,
+            store,
+            storage,
+            engine,
+            rt: rt.handle().clone(),
+            wake: (Mutex::new(0), Condvar::new()),
+            current: Mutex::new(None),
+        });
+        Ok((rt, inner))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    pub fn config(&self) -> &JobsConfig {
+        &self.inner.cfg
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.inner.engine
+    }
+
+    /// `ft:{base}:{org}:{suffix}:{job-id}`, the name a job's result is served under.
+    pub fn variant_name(&self, base: &str, suffix: Option<&str>, job_id: &str) -> String {
+        format!(
+            "ft:{base}:{}:{}:{job_id}",
+            self.inner.cfg.organization_id,
+            suffix.unwrap_or("")
+        )
+    }
+
+    /// Validates a new job's files on a thread of its own (tokenizing can take a while), then
+    /// queues or fails the job.
+    pub fn validate_in_background(&self, job_id: String) {
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("itamae-validate".into())
+            .spawn(move || runner::validate(&inner, &job_id));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a validation thread: {e}");
+        }
+    }
+
+    /// The cancel/pause switches of `job_id` if the runner is training it now.
+    pub fn control(&self, job_id: &str) -> Option<Arc<TrainControl>> {
+        self.inner.control(job_id)
+    }
+
+    /// Tells the runner to look for work.
+    pub fn wake(&self) {
+        self.inner.wake();
+    }
+}
+
+impl Inner {
+    fn control(&self, job_id: &str) -> Option<Arc<TrainControl>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(id, _)| id == job_id)
+            .map(|(_, c)| c.clone())
+    }
+
+    fn wake(&self) {
+        let (m, cv) = &self.wake;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        cv.notify_all();
+    }
+
+    /// Sleeps until [`Self::wake`] or `timeout`.
+    fn wait(&self, seen: u64, timeout: Duration) -> u64 {
+        let (m, cv) = &self.wake;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(g, timeout, |n| *n == seen)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+
+    fn wake_count(&self) -> u64 {
+        *self.wake.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,589 @@
+//! The job runner: one thread that trains one job at a time on the engine's resident base model
+//! (the very tensors the engine serves from, never a copy), records its progress as events,
+//! writes checkpoints and serves each of them, and serves the result the moment it exists.
+//!
+//! At start (once the model is loaded) it restores what the data directory holds: every
+//! succeeded job and every checkpoint is served again, files of jobs caught validating are
+//! validated again, and a job caught running resumes from its newest checkpoint.
+//!
+//! Job status changes race with the API (cancel, pause, resume): every change is a conditional
+//! update from the expected states ([`Store::transition`]), so the first writer wins.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::spec::JobSpec;
+use super::store::{status, JobRow, Store};
+use super::Inner;
+use crate::adapters::peft;
+use crate::engine::BaseModel;
+use crate::train::data::{self, DataError, DataOptions, Example};
+use crate::train::{EvalMetrics, Finish, StepMetrics, TrainControl, TrainEvent, Trainer};
+
+/// How long the idle runner sleeps between looks at the queue (a wake-up comes sooner).
+const IDLE_POLL: Duration = Duration::from_secs(2);
+
+/// Logs a failed database write of the runner; training goes on (the write is bookkeeping).
+fn logged<T>(what: &str, r: Result<T, sqlx::Error>) -> Option<T> {
+    r.map_err(|e| tracing::warn!("jobs database: {what}: {e}"))
+        .ok()
+}
+
+impl Inner {
+    fn event(&self, job_id: &str, level: &str, message: &str) {
+        logged(
+            "add event",
+            self.rt.block_on(
+                self.store
+                    .add_event(job_id, level, message, "message", None),
+            ),
+        );
+    }
+
+    fn metrics_event(&self, job_id: &str, message: &str, data: &Value) {
+        logged(
+            "add metrics event",
+            self.rt.block_on(
+                self.store
+                    .add_event(job_id, "info", message, "metrics", Some(data)),
+            ),
+        );
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// The runner thread's body.
+pub(super) fn run(inner: Arc<Inner>) {
+    if let Err(e) = inner.engine.wait_loaded() {
+        tracing::error!("the job runner stops: {e}");
+        return;
+    }
+    recover(&inner);
+    loop {
+        let seen = inner.wake_count();
+        match next_job(&inner) {
+            Some((job, interrupted)) => run_job(&inner, job, interrupted),
+            None => {
+                inner.wait(seen, IDLE_POLL);
+            }
+        }
+    }
+}
+
+/// Serves every stored result and checkpoint again and re-validates interrupted validations.
+fn recover(inner: &Inner) {
+    inner.storage.clean_temp_uploads();
+    let Ok(base) = inner.engine.base() else {
+        return;
+    };
+    let cfg = base.model.cfg.clone();
+    let device = base.model.device().clone();
+    let serve = |name: &str, dir: &std::path::Path| match peft::load(dir, &cfg, &device) {
+        Ok(a) => match inner.engine.add_adapter(name, a) {
+            Ok(()) => tracing::info!(model = %name, "serving stored variant"),
+            Err(e) => tracing::warn!(model = %name, "cannot serve stored variant: {e}"),
+        },
+        Err(e) => {
+            tracing::warn!(model = %name, dir = %dir.display(), "cannot load stored variant: {e}")
+        }
+    };
+    if let Some(jobs) = logged(
+        "list succeeded jobs",
+        inner
+            .rt
+            .block_on(inner.store().jobs_with_status(&[status::SUCCEEDED])),
+    ) {
+        for j in jobs {
+            if let Some(name) = &j.fine_tuned_model {
+                serve(name, &inner.storage.result_dir(&j.id));
+            }
+        }
+    }
+    if let Some(cks) = logged(
+        "list checkpoints",
+        inner.rt.block_on(inner.store().all_checkpoints()),
+    ) {
+        for c in cks {
+            let dir = inner
+                .storage
+                .checkpoint_dir(&c.job_id, c.step.max(0) as usize);
+            if dir.is_dir() {
+                serve(&c.model, &dir);
+            }
+        }
+    }
+    if let Some(jobs) = logged(
+        "list validating jobs",
+        inner
+            .rt
+            .block_on(inner.store().jobs_with_status(&[status::VALIDATING])),
+    ) {
+        for j in jobs {
+            validate(inner, &j.id);
+        }
+    }
+}
+
+/// The next job to train: one interrupted by a restart first, else the oldest queued one
+/// (moved to `running` here). The flag says whether it was interrupted.
+fn next_job(inner: &Inner) -> Option<(JobRow, bool)> {
+    let interrupted = logged(
+        "list running jobs",
+        inner.rt.block_on(
+            inner
+                .store()
+                .jobs_with_status(&[status::RUNNING, status::PAUSED]),
+        ),
+    )?;
+    if let Some(j) = interrupted.into_iter().next() {
+        return Some((j, true));
+    }
+    let queued = logged(
+        "list queued jobs",
+        inner
+            .rt
+            .block_on(inner.store().jobs_with_status(&[status::QUEUED])),
+    )?;
+    for mut j in queued {
+        let moved = logged(
+            "start job",
+            inner.rt.block_on(
+                inner
+                    .store()
+                    .transition(&j.id, &[status::QUEUED], status::RUNNING),
+            ),
+        )?;
+        if moved {
+            j.status = status::RUNNING.into();
+            return Some((j, false));
+        }
+    }
+    None
+}
+
+fn error_json(code: &str, message: &str, param: Option<&str>) -> Value {
+    json!({"code": code, "message": message, "param": param})
+}
+
+fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
+    let control = Arc::new(TrainControl::default());
+    if job.status == status::PAUSED {
+        control.pause.store(true, Ordering::SeqCst);
+    }
+    *inner.current.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((job.id.clone(), control.clone()));
+    // The API writes the status and then looks for the control; here the control is published
+    // first and the status read after, so a cancel that raced with the start is seen by one side.
+    let now_status = logged(
+        "reload job",
+        inner.rt.block_on(inner.store().get_job(&job.id)),
+    )
+    .flatten()
+    .map(|j| j.status);
+    if now_status.as_deref() == Some(status::PAUSED) {
+        control.pause.store(true, Ordering::SeqCst);
+    }
+    let still_active = matches!(
+        now_status.as_deref(),
+        Some(status::RUNNING) | Some(status::PAUSED)
+    );
+    if still_active {
+        if let Err(message) = train_job(inner, &job, &control, interrupted) {
+            tracing::warn!(job = %job.id, "job failed: {message}");
+            let failed = logged(
+                "fail job",
+                inner.rt.block_on(inner.store().finish_unsuccessfully(
+                    &job.id,
+                    &[status::RUNNING, status::PAUSED],
+                    status::FAILED,
+                    Some(&error_json("training_failed", &message, None)),
+                )),
+            );
+            if failed == Some(true) {
+                inner.event(&job.id, "error", &format!("Fine-tuning failed: {message}"));
+            }
+        }
+    }
+    *inner.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+fn load_data(
+    inner: &Inner,
+    base: &BaseModel,
+    file_id: &str,
+    opts: &DataOptions,
+) -> Result<Vec<Example>, DataError> {
+    let path = inner.storage.file_path(file_id);
+    data::load_jsonl(&path, &base.text, base.template.as_deref(), opts).map(|(ex, _)| ex)
+}
+
+fn train_job(
+    inner: &Inner,
+    job: &JobRow,
+    control: &TrainControl,
+    interrupted: bool,
+) -> Result<(), String> {
+    let spec: JobSpec = serde_json::from_value(job.spec.clone())
+        .map_err(|e| format!("the stored job request cannot be read: {e}"))?;
+    let base = inner.engine.base().map_err(|e| e.to_string())?;
+    let opts = DataOptions {
+        max_seq_len: spec.max_seq_len(),
+        ..Default::default()
+    };
+    let train = load_data(inner, &base, &job.training_file, &opts)
+        .map_err(|e| format!("training file {}: {e}", job.training_file))?;
+    let valid = match &job.validation_file {
+        Some(f) => {
+            load_data(inner, &base, f, &opts).map_err(|e| format!("validation file {f}: {e}"))?
+        }
+        None => Vec::new(),
+    };
+    let has_valid = !valid.is_empty();
+    let config = spec
+        .train_config(train.len(), base.model.cfg.kv_dim())
+        .map_err(|e| format!("{}: {}", e.param, e.message))?;
+    let resolved = spec.resolve(train.len());
+    logged(
+        "store hyperparameters",
+        inner.rt.block_on(inner.store().set_hyperparameters(
+            &job.id,
+            &spec.hyperparameters_json(Some(resolved)),
+            &spec.method_json(Some(resolved)),
+        )),
+    );
+    let init_ids: Vec<u32> = match spec.adapter.init_text() {
+        Some(t) => base
+            .text
+            .tokenizer
+            .encode(t, false)
+            .map_err(|e| format!("tokenizing init_text: {e}"))?
+            .get_ids()
+            .to_vec(),
+        None => Vec::new(),
+    };
+    let mut trainer = Trainer::new(
+        &base.model,
+        Some(&*base.text),
+        &base.name,
+        config,
+        train,
+        valid,
+        &init_ids,
+    )
+    .map_err(|e| e.to_string())?;
+    let total = trainer.total_steps();
+    let every = spec.checkpoint_every(total);
+    trainer.config.checkpoint_every = every;
+    if has_valid {
+        trainer.config.eval_every = every;
+    }
+    if interrupted {
+        match inner.storage.latest_checkpoint(&job.id) {
+            Some((step, path)) => {
+                trainer.resume_from(&path).map_err(|e| e.to_string())?;
+                inner.event(
+                    &job.id,
+                    "info",
+                    &format!("Resumed from checkpoint step {step} after restart"),
+                );
+            }
+            None => inner.event(
+                &job.id,
+                "info",
+                "Restarted from the beginning after restart (no checkpoint had been written)",
+            ),
+        }
+    } else {
+        inner.event(&job.id, "info", "Fine-tuning job started");
+    }
+    let out_dir = inner.storage.result_dir(&job.id);
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let cfg = base.model.cfg.clone();
+    let device = base.model.device().clone();
+    let mut last_step: Option<StepMetrics> = None;
+    let mut last_eval: Option<EvalMetrics> = None;
+    let outcome = trainer
+        .run(Some(&out_dir), control, &mut |e| match e {
+            TrainEvent::Step(s) => {
+                let data = json!({
+                    "step": s.step, "total_steps": s.total_steps,
+                    "train_loss": s.loss, "train_mean_token_accuracy": s.mean_token_accuracy,
+                    "learning_rate": s.learning_rate, "tokens_per_sec": s.tokens_per_sec,
+                    "trained_tokens": s.trained_tokens,
+                });
+                inner.metrics_event(
+                    &job.id,
+                    &format!(
+                        "Step {}/{}: training loss={:.4}",
+                        s.step, s.total_steps, s.loss
+                    ),
+                    &data,
+                );
+                let eta = s
+                    .eta_secs
+                    .is_finite()
+                    .then(|| super::storage::now() + s.eta_secs.round() as i64);
+                logged(
+                    "store progress",
+                    inner.rt.block_on(inner.store().set_progress(
+                        &job.id,
+                        s.trained_tokens as i64,
+                        eta,
+                    )),
+                );
+                last_step = Some(s.clone());
+            }
+            TrainEvent::Eval(m) => {
+                let mut data = json!({
+                    "step": m.step, "valid_loss": m.valid_loss,
+                    "valid_mean_token_accuracy": m.valid_mean_token_accuracy,
+                });
+                if let Some(s) = last_step.as_ref().filter(|s| s.step == m.step) {
+                    data["total_steps"] = json!(s.total_steps);
+                    data["train_loss"] = json!(s.loss);
+                    data["train_mean_token_accuracy"] = json!(s.mean_token_accuracy);
+                    data["learning_rate"] = json!(s.learning_rate);
+                    data["tokens_per_sec"] = json!(s.tokens_per_sec);
+                }
+                inner.metrics_event(
+                    &job.id,
+                    &format!("Step {}: validation loss={:.4}", m.step, m.valid_loss),
+                    &data,
+                );
+                last_eval = Some(*m);
+            }
+            TrainEvent::Checkpoint { step, path } => {
+                let name = format!("{}:ckpt-step-{step}", job.variant);
+                // Out of the trainer's out_dir, which saving the final result replaces whole.
+                let kept = inner.storage.checkpoint_dir(&job.id, *step);
+                let path = match keep_checkpoint(path, &kept) {
+                    Ok(()) => &kept,
+                    Err(e) => {
+                        tracing::warn!(job = %job.id, "cannot move checkpoint {}: {e}", path.display());
+                        path
+                    }
+                };
+                let s = last_step.as_ref().filter(|s| s.step == *step);
+                let v = last_eval.as_ref().filter(|v| v.step == *step);
+                let metrics = json!({
+                    "step": step,
+                    "train_loss": s.map(|s| s.loss),
+                    "train_mean_token_accuracy": s.map(|s| s.mean_token_accuracy),
+                    "valid_loss": v.map(|v| v.valid_loss),
+                    "valid_mean_token_accuracy": v.map(|v| v.valid_mean_token_accuracy),
+                });
+                match peft::load(path, &cfg, &device)
+                    .map_err(|e| e.to_string())
+                    .and_then(|a| {
+                        inner
+                            .engine
+                            .add_adapter(&name, a)
+                            .map_err(|e| e.to_string())
+                    }) {
+                    Ok(()) => {
+                        logged(
+                            "add checkpoint",
+                            inner.rt.block_on(inner.store().add_checkpoint(
+                                &job.id,
+                                *step as i64,
+                                &metrics,
+                                &name,
+                            )),
+                        );
+                        inner.event(
+                            &job.id,
+                            "info",
+                            &format!("Checkpoint created at step {step}: {name}"),
+                        );
+                    }
+                    Err(e) => inner.event(
+                        &job.id,
+                        "warn",
+                        &format!("Checkpoint at step {step} was written but cannot be served: {e}"),
+                    ),
+                }
+            }
+            TrainEvent::Message(m) => inner.event(&job.id, "info", m),
+        })
+        .map_err(|e| e.to_string())?;
+    match outcome.finish {
+        Finish::Cancelled => {
+            let changed = logged(
+                "cancel job",
+                inner.rt.block_on(inner.store().finish_unsuccessfully(
+                    &job.id,
+                    &[status::RUNNING, status::PAUSED],
+                    status::CANCELLED,
+                    None,
+                )),
+            );
+            if changed == Some(true) {
+                inner.event(&job.id, "info", "Fine-tuning job cancelled");
+            }
+            Ok(())
+        }
+        Finish::Completed | Finish::EarlyStopped => {
+            if outcome.finish == Finish::EarlyStopped {
+                inner.event(
+                    &job.id,
+                    "info",
+                    "Stopped early: the validation loss stopped improving",
+                );
+            }
+            let adapter = trainer.adapter().map_err(|e| e.to_string())?;
+            let served = match adapter {
+                Some(a) => {
+                    // Served before the job says succeeded: a client that sees `succeeded` can
+                    // use `fine_tuned_model` at once.
+                    inner
+                        .engine
+                        .add_adapter(&job.variant, a)
+                        .map_err(|e| format!("serving the result: {e}"))?;
+                    Some(job.variant.as_str())
+                }
+                None => None,
+            };
+            let done = inner
+                .rt
+                .block_on(
+                    inner
+                        .store()
+                        .succeed(&job.id, served, outcome.trained_tokens as i64),
+                )
+                .map_err(|e| format!("recording success: {e}"))?;
+            if !done {
+                // Cancelled while the last step ran: the result is not served.
+                if let Some(name) = served {
+                    let _ = inner.engine.remove_adapter(name);
+                }
+                return Ok(());
+            }
+            match served {
+                Some(name) => inner.event(
+                    &job.id,
+                    "info",
+                    &format!("New fine-tuned model created: {name}"),
+                ),
+                None => inner.event(
+                    &job.id,
+                    "warn",
+                    "The result is stored in the job directory but cannot be served as a variant",
+                ),
+            }
+            inner.event(&job.id, "info", "The job has successfully completed");
+            Ok(())
+        }
+    }
+}
+
+/// Moves a checkpoint the trainer wrote to where it is kept (replacing an older copy of the
+/// same step, which a resumed run writes again).
+fn keep_checkpoint(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if to.exists() {
+        std::fs::remove_dir_all(to)?;
+    }
+    std::fs::rename(from, to)?;
+    if let Some(parent) = to.parent() {
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Validates a `validating_files` job's files line by line, then queues it, or fails it with
+/// the bad lines in `error.message`.
+pub(super) fn validate(inner: &Inner, job_id: &str) {
+    let Some(job) = logged("load job", inner.rt.block_on(inner.store().get_job(job_id))).flatten()
+    else {
+        return;
+    };
+    if job.status != status::VALIDATING {
+        return;
+    }
+    let fail = |code: &str, param: &str, message: &str| {
+        let changed = logged(
+            "fail job",
+            inner.rt.block_on(inner.store().finish_unsuccessfully(
+                job_id,
+                &[status::VALIDATING],
+                status::FAILED,
+                Some(&error_json(code, message, Some(param))),
+            )),
+        );
+        if changed == Some(true) {
+            inner.event(job_id, "error", message);
+        }
+    };
+    if let Err(e) = inner.engine.wait_loaded() {
+        fail(
+            "server_error",
+            "model",
+            &format!("The base model is not available: {e}"),
+        );
+        return;
+    }
+    let base = match inner.engine.base() {
+        Ok(b) => b,
+        Err(e) => {
+            fail(
+                "server_error",
+                "model",
+                &format!("The base model is not available: {e}"),
+            );
+            return;
+        }
+    };
+    let spec: Option<JobSpec> = serde_json::from_value(job.spec.clone()).ok();
+    let opts = DataOptions {
+        max_seq_len: spec
+            .as_ref()
+            .map_or(super::spec::DEFAULT_MAX_SEQ_LEN, JobSpec::max_seq_len),
+        ..Default::default()
+    };
+    let files = std::iter::once((&job.training_file, "training_file", "invalid_training_file"))
+        .chain(
+            job.validation_file
+                .iter()
+                .map(|f| (f, "validation_file", "invalid_validation_file")),
+        );
+    for (file, param, code) in files {
+        inner.event(
+            job_id,
+            "info",
+            &format!("Validating {}: {file}", param.replace('_', " ")),
+        );
+        if let Err(e) = load_data(inner, &base, file, &opts) {
+            let message = match e {
+                DataError::Io { .. } => format!("File {file} cannot be read: {e}"),
+                e => format!("{}: {e}", param.replace('_', " ")),
+            };
+            fail(code, param, &message);
+            return;
+        }
+    }
+    let queued = logged(
+        "queue job",
+        inner.rt.block_on(
+            inner
+                .store()
+                .transition(job_id, &[status::VALIDATING], status::QUEUED),
+        ),
+    );
+    if queued == Some(true) {
+        inner.event(
+            job_id,
+            "info",
+            "Files validated, moving job to queued state",
+        );
+        inner.wake();
+    }
+}

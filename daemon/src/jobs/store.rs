@@ -1,0 +1,753 @@
+//! The SQLite database of files, jobs, job events and checkpoints (`<data>/itamae.db`, through
+//! `sqlx`). Schema changes are the numbered scripts in `daemon/migrations/`, applied in order at
+//! open and recorded in `PRAGMA user_version`.
+//!
+//! Listings are newest first and page with `after` = the id of the last item seen, as OpenAI's
+//! do; the order is the insertion order (`seq`), never the random ids.
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+
+use super::storage::{new_id, now, CHECKPOINT_PREFIX, EVENT_PREFIX};
+
+/// `(version, script)`, applied in order to a database whose `user_version` is lower.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_jobs.sql"))];
+
+pub type Result<T> = std::result::Result<T, sqlx::Error>;
+
+/// Job statuses (OpenAI's, plus `paused`).
+pub mod status {
+    pub const VALIDATING: &str = "validating_files";
+    pub const QUEUED: &str = "queued";
+    pub const RUNNING: &str = "running";
+    pub const PAUSED: &str = "paused";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const CANCELLED: &str = "cancelled";
+
+    pub fn is_terminal(s: &str) -> bool {
+        matches!(s, SUCCEEDED | FAILED | CANCELLED)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRow {
+    pub id: String,
+    pub bytes: i64,
+    pub created_at: i64,
+    pub filename: String,
+    pub purpose: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub created_at: i64,
+    pub status: String,
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub suffix: Option<String>,
+    pub seed: i64,
+    pub metadata: Option<Value>,
+    /// The parsed request ([`super::spec::JobSpec`]) the runner trains from.
+    pub spec: Value,
+    /// As requested ("auto" or numbers) until the run resolves them to numbers.
+    pub hyperparameters: Value,
+    /// The `method` object echoed to clients.
+    pub method: Value,
+    /// The name the result is served under once the job succeeds.
+    pub variant: String,
+    pub error: Option<Value>,
+    pub fine_tuned_model: Option<String>,
+    pub finished_at: Option<i64>,
+    pub trained_tokens: Option<i64>,
+    pub estimated_finish: Option<i64>,
+    pub result_files: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub id: String,
+    pub job_id: String,
+    pub created_at: i64,
+    pub level: String,
+    pub message: String,
+    /// `message` or `metrics`.
+    pub kind: String,
+    pub data: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRow {
+    pub id: String,
+    pub job_id: String,
+    pub created_at: i64,
+    pub step: i64,
+    pub metrics: Value,
+    /// The served name, `…:ckpt-step-N`.
+    pub model: String,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub has_more: bool,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn json_col(row: &SqliteRow, col: &str) -> Result<Option<Value>> {
+    let s: Option<String> = row.try_get(col)?;
+    s.map(|s| serde_json::from_str(&s).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .transpose()
+}
+
+fn json_str(v: &Value) -> String {
+    v.to_string()
+}
+
+fn file_of(r: &SqliteRow) -> Result<FileRow> {
+    Ok(FileRow {
+        id: r.try_get("id")?,
+        bytes: r.try_get("bytes")?,
+        created_at: r.try_get("created_at")?,
+        filename: r.try_get("filename")?,
+        purpose: r.try_get("purpose")?,
+    })
+}
+
+fn job_of(r: &SqliteRow) -> Result<JobRow> {
+    Ok(JobRow {
+        id: r.try_get("id")?,
+        created_at: r.try_get("created_at")?,
+        status: r.try_get("status")?,
+        model: r.try_get("model")?,
+        training_file: r.try_get("training_file")?,
+        validation_file: r.try_get("validation_file")?,
+        suffix: r.try_get("suffix")?,
+        seed: r.try_get("seed")?,
+        metadata: json_col(r, "metadata")?,
+        spec: json_col(r, "spec")?.unwrap_or(Value::Null),
+        hyperparameters: json_col(r, "hyperparameters")?.unwrap_or(Value::Null),
+        method: json_col(r, "method")?.unwrap_or(Value::Null),
+        variant: r.try_get("variant")?,
+        error: json_col(r, "error")?,
+        fine_tuned_model: r.try_get("fine_tuned_model")?,
+        finished_at: r.try_get("finished_at")?,
+        trained_tokens: r.try_get("trained_tokens")?,
+        estimated_finish: r.try_get("estimated_finish")?,
+        result_files: json_col(r, "result_files")?.unwrap_or(Value::Array(vec![])),
+    })
+}
+
+fn event_of(r: &SqliteRow) -> Result<EventRow> {
+    Ok(EventRow {
+        seq: r.try_get("seq")?,
+        id: r.try_get("id")?,
+        job_id: r.try_get("job_id")?,
+        created_at: r.try_get("created_at")?,
+        level: r.try_get("level")?,
+        message: r.try_get("message")?,
+        kind: r.try_get("type")?,
+        data: json_col(r, "data")?,
+    })
+}
+
+fn checkpoint_of(r: &SqliteRow) -> Result<CheckpointRow> {
+    Ok(CheckpointRow {
+        id: r.try_get("id")?,
+        job_id: r.try_get("job_id")?,
+        created_at: r.try_get("created_at")?,
+        step: r.try_get("step")?,
+        metrics: json_col(r, "metrics")?.unwrap_or(Value::Null),
+        model: r.try_get("model")?,
+    })
+}
+
+/// Splits `limit + 1` fetched rows into a page.
+fn page<T>(mut rows: Vec<T>, limit: usize) -> Page<T> {
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    Page {
+        data: rows,
+        has_more,
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        // No idle timeout, lifetime or minimum: sqlx would otherwise spawn maintenance tasks on
+        // the runtime that opened the pool, and the pool is shared by several runtimes (the HTTP
+        // workers' and the job runner's).
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts)
+            .await?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let current: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        for (version, script) in MIGRATIONS {
+            if *version > current {
+                sqlx::raw_sql(script).execute(&mut *tx).await?;
+                sqlx::raw_sql(&format!("PRAGMA user_version = {version}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await
+    }
+
+    // ---- files ----
+
+    pub async fn insert_file(&self, f: &FileRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO files (id, bytes, created_at, filename, purpose) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&f.id)
+        .bind(f.bytes)
+        .bind(f.created_at)
+        .bind(&f.filename)
+        .bind(&f.purpose)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_file(&self, id: &str) -> Result<Option<FileRow>> {
+        sqlx::query("SELECT * FROM files WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(file_of)
+            .transpose()
+    }
+
+    /// Newest first (or oldest first with `ascending`), after the file `after`.
+    pub async fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        ascending: bool,
+    ) -> Result<Page<FileRow>> {
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
+        let sql = format!(
+            "SELECT * FROM files WHERE (?1 IS NULL OR purpose = ?1) \
+             AND (?2 IS NULL OR seq {cmp} (SELECT seq FROM files WHERE id = ?2)) \
+             ORDER BY seq {order} LIMIT ?3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(purpose)
+            .bind(after)
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(page(
+            rows.iter().map(file_of).collect::<Result<_>>()?,
+            limit,
+        ))
+    }
+
+    pub async fn delete_file(&self, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM files WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- jobs ----
+
+    pub async fn insert_job(&self, j: &JobRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO jobs (id, created_at, status, model, training_file, validation_file, \
+             suffix, seed, metadata, spec, hyperparameters, method, variant, error, \
+             fine_tuned_model, finished_at, trained_tokens, estimated_finish, result_files) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&j.id)
+        .bind(j.created_at)
+        .bind(&j.status)
+        .bind(&j.model)
+        .bind(&j.training_file)
+        .bind(&j.validation_file)
+        .bind(&j.suffix)
+        .bind(j.seed)
+        .bind(j.metadata.as_ref().map(json_str))
+        .bind(json_str(&j.spec))
+        .bind(json_str(&j.hyperparameters))
+        .bind(json_str(&j.method))
+        .bind(&j.variant)
+        .bind(j.error.as_ref().map(json_str))
+        .bind(&j.fine_tuned_model)
+        .bind(j.finished_at)
+        .bind(j.trained_tokens)
+        .bind(j.estimated_finish)
+        .bind(json_str(&j.result_files))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
+        sqlx::query("SELECT * FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(job_of)
+            .transpose()
+    }
+
+    /// Newest first, after the job `after`.
+    pub async fn list_jobs(&self, after: Option<&str>, limit: usize) -> Result<Page<JobRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE (?1 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?1)) \
+             ORDER BY seq DESC LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(page(rows.iter().map(job_of).collect::<Result<_>>()?, limit))
+    }
+
+    /// Jobs in any of `statuses`, oldest first (the runner's queue order).
+    pub async fn jobs_with_status(&self, statuses: &[&str]) -> Result<Vec<JobRow>> {
+        let marks = vec!["?"; statuses.len()].join(", ");
+        let sql = format!("SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq ASC");
+        let mut q = sqlx::query(&sql);
+        for s in statuses {
+            q = q.bind(*s);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(job_of).collect()
+    }
+
+    /// Moves a job to `to` if its status is one of `from`; false if it was not (a concurrent
+    /// cancel, say, got there first).
+    pub async fn transition(&self, id: &str, from: &[&str], to: &str) -> Result<bool> {
+        let marks = vec!["?"; from.len()].join(", ");
+        let sql = format!("UPDATE jobs SET status = ? WHERE id = ? AND status IN ({marks})");
+        let mut q = sqlx::query(&sql).bind(to).bind(id);
+        for s in from {
+            q = q.bind(*s);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() > 0)
+    }
+
+    /// Ends a job as `to` (failed or cancelled), with an OpenAI `error` object for failures.
+    pub async fn finish_unsuccessfully(
+        &self,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        error: Option<&Value>,
+    ) -> Result<bool> {
+        let marks = vec!["?"; from.len()].join(", ");
+        let sql = format!(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ?, estimated_finish = NULL \
+             WHERE id = ? AND status IN ({marks})"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(to)
+            .bind(error.map(json_str))
+            .bind(now())
+            .bind(id);
+        for s in from {
+            q = q.bind(*s);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() > 0)
+    }
+
+    /// Marks a running (or paused) job succeeded; false if it was cancelled meanwhile.
+    pub async fn succeed(
+        &self,
+        id: &str,
+        fine_tuned_model: Option<&str>,
+        trained_tokens: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, trained_tokens = ?, \
+             finished_at = ?, estimated_finish = NULL, error = NULL \
+             WHERE id = ? AND status IN ('running', 'paused')",
+        )
+        .bind(fine_tuned_model)
+        .bind(trained_tokens)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn set_progress(
+        &self,
+        id: &str,
+        trained_tokens: i64,
+        estimated_finish: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE jobs SET trained_tokens = ?, estimated_finish = ? WHERE id = ?")
+            .bind(trained_tokens)
+            .bind(estimated_finish)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_hyperparameters(&self, id: &str, hp: &Value, method: &Value) -> Result<()> {
+        sqlx::query("UPDATE jobs SET hyperparameters = ?, method = ? WHERE id = ?")
+            .bind(json_str(hp))
+            .bind(json_str(method))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- events ----
+
+    pub async fn add_event(
+        &self,
+        job_id: &str,
+        level: &str,
+        message: &str,
+        kind: &str,
+        data: Option<&Value>,
+    ) -> Result<EventRow> {
+        let id = new_id(EVENT_PREFIX);
+        let created_at = now();
+        let r = sqlx::query(
+            "INSERT INTO events (id, job_id, created_at, level, message, type, data) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(job_id)
+        .bind(created_at)
+        .bind(level)
+        .bind(message)
+        .bind(kind)
+        .bind(data.map(json_str))
+        .execute(&self.pool)
+        .await?;
+        Ok(EventRow {
+            seq: r.last_insert_rowid(),
+            id,
+            job_id: job_id.into(),
+            created_at,
+            level: level.into(),
+            message: message.into(),
+            kind: kind.into(),
+            data: data.cloned(),
+        })
+    }
+
+    /// A job's events, newest first, older than the event `after`.
+    pub async fn list_events(
+        &self,
+        job_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<EventRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE job_id = ?1 \
+             AND (?2 IS NULL OR seq < (SELECT seq FROM events WHERE id = ?2)) \
+             ORDER BY seq DESC LIMIT ?3",
+        )
+        .bind(job_id)
+        .bind(after)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(page(
+            rows.iter().map(event_of).collect::<Result<_>>()?,
+            limit,
+        ))
+    }
+
+    /// A job's events with `seq` above `since`, oldest first (the live stream's feed).
+    pub async fn events_since(&self, job_id: &str, since: i64) -> Result<Vec<EventRow>> {
+        let rows =
+            sqlx::query("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq ASC")
+                .bind(job_id)
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(event_of).collect()
+    }
+
+    // ---- checkpoints ----
+
+    /// Records a checkpoint (once per job and step: a resumed run may write a step again).
+    pub async fn add_checkpoint(
+        &self,
+        job_id: &str,
+        step: i64,
+        metrics: &Value,
+        model: &str,
+    ) -> Result<CheckpointRow> {
+        let row = CheckpointRow {
+            id: new_id(CHECKPOINT_PREFIX),
+            job_id: job_id.into(),
+            created_at: now(),
+            step,
+            metrics: metrics.clone(),
+            model: model.into(),
+        };
+        sqlx::query(
+            "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, model) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (job_id, step) DO UPDATE SET metrics = excluded.metrics, \
+             created_at = excluded.created_at",
+        )
+        .bind(&row.id)
+        .bind(&row.job_id)
+        .bind(row.created_at)
+        .bind(row.step)
+        .bind(json_str(&row.metrics))
+        .bind(&row.model)
+        .execute(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// A job's checkpoints, newest step first.
+    pub async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRow>> {
+        let rows = sqlx::query("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step DESC")
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(checkpoint_of).collect()
+    }
+
+    /// Every checkpoint of every job (to serve them again after a restart).
+    pub async fn all_checkpoints(&self) -> Result<Vec<CheckpointRow>> {
+        let rows = sqlx::query("SELECT * FROM checkpoints ORDER BY seq ASC")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(checkpoint_of).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn temp_db() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("itamae-store-{}", new_id("")));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("itamae.db")
+    }
+
+    pub(crate) fn job(id: &str, status: &str) -> JobRow {
+        JobRow {
+            id: id.into(),
+            created_at: now(),
+            status: status.into(),
+            model: "base".into(),
+            training_file: "file-a".into(),
+            validation_file: None,
+            suffix: Some("s".into()),
+            seed: 42,
+            metadata: Some(json!({"k": "v"})),
+            spec: json!({"adapter": {"type": "lora"}}),
+            hyperparameters: json!({"n_epochs": "auto"}),
+            method: json!({"type": "supervised"}),
+            variant: format!("ft:base:itamae:s:{id}"),
+            error: None,
+            fine_tuned_model: None,
+            finished_at: None,
+            trained_tokens: None,
+            estimated_finish: None,
+            result_files: json!([]),
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_round_trip_and_page_newest_first() {
+        let path = temp_db();
+        let s = Store::open(&path).await.unwrap();
+        for i in 0..5 {
+            s.insert_job(&job(&format!("ftjob-{i}"), status::QUEUED))
+                .await
+                .unwrap();
+        }
+        let got = s.get_job("ftjob-2").await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            job("ftjob-2", status::QUEUED).with_created(got.created_at)
+        );
+        let p = s.list_jobs(None, 2).await.unwrap();
+        let ids: Vec<_> = p.data.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["ftjob-4", "ftjob-3"]);
+        assert!(p.has_more);
+        let p = s.list_jobs(Some("ftjob-3"), 10).await.unwrap();
+        let ids: Vec<_> = p.data.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["ftjob-2", "ftjob-1", "ftjob-0"]);
+        assert!(!p.has_more);
+        // queue order is oldest first
+        let q = s.jobs_with_status(&[status::QUEUED]).await.unwrap();
+        assert_eq!(q[0].id, "ftjob-0");
+        // a transition only happens from the expected states
+        assert!(s
+            .transition("ftjob-0", &[status::QUEUED], status::RUNNING)
+            .await
+            .unwrap());
+        assert!(!s
+            .transition("ftjob-0", &[status::QUEUED], status::RUNNING)
+            .await
+            .unwrap());
+        assert!(s
+            .finish_unsuccessfully("ftjob-0", &[status::RUNNING], status::CANCELLED, None)
+            .await
+            .unwrap());
+        // a cancelled job cannot then succeed
+        assert!(!s.succeed("ftjob-0", Some("m"), 10).await.unwrap());
+        assert!(s
+            .transition("ftjob-1", &[status::QUEUED], status::RUNNING)
+            .await
+            .unwrap());
+        assert!(s.succeed("ftjob-1", Some("m"), 10).await.unwrap());
+        let j = s.get_job("ftjob-1").await.unwrap().unwrap();
+        assert_eq!(j.status, status::SUCCEEDED);
+        assert_eq!(j.trained_tokens, Some(10));
+        assert!(j.finished_at.is_some());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    impl JobRow {
+        fn with_created(mut self, t: i64) -> Self {
+            self.created_at = t;
+            self
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_newest_first_and_stream_oldest_first() {
+        let path = temp_db();
+        let s = Store::open(&path).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let e = s
+                .add_event("ftjob-a", "info", &format!("m{i}"), "message", None)
+                .await
+                .unwrap();
+            ids.push(e.id);
+        }
+        s.add_event(
+            "ftjob-b",
+            "info",
+            "other",
+            "metrics",
+            Some(&json!({"step": 1})),
+        )
+        .await
+        .unwrap();
+        let p = s.list_events("ftjob-a", None, 3).await.unwrap();
+        let msgs: Vec<_> = p.data.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(msgs, ["m3", "m2", "m1"]);
+        assert!(p.has_more);
+        let p = s.list_events("ftjob-a", Some(&ids[1]), 10).await.unwrap();
+        assert_eq!(p.data.len(), 1);
+        assert_eq!(p.data[0].message, "m0");
+        let all = s.events_since("ftjob-a", 0).await.unwrap();
+        assert_eq!(all.len(), 4);
+        let later = s.events_since("ftjob-a", all[1].seq).await.unwrap();
+        let msgs: Vec<_> = later.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(msgs, ["m2", "m3"]);
+        let b = s.events_since("ftjob-b", 0).await.unwrap();
+        assert_eq!(b[0].data, Some(json!({"step": 1})));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen_and_files_page() {
+        let path = temp_db();
+        {
+            let s = Store::open(&path).await.unwrap();
+            for i in 0..3 {
+                s.insert_file(&FileRow {
+                    id: format!("file-{i}"),
+                    bytes: i,
+                    created_at: now(),
+                    filename: "a.jsonl".into(),
+                    purpose: "fine-tune".into(),
+                })
+                .await
+                .unwrap();
+            }
+            s.insert_job(&job("ftjob-r", status::RUNNING))
+                .await
+                .unwrap();
+            s.add_checkpoint("ftjob-r", 2, &json!({"step": 2}), "m:ckpt-step-2")
+                .await
+                .unwrap();
+            // the same step again (a resumed run) replaces, not duplicates
+            s.add_checkpoint("ftjob-r", 2, &json!({"step": 2, "x": 1}), "m:ckpt-step-2")
+                .await
+                .unwrap();
+            s.add_checkpoint("ftjob-r", 4, &json!({"step": 4}), "m:ckpt-step-4")
+                .await
+                .unwrap();
+        }
+        // reopening runs no migration twice and finds everything
+        let s = Store::open(&path).await.unwrap();
+        let running = s
+            .jobs_with_status(&[status::RUNNING, status::PAUSED])
+            .await
+            .unwrap();
+        assert_eq!(running.len(), 1);
+        let c = s.list_checkpoints("ftjob-r").await.unwrap();
+        assert_eq!(c.iter().map(|c| c.step).collect::<Vec<_>>(), [4, 2]);
+        assert_eq!(c[1].metrics["x"], 1);
+        let p = s.list_files(None, None, 2, false).await.unwrap();
+        assert_eq!(p.data[0].id, "file-2");
+        assert!(p.has_more);
+        let p = s
+            .list_files(Some("fine-tune"), Some("file-0"), 10, true)
+            .await
+            .unwrap();
+        assert_eq!(p.data.len(), 2);
+        assert!(s.delete_file("file-1").await.unwrap());
+        assert!(!s.delete_file("file-1").await.unwrap());
+        assert!(s.get_file("file-1").await.unwrap().is_none());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
