@@ -199,3 +199,54 @@ fn training_path_matches_serving_path() {
         .unwrap();
     assert!(d < 1e-3, "max abs diff {d}");
 }
+
+/// Continuous batching: answers generated together (one batched decode step for all) are the
+/// answers each request gets alone.
+#[test]
+fn concurrent_requests_decode_in_one_batch_with_solo_results() {
+    let questions = [
+        "What is the capital of France?",
+        "Name a colour of the sky.",
+        "What is 2 + 2?",
+        "Say hello in Japanese.",
+    ];
+    let solo: Vec<String> = questions
+        .iter()
+        .map(|q| {
+            generate(json!([{"role": "user", "content": q}]), 24, vec![])
+                .0
+                .concat()
+        })
+        .collect();
+    let e = engine();
+    let id = e.models()[0].id.clone();
+    let mut rxs = Vec::new();
+    for q in &questions {
+        let p = e
+            .prepare(GenerationRequest {
+                model: id.clone(),
+                input: PromptInput::Chat {
+                    messages: vec![json!({"role": "user", "content": q})],
+                },
+                sampling: SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                max_tokens: Some(24),
+                stop: vec![],
+            })
+            .unwrap();
+        rxs.push(e.submit(p).unwrap());
+    }
+    for (i, mut rx) in rxs.into_iter().enumerate() {
+        let mut text = String::new();
+        loop {
+            match rx.blocking_recv().expect("engine stopped") {
+                GenEvent::Text(t) => text.push_str(&t),
+                GenEvent::Finished { .. } => break,
+                GenEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(text, solo[i], "request {i} differs when batched");
+    }
+}

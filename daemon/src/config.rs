@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub model: ModelSection,
     #[serde(default)]
     pub storage: StorageSection,
+    #[serde(default)]
+    pub auth: AuthSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +51,46 @@ pub struct ModelSection {
 #[serde(deny_unknown_fields)]
 pub struct StorageSection {
     pub data_dir: Option<PathBuf>,
+    /// The `organization_id` of jobs and the `{org}` of tuned model names.
+    pub organization_id: Option<String>,
+    /// Size limit of one uploaded file (datasets, adapter weights).
+    pub max_upload_bytes: Option<u64>,
+}
+
+/// `[auth]`: API keys and their scopes (see `api::auth`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub keys: Vec<ApiKeyEntry>,
+    /// Serve `/metrics` without a key.
+    #[serde(default)]
+    pub metrics_public: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    pub key: String,
+    /// `admin` or `inference`.
+    pub scope: String,
+}
+
+impl AuthSection {
+    /// The config's keys plus `ITAMAE_API_KEYS` (`scope:key,...`, given as `env`).
+    pub fn resolve(&self, env: Option<&str>) -> Result<crate::api::auth::Auth, String> {
+        use crate::api::auth::{parse_env_keys, Auth, Scope};
+        let mut keys = self
+            .keys
+            .iter()
+            .map(|k| Ok((k.key.clone(), Scope::parse(&k.scope)?)))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| format!("[auth] keys: {e}"))?;
+        if let Some(v) = env {
+            keys.extend(parse_env_keys(v)?);
+        }
+        Auth::new(keys, self.metrics_public)
+    }
 }
 
 impl FileConfig {
@@ -164,6 +206,36 @@ mod tests {
     #[test]
     fn shipped_config_parses() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/itamae.toml");
-        FileConfig::read(&p).unwrap();
+        let c = FileConfig::read(&p).unwrap();
+        // The shipped file documents keys but configures none: auth is off on loopback.
+        assert!(!c.auth.resolve(None).unwrap().enabled());
+        assert!(!c.auth.metrics_public);
+        assert_eq!(c.storage.organization_id.as_deref(), Some("itamae"));
+    }
+
+    #[test]
+    fn auth_section_and_env_keys() {
+        let c: FileConfig = toml::from_str(
+            "[auth]\nmetrics_public = true\nkeys = [{ key = \"0123456789abcdef-admin\", scope = \"admin\" }]\n",
+        )
+        .unwrap();
+        let a = c
+            .auth
+            .resolve(Some("inference:0123456789abcdef-infer"))
+            .unwrap();
+        assert!(a.enabled());
+        assert_eq!(
+            a.lookup("0123456789abcdef-infer"),
+            Some(crate::api::auth::Scope::Inference)
+        );
+        assert_eq!(
+            a.lookup("0123456789abcdef-admin"),
+            Some(crate::api::auth::Scope::Admin)
+        );
+        let bad: FileConfig =
+            toml::from_str("[auth]\nkeys = [{ key = \"0123456789abcdef\", scope = \"root\" }]\n")
+                .unwrap();
+        assert!(bad.auth.resolve(None).unwrap_err().contains("root"));
+        assert!(toml::from_str::<FileConfig>("[auth]\nkey = 1\n").is_err());
     }
 }

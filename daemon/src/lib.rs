@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod jobs;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod train;

@@ -68,6 +68,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Aggregate decode tok/s: N concurrent streams on the base vs on N different LoRA variants.
+    Batch {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
     /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
     Train {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
@@ -156,6 +165,14 @@ fn main() {
         } => itamae::bench::decode(&model, tokens, runs, peer_python.as_deref()),
         Command::Bench {
             which:
+                BenchCommand::Batch {
+                    model,
+                    streams,
+                    tokens,
+                },
+        } => itamae::bench::batch(&model, streams, tokens),
+        Command::Bench {
+            which:
                 BenchCommand::Train {
                     model,
                     seq,
@@ -185,11 +202,19 @@ fn serve(
             _ => Err(anyhow::anyhow!("--adapter expects NAME=DIR, got `{a}`")),
         })
         .collect::<anyhow::Result<_>>()?;
-    let file = match &config_path {
+    let mut file = match &config_path {
         Some(p) => FileConfig::read(p)?,
         None => FileConfig::default(),
     };
+    let auth_section = std::mem::take(&mut file.auth);
+    let organization_id = file.storage.organization_id.take();
+    let max_upload_bytes = file.storage.max_upload_bytes.take();
     let cfg = ServeConfig::resolve(file, overrides);
+    // Checked before the model loads: a misconfigured exposed daemon must not start at all.
+    let auth = auth_section
+        .resolve(std::env::var("ITAMAE_API_KEYS").ok().as_deref())
+        .map_err(|e| anyhow::anyhow!("API keys: {e}"))?;
+    auth.check_bind(&cfg.host).map_err(anyhow::Error::msg)?;
     if !cfg.model.exists() {
         anyhow::bail!(
             "model {} not found (run scripts/fetch-model.sh for the default model, or pass --model)",
@@ -237,23 +262,38 @@ fn serve(
     // Files, jobs and their results live in the data directory; the runner thread re-serves
     // finished jobs and resumes interrupted ones once the model is loaded.
     let mut jobs_cfg = itamae::jobs::JobsConfig::new(cfg.data_dir.clone());
-    if let Ok(org) = std::env::var("ITAMAE_ORGANIZATION_ID") {
-        if !org.is_empty() {
-            jobs_cfg.organization_id = org;
-        }
+    if let Some(org) = std::env::var("ITAMAE_ORGANIZATION_ID")
+        .ok()
+        .filter(|o| !o.is_empty())
+        .or(organization_id)
+    {
+        jobs_cfg.organization_id = org;
     }
     if let Some(n) = std::env::var("ITAMAE_MAX_UPLOAD_BYTES")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
+        .or(max_upload_bytes)
     {
         jobs_cfg.max_upload_bytes = n;
     }
+    let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
+    // Imported adapters (`/v1/adapters`) are served again once the model is loaded.
+    let adapters =
+        itamae::api::adapters::AdapterStore::open(&cfg.data_dir, engine.clone(), max_upload)?;
+    {
+        let adapters = adapters.clone();
+        std::thread::Builder::new()
+            .name("itamae-adapters".into())
+            .spawn(move || adapters.restore())?;
+    }
     actix_web::rt::System::new().block_on(itamae::api::serve(
         engine,
         cfg.host.clone(),
         cfg.port,
         Some(jobs),
+        Some(adapters),
+        auth,
     ))?;
     tracing::info!("itamaed stopped");
     Ok(())

@@ -83,6 +83,14 @@ impl ApiError {
         }
     }
 
+    /// 429: the engine's waiting queue is full; `Retry-After` tells when to come back.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("server_busy"),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER_ERROR, message)
     }
@@ -115,7 +123,9 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut res = HttpResponse::build(self.status);
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
             res.insert_header((header::RETRY_AFTER, "1"));
         }
         res.json(self.body())
@@ -129,6 +139,7 @@ impl From<EngineError> for ApiError {
             EngineError::ModelNotFound(ref model) => Self::model_not_found(model),
             EngineError::Invalid { param, message } => Self::invalid(param, message),
             EngineError::Unavailable(_) => Self::unavailable(e.to_string()),
+            EngineError::Overloaded { .. } => Self::overloaded(e.to_string()),
             EngineError::Internal(_) => Self::internal(e.to_string()),
         }
     }
@@ -200,6 +211,14 @@ mod tests {
                 Some("engine_unavailable"),
             ),
             (EngineError::Internal("boom".into()), 500, None, None),
+            (
+                EngineError::Overloaded {
+                    retry_after_secs: 1,
+                },
+                429,
+                None,
+                Some("server_busy"),
+            ),
         ];
         for (e, status, param, code) in cases {
             let a = ApiError::from(e);
@@ -210,10 +229,10 @@ mod tests {
             assert!(b["error"]["message"]
                 .as_str()
                 .is_some_and(|m| !m.is_empty()));
-            let kind = if status >= 500 {
-                SERVER_ERROR
-            } else {
-                INVALID_REQUEST
+            let kind = match status {
+                429 => "rate_limit_error",
+                s if s >= 500 => SERVER_ERROR,
+                _ => INVALID_REQUEST,
             };
             assert_eq!(b["error"]["type"], kind);
         }

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::request::{parse_chat, parse_completion, Common};
 use super::response::{collect, full_response, sse_stream, Kind, Meta};
-use crate::engine::{EngineHandle, GenerationRequest, ModelCard};
+use crate::engine::{EngineHandle, GenEvent, GenerationRequest, ModelCard};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 fn engine(req: &HttpRequest) -> Result<EngineHandle, ApiError> {
     req.app_data::<web::Data<EngineHandle>>()
@@ -85,6 +86,7 @@ async fn generate(
     common: &Common,
     gen: GenerationRequest,
 ) -> Result<HttpResponse, ApiError> {
+    let started = std::time::Instant::now();
     let engine = engine(req)?;
     // Template rendering and tokenization are CPU work: keep them off the I/O thread.
     let prepared = {
@@ -93,7 +95,8 @@ async fn generate(
             .await?
             .map_err(|e| name_max_tokens(e.into(), common))?
     };
-    let mut rx = engine.submit(prepared)?;
+    let rx = engine.submit(prepared)?;
+    let mut rx = instrument(rx, common.model.clone(), started);
     let meta = Meta::new(kind, common.model.clone(), common.include_usage);
     if common.stream {
         Ok(HttpResponse::Ok()
@@ -105,6 +108,51 @@ async fn generate(
         let generated = collect(&mut rx, &meta).await?;
         Ok(HttpResponse::Ok().json(full_response(&meta, &generated)))
     }
+}
+
+/// Records per-variant metrics from the event stream the client sees: time to first token
+/// (from the handler's start), end-to-end latency, prompt and generated tokens (from `usage`).
+/// Events pass through unchanged; when the client goes away the forwarder drops the engine's
+/// receiver, which cancels the generation as before.
+fn instrument(
+    mut rx: UnboundedReceiver<GenEvent>,
+    model: String,
+    started: std::time::Instant,
+) -> UnboundedReceiver<GenEvent> {
+    let (tx, out) = unbounded_channel();
+    actix_web::rt::spawn(async move {
+        let m = crate::metrics::global();
+        m.request_started(&model);
+        let mut first = true;
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                () = tx.closed() => None,
+            };
+            let Some(ev) = ev else { break };
+            match &ev {
+                GenEvent::Text(t) if first && !t.is_empty() => {
+                    first = false;
+                    m.observe_ttft(&model, started.elapsed().as_secs_f64());
+                }
+                GenEvent::Finished { usage, .. } => {
+                    let secs = started.elapsed().as_secs_f64();
+                    if first {
+                        // Stopped at its first token (e.g. EOS): that token still came first.
+                        m.observe_ttft(&model, secs);
+                    }
+                    m.observe_e2e(&model, secs);
+                    m.add_prompt_tokens(&model, usage.prompt_tokens as u64);
+                    m.add_generation_tokens(&model, usage.completion_tokens as u64);
+                }
+                _ => {}
+            }
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    out
 }
 
 /// The engine names `max_tokens`; chat requests may have said `max_completion_tokens`.

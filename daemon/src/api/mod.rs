@@ -6,19 +6,28 @@
 //! - `POST /v1/chat/completions`, `POST /v1/completions` (both stream with `"stream": true`)
 //! - `/v1/files…` and `/v1/fine_tuning/jobs…` ([`files`], [`jobs`]; the service behind them is
 //!   `crate::jobs::Jobs`, registered as app data when the server has a data directory)
+//! - `/v1/adapters…` ([`adapters`]: imported PEFT adapters, load/unload, downloads)
+//! - `GET /metrics` ([`metrics`], Prometheus text)
+//!
+//! [`serve`] wraps every route in one middleware that checks the API key ([`auth`]) and records
+//! `itamae_http_*` metrics by matched route pattern.
 //!
 //! Every error is `{"error":{"message","type","param","code"}}`, built by [`ApiError`].
+pub mod adapters;
+pub mod auth;
 pub mod error;
 pub mod files;
 pub mod handlers;
 pub mod jobs;
+pub mod metrics;
 pub mod request;
 pub mod response;
 
 use std::time::Instant;
 
 use actix_web::dev::Service;
-use actix_web::{web, App, HttpServer};
+use actix_web::http::header;
+use actix_web::{web, App, HttpServer, ResponseError};
 
 pub use error::ApiError;
 
@@ -53,42 +62,88 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/completions").route(web::post().to(handlers::completions)))
         .configure(files::configure)
         .configure(jobs::configure)
+        .configure(adapters::configure)
+        .configure(metrics::configure)
         .default_service(web::to(handlers::not_found));
 }
 
 /// Serves the API on `host:port` until SIGINT/SIGTERM (actix stops gracefully on both).
-/// Without `jobs`, the files and fine-tuning routes answer 503.
+/// Without `jobs`, the files and fine-tuning routes answer 503; without `adapters`, the adapter
+/// routes do. `auth` decides which key may call which route (see [`auth::Auth`]).
 /// Must run inside an actix or tokio runtime.
 pub async fn serve(
     engine: EngineHandle,
     host: String,
     port: u16,
     jobs: Option<crate::jobs::Jobs>,
+    adapters: Option<adapters::AdapterStore>,
+    auth: auth::Auth,
 ) -> std::io::Result<()> {
+    auth.check_bind(&host)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+    if !auth.enabled() {
+        tracing::warn!("no API keys configured: every route is open (loopback only)");
+    }
     let data = web::Data::new(engine);
     let jobs = jobs.map(web::Data::new);
+    let adapters = adapters.map(web::Data::new);
     let server = HttpServer::new(move || {
         let app = App::new().app_data(data.clone());
         let app = match &jobs {
             Some(j) => app.app_data(j.clone()),
             None => app,
         };
-        app.wrap_fn(|req, srv| {
+        let app = match &adapters {
+            Some(a) => app.app_data(a.clone()),
+            None => app,
+        };
+        let auth = auth.clone();
+        app.wrap_fn(move |req, srv| {
             let started = Instant::now();
             let method = req.method().clone();
             let path = req.path().to_owned();
-            let fut = srv.call(req);
+            // The pattern the router will match, found on the percent-decoded path as the
+            // router sees it: bounded metric labels, and the key check cannot be dodged by
+            // spelling a path differently.
+            let pattern = req.resource_map().match_pattern(req.match_info().as_str());
+            let verdict = auth.check(
+                pattern.as_deref(),
+                req.headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|h| h.as_bytes()),
+            );
+            let call = match verdict {
+                Ok(()) => Ok(srv.call(req)),
+                Err(e) => Err((req, e)),
+            };
             async move {
-                let res = fut.await;
+                let res = match call {
+                    Ok(fut) => fut.await.map(|r| r.map_into_boxed_body()),
+                    Err((req, e)) => Ok(req.into_response(e.error_response())),
+                };
+                let route = pattern.as_deref().unwrap_or("unmatched");
+                let secs = started.elapsed().as_secs_f64();
                 match &res {
-                    Ok(r) => tracing::info!(
-                        %method,
-                        %path,
-                        status = r.status().as_u16(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "request"
-                    ),
-                    Err(e) => tracing::warn!(%method, %path, "request failed: {e}"),
+                    Ok(r) => {
+                        crate::metrics::global().observe_http(
+                            route,
+                            method.as_str(),
+                            r.status().as_u16(),
+                            secs,
+                        );
+                        tracing::info!(
+                            %method,
+                            %path,
+                            status = r.status().as_u16(),
+                            elapsed_ms = (secs * 1000.0) as u64,
+                            "request"
+                        )
+                    }
+                    Err(e) => {
+                        let status = e.as_response_error().status_code().as_u16();
+                        crate::metrics::global().observe_http(route, method.as_str(), status, secs);
+                        tracing::warn!(%method, %path, "request failed: {e}")
+                    }
                 }
                 res
             }

@@ -34,6 +34,8 @@ struct Shared {
     /// Served variants by id. Requests hold an `Arc` to the adapter they started with, so
     /// replacing or removing one never disturbs a running generation.
     adapters: RwLock<HashMap<String, Variant>>,
+    /// Submitted requests not yet prefilled (bounded by [`MAX_WAITING`]).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 struct Variant {
@@ -303,11 +305,25 @@ impl EngineHandle {
     /// Queues a prepared request; events arrive on the returned receiver until `Finished` or `Failed`.
     /// Dropping the receiver cancels the generation.
     pub fn submit(&self, p: Prepared) -> Result<UnboundedReceiver<GenEvent>, EngineError> {
-        self.shared()?;
+        use std::sync::atomic::Ordering;
+        let sh = self.shared()?;
+        let admitted = sh
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < MAX_WAITING).then_some(w + 1)
+            });
+        if admitted.is_err() {
+            return Err(EngineError::Overloaded {
+                retry_after_secs: 1,
+            });
+        }
         let (tx, rx) = unbounded_channel();
-        self.queue
-            .send(Job { p, events: tx })
-            .map_err(|_| EngineError::Unavailable("the engine thread has stopped".into()))?;
+        if self.queue.send(Job { p, events: tx }).is_err() {
+            sh.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Unavailable(
+                "the engine thread has stopped".into(),
+            ));
+        }
         Ok(rx)
     }
 }
@@ -326,6 +342,7 @@ fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
         created: now(),
         config: model.cfg.clone(),
         adapters: RwLock::new(HashMap::new()),
+        waiting: Default::default(),
         context: model.cfg.max_position_embeddings,
         base: BaseModel {
             model: model.clone(),
@@ -343,8 +360,8 @@ struct Seq {
     cache: KvCache,
     /// Prompt then generated ids.
     ids: Vec<u32>,
-    /// Ids not yet fed to the model (the prompt at first, then the last sampled id).
-    feed: Vec<u32>,
+    /// The last sampled id: the next decode step's input.
+    next: u32,
     generated: usize,
     counts: HashMap<u32, usize>,
     sampler: Sampler,
@@ -357,29 +374,80 @@ enum Step {
     Done,
 }
 
+/// Most sequences decoded together in one step; the rest wait (in order) for a slot.
+pub const MAX_BATCH: usize = 16;
+/// Requests allowed to wait for a slot before new ones are refused (HTTP 429).
+pub const MAX_WAITING: usize = 64;
+
+/// Continuous batching: between two decode steps, at most one waiting sequence is prefilled
+/// (so new requests start within one step while running streams keep their pace), then every
+/// running sequence advances by one token in a single batched forward.
 fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
-    let mut active: Vec<Seq> = Vec::new();
+    let mut running: Vec<Seq> = Vec::new();
+    let mut waiting: std::collections::VecDeque<Seq> = std::collections::VecDeque::new();
     loop {
-        // Block only when idle; otherwise take whatever arrived between steps.
-        if active.is_empty() {
+        // Block only when idle; otherwise take whatever arrived since the last step.
+        if running.is_empty() && waiting.is_empty() {
             match rx.recv() {
-                Ok(job) => active.push(Seq::new(job, &model)),
+                Ok(job) => waiting.push_back(Seq::new(job, &model)),
                 Err(_) => return,
             }
         }
         while let Ok(job) = rx.try_recv() {
-            active.push(Seq::new(job, &model));
+            waiting.push_back(Seq::new(job, &model));
         }
-        active.retain_mut(|seq| match seq.step(&model, &sh) {
-            Ok(Step::Continue) => true,
-            Ok(Step::Done) => false,
-            Err(e) => {
-                tracing::error!("generation failed: {e}");
-                let _ = seq.job.events.send(GenEvent::Failed(e.to_string()));
-                false
+        // Clients that went away while waiting leave without costing a prefill.
+        waiting.retain(|s| {
+            let gone = s.job.events.is_closed();
+            if gone {
+                sh.waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
+            !gone
         });
+        if running.len() < MAX_BATCH {
+            if let Some(mut seq) = waiting.pop_front() {
+                sh.waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                match seq.prefill(&model, &sh) {
+                    Ok(Step::Continue) => running.push(seq),
+                    Ok(Step::Done) => {}
+                    Err(e) => seq.fail(&e),
+                }
+            }
+        }
+        running.retain(|s| !s.job.events.is_closed());
+        if running.is_empty() {
+            continue;
+        }
+        if let Err(e) = decode_step(&model, &sh, &mut running) {
+            for seq in running.drain(..) {
+                seq.fail(&e);
+            }
+        }
     }
+}
+
+/// One token for every running sequence.
+fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_core::Result<()> {
+    let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
+    let adapters: Vec<Option<Arc<Adapter>>> =
+        running.iter().map(|s| s.job.p.adapter.clone()).collect();
+    let hooks: Vec<Option<&dyn ForwardHooks>> = adapters
+        .iter()
+        .map(|a| a.as_deref().map(|a| a as &dyn ForwardHooks))
+        .collect();
+    let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
+    let logits = model.decode_batch(&tokens, &mut caches, &hooks)?;
+    let rows = crate::model::llama::rows_f32(&logits)?;
+    let mut keep = Vec::with_capacity(running.len());
+    for (mut seq, row) in running.drain(..).zip(rows) {
+        if let Step::Continue = seq.accept(row, sh) {
+            keep.push(seq);
+        }
+    }
+    *running = keep;
+    Ok(())
 }
 
 impl Seq {
@@ -387,7 +455,7 @@ impl Seq {
         let cache = KvCache::new(&model.cfg, job.p.prompt_tokens + job.p.max_tokens + 64);
         Self {
             ids: job.p.tokens.clone(),
-            feed: job.p.tokens.clone(),
+            next: 0,
             generated: 0,
             counts: HashMap::new(),
             sampler: Sampler::new(job.p.sampling.clone()),
@@ -396,6 +464,33 @@ impl Seq {
             cache,
             job,
         }
+    }
+
+    fn fail(&self, e: &candle_core::Error) {
+        tracing::error!("generation failed: {e}");
+        let _ = self.job.events.send(GenEvent::Failed(e.to_string()));
+    }
+
+    /// Runs the prompt (after the soft prompt of a prompt-tuned variant; a prefix-tuned
+    /// variant's prefix is written into the cache by the model) and takes the first token.
+    fn prefill(&mut self, model: &Llama, sh: &Shared) -> candle_core::Result<Step> {
+        let input = Tensor::new(self.job.p.tokens.as_slice(), model.device())?.unsqueeze(0)?;
+        let mut x = model.embed(&input)?;
+        if let Some(soft) = self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt) {
+            x = Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1)?;
+        }
+        let ctx = Ctx {
+            cache: Some(&mut self.cache),
+            hooks: self
+                .job
+                .p
+                .adapter
+                .as_deref()
+                .map(|a| a as &dyn ForwardHooks),
+            packed: None,
+        };
+        let logits = model.last_logits(&x, ctx)?.squeeze(0)?.to_vec1::<f32>()?;
+        Ok(self.accept(logits, sh))
     }
 
     fn finish(&mut self, reason: FinishReason) -> Step {
@@ -412,36 +507,17 @@ impl Seq {
         text.is_empty() || self.job.events.send(GenEvent::Text(text)).is_ok()
     }
 
-    fn step(&mut self, model: &Llama, sh: &Shared) -> candle_core::Result<Step> {
+    /// Samples the next token from `logits` and streams what it completes.
+    fn accept(&mut self, mut logits: Vec<f32>, sh: &Shared) -> Step {
         if self.job.events.is_closed() {
-            return Ok(Step::Done); // the client went away
+            return Step::Done; // the client went away
         }
-        let input = Tensor::new(self.feed.as_slice(), model.device())?.unsqueeze(0)?;
-        let mut x = model.embed(&input)?;
-        if let (Some(soft), true) = (
-            self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt),
-            self.cache.is_empty(),
-        ) {
-            x = Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1)?;
-        }
-        let ctx = Ctx {
-            cache: Some(&mut self.cache),
-            hooks: self
-                .job
-                .p
-                .adapter
-                .as_deref()
-                .map(|a| a as &dyn ForwardHooks),
-            packed: None,
-        };
-        let logits = model.last_logits(&x, ctx)?;
-        let mut logits = logits.squeeze(0)?.to_vec1::<f32>()?;
         let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
-        self.feed = vec![id];
+        self.next = id;
         if sh.base.text.eos_ids.contains(&id) {
             let rest = self.detok.flush(&sh.base.text.tokenizer) + &self.stop.flush();
             self.emit(rest);
-            return Ok(self.finish(FinishReason::Stop));
+            return self.finish(FinishReason::Stop);
         }
         self.generated += 1;
         self.ids.push(id);
@@ -450,11 +526,11 @@ impl Seq {
         match self.stop.push(&delta) {
             Filtered::Stop(text) => {
                 self.emit(text);
-                return Ok(self.finish(FinishReason::Stop));
+                return self.finish(FinishReason::Stop);
             }
             Filtered::Emit(text) => {
                 if !self.emit(text) {
-                    return Ok(Step::Done);
+                    return Step::Done;
                 }
             }
         }
@@ -463,13 +539,13 @@ impl Seq {
             let rest = match self.stop.push(&rest) {
                 Filtered::Stop(t) => {
                     self.emit(t);
-                    return Ok(self.finish(FinishReason::Stop));
+                    return self.finish(FinishReason::Stop);
                 }
                 Filtered::Emit(t) => t + &self.stop.flush(),
             };
             self.emit(rest);
-            return Ok(self.finish(FinishReason::Length));
+            return self.finish(FinishReason::Length);
         }
-        Ok(Step::Continue)
+        Step::Continue
     }
 }

@@ -104,6 +104,9 @@ pub enum EngineError {
     Invalid { param: String, message: String },
     #[error("the engine has stopped: {0}")]
     Unavailable(String),
+    /// Too many requests are already waiting; try again after the given delay.
+    #[error("the server is busy: too many requests are waiting, retry in {retry_after_secs} s")]
+    Overloaded { retry_after_secs: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }

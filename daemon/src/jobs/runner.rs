@@ -83,7 +83,7 @@ fn recover(inner: &Inner) {
     };
     let cfg = base.model.cfg.clone();
     let device = base.model.device().clone();
-    let serve = |name: &str, dir: &std::path::Path| match peft::load(dir, &cfg, &device) {
+    let serve = |name: &str, dir: &std::path::Path| match timed_load(name, dir, &cfg, &device) {
         Ok(a) => match inner.engine.add_adapter(name, a) {
             Ok(()) => tracing::info!(model = %name, "serving stored variant"),
             Err(e) => tracing::warn!(model = %name, "cannot serve stored variant: {e}"),
@@ -210,6 +210,7 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
         }
     }
     *inner.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    crate::metrics::global().training_finished(&job.id);
 }
 
 fn load_data(
@@ -336,6 +337,13 @@ fn train_job(
                         eta,
                     )),
                 );
+                crate::metrics::global().training_step(
+                    &job.id,
+                    s.step,
+                    s.loss,
+                    s.learning_rate,
+                    s.tokens_per_sec,
+                );
                 last_step = Some(s.clone());
             }
             TrainEvent::Eval(m) => {
@@ -355,6 +363,7 @@ fn train_job(
                     &format!("Step {}: validation loss={:.4}", m.step, m.valid_loss),
                     &data,
                 );
+                crate::metrics::global().training_eval(&job.id, m.valid_loss);
                 last_eval = Some(*m);
             }
             TrainEvent::Checkpoint { step, path } => {
@@ -377,7 +386,7 @@ fn train_job(
                     "valid_loss": v.map(|v| v.valid_loss),
                     "valid_mean_token_accuracy": v.map(|v| v.valid_mean_token_accuracy),
                 });
-                match peft::load(path, &cfg, &device)
+                match timed_load(&name, path, &cfg, &device)
                     .map_err(|e| e.to_string())
                     .and_then(|a| {
                         inner
@@ -479,6 +488,19 @@ fn train_job(
             Ok(())
         }
     }
+}
+
+/// `peft::load`, recorded in the adapter load metrics.
+fn timed_load(
+    name: &str,
+    dir: &std::path::Path,
+    cfg: &crate::model::ModelConfig,
+    device: &candle_core::Device,
+) -> Result<crate::adapters::Adapter, peft::PeftError> {
+    let started = std::time::Instant::now();
+    let a = peft::load(dir, cfg, device)?;
+    crate::metrics::global().adapter_loaded(name, started.elapsed().as_secs_f64());
+    Ok(a)
 }
 
 /// Moves a checkpoint the trainer wrote to where it is kept (replacing an older copy of the

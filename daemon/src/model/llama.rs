@@ -220,6 +220,55 @@ impl Packed {
     }
 }
 
+/// Which adapter applies to which rows of a batch.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// The same (or no) adapter for every row.
+    All(Option<&'a dyn ForwardHooks>),
+    /// Row `i` (of a `(n, 1, ·)` decode batch) uses `hooks[i]`.
+    PerRow(&'a [Option<&'a dyn ForwardHooks>]),
+}
+
+impl Rows<'_> {
+    fn delta(&self, layer: usize, proj: Proj, h: &Tensor) -> Result<Option<Tensor>> {
+        match *self {
+            Rows::All(None) => Ok(None),
+            Rows::All(Some(hk)) => hk.linear_delta(layer, proj, h),
+            Rows::PerRow(hooks) => {
+                let mut rows = Vec::with_capacity(hooks.len());
+                let mut any = false;
+                for (r, hk) in hooks.iter().enumerate() {
+                    let hr = h.narrow(0, r, 1)?;
+                    match hk
+                        .map(|hk| hk.linear_delta(layer, proj, &hr))
+                        .transpose()?
+                        .flatten()
+                    {
+                        Some(d) => {
+                            any = true;
+                            rows.push(Some(d));
+                        }
+                        None => rows.push(None),
+                    }
+                }
+                if !any {
+                    return Ok(None);
+                }
+                let shape = rows.iter().flatten().next().map(|d| d.shape().clone());
+                let Some(shape) = shape else { return Ok(None) };
+                let rows = rows
+                    .into_iter()
+                    .map(|d| match d {
+                        Some(d) => Ok(d),
+                        None => Tensor::zeros(&shape, h.dtype(), h.device()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0).map(Some)
+            }
+        }
+    }
+}
+
 /// Per-call options of [`Llama::forward_hidden`].
 #[derive(Default)]
 pub struct Ctx<'a> {
@@ -591,13 +640,51 @@ impl Llama {
             }
         };
         let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let x = self.run_layers(x, Rows::All(hooks), &cos, &sin, &mut |i, q, k, v| {
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => cache.layers[i].append(&k, &v)?,
+                None if cat_prefix => match hooks.map(|h| h.kv_prefix(i)).transpose()?.flatten() {
+                    Some((pk, pv)) => (
+                        Tensor::cat(&[&expand_batch(&pk, b)?, &k], 2)?,
+                        Tensor::cat(&[&expand_batch(&pv, b)?, &v], 2)?,
+                    ),
+                    None => (k, v),
+                },
+                None => (k, v),
+            };
+            if q.track_op() && self.device.is_cpu() {
+                // Training: fused kernel that recomputes probabilities in the backward.
+                let visible = k.dim(2)? - l;
+                let segments = packed.map(|p| p.segments.as_slice());
+                ops::attention::fused_attention(&q, &k, &v, visible, segments, scale)
+            } else {
+                ops::attention(&q, &k, &v, mask.as_ref(), scale)
+            }
+        })?;
+        if let Some(cache) = cache {
+            cache.len += l;
+        }
+        ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// The decoder blocks on `x (b, l, hidden)` with rotary tables `cos`/`sin` (any shape
+    /// [`ops::rope`] takes). `attend(layer, q, k, v)` gets the rotated heads and returns the
+    /// attention output `(b, n_head, l, head_dim)`: it owns caching and masking, which is what
+    /// differs between a single forward and a batched decode step.
+    fn run_layers(
+        &self,
+        x: &Tensor,
+        hooks: Rows<'_>,
+        cos: &Tensor,
+        sin: &Tensor,
+        attend: &mut dyn FnMut(usize, Tensor, Tensor, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, l, _) = x.dims3()?;
         let proj = |layer: usize, which: Proj, h: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
             let y = ops::linear(h, w, bias)?;
-            match hooks {
-                Some(hk) => match hk.linear_delta(layer, which, h)? {
-                    Some(d) => y + d,
-                    None => Ok(y),
-                },
+            match hooks.delta(layer, which, h)? {
+                Some(d) => y + d,
                 None => Ok(y),
             }
         };
@@ -614,37 +701,19 @@ impl Llama {
                 };
             let q = ops::rope(
                 &heads(Proj::Q, &a.q_proj, &a.q_bias, c.num_heads)?,
-                &cos,
-                &sin,
+                cos,
+                sin,
             )?;
             let k = ops::rope(
                 &heads(Proj::K, &a.k_proj, &a.k_bias, c.num_kv_heads)?,
-                &cos,
-                &sin,
+                cos,
+                sin,
             )?;
             let v = heads(Proj::V, &a.v_proj, &a.v_bias, c.num_kv_heads)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.layers[i].append(&k, &v)?,
-                None if cat_prefix => match hooks.map(|h| h.kv_prefix(i)).transpose()?.flatten() {
-                    Some((pk, pv)) => (
-                        Tensor::cat(&[&expand_batch(&pk, b)?, &k], 2)?,
-                        Tensor::cat(&[&expand_batch(&pv, b)?, &v], 2)?,
-                    ),
-                    None => (k, v),
-                },
-                None => (k, v),
-            };
-            let att = if q.track_op() && self.device.is_cpu() {
-                // Training: fused kernel that recomputes probabilities in the backward.
-                let visible = k.dim(2)? - l;
-                let segments = packed.map(|p| p.segments.as_slice());
-                ops::attention::fused_attention(&q, &k, &v, visible, segments, scale)?
-            } else {
-                ops::attention(&q, &k, &v, mask.as_ref(), scale)?
-            };
-            let att = att
-                .transpose(1, 2)?
-                .reshape((b, l, c.num_heads * c.head_dim))?;
+            let att =
+                attend(i, q, k, v)?
+                    .transpose(1, 2)?
+                    .reshape((b, l, c.num_heads * c.head_dim))?;
             x = (x + proj(i, Proj::O, &att, &a.o_proj, None)?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
             let m = &layer.mlp;
@@ -652,10 +721,57 @@ impl Llama {
             let up = proj(i, Proj::Up, &h, &m.up_proj, None)?;
             x = (x + proj(i, Proj::Down, &(gate * up)?, &m.down_proj, None)?)?;
         }
-        if let Some(cache) = cache {
-            cache.len += l;
+        Ok(x)
+    }
+
+    /// One decode step for several sequences at once (continuous batching): `tokens[i]` is
+    /// sequence i's next input, `caches[i]` its (non-empty) cache, `hooks[i]` its adapter.
+    /// Projections and the MLP run as one GEMM over all rows, so the weights are read once per
+    /// step instead of once per sequence; attention runs per sequence against its own cache.
+    /// Returns the logits `(n, vocab)`.
+    pub fn decode_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        hooks: &[Option<&dyn ForwardHooks>],
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        if caches.len() != n || hooks.len() != n {
+            candle_core::bail!(
+                "decode_batch: {n} tokens, {} caches, {} hooks",
+                caches.len(),
+                hooks.len()
+            );
         }
-        ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
+        let c = &self.cfg;
+        let positions: Vec<u32> = caches.iter().map(|k| k.len as u32).collect();
+        if let Some(&p) = positions.iter().max() {
+            if p as usize + 1 > c.max_position_embeddings {
+                candle_core::bail!(
+                    "sequence of {} positions exceeds the context of {}",
+                    p + 1,
+                    c.max_position_embeddings
+                );
+            }
+        }
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let half = c.head_dim / 2;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((n, 1, 1, half))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((n, 1, 1, half))?;
+        let x = self.embed(&Tensor::new(tokens, &self.device)?.unsqueeze(1)?)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let x = self.run_layers(&x, Rows::PerRow(hooks), &cos, &sin, &mut |i, q, k, v| {
+            let mut outs = Vec::with_capacity(n);
+            for (r, cache) in caches.iter_mut().enumerate() {
+                let (kr, vr) = cache.layers[i].append(&k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
+                outs.push(ops::attention(&q.narrow(0, r, 1)?, &kr, &vr, None, scale)?);
+            }
+            Tensor::cat(&outs, 0)
+        })?;
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        self.logits(&ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?.squeeze(1)?)
     }
 
     /// Hidden states `(..., hidden)` → logits `(..., vocab)`.
@@ -938,5 +1054,66 @@ pub(crate) mod tests {
         assert_eq!(cache.len(), 3 + ids.len());
         let inc = Tensor::cat(&outs, 0).unwrap();
         assert!(max_abs(&full, &inc) < 1e-4);
+    }
+
+    #[test]
+    fn batched_decode_equals_one_sequence_at_a_time() {
+        let m = Llama::random(tiny_config(Arch::Qwen2), &Device::Cpu).unwrap();
+        let with_prefix = TestHooks {
+            k: Tensor::randn(0f32, 1., (1, 2, 2, 8), &Device::Cpu).unwrap(),
+            v: Tensor::randn(0f32, 1., (1, 2, 2, 8), &Device::Cpu).unwrap(),
+            delta_scale: 0.05,
+        };
+        let hooks: [Option<&dyn ForwardHooks>; 3] = [None, Some(&with_prefix), None];
+        let prompts: [&[u32]; 3] = [&[3, 4, 5], &[7, 8, 9, 10, 11], &[12]];
+        let prefill = |i: usize| {
+            let mut cache = KvCache::new(&m.cfg, 16);
+            let x = m
+                .embed(
+                    &Tensor::new(prompts[i], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                )
+                .unwrap();
+            let ctx = Ctx {
+                cache: Some(&mut cache),
+                hooks: hooks[i],
+                packed: None,
+            };
+            m.forward_hidden(&x, ctx).unwrap();
+            cache
+        };
+        let next = [21u32, 22, 23];
+        // one at a time
+        let mut solo = Vec::new();
+        for i in 0..3 {
+            let mut cache = prefill(i);
+            let x = m
+                .embed(
+                    &Tensor::new(&[next[i]], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                )
+                .unwrap();
+            let ctx = Ctx {
+                cache: Some(&mut cache),
+                hooks: hooks[i],
+                packed: None,
+            };
+            solo.push(m.last_logits(&x, ctx).unwrap());
+        }
+        let solo = Tensor::cat(&solo, 0).unwrap();
+        // batched
+        let mut caches: Vec<KvCache> = (0..3).map(prefill).collect();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let batched = m.decode_batch(&next, &mut refs, &hooks).unwrap();
+        assert!(
+            max_abs(&solo, &batched) < 1e-4,
+            "{}",
+            max_abs(&solo, &batched)
+        );
+        assert_eq!(caches[1].len(), 2 + 5 + 1);
     }
 }

@@ -446,7 +446,7 @@ impl CeFloat for f64 {
 /// its exponent bits. Inputs are clamped to [-87, 88] (results saturate near 0 and 1.6e38);
 /// NaN stays NaN.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub fn exp_f32(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to an integer that lands in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_359_4;

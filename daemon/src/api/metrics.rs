@@ -1,0 +1,59 @@
+//! `GET /metrics`: the Prometheus text exposition of [`crate::metrics::global`]. Gauges whose
+//! truth lives elsewhere (jobs by status in the database, adapters resident in the engine) are
+//! recomputed at scrape time, so they can never drift from what the API reports.
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::handlers::method_not_allowed;
+use crate::engine::EngineHandle;
+use crate::jobs::store::status;
+use crate::jobs::Jobs;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+const STATUSES: &[&str] = &[
+    status::VALIDATING,
+    status::QUEUED,
+    status::RUNNING,
+    status::PAUSED,
+    status::SUCCEEDED,
+    status::FAILED,
+    status::CANCELLED,
+];
+
+/// `GET /metrics`.
+pub async fn metrics(req: HttpRequest) -> HttpResponse {
+    let m = crate::metrics::global();
+    if let Some(engine) = req.app_data::<web::Data<EngineHandle>>() {
+        if engine.is_ready() {
+            // Every listed model but the base is a resident variant.
+            m.set_adapters_resident(engine.models().len().saturating_sub(1));
+        }
+    }
+    if let Some(jobs) = req.app_data::<web::Data<Jobs>>() {
+        let mut counts = Vec::with_capacity(STATUSES.len());
+        let mut ok = true;
+        for s in STATUSES {
+            match jobs.store().jobs_with_status(&[s]).await {
+                Ok(rows) => counts.push((*s, rows.len())),
+                Err(e) => {
+                    tracing::warn!("metrics: counting jobs: {e}");
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        // On a database error the last known values stay rather than dropping to zero.
+        if ok {
+            m.set_training_jobs(&counts);
+        }
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(m.render())
+}
