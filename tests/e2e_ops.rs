@@ -540,7 +540,14 @@ fn auth_metrics_and_adapters() {
     );
 
     // Names: traversal and reserved names.
-    for name in ["../evil", ".hidden", "a/b", "a..b", "ft:base:org::x"] {
+    for name in [
+        "../evil",
+        ".hidden",
+        "a/b",
+        "a..b",
+        "ft:base:org::x",
+        base.as_str(),
+    ] {
         d.err(
             import(&d, ADMIN, name, &files, None),
             &[400],

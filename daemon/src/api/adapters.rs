@@ -620,6 +620,13 @@ pub async fn import(req: HttpRequest, payload: Multipart) -> Result<HttpResponse
     if !engine.is_ready() {
         return Err(ApiError::not_ready("The model is still loading"));
     }
+    // Checked before anything is written: the engine would refuse it only after the files are.
+    if engine.models().first().is_some_and(|c| c.id == name) {
+        return Err(ApiError::invalid(
+            "name",
+            format!("`{name}` is the base model's id"),
+        ));
+    }
     let started = Instant::now();
     let (config, weights, (_, adapter)) = web::block(move || {
         let parsed = parse_adapter(&config, &weights, &engine);
