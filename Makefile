@@ -3,7 +3,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/itamae-target
 export CARGO_TARGET_DIR
 
-.PHONY: serve test model system bench bench-train lint
+.PHONY: serve test model system bench bench-train bench-batch lint
 
 serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
@@ -18,11 +18,16 @@ model:
 system:
 	@scripts/setup-system.sh
 
+# Benchmarks let OpenBLAS pick the kernels this CPU supports even where the environment pins an
+# older core type (blas::ensure_coretype_env; the result is self-checked before use).
 bench: system model
-	cargo run --release -p itamae-daemon --bin itamaed -- bench decode
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench decode
 
 bench-train: system model
-	cargo run --release -p itamae-daemon --bin itamaed -- bench train
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench train
+
+bench-batch: system model
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench batch
 
 lint: system
 	cargo fmt --all -- --check

@@ -250,3 +250,50 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
         assert_eq!(text, solo[i], "request {i} differs when batched");
     }
 }
+
+/// The HF-directory loader (config.json, model.safetensors, tokenizer.json,
+/// tokenizer_config.json) on the model exported from the GGUF gives the same tokens, template and
+/// logits as the GGUF itself.
+#[test]
+fn hf_directory_export_loads_back_identically() {
+    let gguf = load();
+    let dir = std::env::temp_dir().join(format!("itamae-hf-{}", std::process::id()));
+    model::hf::save_model_dir(&dir, &gguf.model, &gguf.text).unwrap();
+    let hf = model::load(&dir, &Device::Cpu).unwrap();
+    let text = "<|im_start|>user\nWhat is sushi?<|im_end|>\n";
+    let a = gguf
+        .text
+        .tokenizer
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let b = hf
+        .text
+        .tokenizer
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!(a, b);
+    assert_eq!(hf.text.eos_ids, gguf.text.eos_ids);
+    let msgs = [json!({"role": "user", "content": "hi"})];
+    assert_eq!(
+        hf.template.as_ref().unwrap().render(&msgs, true).unwrap(),
+        gguf.template.as_ref().unwrap().render(&msgs, true).unwrap()
+    );
+    let ids = Tensor::new(a.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let d = (gguf.model.forward(&ids, None).unwrap() - hf.model.forward(&ids, None).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "max abs diff {d}");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -108,6 +108,9 @@ enum BenchCommand {
     },
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     // OpenBLAS reads its CPU core type only when it loads: re-exec with it set when this CPU
     // would be misdetected (REFERENCE.md §2). Must come before any BLAS call.

@@ -56,6 +56,8 @@ pub struct BaseModel {
 pub struct Prepared {
     pub prompt_tokens: usize,
     pub max_tokens: usize,
+    /// The served model id asked for (metrics label).
+    model: String,
     adapter: Option<Arc<Adapter>>,
     tokens: Vec<u32>,
     sampling: SamplingParams,
@@ -65,6 +67,7 @@ pub struct Prepared {
 struct Job {
     p: Prepared,
     events: UnboundedSender<GenEvent>,
+    submitted: std::time::Instant,
 }
 
 /// Cheap to clone; shared by every HTTP worker.
@@ -295,6 +298,7 @@ impl EngineHandle {
         Ok(Prepared {
             prompt_tokens: n,
             max_tokens,
+            model: req.model,
             adapter,
             tokens,
             sampling: req.sampling,
@@ -318,7 +322,12 @@ impl EngineHandle {
             });
         }
         let (tx, rx) = unbounded_channel();
-        if self.queue.send(Job { p, events: tx }).is_err() {
+        let job = Job {
+            p,
+            events: tx,
+            submitted: std::time::Instant::now(),
+        };
+        if self.queue.send(job).is_err() {
             sh.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Unavailable(
                 "the engine thread has stopped".into(),
@@ -362,6 +371,8 @@ struct Seq {
     ids: Vec<u32>,
     /// The last sampled id: the next decode step's input.
     next: u32,
+    /// When the previous token was streamed (inter-token latency).
+    last_token: Option<std::time::Instant>,
     generated: usize,
     counts: HashMap<u32, usize>,
     sampler: Sampler,
@@ -409,6 +420,8 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
             if let Some(mut seq) = waiting.pop_front() {
                 sh.waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let queued = seq.job.submitted.elapsed().as_secs_f64();
+                crate::metrics::global().observe_queue(&seq.job.p.model, queued);
                 match seq.prefill(&model, &sh) {
                     Ok(Step::Continue) => running.push(seq),
                     Ok(Step::Done) => {}
@@ -417,9 +430,13 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
             }
         }
         running.retain(|s| !s.job.events.is_closed());
+        let m = crate::metrics::global();
+        m.set_running(running.len());
+        m.set_waiting(waiting.len());
         if running.is_empty() {
             continue;
         }
+        m.observe_batch_size(running.len());
         if let Err(e) = decode_step(&model, &sh, &mut running) {
             for seq in running.drain(..) {
                 seq.fail(&e);
@@ -456,6 +473,7 @@ impl Seq {
         Self {
             ids: job.p.tokens.clone(),
             next: 0,
+            last_token: None,
             generated: 0,
             counts: HashMap::new(),
             sampler: Sampler::new(job.p.sampling.clone()),
@@ -514,6 +532,10 @@ impl Seq {
         }
         let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
         self.next = id;
+        let now = std::time::Instant::now();
+        if let Some(prev) = self.last_token.replace(now) {
+            crate::metrics::global().observe_itl(&self.job.p.model, (now - prev).as_secs_f64());
+        }
         if sh.base.text.eos_ids.contains(&id) {
             let rest = self.detok.flush(&sh.base.text.tokenizer) + &self.stop.flush();
             self.emit(rest);

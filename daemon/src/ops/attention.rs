@@ -24,6 +24,17 @@ struct FusedAttention {
     lse: Mutex<Vec<f64>>,
 }
 
+/// `eˣ` at the precision of `T`: the fast f32 exponential for f32 (the softmax is most of this
+/// op's non-GEMM time), libm's f64 one otherwise (gradient checks run in f64).
+#[inline(always)]
+fn exp<T: WithDType>(x: f64) -> f64 {
+    if T::DTYPE == DType::F32 {
+        super::loss::exp_f32(x as f32) as f64
+    } else {
+        x.exp()
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
@@ -67,10 +78,19 @@ impl FusedAttention {
             s,
             t,
         )?;
+        let neg = T::from_f64(f64::NEG_INFINITY);
         s.par_chunks_mut(t).enumerate().for_each(|(i, row)| {
-            for (j, x) in row.iter_mut().enumerate() {
-                if !self.visible(bi, i, j, l) {
-                    *x = T::from_f64(f64::NEG_INFINITY);
+            // Keys past the query's own position are always hidden; only packed rows need the
+            // per-key check.
+            let last = self.offset + i;
+            for x in row.iter_mut().skip(last + 1) {
+                *x = neg;
+            }
+            if self.segments.is_some() {
+                for (j, x) in row.iter_mut().enumerate().take(last + 1) {
+                    if !self.visible(bi, i, j, l) {
+                        *x = neg;
+                    }
                 }
             }
         });
@@ -104,7 +124,7 @@ impl FusedAttention {
                         let m = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64()));
                         let mut sum = 0f64;
                         for x in row.iter_mut() {
-                            let e = (x.to_f64() - m).exp();
+                            let e = exp::<T>(x.to_f64() - m);
                             sum += e;
                             *x = T::from_f64(e);
                         }
