@@ -379,30 +379,9 @@ pub fn fused_attention(
 mod tests {
     use super::*;
     use crate::ops::gradcheck::max_grad_error;
+    use crate::ops::gradcheck::{max_diff, randn};
     use crate::ops::{attention, causal_mask};
     use candle_core::Device;
-
-    fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1., shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// Reference mask for packed rows with a visible prefix, `(b, l, offset + l)`.
     fn packed_mask(segments: &[Vec<u32>], offset: usize) -> Tensor {

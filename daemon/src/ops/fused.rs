@@ -234,29 +234,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::gradcheck::max_grad_error;
-    use candle_core::Device;
-
-    fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1., shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::ops::gradcheck::{max_diff, randn};
 
     #[test]
     fn rms_norm_matches_reference_and_gradients() {

@@ -548,29 +548,8 @@ impl CustomOp3 for LoraLinear {
 mod tests {
     use super::*;
     use crate::ops::gradcheck::max_grad_error;
+    use crate::ops::gradcheck::{max_diff, randn};
     use candle_core::Var;
-
-    fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1., shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn forward_matches_candle_matmul() {

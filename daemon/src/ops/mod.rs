@@ -161,7 +161,31 @@ pub fn causal_mask(l: usize, offset: usize, dtype: DType, device: &Device) -> Re
 
 #[cfg(test)]
 pub(crate) mod gradcheck {
-    use candle_core::{Result, Tensor, Var};
+    use candle_core::{DType, Device, Result, Tensor, Var};
+
+    /// Standard-normal test input of `dtype`.
+    pub fn randn(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::randn(0f32, 1., shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// Max abs difference, as f64 whatever the dtype.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
 
     /// Compares the analytic gradient of `sum(f(x) · r)` (r a fixed random tensor) with central
     /// finite differences, in f64. Returns the max abs difference.
@@ -195,31 +219,9 @@ pub(crate) mod gradcheck {
 
 #[cfg(test)]
 mod tests {
-    use super::gradcheck::max_grad_error;
+    use super::gradcheck::{max_diff, max_grad_error, randn};
     use super::*;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1., shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
 
     #[test]
     fn rms_norm_fast_matches_composed_and_reference() {
