@@ -382,17 +382,15 @@ fn write_json_str(out: &mut String, s: &str, opts: &JsonOpts) {
     out.push('"');
 }
 
+/// Chat templates shared by the tests of this module and of the training data.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
+pub(crate) mod fixtures {
     /// `tokenizer.chat_template` of SmolLM2-135M-Instruct, verbatim from the GGUF.
-    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    pub const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     /// Qwen2.5-style: default system message, tools block through `tojson`, block tags that rely
     /// on `trim_blocks`/`lstrip_blocks`, Python string methods and `raise_exception`.
-    const QWEN_STYLE: &str = r#"{%- if tools %}
+    pub const QWEN_STYLE: &str = r#"{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0]['role'] == 'system' %}
         {{- messages[0]['content'] }}
@@ -424,6 +422,14 @@ mod tests {
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 "#;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    use super::fixtures::{QWEN_STYLE, SMOLLM2};
 
     fn conv() -> Vec<serde_json::Value> {
         vec![
