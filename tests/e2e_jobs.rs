@@ -7,138 +7,34 @@
 //! Needs `models/SmolLM2-135M-Instruct.Q4_1.gguf` (run `scripts/fetch-model.sh`), or a GGUF path
 //! in `ITAMAE_TEST_MODEL`. One test drives everything in sequence (training is CPU-bound: jobs
 //! in parallel tests would only slow each other down).
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use reqwest::blocking::{Client, Response};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, TempDir, WORKSPACE};
+use reqwest::blocking::Response;
 use serde_json::{json, Value};
 
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn model_path() -> PathBuf {
-    let path = match std::env::var_os("ITAMAE_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(WORKSPACE).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    assert!(
-        path.is_file(),
-        "test model {} is missing: run scripts/fetch-model.sh (or set ITAMAE_TEST_MODEL)",
-        path.display()
+/// Starts a daemon on `<dir>/data` (a dir it does not own), logging to `itamaed-{n}.log`, and
+/// waits until it is ready.
+fn start(dir: &Path, n: usize) -> Daemon {
+    let mut d = Daemon::start(
+        dir,
+        &format!("itamaed-{n}.log"),
+        &[],
+        &[("ITAMAE_MAX_UPLOAD_BYTES", Some("1000000"))],
+        Duration::from_secs(900),
     );
-    path
+    d.wait_ready();
+    d
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir =
-            std::env::temp_dir().join(format!("itamae-e2e-jobs-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the temporary dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running daemon on a data dir it does not own; killed (SIGKILL) on drop.
-struct Daemon {
-    child: Child,
-    base: String,
-    log: PathBuf,
-    http: Client,
-}
-
+/// The test's own requests, on top of the shared daemon guard.
 impl Daemon {
-    fn start(dir: &Path, n: usize) -> Self {
-        let data_dir = dir.join("data");
-        let log = dir.join(format!("itamaed-{n}.log"));
-        let log_file = File::create(&log).expect("create the daemon log");
-        let log_err = log_file.try_clone().expect("clone the log handle");
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_itamaed"))
-            .arg("serve")
-            .arg("--model")
-            .arg(model_path())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .env("ITAMAE_MAX_UPLOAD_BYTES", "1000000")
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .expect("start itamaed");
-        let mut d = Daemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-            http: Client::builder()
-                .timeout(Duration::from_secs(900))
-                .build()
-                .expect("http client"),
-        };
-        d.wait_ready();
-        d
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn wait_ready(&mut self) {
-        let started = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("itamaed exited early ({status}); log:\n{}", self.log_tail());
-            }
-            if let Ok(res) = self.http.get(self.url("/readyz")).send() {
-                if res.status() == 200 {
-                    eprintln!("itamaed ready after {:.1?}", started.elapsed());
-                    return;
-                }
-            }
-            assert!(
-                started.elapsed() < READY_TIMEOUT,
-                "itamaed not ready after {READY_TIMEOUT:?}; log:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// SIGKILL: no chance to clean up, as after a crash.
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
     fn json(&self, res: Response, what: &str) -> (u16, Value) {
         let status = res.status().as_u16();
         let text = res.text().unwrap_or_default();
@@ -307,16 +203,6 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- itamaed log (tail) ---\n{}", self.log_tail());
-        }
-    }
-}
-
 fn data_file(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(WORKSPACE).join("tests/data").join(name)).expect("test data")
 }
@@ -333,8 +219,8 @@ fn lora_job(base: &str, train: &str, valid: Option<&str>, suffix: &str, hp: Valu
 
 #[test]
 fn fine_tuning_jobs_end_to_end() {
-    let dir = TempDir::new();
-    let d = Daemon::start(&dir.0, 1);
+    let dir = TempDir::new("e2e-jobs");
+    let d = start(dir.path(), 1);
     let models = d.get_ok("/v1/models");
     let base = models["data"][0]["id"]
         .as_str()
@@ -630,7 +516,7 @@ fn fine_tuning_jobs_end_to_end() {
     assert_eq!(d.job(&long_id)["status"], "running");
     d.kill9();
 
-    let d = Daemon::start(&dir.0, 2);
+    let d = start(dir.path(), 2);
     let j = d.wait_job(&long_id);
     assert_eq!(j["status"], "succeeded", "{j}");
     let msgs = d.messages(&long_id);

@@ -5,126 +5,40 @@
 //! every check in sequence. The LoRA adapter imported over HTTP is built here with the `itamae`
 //! library (fresh LoRA, PEFT files) rather than trained, which would take minutes. After every
 //! bad input the daemon must still answer.
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use reqwest::blocking::{Client, RequestBuilder, Response};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{model_path, Daemon, TempDir};
+use reqwest::blocking::{RequestBuilder, Response};
 use serde_json::{json, Value};
 
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const ADMIN: &str = "e2e-admin-key-0123456789abcdef";
 const INFER: &str = "e2e-infer-key-0123456789abcdef";
 /// The daemon's upload limit in this test (the adapter built here is ~0.9 MB).
 const MAX_UPLOAD: usize = 1_500_000;
 
-fn model_path() -> PathBuf {
-    let path = match std::env::var_os("ITAMAE_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(WORKSPACE).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    assert!(
-        path.is_file(),
-        "test model {} is missing: run scripts/fetch-model.sh (or set ITAMAE_TEST_MODEL)",
-        path.display()
-    );
-    path
+/// Starts the daemon with an admin and an inference key and the test's upload limit, and no
+/// config file; not yet ready.
+fn start(dir: &Path) -> Daemon {
+    let keys = format!("admin:{ADMIN}, inference:{INFER}");
+    let max_upload = MAX_UPLOAD.to_string();
+    Daemon::start(
+        dir,
+        "itamaed.log",
+        &[],
+        &[
+            ("ITAMAE_API_KEYS", Some(&keys)),
+            ("ITAMAE_MAX_UPLOAD_BYTES", Some(&max_upload)),
+            ("ITAMAE_CONFIG", None),
+        ],
+        Duration::from_secs(300),
+    )
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!("itamae-{tag}-{}-{nanos}", std::process::id()))
-}
-
-/// A running daemon; killed (and its directory removed) on drop.
-struct Daemon {
-    child: Child,
-    base: String,
-    dir: PathBuf,
-    log: PathBuf,
-    http: Client,
-}
-
+/// The test's own requests, on top of the shared daemon guard.
 impl Daemon {
-    fn start(dir: &Path) -> Self {
-        let data_dir = dir.join("data");
-        std::fs::create_dir_all(&data_dir).expect("create the temporary data dir");
-        let log = dir.join("itamaed.log");
-        let log_file = File::create(&log).expect("create the daemon log");
-        let log_err = log_file.try_clone().expect("clone the log handle");
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_itamaed"))
-            .arg("serve")
-            .arg("--model")
-            .arg(model_path())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .env(
-                "ITAMAE_API_KEYS",
-                format!("admin:{ADMIN}, inference:{INFER}"),
-            )
-            .env("ITAMAE_MAX_UPLOAD_BYTES", MAX_UPLOAD.to_string())
-            .env_remove("ITAMAE_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .expect("start itamaed");
-        Daemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            dir: dir.to_path_buf(),
-            log,
-            http: Client::builder()
-                .timeout(Duration::from_secs(300))
-                .build()
-                .expect("http client"),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn wait_ready(&mut self) {
-        let started = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("itamaed exited early ({status}); log:\n{}", self.log_tail());
-            }
-            // /readyz needs no key.
-            if let Ok(res) = self.http.get(self.url("/readyz")).send() {
-                if res.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                started.elapsed() < READY_TIMEOUT,
-                "itamaed not ready after {READY_TIMEOUT:?}; log:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
     fn req(&self, method: &str, path: &str, key: Option<&str>) -> RequestBuilder {
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let b = self.http.request(m, self.url(path));
@@ -192,17 +106,6 @@ impl Daemon {
         let (s, text) = self.send(self.req("GET", "/metrics", Some(ADMIN)), "metrics");
         assert_eq!(s, 200, "{text}");
         text
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- itamaed log (tail) ---\n{}", self.log_tail());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -291,11 +194,10 @@ fn parse_metrics(text: &str) -> Vec<(String, f64)> {
 
 #[test]
 fn auth_metrics_and_adapters() {
-    let dir = temp_dir("e2e-ops");
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut d = Daemon::start(&dir);
+    let dir = TempDir::new("e2e-ops");
+    let mut d = start(dir.path());
     // Build the adapter while the daemon loads its model.
-    let files = build_lora(&dir);
+    let files = build_lora(dir.path());
     assert!(files.weights.len() < MAX_UPLOAD, "{}", files.weights.len());
     d.wait_ready();
 

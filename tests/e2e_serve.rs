@@ -2,137 +2,31 @@
 //!
 //! Needs `models/SmolLM2-135M-Instruct.Q4_1.gguf` (run `scripts/fetch-model.sh`), or a GGUF path
 //! in `ITAMAE_TEST_MODEL`. One daemon serves every check, run in sequence by one test.
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use reqwest::blocking::{Client, Response};
+use std::time::Duration;
+
+use common::{model_path, Daemon, TempDir};
+use reqwest::blocking::Response;
 use serde_json::{json, Value};
-
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn model_path() -> PathBuf {
-    let path = match std::env::var_os("ITAMAE_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(WORKSPACE).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    assert!(
-        path.is_file(),
-        "test model {} is missing: run scripts/fetch-model.sh (or set ITAMAE_TEST_MODEL)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
-
-/// A running daemon; killed (and its data dir removed) on drop.
-struct Daemon {
-    child: Child,
-    base: String,
-    dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start() -> Self {
-        let model = model_path();
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("itamae-e2e-{}-{nanos}", std::process::id()));
-        let data_dir = dir.join("data");
-        std::fs::create_dir_all(&data_dir).expect("create the temporary data dir");
-        let log = dir.join("itamaed.log");
-        let log_file = File::create(&log).expect("create the daemon log");
-        let log_err = log_file.try_clone().expect("clone the log handle");
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_itamaed"))
-            .arg("serve")
-            .arg("--model")
-            .arg(&model)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .expect("start itamaed");
-        Daemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            dir,
-            log,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn wait_ready(&mut self, http: &Client) {
-        let started = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("itamaed exited early ({status}); log:\n{}", self.log_tail());
-            }
-            if let Ok(res) = http.get(self.url("/readyz")).send() {
-                if res.status() == 200 {
-                    eprintln!("itamaed ready after {:.1?}", started.elapsed());
-                    return;
-                }
-            }
-            assert!(
-                started.elapsed() < READY_TIMEOUT,
-                "itamaed not ready after {READY_TIMEOUT:?}; log:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- itamaed log (tail) ---\n{}", self.log_tail());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 struct Ctx {
     daemon: Daemon,
-    http: Client,
     model: String,
 }
 
 impl Ctx {
     fn get(&self, path: &str) -> Response {
-        self.http
+        self.daemon
+            .http
             .get(self.daemon.url(path))
             .send()
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     fn post(&self, path: &str, body: &Value) -> Response {
-        self.http
+        self.daemon
+            .http
             .post(self.daemon.url(path))
             .json(body)
             .send()
@@ -240,15 +134,17 @@ fn check_finish(reason: &Value) {
 
 #[test]
 fn e2e_serve() {
-    let http = Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .expect("http client");
-    let mut daemon = Daemon::start();
-    daemon.wait_ready(&http);
+    let dir = TempDir::new("e2e");
+    let mut daemon = Daemon::start(
+        dir.path(),
+        "itamaed.log",
+        &[],
+        &[],
+        Duration::from_secs(300),
+    );
+    daemon.wait_ready();
     let mut ctx = Ctx {
         daemon,
-        http,
         model: String::new(),
     };
 
@@ -414,6 +310,7 @@ fn errors(ctx: &Ctx) {
     let chat = "/v1/chat/completions";
 
     let res = ctx
+        .daemon
         .http
         .post(ctx.daemon.url(chat))
         .header("content-type", "application/json")

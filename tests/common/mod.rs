@@ -1,0 +1,167 @@
+//! Shared by the `e2e_*` tests: the test model, a temporary directory and a running `itamaed`.
+//!
+//! Each test crate compiles this module on its own, so items one of them does not use carry
+//! `#[allow(dead_code)]`.
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::blocking::Client;
+
+#[allow(dead_code)]
+pub const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The GGUF the tests run on: `ITAMAE_TEST_MODEL`, or the SmolLM2 one under `models/`.
+pub fn model_path() -> PathBuf {
+    let path = match std::env::var_os("ITAMAE_TEST_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(WORKSPACE).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    assert!(
+        path.is_file(),
+        "test model {} is missing: run scripts/fetch-model.sh (or set ITAMAE_TEST_MODEL)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A temporary directory `itamae-{tag}-{pid}-{nanos}`, created now and removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("itamae-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the temporary dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `itamaed serve` on `<dir>/data`, logging to `<dir>/<log_name>`; killed (SIGKILL)
+/// on drop, with the log's tail printed if the test is panicking. The directory is not its own.
+pub struct Daemon {
+    child: Child,
+    base: String,
+    log: PathBuf,
+    pub http: Client,
+}
+
+impl Daemon {
+    /// Starts the daemon (without waiting for it to be ready) with `args` after the standard
+    /// ones, and `envs` set (`Some`) or removed (`None`); `http` times out after `http_timeout`.
+    pub fn start(
+        dir: &Path,
+        log_name: &str,
+        args: &[&str],
+        envs: &[(&str, Option<&str>)],
+        http_timeout: Duration,
+    ) -> Self {
+        let model = model_path();
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir).expect("create the temporary data dir");
+        let log = dir.join(log_name);
+        let log_file = File::create(&log).expect("create the daemon log");
+        let log_err = log_file.try_clone().expect("clone the log handle");
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_itamaed"));
+        cmd.arg("serve")
+            .arg("--model")
+            .arg(&model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args);
+        for (key, value) in envs {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn()
+            .expect("start itamaed");
+        Daemon {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            http: Client::builder()
+                .timeout(http_timeout)
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Polls `/readyz` (which needs no key) until it answers 200; panics if the daemon exits or
+    /// is not ready within `READY_TIMEOUT`.
+    pub fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("itamaed exited early ({status}); log:\n{}", self.log_tail());
+            }
+            if let Ok(res) = self.http.get(self.url("/readyz")).send() {
+                if res.status() == 200 {
+                    eprintln!("itamaed ready after {:.1?}", started.elapsed());
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "itamaed not ready after {READY_TIMEOUT:?}; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up, as after a crash.
+    #[allow(dead_code)]
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- itamaed log (tail) ---\n{}", self.log_tail());
+        }
+    }
+}
