@@ -563,20 +563,11 @@ impl<'m> Trainer<'m> {
                 let batch = self.batcher.next_batch();
                 real_tokens += batch.tokens;
                 self.set_dropout_seed(micro as u64);
-                let t0 = Instant::now();
                 let (loss, n, c) = self.train_loss(&batch)?;
                 loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 count += n;
                 correct += c;
-                let t1 = Instant::now();
                 let g = loss.backward()?;
-                if std::env::var_os("ITAMAE_PROFILE").is_some() {
-                    eprintln!(
-                        "forward {:.2} s, backward {:.2} s",
-                        (t1 - t0).as_secs_f64(),
-                        t1.elapsed().as_secs_f64()
-                    );
-                }
                 for (slot, p) in grads.iter_mut().zip(&self.params) {
                     if let Some(gp) = g.get(p.var.as_tensor()) {
                         *slot = Some(match slot.take() {
