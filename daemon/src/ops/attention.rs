@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 
 use super::blas::{gemm, BlasFloat, Mat};
+use super::{cpu_slice as slice, to_flat_vec};
 
 struct FusedAttention {
     scale: f64,
@@ -267,14 +268,6 @@ fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
     })
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let data = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused attention: inputs must be contiguous"),
-    }
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -308,11 +301,21 @@ impl CustomOp3 for FusedAttention {
         let shape = l1.shape().clone();
         match s1.dtype() {
             DType::F32 => {
-                let o = self.forward::<f32>(dm, slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)?;
+                let o = self.forward::<f32>(
+                    dm,
+                    slice(s1, l1, "fused attention")?,
+                    slice(s2, l2, "fused attention")?,
+                    slice(s3, l3, "fused attention")?,
+                )?;
                 Ok((CpuStorage::F32(o), shape))
             }
             DType::F64 => {
-                let o = self.forward::<f64>(dm, slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)?;
+                let o = self.forward::<f64>(
+                    dm,
+                    slice(s1, l1, "fused attention")?,
+                    slice(s2, l2, "fused attention")?,
+                    slice(s3, l3, "fused attention")?,
+                )?;
                 Ok((CpuStorage::F64(o), shape))
             }
             other => candle_core::bail!("fused attention: unsupported dtype {other:?}"),
@@ -335,7 +338,7 @@ impl CustomOp3 for FusedAttention {
         ) -> Result<(Tensor, Tensor, Tensor)> {
             let v: Vec<Vec<T>> = ts
                 .iter()
-                .map(|t| t.contiguous()?.flatten_all()?.to_vec1::<T>())
+                .map(|t| to_flat_vec::<T>(t))
                 .collect::<Result<_>>()?;
             let (gq, gk, gv) = op.backward(dm, &v[0], &v[1], &v[2], &v[3], &v[4])?;
             let dev = ts[0].device();

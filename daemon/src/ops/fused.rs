@@ -7,17 +7,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let data = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: input must be contiguous"),
-    }
-}
-
-fn to_vec<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<T>()
-}
+use super::{cpu_slice as slice, to_flat_vec as to_vec};
 
 struct RmsNorm {
     eps: f64,

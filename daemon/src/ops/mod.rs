@@ -19,6 +19,25 @@ pub mod fused;
 pub mod linear;
 pub mod loss;
 
+/// The contiguous data of a CPU storage as a slice, for our custom ops' `cpu_fwd`; `what` names
+/// the op in the error.
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// A tensor's elements in row-major order, for our custom ops' backward passes.
+pub(crate) fn to_flat_vec<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<T>()
+}
+
 /// Whether any of `ts` takes part in a gradient computation.
 fn tracked(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
