@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn batched_decode_mixing_lora_variants_equals_solo() {
         use crate::adapters::Adapter;
-        use crate::model::llama::KvCache;
+        use crate::model::llama::tests::assert_batched_decode_matches_solo;
         let cfg = tiny_config(Arch::Llama);
         let m = Llama::random(cfg.clone(), &Device::Cpu).unwrap();
         let make = |seed: u64, r: usize| {
@@ -346,62 +346,6 @@ mod tests {
         let (a1, a2, a3) = (make(1, 4), make(2, 4), make(3, 2));
         let hooks: [Option<&dyn ForwardHooks>; 4] = [Some(&a1), None, Some(&a2), Some(&a3)];
         let prompts: [&[u32]; 4] = [&[3, 4], &[5, 6, 7], &[8], &[9, 10]];
-        let prefill = |i: usize| {
-            let mut cache = KvCache::new(&cfg, 8);
-            let x = m
-                .embed(
-                    &Tensor::new(prompts[i], &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap(),
-                )
-                .unwrap();
-            m.forward_hidden(
-                &x,
-                Ctx {
-                    cache: Some(&mut cache),
-                    hooks: hooks[i],
-                    packed: None,
-                },
-            )
-            .unwrap();
-            cache
-        };
-        let next = [11u32, 12, 13, 14];
-        let solo: Vec<Tensor> = (0..4)
-            .map(|i| {
-                let mut cache = prefill(i);
-                let x = m
-                    .embed(
-                        &Tensor::new(&[next[i]], &Device::Cpu)
-                            .unwrap()
-                            .unsqueeze(0)
-                            .unwrap(),
-                    )
-                    .unwrap();
-                m.last_logits(
-                    &x,
-                    Ctx {
-                        cache: Some(&mut cache),
-                        hooks: hooks[i],
-                        packed: None,
-                    },
-                )
-                .unwrap()
-            })
-            .collect();
-        let solo = Tensor::cat(&solo, 0).unwrap();
-        let mut caches: Vec<KvCache> = (0..4).map(prefill).collect();
-        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let batched = m.decode_batch(&next, &mut refs, &hooks).unwrap();
-        let d = (solo - batched)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-4, "max abs diff {d}");
+        assert_batched_decode_matches_solo(&m, &hooks, &prompts, &[11, 12, 13, 14]);
     }
 }

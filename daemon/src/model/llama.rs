@@ -1056,6 +1056,47 @@ pub(crate) mod tests {
         assert!(max_abs(&full, &inc) < 1e-4);
     }
 
+    /// Prefills each prompt alone (with its hooks), then checks that one batched decode step of
+    /// `next` gives the logits each sequence gets when decoded alone. Returns the caches' lengths.
+    pub(crate) fn assert_batched_decode_matches_solo(
+        m: &Llama,
+        hooks: &[Option<&dyn ForwardHooks>],
+        prompts: &[&[u32]],
+        next: &[u32],
+    ) -> Vec<usize> {
+        let ids = |t: &[u32]| Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let prefill = |i: usize| {
+            let mut cache = KvCache::new(&m.cfg, 16);
+            let x = m.embed(&ids(prompts[i])).unwrap();
+            let ctx = Ctx {
+                cache: Some(&mut cache),
+                hooks: hooks[i],
+                packed: None,
+            };
+            m.forward_hidden(&x, ctx).unwrap();
+            cache
+        };
+        let solo: Vec<Tensor> = (0..prompts.len())
+            .map(|i| {
+                let mut cache = prefill(i);
+                let x = m.embed(&ids(&next[i..=i])).unwrap();
+                let ctx = Ctx {
+                    cache: Some(&mut cache),
+                    hooks: hooks[i],
+                    packed: None,
+                };
+                m.last_logits(&x, ctx).unwrap()
+            })
+            .collect();
+        let solo = Tensor::cat(&solo, 0).unwrap();
+        let mut caches: Vec<KvCache> = (0..prompts.len()).map(prefill).collect();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let batched = m.decode_batch(next, &mut refs, hooks).unwrap();
+        let d = max_abs(&solo, &batched);
+        assert!(d < 1e-4, "batched vs solo: max abs diff {d}");
+        caches.iter().map(KvCache::len).collect()
+    }
+
     #[test]
     fn batched_decode_equals_one_sequence_at_a_time() {
         let m = Llama::random(tiny_config(Arch::Qwen2), &Device::Cpu).unwrap();
@@ -1066,54 +1107,8 @@ pub(crate) mod tests {
         };
         let hooks: [Option<&dyn ForwardHooks>; 3] = [None, Some(&with_prefix), None];
         let prompts: [&[u32]; 3] = [&[3, 4, 5], &[7, 8, 9, 10, 11], &[12]];
-        let prefill = |i: usize| {
-            let mut cache = KvCache::new(&m.cfg, 16);
-            let x = m
-                .embed(
-                    &Tensor::new(prompts[i], &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap(),
-                )
-                .unwrap();
-            let ctx = Ctx {
-                cache: Some(&mut cache),
-                hooks: hooks[i],
-                packed: None,
-            };
-            m.forward_hidden(&x, ctx).unwrap();
-            cache
-        };
-        let next = [21u32, 22, 23];
-        // one at a time
-        let mut solo = Vec::new();
-        for i in 0..3 {
-            let mut cache = prefill(i);
-            let x = m
-                .embed(
-                    &Tensor::new(&[next[i]], &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap(),
-                )
-                .unwrap();
-            let ctx = Ctx {
-                cache: Some(&mut cache),
-                hooks: hooks[i],
-                packed: None,
-            };
-            solo.push(m.last_logits(&x, ctx).unwrap());
-        }
-        let solo = Tensor::cat(&solo, 0).unwrap();
-        // batched
-        let mut caches: Vec<KvCache> = (0..3).map(prefill).collect();
-        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let batched = m.decode_batch(&next, &mut refs, &hooks).unwrap();
-        assert!(
-            max_abs(&solo, &batched) < 1e-4,
-            "{}",
-            max_abs(&solo, &batched)
-        );
-        assert_eq!(caches[1].len(), 2 + 5 + 1);
+        let lens = assert_batched_decode_matches_solo(&m, &hooks, &prompts, &[21, 22, 23]);
+        // the prefix (2) sits in the cache ahead of the prompt (5) and the decoded token
+        assert_eq!(lens, vec![3 + 1, 2 + 5 + 1, 1 + 1]);
     }
 }
