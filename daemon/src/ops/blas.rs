@@ -61,133 +61,77 @@ pub trait BlasFloat: candle_core::WithDType + Copy + Send + Sync + 'static {
     );
 }
 
-impl BlasFloat for f32 {
-    unsafe fn gemm_raw(
-        ta: CBLAS_TRANSPOSE,
-        tb: CBLAS_TRANSPOSE,
-        m: c_int,
-        n: c_int,
-        k: c_int,
-        alpha: f32,
-        a: *const f32,
-        lda: c_int,
-        b: *const f32,
-        ldb: c_int,
-        beta: f32,
-        c: *mut f32,
-        ldc: c_int,
-    ) {
-        cblas_sys::cblas_sgemm(
-            CblasRowMajor,
-            ta,
-            tb,
-            m,
-            n,
-            k,
-            alpha,
-            a,
-            lda,
-            b,
-            ldb,
-            beta,
-            c,
-            ldc,
-        )
-    }
+/// The f32 and f64 impls differ only in which CBLAS symbols they call.
+macro_rules! blas_float {
+    ($t:ty, $gemm:ident, $gemv:ident) => {
+        impl BlasFloat for $t {
+            unsafe fn gemm_raw(
+                ta: CBLAS_TRANSPOSE,
+                tb: CBLAS_TRANSPOSE,
+                m: c_int,
+                n: c_int,
+                k: c_int,
+                alpha: $t,
+                a: *const $t,
+                lda: c_int,
+                b: *const $t,
+                ldb: c_int,
+                beta: $t,
+                c: *mut $t,
+                ldc: c_int,
+            ) {
+                cblas_sys::$gemm(
+                    CblasRowMajor,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    a,
+                    lda,
+                    b,
+                    ldb,
+                    beta,
+                    c,
+                    ldc,
+                )
+            }
 
-    unsafe fn gemv_raw(
-        ta: CBLAS_TRANSPOSE,
-        m: c_int,
-        n: c_int,
-        alpha: f32,
-        a: *const f32,
-        lda: c_int,
-        x: *const f32,
-        incx: c_int,
-        beta: f32,
-        y: *mut f32,
-        incy: c_int,
-    ) {
-        cblas_sys::cblas_sgemv(
-            CblasRowMajor,
-            ta,
-            m,
-            n,
-            alpha,
-            a,
-            lda,
-            x,
-            incx,
-            beta,
-            y,
-            incy,
-        )
-    }
+            unsafe fn gemv_raw(
+                ta: CBLAS_TRANSPOSE,
+                m: c_int,
+                n: c_int,
+                alpha: $t,
+                a: *const $t,
+                lda: c_int,
+                x: *const $t,
+                incx: c_int,
+                beta: $t,
+                y: *mut $t,
+                incy: c_int,
+            ) {
+                cblas_sys::$gemv(
+                    CblasRowMajor,
+                    ta,
+                    m,
+                    n,
+                    alpha,
+                    a,
+                    lda,
+                    x,
+                    incx,
+                    beta,
+                    y,
+                    incy,
+                )
+            }
+        }
+    };
 }
 
-impl BlasFloat for f64 {
-    unsafe fn gemm_raw(
-        ta: CBLAS_TRANSPOSE,
-        tb: CBLAS_TRANSPOSE,
-        m: c_int,
-        n: c_int,
-        k: c_int,
-        alpha: f64,
-        a: *const f64,
-        lda: c_int,
-        b: *const f64,
-        ldb: c_int,
-        beta: f64,
-        c: *mut f64,
-        ldc: c_int,
-    ) {
-        cblas_sys::cblas_dgemm(
-            CblasRowMajor,
-            ta,
-            tb,
-            m,
-            n,
-            k,
-            alpha,
-            a,
-            lda,
-            b,
-            ldb,
-            beta,
-            c,
-            ldc,
-        )
-    }
-
-    unsafe fn gemv_raw(
-        ta: CBLAS_TRANSPOSE,
-        m: c_int,
-        n: c_int,
-        alpha: f64,
-        a: *const f64,
-        lda: c_int,
-        x: *const f64,
-        incx: c_int,
-        beta: f64,
-        y: *mut f64,
-        incy: c_int,
-    ) {
-        cblas_sys::cblas_dgemv(
-            CblasRowMajor,
-            ta,
-            m,
-            n,
-            alpha,
-            a,
-            lda,
-            x,
-            incx,
-            beta,
-            y,
-            incy,
-        )
-    }
-}
+blas_float!(f32, cblas_sgemm, cblas_sgemv);
+blas_float!(f64, cblas_dgemm, cblas_dgemv);
 
 /// A read-only matrix operand `op(M)` of logical shape `rows × cols`.
 ///
