@@ -7,7 +7,7 @@ use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{rng, seeded_uniform};
-use crate::model::llama::Proj;
+use crate::model::llama::{LowRank, Proj};
 use crate::model::ModelConfig;
 use crate::ops;
 
@@ -124,31 +124,66 @@ impl Lora {
         })
     }
 
-    fn dropout(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Tensor> {
+    /// The dropout mask of projection `proj` of `layer` for an input of `shape`, while training
+    /// with dropout: seeded per micro-batch, layer and projection, so a resumed run draws the
+    /// same masks.
+    fn dropout_mask(
+        &self,
+        layer: usize,
+        proj: Proj,
+        shape: &candle_core::Shape,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
         use rand::{Rng, SeedableRng};
+        if !(self.training && self.config.dropout > 0.0) {
+            return Ok(None);
+        }
         let p = self.config.dropout;
         let seed = self.dropout_seed.load(std::sync::atomic::Ordering::Relaxed)
             ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
         let keep = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = (0..x.elem_count())
+        let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
             .collect();
-        x * Tensor::from_vec(mask, x.shape(), x.device())?
+        Tensor::from_vec(mask, shape, device)?
+            .to_dtype(self.dtype()?)
+            .map(Some)
     }
 
-    pub fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+    fn dtype(&self) -> Result<candle_core::DType> {
+        Ok(self
+            .pairs
+            .values()
+            .next()
+            .map_or(candle_core::DType::F32, |p| p.a.dtype()))
+    }
+
+    /// The factors of projection `proj` of `layer` (with this micro-batch's dropout mask for
+    /// an input `x`), if the adapter targets it.
+    pub fn low_rank(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<LowRank>> {
         let Some(p) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
         };
-        let x = if self.training && self.config.dropout > 0.0 {
-            self.dropout(layer, proj, x)?
-        } else {
-            x.clone()
+        Ok(Some(LowRank {
+            a: p.a.clone(),
+            b: p.b.clone(),
+            scale: self.config.scale(),
+            dropout_mask: self.dropout_mask(layer, proj, x.shape(), x.device())?,
+        }))
+    }
+
+    pub fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(lr) = self.low_rank(layer, proj, x)? else {
+            return Ok(None);
         };
-        let h = ops::linear(&x, &p.a, None)?;
-        let y = ops::linear(&h, &p.b, None)?;
-        Ok(Some((y * self.config.scale())?))
+        let x = match &lr.dropout_mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let h = ops::linear(&x, &lr.a, None)?;
+        let y = ops::linear(&h, &lr.b, None)?;
+        Ok(Some((y * lr.scale)?))
     }
 
     pub fn tensors(&self) -> Vec<(String, Tensor)> {

@@ -68,6 +68,18 @@ impl ForwardHooks for Adapter {
         }
     }
 
+    fn low_rank(
+        &self,
+        layer: usize,
+        proj: Proj,
+        x: &Tensor,
+    ) -> Result<Option<crate::model::llama::LowRank>> {
+        match self {
+            Adapter::Lora(l) => l.low_rank(layer, proj, x),
+            _ => Ok(None),
+        }
+    }
+
     fn prefix_len(&self) -> usize {
         match self {
             Adapter::Prefix(p) => p.len(),

@@ -167,6 +167,13 @@ pub trait ForwardHooks {
     fn linear_delta(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// The same delta as a low-rank factorisation, when the hook has one: lets a forward over
+    /// one adapter run base projection and delta as one fused op (one output tensor instead of
+    /// four kept alive for the backward, and no elementwise passes for the scale and the sum).
+    /// `x` is the projection's input (dropout masks take its shape).
+    fn low_rank(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<LowRank>> {
+        Ok(None)
+    }
     /// Number of prefix positions [`Self::kv_prefix`] provides (prefix tuning).
     fn prefix_len(&self) -> usize {
         0
@@ -176,6 +183,17 @@ pub trait ForwardHooks {
     fn kv_prefix(&self, _layer: usize) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
+}
+
+/// `scale · ((x ⊙ dropout_mask) · Aᵀ) · Bᵀ`, see [`ForwardHooks::low_rank`].
+pub struct LowRank {
+    /// `(r, in)`
+    pub a: Tensor,
+    /// `(out, r)`
+    pub b: Tensor,
+    pub scale: f64,
+    /// `x`'s shape, entries 0 or `1 / (1 − p)`.
+    pub dropout_mask: Option<Tensor>,
 }
 
 /// Several examples packed in one row: attention stays inside an example and positions restart.
@@ -682,6 +700,17 @@ impl Llama {
         let c = &self.cfg;
         let (b, l, _) = x.dims3()?;
         let proj = |layer: usize, which: Proj, h: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
+            if let Rows::All(Some(hk)) = hooks {
+                if let Some(lr) = hk.low_rank(layer, which, h)? {
+                    let term = ops::linear::LoraTerm {
+                        a: &lr.a,
+                        b: &lr.b,
+                        scale: lr.scale,
+                        dropout_mask: lr.dropout_mask.as_ref(),
+                    };
+                    return ops::linear::linear_lora(h, w, bias, &term);
+                }
+            }
             let y = ops::linear(h, w, bias)?;
             match hooks.delta(layer, which, h)? {
                 Some(d) => y + d,
