@@ -132,7 +132,6 @@ impl Lora {
         layer: usize,
         proj: Proj,
         shape: &candle_core::Shape,
-        device: &Device,
     ) -> Result<Option<Tensor>> {
         use rand::{Rng, SeedableRng};
         if !(self.training && self.config.dropout > 0.0) {
@@ -146,7 +145,12 @@ impl Lora {
         let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
             .collect();
-        Tensor::from_vec(mask, shape, device)?
+        let device = self
+            .pairs
+            .values()
+            .next()
+            .map_or(Device::Cpu, |p| p.a.device().clone());
+        Tensor::from_vec(mask, shape, &device)?
             .to_dtype(self.dtype()?)
             .map(Some)
     }
@@ -160,8 +164,13 @@ impl Lora {
     }
 
     /// The factors of projection `proj` of `layer` (with this micro-batch's dropout mask for
-    /// an input `x`), if the adapter targets it.
-    pub fn low_rank(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<LowRank>> {
+    /// an input of shape `input`), if the adapter targets it.
+    pub fn low_rank(
+        &self,
+        layer: usize,
+        proj: Proj,
+        input: &candle_core::Shape,
+    ) -> Result<Option<LowRank>> {
         let Some(p) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
         };
@@ -169,12 +178,12 @@ impl Lora {
             a: p.a.clone(),
             b: p.b.clone(),
             scale: self.config.scale(),
-            dropout_mask: self.dropout_mask(layer, proj, x.shape(), x.device())?,
+            dropout_mask: self.dropout_mask(layer, proj, input)?,
         }))
     }
 
     pub fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(lr) = self.low_rank(layer, proj, x)? else {
+        let Some(lr) = self.low_rank(layer, proj, x.shape())? else {
             return Ok(None);
         };
         let x = match &lr.dropout_mask {
@@ -266,6 +275,122 @@ mod tests {
         fn linear_delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
             self.0.delta(layer, proj, x)
         }
+    }
+
+    /// The adapter as the trainer sees it: purely low-rank, so training runs fused blocks.
+    struct Fused<'a>(&'a Lora);
+    impl ForwardHooks for Fused<'_> {
+        fn low_rank(
+            &self,
+            layer: usize,
+            proj: Proj,
+            input: &candle_core::Shape,
+        ) -> Result<Option<LowRank>> {
+            self.0.low_rank(layer, proj, input)
+        }
+        fn only_low_rank(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn fused_training_blocks_match_the_per_op_forward_and_gradients() {
+        use crate::model::llama::Packed;
+        use crate::ops::decoder::FUSED_RUNS;
+        use candle_core::Var;
+        use std::sync::atomic::Ordering::Relaxed;
+        let dev = &Device::Cpu;
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            for dropout in [0.0, 0.3] {
+                for packed in [false, true] {
+                    let cfg = tiny_config(arch);
+                    let m = Llama::random(cfg.clone(), dev).unwrap();
+                    let config = LoraConfig {
+                        r: 4,
+                        dropout,
+                        ..Default::default()
+                    };
+                    let mut lora = Lora::init(&cfg, config, 3, dev).unwrap();
+                    let mut vars = Vec::new();
+                    for p in lora.pairs.values_mut() {
+                        let b = Tensor::randn(0f32, 0.2, p.b.shape(), dev).unwrap();
+                        let (va, vb) = (
+                            Var::from_tensor(&p.a).unwrap(),
+                            Var::from_tensor(&b).unwrap(),
+                        );
+                        p.a = va.as_tensor().clone();
+                        p.b = vb.as_tensor().clone();
+                        vars.push(va);
+                        vars.push(vb);
+                    }
+                    lora.training = true;
+                    lora.dropout_seed.store(7, Relaxed);
+                    let ids =
+                        Tensor::new(&[[1u32, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]], dev).unwrap();
+                    let x = Var::from_tensor(&m.embed(&ids).unwrap()).unwrap();
+                    vars.push(x.clone());
+                    let pk =
+                        Packed::from_segments(&[vec![0, 0, 0, 1, 1, 1], vec![0; 6]], dev).unwrap();
+                    let r = Tensor::randn(0f32, 1.0, (2, 6, cfg.hidden_size), dev).unwrap();
+                    let run = |hooks: &dyn ForwardHooks| {
+                        let ctx = Ctx {
+                            hooks: Some(hooks),
+                            packed: packed.then_some(&pk),
+                            ..Default::default()
+                        };
+                        let h = m.forward_hidden(x.as_tensor(), ctx).unwrap();
+                        let g = (&h * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                        let gs: Vec<Tensor> = vars
+                            .iter()
+                            .map(|v| g.get(v.as_tensor()).unwrap().clone())
+                            .collect();
+                        (h, gs)
+                    };
+                    let before = FUSED_RUNS.with(|c| c.get());
+                    let (h_ref, g_ref) = run(&Only(&lora));
+                    assert_eq!(
+                        FUSED_RUNS.with(|c| c.get()),
+                        before,
+                        "reference must not fuse"
+                    );
+                    let (h, g) = run(&Fused(&lora));
+                    assert!(
+                        FUSED_RUNS.with(|c| c.get()) > before,
+                        "fused path not taken"
+                    );
+                    let what = format!("{arch:?} dropout {dropout} packed {packed}");
+                    assert!(max_abs(&h, &h_ref) < 1e-4, "{what}: hidden differs");
+                    for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+                        // f32 sums in another order: relative to the gradient's size
+                        let size = b
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        let d = max_abs(a, b);
+                        assert!(
+                            d < 1e-4 * (1.0 + size),
+                            "{what}: gradient {i} differs by {d} (size {size})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]

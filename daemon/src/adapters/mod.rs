@@ -72,12 +72,16 @@ impl ForwardHooks for Adapter {
         &self,
         layer: usize,
         proj: Proj,
-        x: &Tensor,
+        input: &candle_core::Shape,
     ) -> Result<Option<crate::model::llama::LowRank>> {
         match self {
-            Adapter::Lora(l) => l.low_rank(layer, proj, x),
+            Adapter::Lora(l) => l.low_rank(layer, proj, input),
             _ => Ok(None),
         }
+    }
+
+    fn only_low_rank(&self) -> bool {
+        !matches!(self, Adapter::Prefix(_))
     }
 
     fn prefix_len(&self) -> usize {

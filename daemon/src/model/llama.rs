@@ -170,9 +170,19 @@ pub trait ForwardHooks {
     /// The same delta as a low-rank factorisation, when the hook has one: lets a forward over
     /// one adapter run base projection and delta as one fused op (one output tensor instead of
     /// four kept alive for the backward, and no elementwise passes for the scale and the sum).
-    /// `x` is the projection's input (dropout masks take its shape).
-    fn low_rank(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<LowRank>> {
+    /// `input` is the shape of the projection's input (dropout masks take it).
+    fn low_rank(
+        &self,
+        _layer: usize,
+        _proj: Proj,
+        _input: &candle_core::Shape,
+    ) -> Result<Option<LowRank>> {
         Ok(None)
+    }
+    /// Whether [`Self::low_rank`] describes everything this hook changes (no other deltas, no
+    /// prefix): then a training forward may run each block as one fused op.
+    fn only_low_rank(&self) -> bool {
+        false
     }
     /// Number of prefix positions [`Self::kv_prefix`] provides (prefix tuning).
     fn prefix_len(&self) -> usize {
@@ -624,6 +634,11 @@ impl Llama {
                 c.max_position_embeddings
             );
         }
+        if cache.is_none() && prefix_len == 0 {
+            if let Some(x) = self.fused_blocks(x, hooks, packed)? {
+                return ops::rms_norm(&x, &self.norm, c.rms_norm_eps);
+            }
+        }
         let (cos, sin, mask) = match packed {
             Some(p) => {
                 let pos = p.positions.flatten_all()?;
@@ -685,6 +700,121 @@ impl Llama {
         ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 
+    /// The training forward of the blocks as fused whole-block ops ([`ops::decoder`]), when it
+    /// applies: CPU, f32/f64, frozen base weights, no adapter or one that is purely low-rank,
+    /// and a gradient to track (the input's or a LoRA factor's). None: use [`Self::run_layers`].
+    fn fused_blocks(
+        &self,
+        x: &Tensor,
+        hooks: Option<&dyn ForwardHooks>,
+        packed: Option<&Packed>,
+    ) -> Result<Option<Tensor>> {
+        use ops::decoder::{BlockDims, DecoderLayer, LayerWeights, LoraSpec};
+        if !self.device.is_cpu()
+            || !matches!(x.dtype(), DType::F32 | DType::F64)
+            || hooks.is_some_and(|h| !h.only_low_rank())
+        {
+            return Ok(None);
+        }
+        let frozen = |t: &Tensor| !t.track_op() && t.dtype() == x.dtype();
+        let all_frozen = self.layers.iter().all(|blk| {
+            let a = &blk.attn;
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &blk.mlp.gate_proj,
+                &blk.mlp.up_proj,
+                &blk.mlp.down_proj,
+                &blk.input_layernorm,
+                &blk.post_attention_layernorm,
+            ]
+            .into_iter()
+            .chain([&a.q_bias, &a.k_bias, &a.v_bias].into_iter().flatten())
+            .all(frozen)
+        });
+        if !all_frozen {
+            return Ok(None);
+        }
+        let c = &self.cfg;
+        let (b, l, _) = x.dims3()?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut tracked = x.track_op();
+        for i in 0..self.layers.len() {
+            let mut specs: [Option<LoraSpec>; 7] = Default::default();
+            let mut parts = Vec::new();
+            for (j, proj) in Proj::ALL.into_iter().enumerate() {
+                let (inp, _) = proj.dims(c);
+                let Some(lr) = hooks
+                    .map(|h| h.low_rank(i, proj, &(b, l, inp).into()))
+                    .transpose()?
+                    .flatten()
+                else {
+                    continue;
+                };
+                if lr.a.dtype() != x.dtype() || lr.b.dtype() != x.dtype() {
+                    return Ok(None);
+                }
+                tracked |= lr.a.track_op() || lr.b.track_op();
+                parts.push(lr.a.flatten_all()?);
+                parts.push(lr.b.flatten_all()?);
+                specs[j] = Some(LoraSpec {
+                    r: lr.a.dim(0)?,
+                    scale: lr.scale,
+                    mask: lr.dropout_mask,
+                });
+            }
+            layers.push((specs, parts));
+        }
+        if !tracked {
+            return Ok(None);
+        }
+        let pos = match packed {
+            Some(p) => p.positions.flatten_all()?,
+            None => Tensor::arange(0u32, l as u32, &self.device)?.repeat(b)?,
+        };
+        let cos = self.cos.index_select(&pos, 0)?.to_dtype(x.dtype())?;
+        let sin = self.sin.index_select(&pos, 0)?.to_dtype(x.dtype())?;
+        let segments = packed.map(|p| p.segments.concat());
+        let dims = BlockDims {
+            b,
+            l,
+            n_head: c.num_heads,
+            n_kv: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let none = Tensor::zeros(1, x.dtype(), &self.device)?;
+        let mut x = x.clone();
+        for (blk, (specs, parts)) in self.layers.iter().zip(layers) {
+            let a = &blk.attn;
+            let m = &blk.mlp;
+            let w = LayerWeights {
+                proj: [
+                    a.q_proj.clone(),
+                    a.k_proj.clone(),
+                    a.v_proj.clone(),
+                    a.o_proj.clone(),
+                    m.gate_proj.clone(),
+                    m.up_proj.clone(),
+                    m.down_proj.clone(),
+                ],
+                bias: [a.q_bias.clone(), a.k_bias.clone(), a.v_bias.clone()],
+                norm1: blk.input_layernorm.clone(),
+                norm2: blk.post_attention_layernorm.clone(),
+                eps: c.rms_norm_eps,
+            };
+            let flat = if parts.is_empty() {
+                none.clone()
+            } else {
+                Tensor::cat(&parts, 0)?
+            };
+            let op = DecoderLayer::new(w, specs, dims, cos.clone(), sin.clone(), segments.clone());
+            x = ops::decoder::decoder_layer(&x, &flat, op)?;
+        }
+        Ok(Some(x))
+    }
+
     /// The decoder blocks on `x (b, l, hidden)` with rotary tables `cos`/`sin` (any shape
     /// [`ops::rope`] takes). `attend(layer, q, k, v)` gets the rotated heads and returns the
     /// attention output `(b, n_head, l, head_dim)`: it owns caching and masking, which is what
@@ -701,7 +831,7 @@ impl Llama {
         let (b, l, _) = x.dims3()?;
         let proj = |layer: usize, which: Proj, h: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
             if let Rows::All(Some(hk)) = hooks {
-                if let Some(lr) = hk.low_rank(layer, which, h)? {
+                if let Some(lr) = hk.low_rank(layer, which, h.shape())? {
                     let term = ops::linear::LoraTerm {
                         a: &lr.a,
                         b: &lr.b,

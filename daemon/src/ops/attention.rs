@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::blas::{gemm, BlasFloat, Mat};
 use super::{cpu_slice as slice, to_flat_vec};
 
-struct FusedAttention {
+pub(crate) struct FusedAttention {
     scale: f64,
     /// Keys before this index are visible to every query.
     offset: usize,
@@ -37,16 +37,30 @@ fn exp<T: WithDType>(x: f64) -> f64 {
 }
 
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    nh: usize,
-    nkv: usize,
-    l: usize,
-    t: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub b: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    /// Queries per row.
+    pub l: usize,
+    /// Keys per row (`offset + l`).
+    pub t: usize,
+    pub d: usize,
 }
 
+pub(crate) use Dims as AttentionDims;
+
 impl FusedAttention {
+    /// `segments`: for packed rows, the example id of each query position, `(b, l)` flattened.
+    pub(crate) fn new(scale: f64, offset: usize, segments: Option<Vec<u32>>) -> Self {
+        Self {
+            scale,
+            offset,
+            segments,
+            lse: Mutex::new(Vec::new()),
+        }
+    }
+
     fn visible(&self, bi: usize, i: usize, j: usize, l: usize) -> bool {
         if j < self.offset {
             return true;
@@ -98,7 +112,13 @@ impl FusedAttention {
         Ok(())
     }
 
-    fn forward<T: BlasFloat>(&self, dm: Dims, q: &[T], k: &[T], v: &[T]) -> Result<Vec<T>> {
+    pub(crate) fn forward<T: BlasFloat>(
+        &self,
+        dm: Dims,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> Result<Vec<T>> {
         let Dims {
             b,
             nh,
@@ -150,7 +170,7 @@ impl FusedAttention {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: BlasFloat>(
+    pub(crate) fn backward<T: BlasFloat>(
         &self,
         dm: Dims,
         q: &[T],

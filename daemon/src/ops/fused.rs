@@ -130,6 +130,21 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
 }
 
+/// RMSNorm of each `w.len()`-wide row of `x` (for ops that fuse it).
+pub(crate) fn rms_norm_rows<T: WithDType>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    RmsNorm { eps }.fwd(x, w)
+}
+
+/// `(dx, dw)` of [`rms_norm_rows`] for the output gradient `g`.
+pub(crate) fn rms_norm_rows_backward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    eps: f64,
+) -> (Vec<T>, Vec<T>) {
+    RmsNorm { eps }.bwd(x, w, g)
+}
+
 /// Rotate-half RoPE as an op whose backward is the inverse rotation (the same op with `-sin`).
 struct Rope {
     cos: Tensor,

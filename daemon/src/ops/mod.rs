@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 pub mod attention;
 pub mod blas;
+pub mod decoder;
 pub mod fused;
 pub mod linear;
 pub mod loss;
