@@ -348,35 +348,50 @@ impl DecoderLayer {
         }
     }
 
-    /// Runs `f` with every frozen operand borrowed as a slice and the LoRA factors cut from
-    /// `flat`.
+    /// Runs `f` with every frozen operand borrowed as a slice (no copies: the weights are
+    /// read in place) and the LoRA factors cut from `flat`.
     fn with_operands<T: BlasFloat, R>(
         &self,
         flat: &[T],
         f: impl FnOnce(&[Projection<'_, T>], &[T], &[T], &[T], &[T]) -> Result<R>,
     ) -> Result<R> {
-        let ws: Vec<Vec<T>> = self
-            .w
-            .proj
-            .iter()
-            .map(to_flat_vec::<T>)
-            .collect::<Result<_>>()?;
-        let biases: Vec<Option<Vec<T>>> = self
-            .w
-            .bias
-            .iter()
-            .map(|b| b.as_ref().map(to_flat_vec::<T>).transpose())
-            .collect::<Result<_>>()?;
-        let masks: Vec<Option<Vec<T>>> = self
-            .lora
-            .iter()
-            .map(|s| {
-                s.as_ref()
-                    .and_then(|s| s.mask.as_ref())
-                    .map(to_flat_vec::<T>)
-                    .transpose()
-            })
-            .collect::<Result<_>>()?;
+        let masks: [Option<&Tensor>; 7] =
+            std::array::from_fn(|i| self.lora[i].as_ref().and_then(|s| s.mask.as_ref()));
+        let mut tensors: Vec<&Tensor> = self.w.proj.iter().collect();
+        tensors.extend(self.w.bias.iter().flatten());
+        tensors.extend(masks.iter().flatten());
+        tensors.extend([&self.w.norm1, &self.w.norm2, &self.cos, &self.sin]);
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut slices = Vec::with_capacity(guards.len());
+        for (g, l) in &guards {
+            let s: &[T] = match &**g {
+                candle_core::Storage::Cpu(c) => slice(c, l, "decoder layer")?,
+                _ => candle_core::bail!("decoder layer: operands must be on the CPU"),
+            };
+            slices.push(s);
+        }
+        let mut next = slices.into_iter();
+        let mut take = || {
+            next.next()
+                .ok_or_else(|| candle_core::Error::Msg("decoder layer: operand missing".into()))
+        };
+        let mut ws = Vec::with_capacity(7);
+        for _ in 0..7 {
+            ws.push(take()?);
+        }
+        let mut biases = [None; 3];
+        for (i, b) in self.w.bias.iter().enumerate() {
+            if b.is_some() {
+                biases[i] = Some(take()?);
+            }
+        }
+        let mut mask_slices = [None; 7];
+        for (i, m) in masks.iter().enumerate() {
+            if m.is_some() {
+                mask_slices[i] = Some(take()?);
+            }
+        }
+        let (n1, n2, cos, sin) = (take()?, take()?, take()?, take()?);
         let mut projs = Vec::with_capacity(7);
         let mut off = 0;
         for i in 0..7 {
@@ -390,27 +405,19 @@ impl DecoderLayer {
                     let a = &flat[off..off + na];
                     let b = &flat[off + na..off + na + nb];
                     off += na + nb;
-                    Some((a, b, s.r, T::from_f64(s.scale), masks[i].as_deref()))
+                    Some((a, b, s.r, T::from_f64(s.scale), mask_slices[i]))
                 }
                 None => None,
             };
             projs.push(Projection {
-                w: &ws[i],
+                w: ws[i],
                 out,
                 inp,
-                bias: biases.get(i).and_then(|b| b.as_deref()),
+                bias: biases.get(i).copied().flatten(),
                 lora,
             });
         }
-        let (n1, n2) = (
-            to_flat_vec::<T>(&self.w.norm1)?,
-            to_flat_vec::<T>(&self.w.norm2)?,
-        );
-        let (cos, sin) = (
-            to_flat_vec::<T>(&self.cos.to_dtype(T::DTYPE)?)?,
-            to_flat_vec::<T>(&self.sin.to_dtype(T::DTYPE)?)?,
-        );
-        f(&projs, &n1, &n2, &cos, &sin)
+        f(&projs, n1, n2, cos, sin)
     }
 
     fn forward<T: BlasFloat>(&self, x: &[T], flat: &[T]) -> Result<Vec<T>> {
