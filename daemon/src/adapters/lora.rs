@@ -332,48 +332,56 @@ mod tests {
                     let pk =
                         Packed::from_segments(&[vec![0, 0, 0, 1, 1, 1], vec![0; 6]], dev).unwrap();
                     let r = Tensor::randn(0f32, 1.0, (2, 6, cfg.hidden_size), dev).unwrap();
-                    let run = |hooks: &dyn ForwardHooks| {
+                    let run = |hooks: Option<&dyn ForwardHooks>| {
                         let ctx = Ctx {
-                            hooks: Some(hooks),
+                            hooks,
                             packed: packed.then_some(&pk),
                             ..Default::default()
                         };
                         let h = m.forward_hidden(x.as_tensor(), ctx).unwrap();
                         let g = (&h * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                        let gs: Vec<Tensor> = vars
-                            .iter()
-                            .map(|v| g.get(v.as_tensor()).unwrap().clone())
-                            .collect();
+                        let gs: Vec<Option<Tensor>> =
+                            vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
                         (h, gs)
                     };
-                    let before = FUSED_RUNS.with(|c| c.get());
-                    let (h_ref, g_ref) = run(&Only(&lora));
-                    assert_eq!(
-                        FUSED_RUNS.with(|c| c.get()),
-                        before,
-                        "reference must not fuse"
-                    );
-                    let (h, g) = run(&Fused(&lora));
-                    assert!(
-                        FUSED_RUNS.with(|c| c.get()) > before,
-                        "fused path not taken"
-                    );
-                    let what = format!("{arch:?} dropout {dropout} packed {packed}");
-                    assert!(max_abs(&h, &h_ref) < 1e-4, "{what}: hidden differs");
-                    for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-                        // f32 sums in another order: relative to the gradient's size
-                        let size = b
-                            .abs()
-                            .unwrap()
-                            .max_all()
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap();
-                        let d = max_abs(a, b);
-                        assert!(
-                            d < 1e-4 * (1.0 + size),
-                            "{what}: gradient {i} differs by {d} (size {size})"
+                    // with the adapter, and without one (prompt tuning: only the input trains)
+                    let no_pairs = Lora {
+                        pairs: BTreeMap::new(),
+                        ..Lora::init(&cfg, LoraConfig::default(), 0, dev).unwrap()
+                    };
+                    let (with_ref, with_fused) = (Only(&lora), Fused(&lora));
+                    let plain = Only(&no_pairs);
+                    let cases: [(&dyn ForwardHooks, Option<&dyn ForwardHooks>); 2] =
+                        [(&with_ref, Some(&with_fused)), (&plain, None)];
+                    for (reference, fused) in cases {
+                        let before = FUSED_RUNS.with(|c| c.get());
+                        let (h_ref, g_ref) = run(Some(reference));
+                        let after_ref = FUSED_RUNS.with(|c| c.get());
+                        assert_eq!(after_ref, before, "reference must not fuse");
+                        let (h, g) = run(fused);
+                        let fused_ran = FUSED_RUNS.with(|c| c.get()) > after_ref;
+                        assert!(fused_ran, "fused path not taken");
+                        let what = format!(
+                            "{arch:?} dropout {dropout} packed {packed} adapter {}",
+                            fused.is_some()
                         );
+                        assert!(max_abs(&h, &h_ref) < 1e-4, "{what}: hidden differs");
+                        for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+                            let (Some(a), Some(b)) = (a, b) else {
+                                // without an adapter only the input has a gradient
+                                let none = fused.is_none() && a.is_none() && b.is_none();
+                                assert!(none, "{what}: gradient {i} missing");
+                                continue;
+                            };
+                            // f32 sums in another order: relative to the gradient's size
+                            let size = b.abs().unwrap().max_all().unwrap();
+                            let size = size.to_scalar::<f32>().unwrap();
+                            let d = max_abs(a, b);
+                            assert!(
+                                d < 1e-4 * (1.0 + size),
+                                "{what}: gradient {i} differs by {d} (size {size})"
+                            );
+                        }
                     }
                 }
             }

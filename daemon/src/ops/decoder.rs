@@ -81,14 +81,16 @@ struct Saved<T> {
     u: Vec<T>,
 }
 
+/// A LoRA term as slices: `A (r × in)`, `B (out × r)`, `r`, scale, dropout mask.
+type LoraSlices<'a, T> = (&'a [T], &'a [T], usize, T, Option<&'a [T]>);
+
 /// The frozen operands of one projection, as slices.
 struct Projection<'a, T> {
     w: &'a [T],
     out: usize,
     inp: usize,
     bias: Option<&'a [T]>,
-    /// `(A (r × in), B (out × r), r, scale, mask)`.
-    lora: Option<(&'a [T], &'a [T], usize, T, Option<&'a [T]>)>,
+    lora: Option<LoraSlices<'a, T>>,
 }
 
 impl<T: BlasFloat> Projection<'_, T> {
@@ -197,7 +199,7 @@ impl<T: BlasFloat> Projection<'_, T> {
                 )?;
                 dx.par_iter_mut()
                     .zip(t.par_iter().zip(m.par_iter()))
-                    .for_each(|(d, (&tv, &mv))| *d = *d + tv * mv);
+                    .for_each(|(d, (&tv, &mv))| *d += tv * mv);
             }
         }
         let mut da = vec![T::zero(); r * inp];
@@ -506,7 +508,7 @@ impl DecoderLayer {
             drop((h2, dg, du));
             let (dn, _) = super::fused::rms_norm_rows_backward(&s.xm, n2, &dh2, eps);
             for (a, b) in dxm.iter_mut().zip(dn) {
-                *a = *a + b;
+                *a += b;
             }
             // attention half: xm = x + o_proj(attention(rope(q), rope(k), v))
             let att = from_heads(&s.o, bd, nh, None);
@@ -528,7 +530,7 @@ impl DecoderLayer {
             grads[2] = p[2].backward(&dv, &h1, rows, &mut dh1)?;
             let (dn, _) = super::fused::rms_norm_rows_backward(x, n1, &dh1, eps);
             for (a, b) in dxm.iter_mut().zip(dn) {
-                *a = *a + b;
+                *a += b;
             }
             let any = grads.iter().any(Option::is_some);
             let dflat = any.then(|| {

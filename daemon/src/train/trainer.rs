@@ -924,7 +924,11 @@ mod tests {
                 &m,
                 None,
                 "tiny",
-                config(method),
+                // the model is random (unseeded): enough steps that every draw gets there
+                TrainConfig {
+                    max_steps: Some(60),
+                    ..config(method)
+                },
                 examples(4, 0),
                 vec![],
                 &[],
