@@ -213,7 +213,7 @@ impl FusedAttention {
                     .zip(lse_h.par_iter())
                     .for_each(|(row, &lse)| {
                         for x in row.iter_mut() {
-                            *x = T::from_f64((x.to_f64() - lse).exp());
+                            *x = T::from_f64(exp::<T>(x.to_f64() - lse));
                         }
                     });
                 // dV_g += Pᵀ·dO ; dP = dO·V_gᵀ
