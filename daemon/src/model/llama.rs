@@ -258,6 +258,49 @@ enum Rows<'a> {
 }
 
 impl Rows<'_> {
+    /// `y` (the base projection of `h`) plus the adapters' deltas.
+    fn add_deltas(&self, layer: usize, proj: Proj, h: &Tensor, y: Tensor) -> Result<Tensor> {
+        if let Rows::PerRow(hooks) = *self {
+            let low_rank = hooks.iter().flatten().all(|hk| hk.only_low_rank());
+            if low_rank && !h.track_op() && h.device().is_cpu() && !hooks.is_empty() {
+                // One pass over the rows instead of narrow/delta/zeros/cat per row and
+                // projection: what keeps a batch of many variants close to a base-only batch.
+                let row_shape: candle_core::Shape = {
+                    let mut d = h.dims().to_vec();
+                    d[0] = 1;
+                    d.into()
+                };
+                let mut terms = Vec::with_capacity(hooks.len());
+                for hk in hooks {
+                    terms.push(
+                        hk.map(|hk| hk.low_rank(layer, proj, &row_shape))
+                            .transpose()?
+                            .flatten(),
+                    );
+                }
+                if terms.iter().all(Option::is_none) {
+                    return Ok(y);
+                }
+                let terms: Vec<_> = terms
+                    .iter()
+                    .map(|t| {
+                        t.as_ref().map(|lr| ops::linear::LoraTerm {
+                            a: &lr.a,
+                            b: &lr.b,
+                            scale: lr.scale,
+                            dropout_mask: None,
+                        })
+                    })
+                    .collect();
+                return ops::linear::add_lora_rows(&y, h, &terms);
+            }
+        }
+        match self.delta(layer, proj, h)? {
+            Some(d) => y + d,
+            None => Ok(y),
+        }
+    }
+
     fn delta(&self, layer: usize, proj: Proj, h: &Tensor) -> Result<Option<Tensor>> {
         match *self {
             Rows::All(None) => Ok(None),
@@ -842,10 +885,7 @@ impl Llama {
                 }
             }
             let y = ops::linear(h, w, bias)?;
-            match hooks.delta(layer, which, h)? {
-                Some(d) => y + d,
-                None => Ok(y),
-            }
+            hooks.add_deltas(layer, which, h, y)
         };
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
