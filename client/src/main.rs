@@ -609,7 +609,7 @@ fn job_fields(j: &Job) -> String {
 }
 
 fn event_line(e: &JobEvent) -> String {
-    format!("{}  {:<5}  {}", age(e.created_at), e.level, e.message)
+    format!("{:>9}  {:<5}  {}", age(e.created_at), e.level, e.message)
 }
 
 fn jobs(client: &Client, out: &Out, cmd: JobsCmd) -> anyhow::Result<ExitCode> {
