@@ -540,7 +540,9 @@ impl Client {
             .into_iter()
             .find(|m| m.parent.is_none())
             .map(|m| m.id)
-            .ok_or_else(|| Error::Protocol("the server lists no base model".into()))
+            .ok_or_else(|| {
+                Error::Protocol("the server lists no model yet (is it still loading?)".into())
+            })
     }
 
     /// `POST /v1/chat/completions` (its `stream` flag is ignored: this is the whole answer).
@@ -611,7 +613,7 @@ impl Client {
     /// `GET /v1/files/{id}/content` into `out`; returns the byte count.
     pub fn file_content(&self, id: &str, out: &mut impl Write) -> Result<u64> {
         let mut res = self.send(self.request(Method::GET, &["v1", "files", id, "content"]))?;
-        Ok(res.copy_to(out)?)
+        Ok(std::io::copy(&mut res, out)?)
     }
 
     // ---- fine-tuning jobs ----
@@ -751,7 +753,7 @@ impl Client {
     pub fn adapter_file(&self, id: &str, name: &str, out: &mut impl Write) -> Result<u64> {
         let mut res =
             self.send(self.request(Method::GET, &["v1", "adapters", id, "files", name]))?;
-        Ok(res.copy_to(out)?)
+        Ok(std::io::copy(&mut res, out)?)
     }
 
     /// Downloads both PEFT files of `id` into `dir` (created if needed). Each file is written

@@ -184,6 +184,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
             ExitCode::from(exit::ERROR)
@@ -255,10 +256,29 @@ impl Out {
         } else {
             human()
         };
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{}", text.trim_end_matches('\n'))?;
-        Ok(())
+        Ok(line(text.trim_end_matches('\n'))?)
     }
+}
+
+/// One line to stdout; unlike `println!`, a closed pipe (`itamae ... | head`) is an error to
+/// return, not a panic.
+fn line(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")?;
+    stdout.flush()
+}
+
+/// The reader of our output went away: stop quietly, as a program killed by SIGPIPE would.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let io = c
+            .downcast_ref::<std::io::Error>()
+            .or(match c.downcast_ref::<Error>() {
+                Some(Error::Io(io)) => Some(io),
+                _ => None,
+            });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -334,7 +354,7 @@ fn chat(client: &Client, args: ChatArgs, json: bool) -> anyhow::Result<()> {
             history.push(Message::user(p));
             if json {
                 let c = client.chat(&session.request(&history))?;
-                println!("{}", serde_json::to_string_pretty(&c)?);
+                line(&serde_json::to_string_pretty(&c)?)?;
             } else {
                 session.answer(&history)?;
             }
@@ -640,8 +660,7 @@ fn jobs(client: &Client, out: &Out, cmd: JobsCmd) -> anyhow::Result<ExitCode> {
                     } else {
                         event_line(&e)
                     };
-                    println!("{line}");
-                    Ok(())
+                    self::line(&line).map_err(Error::Io)
                 })?;
             } else {
                 let mut list = client.job_events(&id, None, limit)?;
@@ -762,7 +781,7 @@ fn watch(client: &Client, out: &Out, id: &str) -> anyhow::Result<ExitCode> {
     }
     reporter.finish();
     if out.json {
-        println!("{}", serde_json::to_string_pretty(&job)?);
+        line(&serde_json::to_string_pretty(&job)?)?;
     }
     let took = job
         .finished_at
@@ -778,7 +797,7 @@ fn watch(client: &Client, out: &Out, id: &str) -> anyhow::Result<ExitCode> {
             let model = job.fine_tuned_model.clone().unwrap_or_default();
             eprintln!("job {} succeeded{took}: {model}", job.id);
             if !out.json {
-                println!("{model}");
+                line(&model)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -868,7 +887,7 @@ fn adapters(client: &Client, out: &Out, cmd: AdaptersCmd) -> anyhow::Result<()> 
                 out.print(&serde_json::json!({"id": id, "files": paths}), String::new)
             } else {
                 for p in written {
-                    println!("{}", p.display());
+                    line(&p.display().to_string())?;
                 }
                 Ok(())
             }

@@ -73,7 +73,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path) -> Self {
+    /// Starts `itamaed` on `<dir>/data` with `api_keys` as `ITAMAE_API_KEYS` (none: open).
+    fn start(dir: &Path, api_keys: Option<&str>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -81,14 +82,18 @@ impl Daemon {
         let log = dir.join("itamaed.log");
         let out = File::create(&log).expect("create the daemon log");
         let err = out.try_clone().expect("clone the log handle");
-        let child = Command::new(daemon_bin())
+        let mut cmd = Command::new(daemon_bin());
+        match api_keys {
+            Some(k) => cmd.env("ITAMAE_API_KEYS", k),
+            None => cmd.env_remove("ITAMAE_API_KEYS"),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--model")
             .arg(model_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .env_remove("ITAMAE_API_KEYS")
             .env_remove("ITAMAE_CONFIG")
             .stdin(Stdio::null())
             .stdout(out)
@@ -135,7 +140,7 @@ impl Daemon {
     }
 
     fn itamae(&self, args: &[&str]) -> Run {
-        itamae(&self.url, args)
+        itamae(&self.url, args, None)
     }
 
     /// Runs it and expects success.
@@ -176,13 +181,17 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs `itamae ARGS` against the daemon at `url`.
-fn itamae(url: &str, args: &[&str]) -> Run {
+/// Runs `itamae ARGS` against the daemon at `url`, with `api_key` as `ITAMAE_API_KEY`.
+fn itamae(url: &str, args: &[&str], api_key: Option<&str>) -> Run {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_itamae"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_itamae"));
+    match api_key {
+        Some(k) => cmd.env("ITAMAE_API_KEY", k),
+        None => cmd.env_remove("ITAMAE_API_KEY"),
+    };
+    let out = cmd
         .args(args)
         .env("ITAMAE_URL", url)
-        .env_remove("ITAMAE_API_KEY")
         .stdin(Stdio::null())
         .output()
         .expect("run itamae");
@@ -228,7 +237,7 @@ fn ids(list: &Value) -> Vec<String> {
 #[test]
 fn cli_drives_a_real_daemon() {
     let dir = TempDir::new();
-    let d = Daemon::start(&dir.0);
+    let d = Daemon::start(&dir.0, None);
     let train = Path::new(WORKSPACE).join("tests/data/persona_train.jsonl");
     let train = train.to_str().expect("a UTF-8 path");
 
@@ -316,7 +325,7 @@ fn cli_drives_a_real_daemon() {
     );
     d.fails(&["adapters", "show", "nothing-here"], 1, "No such adapter");
     // Nothing listens on the discard port.
-    let nowhere = itamae("http://127.0.0.1:9", &["models"]);
+    let nowhere = itamae("http://127.0.0.1:9", &["models"], None);
     assert_eq!(nowhere.code, 1, "{nowhere:?}");
     assert!(
         nowhere.stderr.contains("could not reach the server"),
@@ -486,4 +495,18 @@ fn cli_drives_a_real_daemon() {
     // ---- completions ----
     let bash = d.ok(&["completions", "bash"]);
     assert!(bash.stdout.contains("itamae") && bash.stdout.contains("watch"));
+
+    // ---- API keys: from ITAMAE_API_KEY or --api-key; the tuned variant outlives a restart ----
+    drop(d);
+    let key = "cli-e2e-admin-key-0123456789";
+    let d = Daemon::start(&dir.0, Some(&format!("admin:{key}")));
+    let r = d.fails(&["models"], 1, "You didn't provide an API key");
+    assert!(r.stdout.is_empty(), "{r:?}");
+    let r = itamae(&d.url, &["models"], Some("wrong-key-wrong-key-wrong"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("Incorrect API key"), "{r:?}");
+    let r = itamae(&d.url, &["models"], Some(key));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains(&variant), "{r:?}");
+    d.ok(&["--api-key", key, "jobs", "show", &job_id]);
 }
