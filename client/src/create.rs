@@ -53,11 +53,13 @@ pub struct CreateArgs {
     /// The model to tune (default: the server's base model).
     #[arg(long)]
     pub model: Option<String>,
+    /// What to train (`full` is refused by servers that cannot serve it as a variant).
     #[arg(long, value_enum, default_value = "lora")]
     pub method: MethodKind,
     /// Goes into the tuned model's name `ft:{base}:{org}:{suffix}:{job}`.
     #[arg(long)]
     pub suffix: Option<String>,
+    /// Makes the run reproducible (default: a random seed, shown in the job).
     #[arg(long)]
     pub seed: Option<u64>,
     /// Job metadata, repeatable.
@@ -67,11 +69,14 @@ pub struct CreateArgs {
     #[arg(long)]
     pub watch: bool,
 
-    // ---- hyperparameters (unset: "auto") ----
+    // Hyperparameters: unset ones are "auto" (the server picks).
+    /// Passes over the training data.
     #[arg(long, help_heading = "Hyperparameters")]
     pub epochs: Option<u32>,
+    /// Examples per optimizer step.
     #[arg(long, help_heading = "Hyperparameters")]
     pub batch_size: Option<u32>,
+    /// Scales the method's base learning rate.
     #[arg(long, help_heading = "Hyperparameters")]
     pub learning_rate_multiplier: Option<f64>,
     /// Stop after this many optimizer steps.
@@ -84,12 +89,13 @@ pub struct CreateArgs {
     #[arg(long, help_heading = "Hyperparameters")]
     pub checkpoint_every: Option<u64>,
 
-    // ---- LoRA ----
     /// LoRA rank.
     #[arg(long = "r", help_heading = "LoRA")]
     pub r: Option<u32>,
+    /// LoRA scale numerator (scale = alpha/r).
     #[arg(long, help_heading = "LoRA")]
     pub alpha: Option<f64>,
+    /// Dropout on the LoRA input, in [0, 1).
     #[arg(long, help_heading = "LoRA")]
     pub dropout: Option<f64>,
     /// `all-linear` or projection names, comma-separated (q_proj,v_proj,...).
@@ -99,7 +105,7 @@ pub struct CreateArgs {
     #[arg(long, help_heading = "LoRA")]
     pub rslora: bool,
 
-    // ---- prompt and prefix tuning ----
+    /// Virtual tokens trained ahead of the input.
     #[arg(long, help_heading = "Prompt and prefix tuning")]
     pub num_virtual_tokens: Option<u32>,
     /// How prompt tuning's virtual tokens start.

@@ -38,15 +38,22 @@ struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "ITAMAE_URL",
         default_value = "http://127.0.0.1:8080"
     )]
     url: String,
     /// Sent as a bearer token.
-    #[arg(long, global = true, env = "ITAMAE_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "ITAMAE_API_KEY",
+        hide_env_values = true
+    )]
     api_key: Option<String>,
     /// Print the server's JSON objects instead of tables (for scripts).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     #[command(subcommand)]
     command: Command,
