@@ -75,7 +75,7 @@ def parse(path):
         if buf and line.lstrip().startswith("#"):
             continue
         if line.endswith("\\"):
-            buf += line[:-1] + "\n"
+            buf += line[:-1] + " "
             continue
         buf += line
         kw, _, rest = buf.strip().partition(" ")

@@ -133,6 +133,7 @@ run_st() {
     --request-timeout 120 \
     --seed "${ST_SEED:-1}" \
     --no-color \
+    --generation-database none \
     --report junit,har --report-dir "${ST_REPORT_DIR:-$tmp/report}" \
     "${extra[@]}"
 }
