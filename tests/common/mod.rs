@@ -165,3 +165,27 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A multipart/form-data body of `(field, file name, bytes)` parts: `(content type, body)`.
+#[allow(dead_code)]
+pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "itamae-test-boundary-3b9d";
+    let mut body = Vec::new();
+    for (name, filename, bytes) in parts {
+        let disp = match filename {
+            Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\""),
+            None => format!("form-data; name=\"{name}\""),
+        };
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: {disp}\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}

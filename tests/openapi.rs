@@ -1,0 +1,768 @@
+//! `openapi/openapi.yaml` against the daemon it describes, and the shipped configs.
+//!
+//! - The routes registered in `daemon/src/api/*.rs` (read from the sources, cross-checked against
+//!   the running server) and the spec's operations are the same set.
+//! - A scripted session on `itamaed serve` with the real SmolLM2 GGUF (or `ITAMAE_TEST_MODEL`):
+//!   every response's status and content type must be documented for its operation, and JSON
+//!   bodies (and each SSE event, where the spec names an `x-event-schema`) must validate against
+//!   the documented schema, `$ref`s resolved inside the spec.
+//! - Every `configs/*.toml` parses with the daemon's own loader.
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{multipart, Daemon, TempDir, WORKSPACE};
+use reqwest::blocking::RequestBuilder;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "openapi-admin-key-0123456789";
+const INFER: &str = "openapi-infer-key-0123456789";
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+fn load_spec() -> Value {
+    let path = Path::new(WORKSPACE).join("openapi/openapi.yaml");
+    let text = std::fs::read_to_string(&path).expect("read openapi/openapi.yaml");
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("openapi.yaml: {e}"))
+}
+
+/// A path template with every parameter written `{}`, so that actix's `{id:.+}` and the spec's
+/// `{fine_tuning_job_id}` compare equal.
+fn normalize(path: &str) -> String {
+    let re = regex::Regex::new(r"\{[^}]*\}").expect("regex");
+    re.replace_all(path, "{}").into_owned()
+}
+
+/// `(METHOD, normalized path)` of every route registered in `daemon/src/api/*.rs`: each
+/// `resource("…")` and the `web::get()`/`post()`/… routes chained on it, up to the next
+/// resource. Test modules are cut off first.
+fn served_routes() -> BTreeSet<(String, String)> {
+    let dir = Path::new(WORKSPACE).join("daemon/src/api");
+    let resource = regex::Regex::new(r#"resource\(\s*"([^"]+)"\s*\)"#).expect("regex");
+    let method = regex::Regex::new(r"web::(get|post|put|patch|delete|head)\(\)").expect("regex");
+    let mut out = BTreeSet::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("read daemon/src/api")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read api source");
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        let starts: Vec<_> = resource.captures_iter(code).collect();
+        for (i, cap) in starts.iter().enumerate() {
+            let whole = cap.get(0).expect("match");
+            let end = starts
+                .get(i + 1)
+                .map(|c| c.get(0).expect("match").start())
+                .unwrap_or(code.len());
+            let chain = &code[whole.end()..end];
+            let mut n = 0;
+            for m in method.captures_iter(chain) {
+                out.insert((m[1].to_uppercase(), normalize(&cap[1])));
+                n += 1;
+            }
+            assert!(
+                n > 0,
+                "{}: resource {} has no route",
+                file.display(),
+                &cap[1]
+            );
+        }
+    }
+    assert!(
+        out.len() >= 10,
+        "only {} routes found in daemon/src/api: has the registration code changed shape?",
+        out.len()
+    );
+    out
+}
+
+/// `(METHOD, normalized path)` of every operation in the spec.
+fn spec_routes(spec: &Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        for m in METHODS {
+            if item.get(m).is_some() {
+                out.insert((m.to_uppercase(), normalize(path)));
+            }
+        }
+    }
+    out
+}
+
+/// A JSON pointer as a URI fragment: `~0`/`~1` escapes, then percent-encoding of what a
+/// fragment may not hold (`{`, `}`).
+fn pointer(tokens: &[&str]) -> String {
+    let mut s = String::from("#");
+    for t in tokens {
+        s.push('/');
+        for c in t.replace('~', "~0").replace('/', "~1").chars() {
+            if c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@".contains(c) {
+                s.push(c);
+            } else {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    s.push_str(&format!("%{b:02X}"));
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Follows a `$ref` to `#/components/…` (responses, parameters) inside the spec.
+fn deref<'a>(spec: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => spec
+            .pointer(r.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("dangling $ref {r}")),
+        None => v,
+    }
+}
+
+/// Validates `instance` against the schema at `fragment` (a URI fragment into the spec). The
+/// whole spec is the root document, so its internal `$ref`s resolve; OpenAPI 3.1 schemas are
+/// JSON Schema 2020-12.
+fn validate(spec: &Value, fragment: &str, instance: &Value) -> Result<(), String> {
+    let mut root = spec.clone();
+    root["$ref"] = Value::String(fragment.to_string());
+    let validator = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&root)
+        .map_err(|e| format!("schema {fragment} does not compile: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("against {fragment}: {}", errors.join("; ")))
+    }
+}
+
+/// What a response looked like on the wire.
+struct Answer {
+    status: u16,
+    media: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Checks one answer of `METHOD template` against the spec: the status must be documented
+/// (exactly, as `4XX`/`5XX`, or `default`), the media type must be one of its contents, and the
+/// body must validate against that content's schema. SSE bodies are split into `data:` events,
+/// each checked against `x-event-schema` when the spec names one.
+fn conform(spec: &Value, method: &str, template: &str, a: &Answer) -> Result<(), String> {
+    let m = method.to_lowercase();
+    let what = format!("{method} {template} → {}", a.status);
+    let op = spec["paths"]
+        .get(template)
+        .and_then(|p| p.get(&m))
+        .ok_or_else(|| format!("{what}: no such operation in the spec"))?;
+    let responses = &op["responses"];
+    let status = a.status.to_string();
+    let class = format!("{}XX", a.status / 100);
+    let key = [status.as_str(), class.as_str(), "default"]
+        .into_iter()
+        .find(|k| responses.get(*k).is_some())
+        .ok_or_else(|| format!("{what}: status not documented"))?;
+    let resp = deref(spec, &responses[key]);
+    // The fragment of the response object, so schema pointers can be built from it.
+    let base: Vec<String> = match responses[key].get("$ref").and_then(Value::as_str) {
+        Some(r) => r
+            .trim_start_matches("#/")
+            .split('/')
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect(),
+        None => ["paths", template, &m, "responses", key]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let Some(content) = resp.get("content").and_then(Value::as_object) else {
+        return if a.body.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{what}: the spec documents no body"))
+        };
+    };
+    if !content.contains_key(&a.media) {
+        return Err(format!(
+            "{what}: content type {:?} not among {:?}",
+            a.media,
+            content.keys().collect::<Vec<_>>()
+        ));
+    }
+    let mut tokens: Vec<&str> = base.iter().map(String::as_str).collect();
+    tokens.extend(["content", a.media.as_str()]);
+    match a.media.as_str() {
+        "application/json" => {
+            let body: Value = serde_json::from_slice(&a.body)
+                .map_err(|e| format!("{what}: body is not JSON: {e}"))?;
+            tokens.push("schema");
+            validate(spec, &pointer(&tokens), &body).map_err(|e| format!("{what}: {e}"))
+        }
+        "text/event-stream" => {
+            let text = String::from_utf8_lossy(&a.body);
+            let events: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if events.last() != Some(&"[DONE]") {
+                return Err(format!("{what}: stream does not end with [DONE]: {text}"));
+            }
+            if content[&a.media].get("x-event-schema").is_none() {
+                return Ok(());
+            }
+            tokens.push("x-event-schema");
+            let fragment = pointer(&tokens);
+            for e in &events[..events.len() - 1] {
+                let v: Value = serde_json::from_str(e)
+                    .map_err(|err| format!("{what}: event is not JSON ({err}): {e}"))?;
+                validate(spec, &fragment, &v).map_err(|err| format!("{what}: event {e}: {err}"))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The session's client: every call is checked against the spec before it is returned.
+struct Session<'a> {
+    d: &'a Daemon,
+    spec: &'a Value,
+    checked: BTreeSet<(String, String, u16)>,
+}
+
+impl Session<'_> {
+    fn send(&mut self, method: &str, template: &str, b: RequestBuilder) -> Answer {
+        let what = format!("{method} {template}");
+        let res = b.send().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let status = res.status().as_u16();
+        let media = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        let body = res.bytes().map(|b| b.to_vec()).unwrap_or_default();
+        let a = Answer {
+            status,
+            media,
+            body,
+        };
+        if let Err(e) = conform(self.spec, method, template, &a) {
+            panic!(
+                "spec violation: {e}\nbody: {}\nlog:\n{}",
+                String::from_utf8_lossy(&a.body),
+                self.d.log_tail()
+            );
+        }
+        self.checked
+            .insert((method.to_string(), template.to_string(), status));
+        a
+    }
+
+    /// `METHOD path` (the template with its parameters filled in) with `key`.
+    fn req(&self, method: &str, path: &str, key: Option<&str>) -> RequestBuilder {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let b = self.d.http.request(m, self.d.url(path));
+        match key {
+            Some(k) => b.bearer_auth(k),
+            None => b,
+        }
+    }
+
+    fn call(&mut self, method: &str, template: &str, path: &str, body: Option<&Value>) -> Answer {
+        let key = if ["/v1/chat/completions", "/v1/completions"].contains(&template) {
+            INFER
+        } else {
+            ADMIN
+        };
+        let mut b = self.req(method, path, Some(key));
+        if let Some(v) = body {
+            b = b.json(v);
+        }
+        self.send(method, template, b)
+    }
+
+    /// A call that must answer `status`; returns its JSON body.
+    fn expect(
+        &mut self,
+        status: u16,
+        method: &str,
+        template: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Value {
+        let a = self.call(method, template, path, body);
+        assert_eq!(
+            a.status,
+            status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        a.json()
+    }
+
+    fn upload(&mut self, name: &str, bytes: &[u8]) -> Value {
+        let (ctype, body) = multipart(&[
+            ("purpose", None, b"fine-tune".as_slice()),
+            ("file", Some(name), bytes),
+        ]);
+        let b = self
+            .req("POST", "/v1/files", Some(ADMIN))
+            .header("content-type", ctype)
+            .body(body);
+        let a = self.send("POST", "/v1/files", b);
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        a.json()
+    }
+
+    fn wait_job(&mut self, id: &str) -> Value {
+        let template = "/v1/fine_tuning/jobs/{fine_tuning_job_id}";
+        let path = format!("/v1/fine_tuning/jobs/{id}");
+        let started = Instant::now();
+        loop {
+            let j = self.expect(200, "GET", template, &path, None);
+            if ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or("")) {
+                return j;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "job {id} did not end: {j}\nlog:\n{}",
+                self.d.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+#[test]
+fn spec_operations_are_the_served_routes() {
+    let spec = load_spec();
+    assert_eq!(spec["openapi"].as_str().map(|v| &v[..4]), Some("3.1."));
+    let served = served_routes();
+    let documented = spec_routes(&spec);
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let unserved: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty() && unserved.is_empty(),
+        "served but not in openapi.yaml: {undocumented:?}\nin openapi.yaml but not served: {unserved:?}"
+    );
+}
+
+#[test]
+fn spec_schemas_compile_and_refs_resolve() {
+    let spec = load_spec();
+    let text = serde_json::to_string(&spec).expect("spec as JSON");
+    let re = regex::Regex::new(r#""\$ref":"([^"]+)""#).expect("regex");
+    for cap in re.captures_iter(&text) {
+        let r = &cap[1];
+        assert!(r.starts_with("#/"), "non-local $ref {r}");
+        assert!(
+            spec.pointer(&r[1..]).is_some(),
+            "$ref {r} points at nothing"
+        );
+    }
+    for name in spec["components"]["schemas"]
+        .as_object()
+        .expect("components.schemas")
+        .keys()
+    {
+        let fragment = pointer(&["components", "schemas", name]);
+        let mut root = spec.clone();
+        root["$ref"] = Value::String(fragment.clone());
+        if let Err(e) = jsonschema::options()
+            .with_draft(jsonschema::Draft::Draft202012)
+            .build(&root)
+        {
+            panic!("{fragment}: {e}");
+        }
+    }
+    // Every operation declares at least one response and the bearer scheme exists.
+    assert_eq!(
+        spec["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+        "bearer"
+    );
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        for m in METHODS {
+            if let Some(op) = item.get(m) {
+                assert!(
+                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    "{m} {path}: no responses"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_config_parses() {
+    let dir = Path::new(WORKSPACE).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("read configs/") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        n += 1;
+        let file = itamae::config::FileConfig::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        file.auth
+            .resolve(None)
+            .unwrap_or_else(|e| panic!("{}: [auth]: {e}", path.display()));
+        let cfg = itamae::config::ServeConfig::resolve(file, Default::default());
+        // A CUDA device cannot be opened in this build, but its name must be well-formed.
+        if let Err(itamae::config::ConfigError::Device(d)) = itamae::config::device(&cfg.device) {
+            panic!("{}: invalid device {d}", path.display());
+        }
+    }
+    assert!(n >= 3, "expected itamae.toml and the profiles, found {n}");
+}
+
+#[test]
+fn scripted_session_conforms_to_the_spec() {
+    let spec = load_spec();
+    let dir = TempDir::new("openapi");
+    let keys = format!("admin:{ADMIN},inference:{INFER}");
+    let mut d = Daemon::start(
+        dir.path(),
+        "itamaed.log",
+        &[],
+        &[("ITAMAE_API_KEYS", Some(&keys)), ("ITAMAE_CONFIG", None)],
+        Duration::from_secs(300),
+    );
+    d.wait_ready();
+    let mut s = Session {
+        d: &d,
+        spec: &spec,
+        checked: BTreeSet::new(),
+    };
+
+    // Health and models.
+    for p in ["/healthz", "/readyz"] {
+        let b = s.req("GET", p, None);
+        assert_eq!(s.send("GET", p, b).status, 200);
+    }
+    let models = s.expect(200, "GET", "/v1/models", "/v1/models", None);
+    let base = models["data"][0]["id"]
+        .as_str()
+        .expect("base id")
+        .to_string();
+    s.expect(
+        200,
+        "GET",
+        "/v1/models/{id}",
+        &format!("/v1/models/{base}"),
+        None,
+    );
+
+    // Generation, plain and streamed.
+    let chat = json!({"model": base, "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 4, "temperature": 0});
+    s.expect(
+        200,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&chat),
+    );
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let a = s.call(
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&streamed),
+    );
+    assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
+    let cmpl = json!({"model": base, "prompt": "The capital of France is", "max_tokens": 4});
+    s.expect(
+        200,
+        "POST",
+        "/v1/completions",
+        "/v1/completions",
+        Some(&cmpl),
+    );
+    let mut streamed = cmpl.clone();
+    streamed["stream"] = json!(true);
+    let a = s.call(
+        "POST",
+        "/v1/completions",
+        "/v1/completions",
+        Some(&streamed),
+    );
+    assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
+
+    // Errors: 400, 401, 403, 404.
+    let mut bad = chat.clone();
+    bad["temperature"] = json!(9);
+    let e = s.expect(
+        400,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&bad),
+    );
+    assert_eq!(e["error"]["param"], "temperature");
+    let mut unknown = chat.clone();
+    unknown["model"] = json!("no-such-model");
+    s.expect(
+        404,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&unknown),
+    );
+    let b = s.req("GET", "/v1/models", None);
+    assert_eq!(s.send("GET", "/v1/models", b).status, 401);
+    let b = s.req("GET", "/v1/models", Some("not-a-key-0123456789"));
+    assert_eq!(s.send("GET", "/v1/models", b).status, 401);
+    let b = s.req("GET", "/v1/files", Some(INFER));
+    assert_eq!(s.send("GET", "/v1/files", b).status, 403);
+    s.expect(
+        404,
+        "GET",
+        "/v1/files/{file_id}",
+        "/v1/files/file-doesnotexist",
+        None,
+    );
+    s.expect(
+        400,
+        "GET",
+        "/v1/files/{file_id}",
+        "/v1/files/not-a-file-id",
+        None,
+    );
+
+    // Files.
+    let train = std::fs::read(Path::new(WORKSPACE).join("tests/data/persona_train.jsonl"))
+        .expect("persona_train.jsonl");
+    let file = s.upload("persona_train.jsonl", &train);
+    let file_id = file["id"].as_str().expect("file id").to_string();
+    let list = s.expect(200, "GET", "/v1/files", "/v1/files", None);
+    assert!(list["data"].as_array().is_some_and(|d| d.len() == 1));
+    let fpath = format!("/v1/files/{file_id}");
+    s.expect(200, "GET", "/v1/files/{file_id}", &fpath, None);
+    let a = s.call(
+        "GET",
+        "/v1/files/{file_id}/content",
+        &format!("{fpath}/content"),
+        None,
+    );
+    assert_eq!((a.status, a.body == train), (200, true));
+    let spare = s.upload("spare.jsonl", &train[..200]);
+    let spare_path = format!("/v1/files/{}", spare["id"].as_str().expect("id"));
+    let del = s.expect(200, "DELETE", "/v1/files/{file_id}", &spare_path, None);
+    assert_eq!(del["deleted"], true);
+    s.expect(404, "GET", "/v1/files/{file_id}", &spare_path, None);
+
+    // A tiny fine-tuning job, run to the end.
+    let jobs = "/v1/fine_tuning/jobs";
+    let job_t = "/v1/fine_tuning/jobs/{fine_tuning_job_id}";
+    let hp = json!({"max_steps": 2, "batch_size": 2, "max_seq_len": 48, "checkpoint_every": 1});
+    let create = json!({"model": base, "training_file": file_id, "suffix": "spec",
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp,
+                   "adapter": {"type": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}}}});
+    let job = s.expect(200, "POST", jobs, jobs, Some(&create));
+    let job_id = job["id"].as_str().expect("job id").to_string();
+    let jpath = format!("{jobs}/{job_id}");
+    s.expect(200, "GET", jobs, &format!("{jobs}?limit=5"), None);
+    let mut bad_job = create.clone();
+    bad_job["training_file"] = json!("file-doesnotexist");
+    let e = s.expect(400, "POST", jobs, jobs, Some(&bad_job));
+    assert_eq!(e["error"]["param"], "training_file");
+    let done = s.wait_job(&job_id);
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "{done}\nlog:\n{}",
+        d.log_tail()
+    );
+    let variant = done["fine_tuned_model"]
+        .as_str()
+        .expect("variant")
+        .to_string();
+    let events = s.expect(
+        200,
+        "GET",
+        &format!("{job_t}/events"),
+        &format!("{jpath}/events?limit=50"),
+        None,
+    );
+    assert!(events["data"].as_array().is_some_and(|e| !e.is_empty()));
+    let a = s.call(
+        "GET",
+        &format!("{job_t}/events"),
+        &format!("{jpath}/events?stream=true"),
+        None,
+    );
+    assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
+    let ckpts = s.expect(
+        200,
+        "GET",
+        &format!("{job_t}/checkpoints"),
+        &format!("{jpath}/checkpoints"),
+        None,
+    );
+    assert!(ckpts["data"].as_array().is_some_and(|c| !c.is_empty()));
+    // A finished job cannot be cancelled, paused or resumed.
+    for action in ["cancel", "pause", "resume"] {
+        s.expect(
+            400,
+            "POST",
+            &format!("{job_t}/{action}"),
+            &format!("{jpath}/{action}"),
+            None,
+        );
+    }
+    // A second job cancelled before it runs.
+    let second = s.expect(200, "POST", jobs, jobs, Some(&create));
+    let second_path = format!("{jobs}/{}", second["id"].as_str().expect("id"));
+    let cancelled = s.expect(
+        200,
+        "POST",
+        &format!("{job_t}/cancel"),
+        &format!("{second_path}/cancel"),
+        None,
+    );
+    assert_eq!(cancelled["status"], "cancelled");
+    s.expect(200, "GET", job_t, &second_path, None);
+    s.expect(
+        404,
+        "GET",
+        job_t,
+        &format!("{jobs}/ftjob-doesnotexist"),
+        None,
+    );
+
+    // Adapters: the job's result, exported and imported again under a new name.
+    let ad = "/v1/adapters";
+    let ad_t = "/v1/adapters/{adapter_id}";
+    let listed = s.expect(200, "GET", ad, ad, None);
+    assert!(listed["data"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x["id"] == variant.as_str())));
+    let vpath = format!("{ad}/{variant}");
+    s.expect(200, "GET", ad_t, &vpath, None);
+    s.expect(404, "GET", ad_t, &format!("{ad}/no-such-adapter"), None);
+    let files_t = format!("{ad_t}/files/{{file_name}}");
+    let mut peft = Vec::new();
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        let a = s.call("GET", &files_t, &format!("{vpath}/files/{name}"), None);
+        assert_eq!(a.status, 200, "{name}");
+        peft.push(a.body);
+    }
+    let (ctype, body) = multipart(&[
+        ("name", None, b"spec-copy".as_slice()),
+        (
+            "adapter_config.json",
+            Some("adapter_config.json"),
+            peft[0].as_slice(),
+        ),
+        (
+            "adapter_model.safetensors",
+            Some("adapter_model.safetensors"),
+            peft[1].as_slice(),
+        ),
+    ]);
+    let b = s
+        .req("POST", ad, Some(ADMIN))
+        .header("content-type", ctype)
+        .body(body);
+    let a = s.send("POST", ad, b);
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let copy = format!("{ad}/spec-copy");
+    let un = s.expect(
+        200,
+        "POST",
+        &format!("{ad_t}/unload"),
+        &format!("{copy}/unload"),
+        None,
+    );
+    assert_eq!(un["resident"], false);
+    let ld = s.expect(
+        200,
+        "POST",
+        &format!("{ad_t}/load"),
+        &format!("{copy}/load"),
+        None,
+    );
+    assert_eq!(ld["resident"], true);
+    let mut on_copy = chat.clone();
+    on_copy["model"] = json!("spec-copy");
+    s.expect(
+        200,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&on_copy),
+    );
+    s.expect(200, "DELETE", ad_t, &copy, None);
+    s.expect(404, "GET", ad_t, &copy, None);
+
+    // Metrics.
+    let a = s.call("GET", "/metrics", "/metrics", None);
+    assert_eq!((a.status, a.media.as_str()), (200, "text/plain"));
+
+    // Every operation in the spec is routed: probed with ids that do not exist, it must reach
+    // its handler (no 405, no fallback 404) and answer as documented. Each served path also
+    // refuses PUT with 405, which cross-checks the routes read from the sources.
+    let fallback = "Invalid URL (";
+    let mut probed = 0;
+    for (template, item) in spec["paths"].as_object().expect("paths") {
+        let path = template
+            .replace("{id}", &base)
+            .replace("{file_id}", "file-doesnotexist")
+            .replace("{fine_tuning_job_id}", "ftjob-doesnotexist")
+            .replace("{adapter_id}", "no-such-adapter")
+            .replace("{file_name}", "adapter_config.json");
+        for m in METHODS {
+            if item.get(m).is_none() {
+                continue;
+            }
+            let method = m.to_uppercase();
+            let mut b = s.req(&method, &path, Some(ADMIN));
+            if method == "POST" {
+                b = b.json(&json!({}));
+            }
+            let a = s.send(&method, template, b);
+            let text = String::from_utf8_lossy(&a.body);
+            assert!(
+                a.status != 405 && !(a.status == 404 && text.contains(fallback)),
+                "{method} {path}: not routed ({}): {text}",
+                a.status
+            );
+            probed += 1;
+        }
+        if item.get("put").is_none() {
+            let a = s.req("PUT", &path, Some(ADMIN)).send().expect("PUT");
+            assert_eq!(a.status().as_u16(), 405, "PUT {path} should be refused");
+        }
+    }
+    assert_eq!(probed, spec_routes(&spec).len());
+    eprintln!(
+        "{} (operation, status) pairs checked against the spec",
+        s.checked.len()
+    );
+    // The session must have seen every operation at least once.
+    let seen: BTreeSet<(String, String)> = s
+        .checked
+        .iter()
+        .map(|(m, t, _)| (m.clone(), normalize(t)))
+        .collect();
+    let missed: Vec<_> = spec_routes(&spec).difference(&seen).cloned().collect();
+    assert!(missed.is_empty(), "operations never exercised: {missed:?}");
+}
