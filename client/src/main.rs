@@ -212,15 +212,13 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Completions { shell } = cli.command {
-        let mut cmd = Cli::command();
-        clap_complete::generate(shell, &mut cmd, "itamae", &mut std::io::stdout());
-        return Ok(ExitCode::SUCCESS);
-    }
     let client = Client::new(&cli.url, cli.api_key.clone())?;
     let out = Out { json: cli.json };
     match cli.command {
-        Command::Completions { .. } => unreachable!("handled above"),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "itamae", &mut std::io::stdout());
+        }
         Command::Models => {
             let list = client.models()?;
             out.print(&list, || {

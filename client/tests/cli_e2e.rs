@@ -257,6 +257,19 @@ fn cli_drives_a_real_daemon() {
         std::fs::metadata(train).ok().map(|m| m.len())
     );
 
+    let copy = dir.0.join("copy.jsonl");
+    d.ok(&[
+        "files",
+        "download",
+        &file_id,
+        "-o",
+        copy.to_str().expect("path"),
+    ]);
+    assert_eq!(
+        std::fs::read(&copy).expect("downloaded"),
+        std::fs::read(train).expect("original")
+    );
+
     // ---- bad input: non-zero exit, the server's (or the client's) message ----
     d.fails(
         &["files", "upload", "/no/such/data.jsonl"],
@@ -426,6 +439,28 @@ fn cli_drives_a_real_daemon() {
         "{events}"
     );
     assert!(ids(&d.json(&["jobs", "ls", "--all"])).contains(&job_id));
+    let cks = d.json(&["jobs", "checkpoints", &job_id]);
+    let cks = cks["data"].as_array().expect("checkpoints");
+    assert!(!cks.is_empty());
+    for c in cks {
+        let name = c["fine_tuned_model_checkpoint"].as_str().unwrap_or("");
+        assert!(name.starts_with(&format!("{variant}:ckpt-step-")), "{c}");
+    }
+    // The live stream of a finished job: every event as a JSON line, then it ends.
+    let followed = d.ok(&["jobs", "events", &job_id, "--follow", "--json"]);
+    let lines: Vec<Value> = followed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON event per line"))
+        .collect();
+    assert_eq!(
+        lines.first().map(|e| e["message"].clone()),
+        Some(Value::from(format!("Created fine-tuning job: {job_id}")))
+    );
+    assert_eq!(
+        lines.last().map(|e| e["message"].clone()),
+        Some(Value::from("The job has successfully completed"))
+    );
 
     // ---- the variant is served ----
     assert!(d.ok(&["models"]).stdout.contains(&variant));
@@ -454,9 +489,19 @@ fn cli_drives_a_real_daemon() {
     let n = c["usage"]["completion_tokens"].as_u64().expect("usage");
     assert!((1..=8).contains(&n), "{c}");
 
-    // ---- adapters: list, export, import under a new name, remove ----
+    // ---- adapters: list, unload/load, export, import under a new name, remove ----
     let list = d.json(&["adapters", "ls"]);
     assert!(ids(&list).contains(&variant), "{list}");
+    assert_eq!(d.json(&["adapters", "unload", &variant])["resident"], false);
+    // Its checkpoints, whose names extend the variant's, stay served.
+    assert!(!ids(&d.json(&["models"])).contains(&variant));
+    d.fails(
+        &["chat", "-m", &variant, "-p", "Hi", "--max-tokens", "4"],
+        1,
+        &variant,
+    );
+    assert_eq!(d.json(&["adapters", "load", &variant])["resident"], true);
+    assert!(ids(&d.json(&["models"])).contains(&variant));
     let export = dir.0.join("export");
     let export_s = export.to_str().expect("path");
     d.ok(&["adapters", "export", &variant, export_s]);
@@ -485,7 +530,7 @@ fn cli_drives_a_real_daemon() {
         "generation",
     );
     d.ok(&["adapters", "rm", "cli-copy"]);
-    assert!(!d.ok(&["models"]).stdout.contains("cli-copy"));
+    assert!(!ids(&d.json(&["models"])).contains(&"cli-copy".to_string()));
     d.fails(
         &["adapters", "import", dir.0.to_str().expect("path")],
         1,
