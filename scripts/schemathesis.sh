@@ -122,9 +122,10 @@ adapter_id = "$variant"
 TOML
 echo "pass 2 resources: file $file_id, job $job_id, adapter $variant"
 
+# Run from the temp dir: hypothesis keeps a .hypothesis/ folder in the working directory.
 run_st() {
-  PYTHONPATH="$tmp" SCHEMATHESIS_HOOKS=st_hooks ST_MODEL="$base_model" ST_SEED="${ST_SEED:-1}" \
-  "$venv/bin/schemathesis" "$@" run openapi/openapi.yaml \
+  (cd "$tmp" && PYTHONPATH="$tmp" SCHEMATHESIS_HOOKS=st_hooks ST_MODEL="$base_model" ST_SEED="${ST_SEED:-1}" \
+  "$venv/bin/schemathesis" "$@" run "$root/openapi/openapi.yaml" \
     --url "$base" \
     --phases examples,coverage,fuzzing \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
@@ -135,7 +136,7 @@ run_st() {
     --no-color \
     --generation-database none \
     --report junit,har --report-dir "${ST_REPORT_DIR:-$tmp/report}" \
-    "${extra[@]}"
+    "${extra[@]}")
 }
 extra=("$@")
 status=0
