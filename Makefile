@@ -3,7 +3,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/itamae-target
 export CARGO_TARGET_DIR
 
-.PHONY: serve test model system bench bench-train bench-batch lint
+.PHONY: serve test model system bench bench-train bench-batch lint check-prometheus schemathesis docker-steps peft-interop
 
 serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
@@ -32,3 +32,16 @@ bench-batch: system model
 lint: system
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+
+# Developer checks that need more than CI has (a venv from PyPI, a Debian package, a live daemon).
+check-prometheus: system model
+	scripts/check-prometheus.sh
+
+schemathesis: system model
+	scripts/schemathesis.sh
+
+docker-steps: system model
+	scripts/docker-steps.sh
+
+peft-interop: system model
+	scripts/peft-interop.sh
