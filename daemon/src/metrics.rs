@@ -40,6 +40,7 @@ struct Inner {
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
     requests_started: IntCounterVec,
+    requests_cancelled: IntCounterVec,
     running: IntGauge,
     waiting: IntGauge,
     batch_size: Histogram,
@@ -199,6 +200,12 @@ impl Metrics {
                 "Generation requests accepted",
                 model,
             ),
+            requests_cancelled: counter_vec(
+                &r,
+                "itamae_requests_cancelled_total",
+                "Generations dropped because their client went away",
+                model,
+            ),
             running: int_gauge(
                 &r,
                 "itamae_num_requests_running",
@@ -330,6 +337,14 @@ impl Metrics {
     pub fn request_started(&self, model: &str) {
         self.inner
             .requests_started
+            .with_label_values(&[model])
+            .inc();
+    }
+
+    /// The engine dropped a sequence (waiting or running) whose client had gone away.
+    pub fn request_cancelled(&self, model: &str) {
+        self.inner
+            .requests_cancelled
             .with_label_values(&[model])
             .inc();
     }
@@ -479,6 +494,7 @@ mod tests {
         let m = Metrics::new();
         m.observe_http("/v1/models", "GET", 200, 0.002);
         m.request_started("base");
+        m.request_cancelled("base");
         m.observe_ttft("base", 0.05);
         m.observe_itl("base", 0.01);
         m.observe_e2e("base", 0.5);
@@ -506,6 +522,7 @@ mod tests {
             r#"itamae_request_queue_time_seconds_count{model="base"} 1"#,
             r#"itamae_prompt_tokens_total{model="base"} 12"#,
             r#"itamae_generation_tokens_total{model="base"} 7"#,
+            r#"itamae_requests_cancelled_total{model="base"} 1"#,
             "itamae_num_requests_running 2",
             "itamae_num_requests_waiting 1",
             "itamae_batch_size_count 1",

@@ -148,6 +148,82 @@ impl Daemon {
         }
     }
 
+    /// The value of one series in `GET /metrics` (e.g. `itamae_num_requests_running` or
+    /// `itamae_adapter_loads_total{model="x"}`); 0 when absent, as Prometheus reads it.
+    #[allow(dead_code)]
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .and_then(|r| r.text())
+            .expect("GET /metrics");
+        let parsed = itamae::metrics::parse_text(&text).expect("/metrics parses");
+        parsed
+            .iter()
+            .find(|(s, _)| s == series)
+            .map_or(0.0, |(_, v)| *v)
+    }
+
+    /// Polls `metric(series)` until `ok` holds; panics with the last value after `timeout`.
+    /// Returns how long it took.
+    #[allow(dead_code)]
+    pub fn wait_metric(
+        &self,
+        series: &str,
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let v = self.metric(series);
+            if ok(v) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{series} is still {v} after {timeout:?}; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `host:port` for raw TCP clients.
+    #[allow(dead_code)]
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// Sends SIGTERM (an orderly shutdown request).
+    #[allow(dead_code)]
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "could not send SIGTERM to itamaed");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`. Returns the exit status and how
+    /// long the wait took.
+    #[allow(dead_code)]
+    pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "itamaed still running {timeout:?} after the signal; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no chance to clean up, as after a crash.
     #[allow(dead_code)]
     pub fn kill9(mut self) {

@@ -409,7 +409,7 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
         }
         // Clients that went away while waiting leave without costing a prefill.
         waiting.retain(|s| {
-            let gone = s.job.events.is_closed();
+            let gone = s.client_gone();
             if gone {
                 sh.waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -429,19 +429,19 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
                 }
             }
         }
-        running.retain(|s| !s.job.events.is_closed());
+        running.retain(|s| !s.client_gone());
         let m = crate::metrics::global();
-        m.set_running(running.len());
-        m.set_waiting(waiting.len());
-        if running.is_empty() {
-            continue;
-        }
-        m.observe_batch_size(running.len());
-        if let Err(e) = decode_step(&model, &sh, &mut running) {
-            for seq in running.drain(..) {
-                seq.fail(&e);
+        if !running.is_empty() {
+            m.observe_batch_size(running.len());
+            if let Err(e) = decode_step(&model, &sh, &mut running) {
+                for seq in running.drain(..) {
+                    seq.fail(&e);
+                }
             }
         }
+        // After the step, so the gauges are current when the loop next blocks idle.
+        m.set_running(running.len());
+        m.set_waiting(waiting.len());
     }
 }
 
@@ -482,6 +482,16 @@ impl Seq {
             cache,
             job,
         }
+    }
+
+    /// True when the client dropped its receiver (disconnected); counted once per sequence,
+    /// since the caller drops the sequence right after.
+    fn client_gone(&self) -> bool {
+        let gone = self.job.events.is_closed();
+        if gone {
+            crate::metrics::global().request_cancelled(&self.job.p.model);
+        }
+        gone
     }
 
     fn fail(&self, e: &candle_core::Error) {
@@ -527,8 +537,8 @@ impl Seq {
 
     /// Samples the next token from `logits` and streams what it completes.
     fn accept(&mut self, mut logits: Vec<f32>, sh: &Shared) -> Step {
-        if self.job.events.is_closed() {
-            return Step::Done; // the client went away
+        if self.client_gone() {
+            return Step::Done;
         }
         let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
         self.next = id;
@@ -552,6 +562,7 @@ impl Seq {
             }
             Filtered::Emit(text) => {
                 if !self.emit(text) {
+                    crate::metrics::global().request_cancelled(&self.job.p.model);
                     return Step::Done;
                 }
             }
