@@ -16,14 +16,12 @@ use serde_json::{json, Value};
 
 const RUNNING: &str = "itamae_num_requests_running";
 
-fn start(dir: &Path, log: &str, args: &[&str]) -> Daemon {
-    let mut d = Daemon::start(
-        dir,
-        log,
-        args,
-        &[("ITAMAE_CONFIG", None), ("ITAMAE_API_KEYS", None)],
-        Duration::from_secs(600),
-    );
+/// Starts a daemon on `<dir>/data` with `envs` set and waits until it is ready.
+fn start(dir: &Path, log: &str, envs: &[(&str, &str)]) -> Daemon {
+    let mut all: Vec<(&str, Option<&str>)> =
+        vec![("ITAMAE_CONFIG", None), ("ITAMAE_API_KEYS", None)];
+    all.extend(envs.iter().map(|(k, v)| (*k, Some(*v))));
+    let mut d = Daemon::start(dir, log, &[], &all, Duration::from_secs(600));
     d.wait_ready();
     d
 }
@@ -119,4 +117,221 @@ fn disconnected_clients_are_cancelled() {
         .expect("short chat");
     assert_eq!(res.status(), 200);
     eprintln!("next request answered in {:?}", started.elapsed());
+}
+
+// ---- fine-tuning helpers ----
+
+fn get_json(d: &Daemon, path: &str) -> Value {
+    let res = d.http.get(d.url(path)).send().expect("GET");
+    let status = res.status().as_u16();
+    let v: Value = res.json().unwrap_or(Value::Null);
+    assert_eq!(status, 200, "GET {path}: {v}");
+    v
+}
+
+fn post_json(d: &Daemon, path: &str, body: &Value) -> Value {
+    let res = d.http.post(d.url(path)).json(body).send().expect("POST");
+    let status = res.status().as_u16();
+    let v: Value = res.json().unwrap_or(Value::Null);
+    assert_eq!(status, 200, "POST {path}: {v}");
+    v
+}
+
+/// Uploads `tests/data/{name}` for fine-tuning; returns the file id.
+fn upload(d: &Daemon, name: &str) -> String {
+    let bytes = std::fs::read(Path::new(common::WORKSPACE).join("tests/data").join(name))
+        .expect("test data");
+    let boundary = "itamae-e2e-lifecycle-3b9c";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let res = d
+        .http
+        .post(d.url("/v1/files"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .expect("upload");
+    let v: Value = res.json().expect("file object");
+    v["id"].as_str().expect("file id").to_string()
+}
+
+/// Creates a LoRA job; returns its id.
+fn create_job(d: &Daemon, base: &str, file: &str, suffix: &str, hp: Value) -> String {
+    let v = post_json(
+        d,
+        "/v1/fine_tuning/jobs",
+        &json!({
+            "model": base, "training_file": file, "suffix": suffix, "seed": 7,
+            "method": {"type": "supervised", "supervised": {
+                "hyperparameters": hp,
+                "adapter": {"type": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}}}
+        }),
+    );
+    v["id"].as_str().expect("job id").to_string()
+}
+
+fn wait_job(d: &Daemon, id: &str, timeout: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let j = get_json(d, &format!("/v1/fine_tuning/jobs/{id}"));
+        if ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or("")) {
+            eprintln!("job {id} {} after {:.1?}", j["status"], started.elapsed());
+            return j;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "job {id} still {} after {timeout:?}; log:\n{}",
+            j["status"],
+            d.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn job_messages(d: &Daemon, id: &str) -> Vec<String> {
+    get_json(d, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"))["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Streams a chat to its end; returns the text and whether `[DONE]` arrived.
+fn stream_chat(addr: String, model: String, max_tokens: usize) -> (String, bool) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .expect("client");
+    let res = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(
+            &json!({"model": model, "stream": true, "max_tokens": max_tokens,
+                      "temperature": 1.0, "seed": 1,
+                      "messages": [{"role": "user", "content": "Tell me a story."}]}),
+        )
+        .send()
+        .expect("stream request");
+    assert_eq!(res.status(), 200);
+    let mut text = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(res)) {
+        let Ok(line) = line else { break };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return (text, true);
+        }
+        let v: Value = serde_json::from_str(data).expect("a chunk");
+        assert!(v.get("error").is_none(), "error mid-stream: {v}");
+        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    (text, false)
+}
+
+#[test]
+fn sigterm_drains_checkpoints_and_resumes() {
+    let dir = TempDir::new("e2e-sigterm");
+    let mut d = start(dir.path(), "itamaed-1.log", &[]);
+    let base = base_model(&d);
+    let file = upload(&d, "persona_train.jsonl");
+    // No periodic checkpoint before the end: the only one is the shutdown's.
+    let job = create_job(
+        &d,
+        &base,
+        &file,
+        "term",
+        json!({"max_steps": 10, "batch_size": 2, "max_seq_len": 64, "checkpoint_every": 100}),
+    );
+    let step = format!("itamae_training_step{{job=\"{job}\"}}");
+    d.wait_metric(&step, Duration::from_secs(300), |v| v >= 2.0);
+
+    // A stream that is running when the signal arrives must finish.
+    d.wait_metric(RUNNING, Duration::from_secs(1), |v| v == 0.0);
+    let stream = {
+        let (addr, model) = (d.addr().to_string(), base.clone());
+        std::thread::spawn(move || stream_chat(addr, model, 48))
+    };
+    d.wait_metric(RUNNING, Duration::from_secs(60), |v| v == 1.0);
+    let signalled = Instant::now();
+    d.sigterm();
+    // New connections are refused while the stream drains.
+    let refused = loop {
+        if TcpStream::connect(d.addr()).is_err() {
+            break signalled.elapsed();
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "still accepting connections after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (text, done) = stream.join().expect("stream thread");
+    assert!(done, "the stream was cut: {text:?}\n{}", d.log_tail());
+    assert!(!text.is_empty());
+    let (status, took) = d.wait_exit(Duration::from_secs(180));
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        d.log_tail()
+    );
+    eprintln!("SIGTERM: listener closed after {refused:?}, exit 0 after {took:?}");
+
+    let mut d = start(
+        dir.path(),
+        "itamaed-2.log",
+        &[("ITAMAE_SHUTDOWN_GRACE_SECS", "2")],
+    );
+    let msgs = job_messages(&d, &job);
+    let ckpt = msgs
+        .iter()
+        .find_map(|m| {
+            m.strip_prefix("Checkpoint created at step ")?
+                .split_once(" for shutdown")
+                .map(|(n, _)| n.to_string())
+        })
+        .unwrap_or_else(|| panic!("no shutdown checkpoint event: {msgs:?}"));
+    let n: usize = ckpt.parse().expect("a step number");
+    assert!(n >= 2, "checkpoint at step {n}");
+    let j = wait_job(&d, &job, Duration::from_secs(600));
+    assert_eq!(j["status"], "succeeded", "{j}");
+    let msgs = job_messages(&d, &job);
+    let resumed = format!("Resumed from checkpoint step {n} after restart");
+    assert!(msgs.contains(&resumed), "{msgs:?}");
+    let cks = get_json(&d, &format!("/v1/fine_tuning/jobs/{job}/checkpoints"));
+    assert!(
+        cks["data"]
+            .as_array()
+            .expect("checkpoints")
+            .iter()
+            .any(|c| c["step_number"] == n),
+        "{cks}"
+    );
+    // The resumed run did only the remaining steps.
+    let steps = msgs.iter().filter(|m| m.starts_with("Step ")).count();
+    assert_eq!(steps, 10, "{msgs:?}");
+    // A stream longer than the grace period is cut when it ends, and the exit is still 0.
+    let stream = {
+        let (addr, model) = (d.addr().to_string(), base.clone());
+        std::thread::spawn(move || stream_chat(addr, model, 4000))
+    };
+    d.wait_metric(RUNNING, Duration::from_secs(60), |v| v == 1.0);
+    d.sigterm();
+    let (status, took) = d.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "exit status {status}");
+    let (_, done) = stream.join().expect("stream thread");
+    assert!(
+        !done,
+        "a 4000-token stream cannot finish in a 2 s grace period"
+    );
+    eprintln!("SIGTERM with a 2 s grace and a long stream: exit 0 after {took:?}");
 }

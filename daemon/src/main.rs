@@ -38,6 +38,15 @@ enum Command {
         /// Serve a PEFT adapter directory as a variant: `NAME=DIR` (repeatable).
         #[arg(long = "adapter", value_name = "NAME=DIR")]
         adapters: Vec<String>,
+        /// On SIGTERM, seconds running requests get to finish ([server] shutdown_grace_secs).
+        #[arg(long, env = "ITAMAE_SHUTDOWN_GRACE_SECS")]
+        shutdown_grace_secs: Option<u64>,
+        /// Share of time training keeps while requests are served ([training] max_share).
+        #[arg(long, env = "ITAMAE_TRAINING_MAX_SHARE")]
+        training_max_share: Option<f64>,
+        /// Memory budget of loaded adapters in bytes, 0 = none ([adapters] max_resident_bytes).
+        #[arg(long, env = "ITAMAE_ADAPTERS_MAX_RESIDENT_BYTES")]
+        adapters_max_resident_bytes: Option<u64>,
     },
     /// Fine-tune the model on a JSONL dataset and save the result (PEFT adapter or model dir).
     Train(Box<itamae::commands::TrainArgs>),
@@ -138,6 +147,9 @@ fn main() {
             data_dir,
             device,
             adapters,
+            shutdown_grace_secs,
+            training_max_share,
+            adapters_max_resident_bytes,
         } => serve(
             config,
             adapters,
@@ -147,6 +159,9 @@ fn main() {
                 port,
                 data_dir,
                 device,
+                shutdown_grace_secs,
+                training_max_share,
+                adapters_max_resident_bytes,
             },
         ),
         Command::Train(a) => itamae::commands::train(*a),
@@ -191,6 +206,9 @@ fn main() {
     }
 }
 
+/// After the HTTP drain, how long the running job may take to finish its step and checkpoint.
+const SHUTDOWN_CHECKPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn serve(
     config_path: Option<PathBuf>,
     adapters: Vec<String>,
@@ -212,7 +230,7 @@ fn serve(
     let auth_section = std::mem::take(&mut file.auth);
     let organization_id = file.storage.organization_id.take();
     let max_upload_bytes = file.storage.max_upload_bytes.take();
-    let cfg = ServeConfig::resolve(file, overrides);
+    let cfg = ServeConfig::resolve(file, overrides)?;
     // Checked before the model loads: a misconfigured exposed daemon must not start at all.
     let auth = auth_section
         .resolve(std::env::var("ITAMAE_API_KEYS").ok().as_deref())
@@ -290,14 +308,35 @@ fn serve(
             .name("itamae-adapters".into())
             .spawn(move || adapters.restore())?;
     }
+    let on_signal = {
+        let jobs = jobs.clone();
+        Box::new(move || jobs.begin_shutdown())
+    };
+    let engine_handle = engine.clone();
     actix_web::rt::System::new().block_on(itamae::api::serve(
         engine,
         cfg.host.clone(),
         cfg.port,
-        Some(jobs),
+        Some(jobs.clone()),
         Some(adapters),
         auth,
+        itamae::api::Shutdown {
+            grace: cfg.shutdown_grace,
+            on_signal,
+        },
     ))?;
+    // The running job was told to stop at the signal; its step may still be finishing.
+    jobs.begin_shutdown();
+    if !jobs.wait_stopped(SHUTDOWN_CHECKPOINT_TIMEOUT) {
+        tracing::warn!(
+            "no shutdown checkpoint of the running job after {SHUTDOWN_CHECKPOINT_TIMEOUT:?}; the job resumes from its previous checkpoint"
+        );
+    }
+    // Connections cut at the end of the grace period may leave generations behind; the process
+    // must not exit with the engine inside a BLAS call (OpenBLAS's exit handler would wait).
+    if !engine_handle.shutdown(std::time::Duration::from_secs(30)) {
+        tracing::warn!("the engine did not stop within 30 s");
+    }
     tracing::info!("itamaed stopped");
     Ok(())
 }

@@ -36,6 +36,10 @@ struct Shared {
     adapters: RwLock<HashMap<String, Variant>>,
     /// Submitted requests not yet prefilled (bounded by [`MAX_WAITING`]).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Set by [`EngineHandle::shutdown`]: the thread fails what it holds and returns.
+    stop: std::sync::atomic::AtomicBool,
+    /// True once the engine thread has returned.
+    stopped: (std::sync::Mutex<bool>, std::sync::Condvar),
 }
 
 struct Variant {
@@ -204,6 +208,23 @@ impl EngineHandle {
             .is_some())
     }
 
+    /// Stops the engine thread at its next step: queued and running generations end with an
+    /// error event. Waits up to `timeout` for the thread to return; false if it did not.
+    /// Called last on shutdown, so that no tensor work (BLAS threads included) is in flight
+    /// while the process exits.
+    pub fn shutdown(&self, timeout: std::time::Duration) -> bool {
+        let Ok(sh) = self.shared() else {
+            return true; // never loaded: no thread computes
+        };
+        sh.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (m, cv) = &sh.stopped;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(g, timeout, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+
     /// The resident base model: training borrows these very tensors (no second copy).
     pub fn base(&self) -> Result<BaseModel, EngineError> {
         Ok(self.shared()?.base.clone())
@@ -352,6 +373,8 @@ fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
         config: model.cfg.clone(),
         adapters: RwLock::new(HashMap::new()),
         waiting: Default::default(),
+        stop: Default::default(),
+        stopped: Default::default(),
         context: model.cfg.max_position_embeddings,
         base: BaseModel {
             model: model.clone(),
@@ -385,6 +408,9 @@ enum Step {
     Done,
 }
 
+/// How often the idle engine thread looks for a shutdown.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Most sequences decoded together in one step; the rest wait (in order) for a slot.
 pub const MAX_BATCH: usize = 16;
 /// Requests allowed to wait for a slot before new ones are refused (HTTP 429).
@@ -394,14 +420,33 @@ pub const MAX_WAITING: usize = 64;
 /// (so new requests start within one step while running streams keep their pace), then every
 /// running sequence advances by one token in a single batched forward.
 fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
+    struct Stopped<'a>(&'a Shared);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            let (m, cv) = &self.0.stopped;
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+    }
+    let _stopped = Stopped(&sh);
     let mut running: Vec<Seq> = Vec::new();
     let mut waiting: std::collections::VecDeque<Seq> = std::collections::VecDeque::new();
     loop {
-        // Block only when idle; otherwise take whatever arrived since the last step.
+        if sh.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = candle_core::Error::Msg("the server is shutting down".into());
+            for seq in running.drain(..).chain(waiting.drain(..)) {
+                seq.fail(&e);
+            }
+            tracing::info!("engine stopped");
+            return;
+        }
+        // Block only when idle (waking now and then to see a shutdown); otherwise take
+        // whatever arrived since the last step.
         if running.is_empty() && waiting.is_empty() {
-            match rx.recv() {
+            match rx.recv_timeout(IDLE_POLL) {
                 Ok(job) => waiting.push_back(Seq::new(job, &model)),
-                Err(_) => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
         while let Ok(job) = rx.try_recv() {

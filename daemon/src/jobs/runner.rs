@@ -59,12 +59,24 @@ impl Inner {
 
 /// The runner thread's body.
 pub(super) fn run(inner: Arc<Inner>) {
+    /// Tells `Jobs::wait_stopped` however the runner returns.
+    struct Stopped<'a>(&'a Inner);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.mark_stopped();
+        }
+    }
+    let _stopped = Stopped(&inner);
     if let Err(e) = inner.engine.wait_loaded() {
         tracing::error!("the job runner stops: {e}");
         return;
     }
     recover(&inner);
     loop {
+        if inner.shutting_down() {
+            tracing::info!("the job runner stopped for shutdown");
+            return;
+        }
         let seen = inner.wake_count();
         match next_job(&inner) {
             Some((job, interrupted)) => run_job(&inner, job, interrupted),
@@ -177,6 +189,11 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
     }
     *inner.current.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((job.id.clone(), control.clone()));
+    // Published before the flag is read, as `begin_shutdown` sets the flag before it reads
+    // `current`: a shutdown racing with this start is seen by one side.
+    if inner.shutting_down() {
+        control.cancel.store(true, Ordering::SeqCst);
+    }
     // The API writes the status and then looks for the control; here the control is published
     // first and the status read after, so a cancel that raced with the start is seen by one side.
     let now_status = logged(
@@ -420,6 +437,22 @@ fn train_job(
             TrainEvent::Message(m) => inner.event(&job.id, "info", m),
         })
         .map_err(|e| e.to_string())?;
+    if outcome.finish == Finish::Cancelled && inner.shutting_down() {
+        let status = logged(
+            "reload job",
+            inner.rt.block_on(inner.store().get_job(&job.id)),
+        )
+        .flatten()
+        .map(|j| j.status);
+        // Unless the client cancelled it too, the job stays active for the next start.
+        if matches!(
+            status.as_deref(),
+            Some(status::RUNNING) | Some(status::PAUSED)
+        ) {
+            checkpoint_for_shutdown(inner, job, &trainer, outcome.steps, last_step.as_ref());
+            return Ok(());
+        }
+    }
     match outcome.finish {
         Finish::Cancelled => {
             let changed = logged(
@@ -488,6 +521,70 @@ fn train_job(
             Ok(())
         }
     }
+}
+
+/// Saves the trainer's state at `step` (unless a checkpoint of that step exists) where restart
+/// recovery looks for it, records it as a checkpoint of the job and says so in an event.
+fn checkpoint_for_shutdown(
+    inner: &Inner,
+    job: &JobRow,
+    trainer: &Trainer,
+    step: usize,
+    last: Option<&StepMetrics>,
+) {
+    let latest = inner.storage.latest_checkpoint(&job.id).map(|(s, _)| s);
+    if step == 0 {
+        inner.event(
+            &job.id,
+            "info",
+            "Stopped for shutdown before the first step; the job restarts on the next start",
+        );
+        return;
+    }
+    if latest == Some(step) {
+        inner.event(
+            &job.id,
+            "info",
+            &format!("Stopped for shutdown; the job resumes from checkpoint step {step} on the next start"),
+        );
+        return;
+    }
+    let path = inner.storage.checkpoint_dir(&job.id, step);
+    if let Err(e) = trainer.save_checkpoint(&path) {
+        tracing::warn!(job = %job.id, "shutdown checkpoint failed: {e}");
+        let from = latest.map_or("the beginning".to_string(), |s| {
+            format!("checkpoint step {s}")
+        });
+        inner.event(
+            &job.id,
+            "warn",
+            &format!("Stopped for shutdown; saving a checkpoint at step {step} failed ({e}), the job resumes from {from}"),
+        );
+        return;
+    }
+    let name = format!("{}:ckpt-step-{step}", job.variant);
+    let s = last.filter(|s| s.step == step);
+    let metrics = json!({
+        "step": step,
+        "train_loss": s.map(|s| s.loss),
+        "train_mean_token_accuracy": s.map(|s| s.mean_token_accuracy),
+        "valid_loss": null,
+        "valid_mean_token_accuracy": null,
+    });
+    logged(
+        "add checkpoint",
+        inner.rt.block_on(
+            inner
+                .store()
+                .add_checkpoint(&job.id, step as i64, &metrics, &name),
+        ),
+    );
+    inner.event(
+        &job.id,
+        "info",
+        &format!("Checkpoint created at step {step} for shutdown: {name}; the job resumes from it on the next start"),
+    );
+    tracing::info!(job = %job.id, step, "checkpointed for shutdown");
 }
 
 /// `peft::load`, recorded in the adapter load metrics.
