@@ -208,6 +208,14 @@ fn job_messages(d: &Daemon, id: &str) -> Vec<String> {
 
 /// Streams a chat to its end; returns the text and whether `[DONE]` arrived.
 fn stream_chat(addr: String, model: String, max_tokens: usize) -> (String, bool) {
+    let (text, done, _) = timed_stream_chat(&addr, &model, max_tokens);
+    (text, done)
+}
+
+/// As [`stream_chat`], plus the time to the first content chunk (TTFT as the client sees it).
+fn timed_stream_chat(addr: &str, model: &str, max_tokens: usize) -> (String, bool, Duration) {
+    let started = Instant::now();
+    let mut ttft = None;
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()
@@ -228,14 +236,19 @@ fn stream_chat(addr: String, model: String, max_tokens: usize) -> (String, bool)
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
         };
+        let elapsed = started.elapsed();
         if data == "[DONE]" {
-            return (text, true);
+            return (text, true, ttft.unwrap_or(elapsed));
         }
         let v: Value = serde_json::from_str(data).expect("a chunk");
         assert!(v.get("error").is_none(), "error mid-stream: {v}");
-        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+        let delta = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if !delta.is_empty() && ttft.is_none() {
+            ttft = Some(elapsed);
+        }
+        text.push_str(delta);
     }
-    (text, false)
+    (text, false, ttft.unwrap_or(started.elapsed()))
 }
 
 #[test]
@@ -334,4 +347,93 @@ fn sigterm_drains_checkpoints_and_resumes() {
         "a 4000-token stream cannot finish in a 2 s grace period"
     );
     eprintln!("SIGTERM with a 2 s grace and a long stream: exit 0 after {took:?}");
+}
+
+/// One client per model, each streaming `rounds` chats in a row; every one must succeed.
+/// Returns every TTFT, sorted.
+fn chat_round(d: &Daemon, models: &[String], rounds: usize) -> Vec<Duration> {
+    let threads: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let (addr, m) = (d.addr().to_string(), m.clone());
+            std::thread::spawn(move || {
+                (0..rounds)
+                    .map(|_| {
+                        let (text, done, ttft) = timed_stream_chat(&addr, &m, 24);
+                        assert!(done && !text.is_empty(), "{m}: {text:?} (done: {done})");
+                        ttft
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("a chat thread failed"))
+        .collect();
+    all.sort();
+    all
+}
+
+fn summary(ttfts: &[Duration]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mean = ttfts.iter().map(|d| ms(*d)).sum::<f64>() / ttfts.len().max(1) as f64;
+    format!(
+        "n={} p50={:.0} ms p90={:.0} ms max={:.0} ms mean={mean:.0} ms",
+        ttfts.len(),
+        ms(ttfts[ttfts.len() / 2]),
+        ms(ttfts[ttfts.len() * 9 / 10]),
+        ms(ttfts[ttfts.len() - 1]),
+    )
+}
+
+#[test]
+fn serving_keeps_priority_while_training() {
+    let dir = TempDir::new("e2e-priority");
+    let d = start(dir.path(), "itamaed.log", &[]);
+    let base = base_model(&d);
+    let file = upload(&d, "persona_train.jsonl");
+    let small = json!({"max_steps": 2, "batch_size": 2, "max_seq_len": 64});
+    let mut models = vec![base.clone()];
+    for suffix in ["one", "two"] {
+        let id = create_job(&d, &base, &file, suffix, small.clone());
+        let j = wait_job(&d, &id, Duration::from_secs(600));
+        assert_eq!(j["status"], "succeeded", "{j}");
+        models.push(j["fine_tuned_model"].as_str().expect("model").to_string());
+    }
+
+    let idle = chat_round(&d, &models, 4);
+
+    let job = create_job(
+        &d,
+        &base,
+        &file,
+        "busy",
+        json!({"max_steps": 12, "batch_size": 4, "max_seq_len": 128}),
+    );
+    let step = format!("itamae_training_step{{job=\"{job}\"}}");
+    d.wait_metric(&step, Duration::from_secs(300), |v| v >= 1.0);
+    let training = chat_round(&d, &models, 4);
+    let step_after = d.metric(&step);
+    let yielded = d.metric(&format!(
+        "itamae_training_yield_seconds_total{{job=\"{job}\"}}"
+    ));
+    assert!(
+        yielded > 0.0,
+        "the trainer never yielded to the chats; log:\n{}",
+        d.log_tail()
+    );
+    let j = wait_job(&d, &job, Duration::from_secs(900));
+    assert_eq!(j["status"], "succeeded", "{j}");
+    eprintln!(
+        "TTFT (3 clients: base + 2 variants), idle:          {}",
+        summary(&idle)
+    );
+    eprintln!(
+        "TTFT (3 clients: base + 2 variants), while training: {}",
+        summary(&training)
+    );
+    eprintln!(
+        "trainer yielded {yielded:.1} s to serving; it was at step {step_after} of 12 when the chats ended"
+    );
 }

@@ -297,6 +297,7 @@ fn serve(
     {
         jobs_cfg.max_upload_bytes = n;
     }
+    jobs_cfg.training_max_share = cfg.training_max_share;
     let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     // Imported adapters (`/v1/adapters`) are served again once the model is loaded.

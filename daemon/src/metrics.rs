@@ -55,6 +55,7 @@ struct Inner {
     training_valid_loss: GaugeVec,
     training_lr: GaugeVec,
     training_tps: GaugeVec,
+    training_yield: prometheus::CounterVec,
 }
 
 /// The process-wide metrics (created on first use, with the process collector registered).
@@ -289,6 +290,17 @@ impl Metrics {
                 "Training throughput of a job",
                 job,
             ),
+            training_yield: reg(
+                &r,
+                prometheus::CounterVec::new(
+                    Opts::new(
+                        "itamae_training_yield_seconds_total",
+                        "Time a job's trainer paused between micro-batches to give the device to serving",
+                    ),
+                    job,
+                )
+                .expect("valid counter"),
+            ),
             registry: r,
         };
         for s in JOB_STATUSES {
@@ -445,6 +457,14 @@ impl Metrics {
             .set(valid_loss);
     }
 
+    /// The trainer of `job` yielded to serving for `secs`.
+    pub fn training_yielded(&self, job: &str, secs: f64) {
+        self.inner
+            .training_yield
+            .with_label_values(&[job])
+            .inc_by(secs);
+    }
+
     /// A job ended: its throughput is no longer current (the last step and losses stay).
     pub fn training_finished(&self, job: &str) {
         let _ = self.inner.training_tps.remove_label_values(&[job]);
@@ -495,6 +515,7 @@ mod tests {
         m.observe_http("/v1/models", "GET", 200, 0.002);
         m.request_started("base");
         m.request_cancelled("base");
+        m.training_yielded("ftjob-1", 0.5);
         m.observe_ttft("base", 0.05);
         m.observe_itl("base", 0.01);
         m.observe_e2e("base", 0.5);
@@ -538,6 +559,7 @@ mod tests {
             r#"itamae_training_valid_loss{job="ftjob-1"} 2.6"#,
             r#"itamae_training_learning_rate{job="ftjob-1"} 0.0001"#,
             r#"itamae_training_tokens_per_second{job="ftjob-1"} 100"#,
+            r#"itamae_training_yield_seconds_total{job="ftjob-1"} 0.5"#,
         ] {
             assert!(text.contains(needle), "missing {needle}\n{text}");
         }

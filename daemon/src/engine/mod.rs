@@ -36,6 +36,8 @@ struct Shared {
     adapters: RwLock<HashMap<String, Variant>>,
     /// Submitted requests not yet prefilled (bounded by [`MAX_WAITING`]).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Sequences in the running batch after the last step (see [`EngineHandle::load`]).
+    running: std::sync::atomic::AtomicUsize,
     /// Set by [`EngineHandle::shutdown`]: the thread fails what it holds and returns.
     stop: std::sync::atomic::AtomicBool,
     /// True once the engine thread has returned.
@@ -208,6 +210,15 @@ impl EngineHandle {
             .is_some())
     }
 
+    /// Generations running or waiting: the load signal the trainer yields to (0 when idle or
+    /// not loaded).
+    pub fn load(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        self.shared().map_or(0, |s| {
+            s.running.load(Ordering::Acquire) + s.waiting.load(Ordering::Acquire)
+        })
+    }
+
     /// Stops the engine thread at its next step: queued and running generations end with an
     /// error event. Waits up to `timeout` for the thread to return; false if it did not.
     /// Called last on shutdown, so that no tensor work (BLAS threads included) is in flight
@@ -373,6 +384,7 @@ fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
         config: model.cfg.clone(),
         adapters: RwLock::new(HashMap::new()),
         waiting: Default::default(),
+        running: Default::default(),
         stop: Default::default(),
         stopped: Default::default(),
         context: model.cfg.max_position_embeddings,
@@ -475,6 +487,8 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
             }
         }
         running.retain(|s| !s.client_gone());
+        sh.running
+            .store(running.len(), std::sync::atomic::Ordering::Release);
         let m = crate::metrics::global();
         if !running.is_empty() {
             m.observe_batch_size(running.len());
@@ -485,6 +499,8 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
             }
         }
         // After the step, so the gauges are current when the loop next blocks idle.
+        sh.running
+            .store(running.len(), std::sync::atomic::Ordering::Release);
         m.set_running(running.len());
         m.set_waiting(waiting.len());
     }

@@ -33,6 +33,8 @@ pub struct JobsConfig {
     pub data_dir: PathBuf,
     pub organization_id: String,
     pub max_upload_bytes: u64,
+    /// The share of time training keeps while serving has work (0 < x ≤ 1; 1 = never yield).
+    pub training_max_share: f64,
 }
 
 impl JobsConfig {
@@ -41,6 +43,7 @@ impl JobsConfig {
             data_dir,
             organization_id: DEFAULT_ORGANIZATION.into(),
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            training_max_share: crate::config::DEFAULT_TRAINING_MAX_SHARE,
         }
     }
 }

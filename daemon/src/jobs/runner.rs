@@ -183,7 +183,14 @@ fn error_json(code: &str, message: &str, param: Option<&str>) -> Value {
 }
 
 fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
-    let control = Arc::new(TrainControl::default());
+    let control = Arc::new(TrainControl {
+        throttle: Some(Box::new(throttle(
+            inner.engine.clone(),
+            inner.cfg.training_max_share,
+            job.id.clone(),
+        ))),
+        ..Default::default()
+    });
     if job.status == status::PAUSED {
         control.pause.store(true, Ordering::SeqCst);
     }
@@ -585,6 +592,41 @@ fn checkpoint_for_shutdown(
         &format!("Checkpoint created at step {step} for shutdown: {name}; the job resumes from it on the next start"),
     );
     tracing::info!(job = %job.id, step, "checkpointed for shutdown");
+}
+
+/// The trainer's hook before each micro-batch, which gives serving priority: while the engine
+/// has generations running or waiting, the trainer pauses after each micro-batch of `t`
+/// seconds for `t·(1−share)/share` seconds (less if serving goes idle first), so training keeps
+/// `share` of the time when both compete and all of it otherwise. The engine runs its own
+/// thread, so during a pause every core is serving's.
+fn throttle(
+    engine: crate::engine::EngineHandle,
+    share: f64,
+    job_id: String,
+) -> impl Fn(&TrainControl) + Send + Sync {
+    // Polled this often while paused: a request arriving or leaving is seen within it.
+    const POLL: Duration = Duration::from_millis(5);
+    const MAX_WORK: Duration = Duration::from_secs(10);
+    let ratio = (1.0 - share) / share;
+    let last = std::sync::Mutex::new(None::<std::time::Instant>);
+    move |control: &TrainControl| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        // The micro-batch that just ran (none before the first one of a run); capped, since
+        // the interval also holds evaluations and time spent paused by the client.
+        let worked = last.map_or(Duration::ZERO, |t| now - t).min(MAX_WORK);
+        let owed = worked.mul_f64(ratio);
+        let mut paused = Duration::ZERO;
+        while paused < owed && engine.load() > 0 && !control.cancel.load(Ordering::Relaxed) {
+            let nap = POLL.min(owed - paused);
+            std::thread::sleep(nap);
+            paused += nap;
+        }
+        if !paused.is_zero() {
+            crate::metrics::global().training_yielded(&job_id, paused.as_secs_f64());
+        }
+        *last = Some(std::time::Instant::now());
+    }
 }
 
 /// `peft::load`, recorded in the adapter load metrics.
