@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, TempDir};
+use common::{build_prompt, multipart, Daemon, PeftFiles, TempDir};
 use serde_json::{json, Value};
 
 const RUNNING: &str = "itamae_num_requests_running";
@@ -436,4 +436,139 @@ fn serving_keeps_priority_while_training() {
     eprintln!(
         "trainer yielded {yielded:.1} s to serving; it was at step {step_after} of 12 when the chats ended"
     );
+}
+
+/// `POST /v1/adapters` (multipart); returns the status and the body.
+fn import(d: &Daemon, name: &str, files: &PeftFiles, if_generation: Option<u64>) -> (u16, Value) {
+    let generation = if_generation.map(|g| g.to_string());
+    let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![
+        ("name", None, name.as_bytes()),
+        (
+            "adapter_config.json",
+            Some("adapter_config.json"),
+            &files.config,
+        ),
+        (
+            "adapter_model.safetensors",
+            Some("adapter_model.safetensors"),
+            &files.weights,
+        ),
+    ];
+    if let Some(g) = &generation {
+        parts.push(("if_generation", None, g.as_bytes()));
+    }
+    let (ctype, body) = multipart(&parts);
+    let res = d
+        .http
+        .post(d.url("/v1/adapters"))
+        .header("content-type", ctype)
+        .body(body)
+        .send()
+        .expect("import");
+    let status = res.status().as_u16();
+    (status, res.json().unwrap_or(Value::Null))
+}
+
+fn greedy_chat(d: &Daemon, model: &str) -> String {
+    let v = post_json(
+        d,
+        "/v1/chat/completions",
+        &json!({"model": model, "max_tokens": 12, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is your favourite food?"}]}),
+    );
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
+}
+
+fn resident(d: &Daemon) -> Vec<(String, bool)> {
+    let v = get_json(d, "/v1/adapters");
+    v["data"]
+        .as_array()
+        .expect("adapters")
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap_or("").to_string(),
+                a["resident"].as_bool().expect("resident flag"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn adapter_memory_budget() {
+    let dir = TempDir::new("e2e-budget");
+    let pirate = build_prompt(
+        dir.path(),
+        "pirate",
+        "You are a pirate captain. Always talk like a pirate and say arr!",
+    );
+    let french = build_prompt(
+        dir.path(),
+        "french",
+        "Tu es un chef français. Réponds toujours en français, en une phrase.",
+    );
+    // Room for either adapter, not both.
+    let budget = pirate.weights.len().max(french.weights.len());
+    let d = start(
+        dir.path(),
+        "itamaed.log",
+        &[("ITAMAE_ADAPTERS_MAX_RESIDENT_BYTES", &budget.to_string())],
+    );
+    const EVICTIONS: &str = "itamae_adapter_evictions_total";
+    assert_eq!(import(&d, "pirate", &pirate, None).0, 201);
+    assert_eq!(import(&d, "french", &french, None).0, 201);
+    assert_eq!(d.metric(EVICTIONS), 1.0);
+    assert_eq!(
+        resident(&d),
+        vec![("french".to_string(), true), ("pirate".to_string(), false)]
+    );
+    assert_eq!(d.metric("itamae_adapters_resident"), 1.0);
+
+    // Alternating requests: each one reloads its adapter and evicts the other, transparently.
+    let p = greedy_chat(&d, "pirate");
+    let f = greedy_chat(&d, "french");
+    assert_ne!(p, f, "the two adapters should answer differently");
+    for _ in 0..2 {
+        assert_eq!(greedy_chat(&d, "pirate"), p);
+        assert_eq!(greedy_chat(&d, "french"), f);
+    }
+    // One at the second import, then one per switch (made by the engine thread right after
+    // the previous request's sequence ends, if that is after the next request's load).
+    d.wait_metric(EVICTIONS, Duration::from_secs(5), |v| v == 7.0);
+    let evictions = d.metric(EVICTIONS);
+    // One load at import, then one per switch back.
+    assert_eq!(
+        d.metric("itamae_adapter_loads_total{model=\"pirate\"}"),
+        4.0
+    );
+    eprintln!(
+        "budget {budget} B: 6 alternating chats, {evictions} evictions, {} loads timed",
+        d.metric("itamae_adapter_load_seconds_count")
+    );
+
+    // An adapter a running sequence uses is never evicted: loading the other one goes over
+    // the budget instead, and the other one is evicted once its own request is done.
+    let stream = {
+        let addr = d.addr().to_string();
+        std::thread::spawn(move || stream_chat(addr, "pirate".into(), 4000))
+    };
+    d.wait_metric(RUNNING, Duration::from_secs(60), |v| v == 1.0);
+    assert_eq!(greedy_chat(&d, "french"), f);
+    // French made room for the stream's pirate (+1), then went once its request ended (+1).
+    d.wait_metric(EVICTIONS, Duration::from_secs(5), |v| v == evictions + 2.0);
+    assert_eq!(
+        resident(&d),
+        vec![("french".to_string(), false), ("pirate".to_string(), true)]
+    );
+    drop(stream); // detached: it runs until the daemon is killed
+
+    // Replaced while evicted: the new generation is served, nothing of the old one.
+    d.wait_metric(RUNNING, Duration::from_secs(1), |v| v == 1.0);
+    let (s, v) = import(&d, "french", &pirate, Some(1));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 2);
+    assert_eq!(greedy_chat(&d, "french"), p);
 }

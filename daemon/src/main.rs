@@ -254,10 +254,14 @@ fn serve(
     // The HTTP server is up (and /readyz says 503) while the model loads; a failed load ends
     // the process with the loader's message rather than serving nothing.
     let watcher = engine.clone();
+    let budget = cfg.adapters_max_resident_bytes;
     std::thread::spawn(move || {
         if let Err(e) = watcher.wait_loaded() {
             eprintln!("error: {e}");
             std::process::exit(1);
+        }
+        if let Err(e) = watcher.set_adapter_budget(budget) {
+            tracing::warn!("cannot set the adapter memory budget: {e}");
         }
         for (name, dir) in adapters {
             let loaded = watcher
@@ -270,7 +274,7 @@ fn serve(
                         &candle_core::Device::Cpu,
                     )?)
                 })
-                .and_then(|a| Ok(watcher.add_adapter(&name, a)?));
+                .and_then(|a| Ok(watcher.add_adapter_from(&name, a, &dir)?));
             match loaded {
                 Ok(()) => tracing::info!(adapter = %name, dir = %dir.display(), "serving adapter"),
                 Err(e) => {

@@ -45,6 +45,7 @@ struct Inner {
     waiting: IntGauge,
     batch_size: Histogram,
     adapters_resident: IntGauge,
+    adapters_resident_bytes: IntGauge,
     adapter_loads: IntCounterVec,
     adapter_load_seconds: Histogram,
     adapter_evictions: IntCounter,
@@ -228,6 +229,11 @@ impl Metrics {
                 "itamae_adapters_resident",
                 "Adapters loaded in memory and servable",
             ),
+            adapters_resident_bytes: int_gauge(
+                &r,
+                "itamae_adapters_resident_bytes",
+                "Bytes of adapter weights loaded in memory",
+            ),
             adapter_loads: counter_vec(
                 &r,
                 "itamae_adapter_loads_total",
@@ -409,6 +415,10 @@ impl Metrics {
         self.inner.adapters_resident.set(n as i64);
     }
 
+    pub fn set_adapters_resident_bytes(&self, n: u64) {
+        self.inner.adapters_resident_bytes.set(n as i64);
+    }
+
     /// An adapter was read from disk into memory in `secs`.
     pub fn adapter_loaded(&self, model: &str, secs: f64) {
         self.inner.adapter_loads.with_label_values(&[model]).inc();
@@ -526,6 +536,7 @@ mod tests {
         m.set_waiting(1);
         m.observe_batch_size(2);
         m.set_adapters_resident(1);
+        m.set_adapters_resident_bytes(4096);
         m.adapter_loaded("ad", 0.02);
         m.adapter_evicted();
         m.adapter_swapped("ad");
@@ -548,6 +559,7 @@ mod tests {
             "itamae_num_requests_waiting 1",
             "itamae_batch_size_count 1",
             "itamae_adapters_resident 1",
+            "itamae_adapters_resident_bytes 4096",
             r#"itamae_adapter_loads_total{model="ad"} 1"#,
             "itamae_adapter_load_seconds_count 1",
             "itamae_adapter_evictions_total 1",

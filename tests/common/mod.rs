@@ -241,3 +241,85 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A multipart/form-data body built by hand: `(field, file name, bytes)`.
+#[allow(dead_code)]
+pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "itamae-e2e-boundary-51c2";
+    let mut body = Vec::new();
+    for (name, filename, bytes) in parts {
+        let disp = match filename {
+            Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\""),
+            None => format!("form-data; name=\"{name}\""),
+        };
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: {disp}\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[allow(dead_code)]
+pub struct PeftFiles {
+    pub config: Vec<u8>,
+    pub weights: Vec<u8>,
+}
+
+/// A fresh LoRA (r = 4 on q and v) for the test model, as PEFT files.
+#[allow(dead_code)]
+pub fn build_lora(dir: &Path) -> PeftFiles {
+    use itamae::adapters::{Adapter, Lora, LoraConfig};
+    let device = candle_core::Device::Cpu;
+    let loaded = itamae::model::load(&model_path(), &device).expect("load the test model");
+    let cfg = loaded.model.cfg.clone();
+    let lora_cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: LoraConfig::parse_targets(&["q_proj".into(), "v_proj".into()])
+            .expect("targets"),
+        ..Default::default()
+    };
+    let lora = Lora::init(&cfg, lora_cfg, 7, &device).expect("init LoRA");
+    peft_files(&dir.join("lora"), &Adapter::Lora(lora), &loaded)
+}
+
+/// A prompt-tuning adapter whose soft prompt is the embedding of `text` (so two texts give two
+/// adapters that answer differently), as PEFT files.
+#[allow(dead_code)]
+pub fn build_prompt(dir: &Path, name: &str, text: &str) -> PeftFiles {
+    use itamae::adapters::{Adapter, PromptInit, PromptTuningConfig, SoftPrompt};
+    let loaded =
+        itamae::model::load(&model_path(), &candle_core::Device::Cpu).expect("load the test model");
+    let ids = loaded
+        .text
+        .tokenizer
+        .encode(text, false)
+        .expect("tokenize")
+        .get_ids()
+        .to_vec();
+    let config = PromptTuningConfig {
+        num_virtual_tokens: ids.len(),
+        init: PromptInit::Text(text.to_string()),
+    };
+    let p = SoftPrompt::init(&loaded.model, config, &ids, 7).expect("init the soft prompt");
+    peft_files(&dir.join(name), &Adapter::Prompt(p), &loaded)
+}
+
+fn peft_files(
+    out: &Path,
+    adapter: &itamae::adapters::Adapter,
+    loaded: &itamae::model::LoadedModel,
+) -> PeftFiles {
+    use itamae::adapters::peft;
+    peft::save(out, adapter, &loaded.model.cfg, &loaded.name).expect("save PEFT");
+    PeftFiles {
+        config: std::fs::read(out.join(peft::CONFIG_FILE)).expect("config"),
+        weights: std::fs::read(out.join(peft::WEIGHTS_FILE)).expect("weights"),
+    }
+}

@@ -32,8 +32,20 @@ struct Shared {
     base: BaseModel,
     context: usize,
     /// Served variants by id. Requests hold an `Arc` to the adapter they started with, so
-    /// replacing or removing one never disturbs a running generation.
+    /// replacing, removing or evicting one never disturbs a running generation.
     adapters: RwLock<HashMap<String, Variant>>,
+    /// Bytes of adapter weights kept loaded; least recently used variants beyond it are
+    /// evicted (None: no limit).
+    budget: RwLock<Option<u64>>,
+    /// Set when eviction stopped short because every candidate was in use: the engine thread
+    /// evicts again once sequences finish.
+    over_budget: std::sync::atomic::AtomicBool,
+    /// Serialises reloads of evicted variants, so concurrent first uses load once.
+    reloading: std::sync::Mutex<()>,
+    /// Orders uses for the LRU (a logical clock, bumped by every request's lookup).
+    clock: std::sync::atomic::AtomicU64,
+    /// Numbers each `add_adapter`, so a reload finishing after a replace is not installed.
+    generations: std::sync::atomic::AtomicU64,
     /// Submitted requests not yet prefilled (bounded by [`MAX_WAITING`]).
     waiting: std::sync::atomic::AtomicUsize,
     /// Sequences in the running batch after the last step (see [`EngineHandle::load`]).
@@ -45,8 +57,28 @@ struct Shared {
 }
 
 struct Variant {
-    adapter: Arc<Adapter>,
+    /// None while evicted.
+    adapter: Option<Arc<Adapter>>,
+    kind: &'static str,
+    /// Bytes of the adapter's weights when loaded.
+    bytes: u64,
     created: u64,
+    /// The PEFT directory to reload it from; None: memory only, never evicted.
+    source: Option<PathBuf>,
+    last_used: std::sync::atomic::AtomicU64,
+    generation: u64,
+}
+
+impl Variant {
+    /// Loaded, evictable, and no request holds it (a running or prepared sequence owns a
+    /// clone of the `Arc`).
+    fn evictable(&self) -> bool {
+        self.source.is_some()
+            && self
+                .adapter
+                .as_ref()
+                .is_some_and(|a| Arc::strong_count(a) == 1)
+    }
 }
 
 /// The resident base model and its text side, shared (not copied) with whoever trains on it.
@@ -162,6 +194,7 @@ impl EngineHandle {
             context_length: s.context,
             parent: None,
             adapter_type: None,
+            resident: true,
         }];
         let adapters = s.adapters.read().unwrap_or_else(|e| e.into_inner());
         let mut ids: Vec<&String> = adapters.keys().collect();
@@ -174,14 +207,38 @@ impl EngineHandle {
                 owned_by: "itamae".into(),
                 context_length: s.context,
                 parent: Some(s.id.clone()),
-                adapter_type: Some(v.adapter.kind().into()),
+                adapter_type: Some(v.kind.into()),
+                resident: v.adapter.is_some(),
             });
         }
         out
     }
 
     /// Serves `adapter` as model `id` from the next request on (replacing a variant of that id).
+    /// It stays loaded whatever the budget: without a `source` it could not come back.
     pub fn add_adapter(&self, id: &str, adapter: Adapter) -> Result<(), EngineError> {
+        self.insert_variant(id, adapter, None)
+    }
+
+    /// As [`Self::add_adapter`], for an adapter read from the PEFT directory `source`: when the
+    /// loaded adapters exceed the memory budget, it may be evicted (still listed and servable)
+    /// and is read again from `source` by the first request that needs it.
+    pub fn add_adapter_from(
+        &self,
+        id: &str,
+        adapter: Adapter,
+        source: &std::path::Path,
+    ) -> Result<(), EngineError> {
+        self.insert_variant(id, adapter, Some(source.to_path_buf()))
+    }
+
+    fn insert_variant(
+        &self,
+        id: &str,
+        adapter: Adapter,
+        source: Option<PathBuf>,
+    ) -> Result<(), EngineError> {
+        use std::sync::atomic::Ordering;
         let s = self.shared()?;
         if id == s.id {
             return Err(EngineError::Invalid {
@@ -190,24 +247,51 @@ impl EngineHandle {
             });
         }
         let v = Variant {
-            adapter: Arc::new(adapter),
+            kind: adapter.kind(),
+            bytes: adapter.size_bytes() as u64,
+            adapter: Some(Arc::new(adapter)),
             created: now(),
+            source,
+            last_used: s.clock.fetch_add(1, Ordering::Relaxed).into(),
+            generation: s.generations.fetch_add(1, Ordering::Relaxed),
         };
-        s.adapters
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), v);
+        let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
+        adapters.insert(id.to_string(), v);
+        s.enforce_budget(&mut adapters, Some(id));
         Ok(())
     }
 
     /// Stops serving a variant; running requests finish on it. False if it was not served.
     pub fn remove_adapter(&self, id: &str) -> Result<bool, EngineError> {
         let s = self.shared()?;
-        Ok(s.adapters
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .is_some())
+        let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
+        let removed = adapters.remove(id).is_some();
+        s.publish_resident(&adapters);
+        Ok(removed)
+    }
+
+    /// Sets the memory budget of loaded adapters (None: no limit) and evicts down to it.
+    pub fn set_adapter_budget(&self, bytes: Option<u64>) -> Result<(), EngineError> {
+        let s = self.shared()?;
+        *s.budget.write().unwrap_or_else(|e| e.into_inner()) = bytes;
+        let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
+        s.enforce_budget(&mut adapters, None);
+        Ok(())
+    }
+
+    /// Whether `id` is a served variant (loaded or evicted).
+    pub fn is_served(&self, id: &str) -> bool {
+        self.shared().is_ok_and(|s| {
+            s.adapters
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(id)
+        })
+    }
+
+    /// Loads an evicted variant again now (blocking; a no-op if it is loaded).
+    pub fn make_resident(&self, id: &str) -> Result<(), EngineError> {
+        self.shared()?.variant(id).map(|_| ())
     }
 
     /// Generations running or waiting: the load signal the trainer yields to (0 when idle or
@@ -253,11 +337,7 @@ impl EngineHandle {
         let adapter = if req.model == sh.id {
             None
         } else {
-            let adapters = sh.adapters.read().unwrap_or_else(|e| e.into_inner());
-            match adapters.get(&req.model) {
-                Some(v) => Some(v.adapter.clone()),
-                None => return Err(EngineError::ModelNotFound(req.model)),
-            }
+            Some(sh.variant(&req.model)?)
         };
         // Virtual tokens (soft prompt or prefix) take context positions too.
         let virtual_tokens = adapter.as_deref().map_or(0, |a| match a {
@@ -369,6 +449,125 @@ impl EngineHandle {
     }
 }
 
+impl Shared {
+    /// The adapter of variant `id`, read again from its directory first if it was evicted
+    /// (blocking: callers run on a blocking thread); marks it used for the LRU.
+    fn variant(&self, id: &str) -> Result<Arc<Adapter>, EngineError> {
+        use std::sync::atomic::Ordering;
+        let source = {
+            let adapters = self.adapters.read().unwrap_or_else(|e| e.into_inner());
+            let v = adapters
+                .get(id)
+                .ok_or_else(|| EngineError::ModelNotFound(id.to_string()))?;
+            v.last_used.store(
+                self.clock.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            match &v.adapter {
+                Some(a) => return Ok(a.clone()),
+                None => v.source.clone(),
+            }
+        };
+        let Some(dir) = source else {
+            return Err(EngineError::Internal(format!(
+                "variant `{id}` was evicted but has no source to reload from"
+            )));
+        };
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        // Someone else may have reloaded (or replaced) it while this request waited.
+        let generation = {
+            let adapters = self.adapters.read().unwrap_or_else(|e| e.into_inner());
+            let v = adapters
+                .get(id)
+                .ok_or_else(|| EngineError::ModelNotFound(id.to_string()))?;
+            if let Some(a) = &v.adapter {
+                return Ok(a.clone());
+            }
+            v.generation
+        };
+        let started = std::time::Instant::now();
+        let loaded = crate::adapters::peft::load(&dir, &self.config, self.base.model.device())
+            .map_err(|e| {
+                EngineError::Internal(format!(
+                    "reloading adapter `{id}` from {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        let secs = started.elapsed().as_secs_f64();
+        crate::metrics::global().adapter_loaded(id, secs);
+        tracing::info!(adapter = %id, ms = (secs * 1e3) as u64, "adapter reloaded on demand");
+        let loaded = Arc::new(loaded);
+        let mut adapters = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        match adapters.get_mut(id) {
+            Some(v) if v.generation == generation => {
+                v.adapter = Some(loaded.clone());
+                v.last_used.store(
+                    self.clock.fetch_add(1, Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+            }
+            // Replaced while loading: the request started before the replace, so the adapter
+            // read now (the new files) is the newer one anyway, but the registry keeps its own.
+            Some(v) => {
+                if let Some(a) = &v.adapter {
+                    return Ok(a.clone());
+                }
+            }
+            None => return Err(EngineError::ModelNotFound(id.to_string())),
+        }
+        // The request's clone (`loaded`) keeps this one from being evicted right away.
+        self.enforce_budget(&mut adapters, Some(id));
+        Ok(loaded)
+    }
+
+    /// Evicts least recently used variants until the loaded ones fit the budget, never `keep`
+    /// and never one a request holds; then publishes the resident gauge.
+    fn enforce_budget(&self, adapters: &mut HashMap<String, Variant>, keep: Option<&str>) {
+        use std::sync::atomic::Ordering;
+        let mut over = false;
+        if let Some(budget) = *self.budget.read().unwrap_or_else(|e| e.into_inner()) {
+            let mut used: u64 = adapters
+                .values()
+                .filter(|v| v.adapter.is_some())
+                .map(|v| v.bytes)
+                .sum();
+            while used > budget {
+                let victim = adapters
+                    .iter()
+                    .filter(|(id, v)| Some(id.as_str()) != keep && v.evictable())
+                    .min_by_key(|(_, v)| v.last_used.load(Ordering::Relaxed))
+                    .map(|(id, _)| id.clone());
+                let Some(id) = victim else {
+                    over = true;
+                    break;
+                };
+                if let Some(v) = adapters.get_mut(&id) {
+                    v.adapter = None;
+                    used = used.saturating_sub(v.bytes);
+                    crate::metrics::global().adapter_evicted();
+                    tracing::info!(adapter = %id, bytes = v.bytes, "adapter evicted (memory budget)");
+                }
+            }
+            if over && !self.over_budget.load(Ordering::Relaxed) {
+                tracing::info!(
+                    used,
+                    budget,
+                    "loaded adapters exceed the memory budget until requests using them finish"
+                );
+            }
+        }
+        self.over_budget.store(over, Ordering::Relaxed);
+        self.publish_resident(adapters);
+    }
+
+    fn publish_resident(&self, adapters: &HashMap<String, Variant>) {
+        let m = crate::metrics::global();
+        let loaded = adapters.values().filter(|v| v.adapter.is_some());
+        m.set_adapters_resident(loaded.clone().count());
+        m.set_adapters_resident_bytes(loaded.map(|v| v.bytes).sum());
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -383,6 +582,11 @@ fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
         created: now(),
         config: model.cfg.clone(),
         adapters: RwLock::new(HashMap::new()),
+        budget: RwLock::new(None),
+        over_budget: Default::default(),
+        reloading: Default::default(),
+        clock: Default::default(),
+        generations: Default::default(),
         waiting: Default::default(),
         running: Default::default(),
         stop: Default::default(),
@@ -497,6 +701,11 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
                     seq.fail(&e);
                 }
             }
+        }
+        // Sequences that finished in this step may have held adapters beyond the budget.
+        if sh.over_budget.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut adapters = sh.adapters.write().unwrap_or_else(|e| e.into_inner());
+            sh.enforce_budget(&mut adapters, None);
         }
         // After the step, so the gauges are current when the loop next blocks idle.
         sh.running

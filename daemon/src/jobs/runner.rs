@@ -96,7 +96,7 @@ fn recover(inner: &Inner) {
     let cfg = base.model.cfg.clone();
     let device = base.model.device().clone();
     let serve = |name: &str, dir: &std::path::Path| match timed_load(name, dir, &cfg, &device) {
-        Ok(a) => match inner.engine.add_adapter(name, a) {
+        Ok(a) => match inner.engine.add_adapter_from(name, a, dir) {
             Ok(()) => tracing::info!(model = %name, "serving stored variant"),
             Err(e) => tracing::warn!(model = %name, "cannot serve stored variant: {e}"),
         },
@@ -415,7 +415,7 @@ fn train_job(
                     .and_then(|a| {
                         inner
                             .engine
-                            .add_adapter(&name, a)
+                            .add_adapter_from(&name, a, path)
                             .map_err(|e| e.to_string())
                     }) {
                     Ok(()) => {
@@ -491,7 +491,7 @@ fn train_job(
                     // use `fine_tuned_model` at once.
                     inner
                         .engine
-                        .add_adapter(&job.variant, a)
+                        .add_adapter_from(&job.variant, a, &out_dir)
                         .map_err(|e| format!("serving the result: {e}"))?;
                     Some(job.variant.as_str())
                 }
