@@ -86,6 +86,24 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         tokens: usize,
     },
+    /// Hot-swap under load: replace a served LoRA repeatedly while clients stream from it;
+    /// swap latency, failed requests, throughput against the same loop without swaps.
+    Swap {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Concurrent streaming clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds per phase (without swaps, then with).
+        #[arg(long, default_value_t = 20.0)]
+        secs: f64,
+        /// Milliseconds between two swaps.
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        /// Tokens per chat.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+    },
     /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
     Train {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
@@ -189,6 +207,16 @@ fn main() {
                     tokens,
                 },
         } => itamae::bench::batch(&model, streams, tokens),
+        Command::Bench {
+            which:
+                BenchCommand::Swap {
+                    model,
+                    clients,
+                    secs,
+                    every_ms,
+                    tokens,
+                },
+        } => itamae::bench::swap(&model, clients, secs, every_ms, tokens),
         Command::Bench {
             which:
                 BenchCommand::Train {
