@@ -107,6 +107,10 @@ impl Jobs {
             .thread_name("itamae-jobs-db")
             .enable_all()
             .build()?;
+        // Leftovers of uploads a crash interrupted; here, before the HTTP server accepts any
+        // upload (the runner's recovery runs after the model loads, while uploads may be in
+        // flight, and would delete them).
+        storage.clean_temp_uploads();
         let db = storage.db_path();
         let store = rt
             .block_on(Store::open(&db))

@@ -89,7 +89,6 @@ pub(super) fn run(inner: Arc<Inner>) {
 
 /// Serves every stored result and checkpoint again and re-validates interrupted validations.
 fn recover(inner: &Inner) {
-    inner.storage.clean_temp_uploads();
     let Ok(base) = inner.engine.base() else {
         return;
     };
