@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{model_path, Daemon, TempDir};
+use common::{build_lora, multipart, Daemon, PeftFiles, TempDir};
 use reqwest::blocking::{RequestBuilder, Response};
 use serde_json::{json, Value};
 
@@ -106,55 +106,6 @@ impl Daemon {
         let (s, text) = self.send(self.req("GET", "/metrics", Some(ADMIN)), "metrics");
         assert_eq!(s, 200, "{text}");
         text
-    }
-}
-
-/// A multipart/form-data body built by hand: `(field, file name, bytes)`.
-fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
-    let boundary = "itamae-e2e-ops-boundary-51c2";
-    let mut body = Vec::new();
-    for (name, filename, bytes) in parts {
-        let disp = match filename {
-            Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\""),
-            None => format!("form-data; name=\"{name}\""),
-        };
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: {disp}\r\nContent-Type: application/octet-stream\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-struct PeftFiles {
-    config: Vec<u8>,
-    weights: Vec<u8>,
-}
-
-/// A fresh LoRA (r = 4 on q and v) for the test model, as PEFT files.
-fn build_lora(dir: &Path) -> PeftFiles {
-    use itamae::adapters::{peft, Adapter, Lora, LoraConfig};
-    let device = candle_core::Device::Cpu;
-    let loaded = itamae::model::load(&model_path(), &device).expect("load the test model");
-    let cfg = loaded.model.cfg.clone();
-    let lora_cfg = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        target_modules: LoraConfig::parse_targets(&["q_proj".into(), "v_proj".into()])
-            .expect("targets"),
-        ..Default::default()
-    };
-    let lora = Lora::init(&cfg, lora_cfg, 7, &device).expect("init LoRA");
-    let out = dir.join("lora");
-    peft::save(&out, &Adapter::Lora(lora), &cfg, &loaded.name).expect("save PEFT");
-    PeftFiles {
-        config: std::fs::read(out.join(peft::CONFIG_FILE)).expect("config"),
-        weights: std::fs::read(out.join(peft::WEIGHTS_FILE)).expect("weights"),
     }
 }
 

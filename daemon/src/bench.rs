@@ -301,3 +301,359 @@ pub fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow::Result
     );
     Ok(())
 }
+
+/// A minimal HTTP/1.1 client over one `Connection: close` request, enough for the swap
+/// benchmark (the daemon's own crate has no HTTP client, and the bench must not add one).
+mod http {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// Sends a request; returns the status and the connection to read the body from.
+    pub fn send(
+        addr: &str,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>, TcpStream)> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )?;
+        s.write_all(body)?;
+        // Read the head; whatever of the body came with it is returned too.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::other(
+                    "connection closed in the response head",
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+        Ok((status, buf[end..].to_vec(), s))
+    }
+
+    /// A whole request: status and body (chunk-size lines of a chunked body are left in).
+    pub fn request(
+        addr: &str,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let (status, mut got, mut s) = send(addr, method, path, content_type, body)?;
+        s.read_to_end(&mut got)?;
+        Ok((status, got))
+    }
+}
+
+/// What one streamed chat request of the swap benchmark saw.
+struct StreamResult {
+    ok: bool,
+    tokens: usize,
+    /// From sending the request to the first content chunk.
+    ttft: Option<f64>,
+}
+
+fn stream_chat(addr: &str, model: &str, max_tokens: usize, seed: u64) -> StreamResult {
+    use std::io::BufRead;
+    let body = serde_json::json!({
+        "model": model, "stream": true, "max_tokens": max_tokens, "temperature": 0.8,
+        "seed": seed, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Tell me about sushi."}],
+    })
+    .to_string();
+    let failed = StreamResult {
+        ok: false,
+        tokens: 0,
+        ttft: None,
+    };
+    let started = Instant::now();
+    let Ok((status, first, s)) = http::send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        body.as_bytes(),
+    ) else {
+        return failed;
+    };
+    if status != 200 {
+        return failed;
+    }
+    let mut ttft = None;
+    let mut tokens = 0;
+    let reader = std::io::BufReader::new(std::io::Read::chain(&first[..], s));
+    for line in reader.lines() {
+        let Ok(line) = line else { return failed };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue; // chunk sizes, blank separators
+        };
+        if data == "[DONE]" {
+            return StreamResult {
+                ok: true,
+                tokens,
+                ttft,
+            };
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+            return failed;
+        };
+        if v.get("error").is_some() {
+            return failed;
+        }
+        let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if !content.is_empty() && ttft.is_none() {
+            ttft = Some(started.elapsed().as_secs_f64());
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        }
+    }
+    failed
+}
+
+/// A PEFT adapter import as multipart/form-data: `(content type, body)`.
+fn import_body(name: &str, config: &[u8], weights: &[u8], generation: u64) -> (String, Vec<u8>) {
+    let boundary = format!("itamae-bench-{:016x}", rand::random::<u64>());
+    let mut body = Vec::new();
+    let mut part = |disposition: &str, bytes: &[u8]| {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    };
+    part("name=\"name\"", name.as_bytes());
+    part("name=\"if_generation\"", generation.to_string().as_bytes());
+    part(
+        "name=\"adapter_config.json\"; filename=\"adapter_config.json\"",
+        config,
+    );
+    part(
+        "name=\"adapter_model.safetensors\"; filename=\"adapter_model.safetensors\"",
+        weights,
+    );
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Hot-swap under load: an in-process daemon (HTTP server, engine, adapter store) serves a
+/// LoRA variant (r=16, all linear layers) to `clients` clients streaming chats back to back.
+/// First `secs` without swaps (the peer: the same loop, nothing replaced), then `secs` while
+/// the adapter is replaced every `every_ms` through `POST /v1/adapters` (compare-and-set on its
+/// generation, alternating two different LoRAs). Prints the import latency, the time from an
+/// import's start to the first token of a request on the new generation, failed requests and
+/// the throughput ratio of the two phases.
+pub fn swap(
+    model_path: &Path,
+    clients: usize,
+    secs: f64,
+    every_ms: u64,
+    tokens: usize,
+) -> anyhow::Result<()> {
+    use crate::adapters::{peft, Adapter, Lora, LoraConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let device = candle_core::Device::Cpu;
+    let loaded = model::load(model_path, &device)?;
+    let cfg = loaded.model.cfg.clone();
+    let base = loaded.name.clone();
+    let dir =
+        std::env::temp_dir().join(format!("itamae-bench-swap-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir)?;
+    // Two LoRAs that answer differently, as PEFT files in memory.
+    let mut files = Vec::new();
+    for seed in 0..2u64 {
+        let mut lora = Lora::init(&cfg, LoraConfig::default(), seed, &device)?;
+        for p in lora.pairs.values_mut() {
+            p.b = Tensor::randn(0f32, 0.01, p.b.dims(), &device)?;
+        }
+        let out = dir.join(format!("lora-{seed}"));
+        peft::save(&out, &Adapter::Lora(lora), &cfg, &base)?;
+        files.push((
+            std::fs::read(out.join(peft::CONFIG_FILE))?,
+            std::fs::read(out.join(peft::WEIGHTS_FILE))?,
+        ));
+    }
+    let engine = crate::engine::EngineHandle::from_loaded(loaded);
+    let store =
+        crate::api::adapters::AdapterStore::open(&dir.join("data"), engine.clone(), 1 << 30)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    {
+        let engine = engine.clone();
+        std::thread::Builder::new()
+            .name("bench-http".into())
+            .spawn(move || {
+                let served = actix_web::rt::System::new().block_on(crate::api::serve(
+                    engine,
+                    "127.0.0.1".into(),
+                    port,
+                    None,
+                    Some(store),
+                    crate::api::auth::Auth::disabled(),
+                    crate::api::Shutdown {
+                        grace: std::time::Duration::from_secs(1),
+                        on_signal: Box::new(|| {}),
+                    },
+                ));
+                if let Err(e) = served {
+                    eprintln!("bench server: {e}");
+                }
+            })?;
+    }
+    let started = Instant::now();
+    while !http::request(&addr, "GET", "/readyz", "text/plain", b"").is_ok_and(|r| r.0 == 200) {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 30,
+            "the bench server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let name = "swapped";
+    let (ctype, body) = import_body(name, &files[0].0, &files[0].1, 0);
+    let (status, text) = http::request(&addr, "POST", "/v1/adapters", &ctype, &body)?;
+    anyhow::ensure!(
+        status == 201,
+        "first import: HTTP {status}: {}",
+        String::from_utf8_lossy(&text)
+    );
+    println!(
+        "LoRA r=16 all-linear ({:.1} MB of weights), {clients} clients streaming {tokens}-token chats, {secs} s per phase",
+        files[0].1.len() as f64 / 1e6
+    );
+
+    // One phase: clients loop until `stop`; returns (completed tokens, ok, failed).
+    let phase = |swaps: Option<&mut dyn FnMut()>| -> (usize, usize, usize) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let totals = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let (stop, totals, addr) = (stop.clone(), totals.clone(), addr.clone());
+                std::thread::spawn(move || {
+                    let mut seed = c as u64 * 1000;
+                    while !stop.load(Ordering::Relaxed) {
+                        seed += 1;
+                        let r = stream_chat(&addr, name, tokens, seed);
+                        let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+                        if r.ok {
+                            t.0 += r.tokens;
+                            t.1 += 1;
+                        } else {
+                            t.2 += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        match swaps {
+            Some(swap) => {
+                while t0.elapsed().as_secs_f64() < secs {
+                    std::thread::sleep(std::time::Duration::from_millis(every_ms));
+                    swap();
+                }
+            }
+            None => std::thread::sleep(std::time::Duration::from_secs_f64(secs)),
+        }
+        // Requests in flight finish; only tokens of the measured window would be fairer, but
+        // both phases are cut the same way.
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            let _ = t.join();
+        }
+        let t = *totals.lock().unwrap_or_else(|e| e.into_inner());
+        t
+    };
+
+    let quiet_started = Instant::now();
+    let (q_tokens, q_ok, q_failed) = phase(None);
+    let q_secs = quiet_started.elapsed().as_secs_f64();
+
+    let mut generation = 1u64;
+    let mut import_ms = Vec::new();
+    let mut first_token_ms = Vec::new();
+    let mut swap_failures = 0usize;
+    let mut swap = || {
+        let (config, weights) = &files[(generation % 2) as usize];
+        let (ctype, body) = import_body(name, config, weights, generation);
+        let t0 = Instant::now();
+        match http::request(&addr, "POST", "/v1/adapters", &ctype, &body) {
+            Ok((200, _)) => {
+                import_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                generation += 1;
+                // A request sent now runs on the new generation.
+                let r = stream_chat(&addr, name, 1, generation);
+                match r.ttft {
+                    Some(_) if r.ok => first_token_ms.push(t0.elapsed().as_secs_f64() * 1e3),
+                    _ => swap_failures += 1,
+                }
+            }
+            Ok((status, text)) => {
+                swap_failures += 1;
+                eprintln!("swap: HTTP {status}: {}", String::from_utf8_lossy(&text));
+            }
+            Err(e) => {
+                swap_failures += 1;
+                eprintln!("swap: {e}");
+            }
+        }
+    };
+    let swap_started = Instant::now();
+    let (s_tokens, s_ok, s_failed) = phase(Some(&mut swap));
+    let s_secs = swap_started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    import_ms.sort_by(|a, b| a.total_cmp(b));
+    first_token_ms.sort_by(|a, b| a.total_cmp(b));
+    let q_tps = q_tokens as f64 / q_secs;
+    let s_tps = s_tokens as f64 / s_secs;
+    println!("without swaps: {q_ok} requests ok, {q_failed} failed, {q_tps:.1} tok/s aggregate");
+    println!(
+        "with a swap every {every_ms} ms: {} swaps ({swap_failures} failed), {s_ok} requests ok, {s_failed} failed, {s_tps:.1} tok/s aggregate",
+        import_ms.len()
+    );
+    println!(
+        "swap latency (POST /v1/adapters, upload + CAS + store + load): p50 {:.1} ms, max {:.1} ms (target < 100 ms)",
+        percentile(&import_ms, 0.5),
+        percentile(&import_ms, 1.0)
+    );
+    println!(
+        "import start to first token on the new generation: p50 {:.1} ms, max {:.1} ms",
+        percentile(&first_token_ms, 0.5),
+        percentile(&first_token_ms, 1.0)
+    );
+    println!(
+        "ratio with/without swaps: throughput {:.2}x; failed requests {} (target 0)",
+        s_tps / q_tps,
+        q_failed + s_failed
+    );
+    Ok(())
+}

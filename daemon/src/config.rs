@@ -14,6 +14,8 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Value { key: &'static str, message: String },
     #[error("invalid device `{0}` (expected `cpu`, `cuda` or `cuda:N`)")]
     Device(String),
     #[error("device `{device}` is not available: {message}")]
@@ -31,6 +33,26 @@ pub struct FileConfig {
     pub storage: StorageSection,
     #[serde(default)]
     pub auth: AuthSection,
+    #[serde(default)]
+    pub training: TrainingSection,
+    #[serde(default)]
+    pub adapters: AdaptersSection,
+}
+
+/// `[training]`: how fine-tuning shares the machine with serving.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// The share of time training keeps while requests compete for the device (0 < x ≤ 1).
+    pub max_share: Option<f64>,
+}
+
+/// `[adapters]`: the memory budget of loaded adapters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptersSection {
+    /// Bytes of adapter weights kept in memory; 0 means no limit.
+    pub max_resident_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,6 +60,8 @@ pub struct FileConfig {
 pub struct ServerSection {
     pub host: Option<String>,
     pub port: Option<u16>,
+    /// On SIGTERM, how long running requests may take to finish before they are cut.
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +134,8 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_DATA_DIR: &str = "data";
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+pub const DEFAULT_TRAINING_MAX_SHARE: f64 = 0.5;
 
 /// Settings after flag > env > file > default resolution. Flags and env vars arrive together
 /// through clap (`#[arg(env = ...)]`), which already gives flags precedence.
@@ -120,6 +146,11 @@ pub struct ServeConfig {
     pub port: u16,
     pub data_dir: PathBuf,
     pub device: String,
+    pub shutdown_grace: std::time::Duration,
+    /// In (0, 1].
+    pub training_max_share: f64,
+    /// None: no limit.
+    pub adapters_max_resident_bytes: Option<u64>,
 }
 
 /// Values given on the command line or in the environment.
@@ -130,11 +161,35 @@ pub struct Overrides {
     pub port: Option<u16>,
     pub data_dir: Option<PathBuf>,
     pub device: Option<String>,
+    pub shutdown_grace_secs: Option<u64>,
+    pub training_max_share: Option<f64>,
+    pub adapters_max_resident_bytes: Option<u64>,
 }
 
 impl ServeConfig {
-    pub fn resolve(file: FileConfig, o: Overrides) -> Self {
-        Self {
+    /// Errors name the setting (`training.max_share`) when a value is out of range.
+    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+        let share = o
+            .training_max_share
+            .or(file.training.max_share)
+            .unwrap_or(DEFAULT_TRAINING_MAX_SHARE);
+        if !(share.is_finite() && share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::Value {
+                key: "training.max_share",
+                message: format!("must be greater than 0 and at most 1, got {share}"),
+            });
+        }
+        Ok(Self {
+            shutdown_grace: std::time::Duration::from_secs(
+                o.shutdown_grace_secs
+                    .or(file.server.shutdown_grace_secs)
+                    .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+            ),
+            training_max_share: share,
+            adapters_max_resident_bytes: o
+                .adapters_max_resident_bytes
+                .or(file.adapters.max_resident_bytes)
+                .filter(|&b| b > 0),
             model: o
                 .model
                 .or(file.model.path)
@@ -152,7 +207,7 @@ impl ServeConfig {
                 .device
                 .or(file.model.device)
                 .unwrap_or_else(|| "cpu".into()),
-        }
+        })
     }
 }
 
@@ -189,11 +244,33 @@ mod tests {
                 port: Some(1234),
                 ..Default::default()
             },
-        );
+        )
+        .unwrap();
         assert_eq!(c.port, 1234);
+        assert_eq!(c.shutdown_grace.as_secs(), DEFAULT_SHUTDOWN_GRACE_SECS);
+        assert_eq!(c.training_max_share, DEFAULT_TRAINING_MAX_SHARE);
+        assert_eq!(c.adapters_max_resident_bytes, None);
         assert_eq!(c.host, "0.0.0.0");
         assert_eq!(c.model, PathBuf::from("m.gguf"));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn training_and_adapter_settings() {
+        let file: FileConfig = toml::from_str(
+            "[server]\nshutdown_grace_secs = 5\n[training]\nmax_share = 0.25\n[adapters]\nmax_resident_bytes = 1000\n",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(c.shutdown_grace.as_secs(), 5);
+        assert_eq!(c.training_max_share, 0.25);
+        assert_eq!(c.adapters_max_resident_bytes, Some(1000));
+        for bad in ["0", "1.5", "-1", "nan"] {
+            let file: FileConfig =
+                toml::from_str(&format!("[training]\nmax_share = {bad}\n")).unwrap();
+            let e = ServeConfig::resolve(file, Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("training.max_share"), "{e}");
+        }
     }
 
     #[test]

@@ -38,6 +38,15 @@ enum Command {
         /// Serve a PEFT adapter directory as a variant: `NAME=DIR` (repeatable).
         #[arg(long = "adapter", value_name = "NAME=DIR")]
         adapters: Vec<String>,
+        /// On SIGTERM, seconds running requests get to finish ([server] shutdown_grace_secs).
+        #[arg(long, env = "ITAMAE_SHUTDOWN_GRACE_SECS")]
+        shutdown_grace_secs: Option<u64>,
+        /// Share of time training keeps while requests are served ([training] max_share).
+        #[arg(long, env = "ITAMAE_TRAINING_MAX_SHARE")]
+        training_max_share: Option<f64>,
+        /// Memory budget of loaded adapters in bytes, 0 = none ([adapters] max_resident_bytes).
+        #[arg(long, env = "ITAMAE_ADAPTERS_MAX_RESIDENT_BYTES")]
+        adapters_max_resident_bytes: Option<u64>,
     },
     /// Fine-tune the model on a JSONL dataset and save the result (PEFT adapter or model dir).
     Train(Box<itamae::commands::TrainArgs>),
@@ -75,6 +84,24 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         streams: usize,
         #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
+    /// Hot-swap under load: replace a served LoRA repeatedly while clients stream from it;
+    /// swap latency, failed requests, throughput against the same loop without swaps.
+    Swap {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Concurrent streaming clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds per phase (without swaps, then with).
+        #[arg(long, default_value_t = 20.0)]
+        secs: f64,
+        /// Milliseconds between two swaps.
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        /// Tokens per chat.
+        #[arg(long, default_value_t = 32)]
         tokens: usize,
     },
     /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
@@ -138,6 +165,9 @@ fn main() {
             data_dir,
             device,
             adapters,
+            shutdown_grace_secs,
+            training_max_share,
+            adapters_max_resident_bytes,
         } => serve(
             config,
             adapters,
@@ -147,6 +177,9 @@ fn main() {
                 port,
                 data_dir,
                 device,
+                shutdown_grace_secs,
+                training_max_share,
+                adapters_max_resident_bytes,
             },
         ),
         Command::Train(a) => itamae::commands::train(*a),
@@ -176,6 +209,16 @@ fn main() {
         } => itamae::bench::batch(&model, streams, tokens),
         Command::Bench {
             which:
+                BenchCommand::Swap {
+                    model,
+                    clients,
+                    secs,
+                    every_ms,
+                    tokens,
+                },
+        } => itamae::bench::swap(&model, clients, secs, every_ms, tokens),
+        Command::Bench {
+            which:
                 BenchCommand::Train {
                     model,
                     seq,
@@ -190,6 +233,9 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+/// After the HTTP drain, how long the running job may take to finish its step and checkpoint.
+const SHUTDOWN_CHECKPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn serve(
     config_path: Option<PathBuf>,
@@ -212,7 +258,7 @@ fn serve(
     let auth_section = std::mem::take(&mut file.auth);
     let organization_id = file.storage.organization_id.take();
     let max_upload_bytes = file.storage.max_upload_bytes.take();
-    let cfg = ServeConfig::resolve(file, overrides);
+    let cfg = ServeConfig::resolve(file, overrides)?;
     // Checked before the model loads: a misconfigured exposed daemon must not start at all.
     let auth = auth_section
         .resolve(std::env::var("ITAMAE_API_KEYS").ok().as_deref())
@@ -236,10 +282,14 @@ fn serve(
     // The HTTP server is up (and /readyz says 503) while the model loads; a failed load ends
     // the process with the loader's message rather than serving nothing.
     let watcher = engine.clone();
+    let budget = cfg.adapters_max_resident_bytes;
     std::thread::spawn(move || {
         if let Err(e) = watcher.wait_loaded() {
             eprintln!("error: {e}");
             std::process::exit(1);
+        }
+        if let Err(e) = watcher.set_adapter_budget(budget) {
+            tracing::warn!("cannot set the adapter memory budget: {e}");
         }
         for (name, dir) in adapters {
             let loaded = watcher
@@ -252,7 +302,7 @@ fn serve(
                         &candle_core::Device::Cpu,
                     )?)
                 })
-                .and_then(|a| Ok(watcher.add_adapter(&name, a)?));
+                .and_then(|a| Ok(watcher.add_adapter_from(&name, a, &dir)?));
             match loaded {
                 Ok(()) => tracing::info!(adapter = %name, dir = %dir.display(), "serving adapter"),
                 Err(e) => {
@@ -279,6 +329,7 @@ fn serve(
     {
         jobs_cfg.max_upload_bytes = n;
     }
+    jobs_cfg.training_max_share = cfg.training_max_share;
     let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     // Imported adapters (`/v1/adapters`) are served again once the model is loaded.
@@ -290,14 +341,35 @@ fn serve(
             .name("itamae-adapters".into())
             .spawn(move || adapters.restore())?;
     }
+    let on_signal = {
+        let jobs = jobs.clone();
+        Box::new(move || jobs.begin_shutdown())
+    };
+    let engine_handle = engine.clone();
     actix_web::rt::System::new().block_on(itamae::api::serve(
         engine,
         cfg.host.clone(),
         cfg.port,
-        Some(jobs),
+        Some(jobs.clone()),
         Some(adapters),
         auth,
+        itamae::api::Shutdown {
+            grace: cfg.shutdown_grace,
+            on_signal,
+        },
     ))?;
+    // The running job was told to stop at the signal; its step may still be finishing.
+    jobs.begin_shutdown();
+    if !jobs.wait_stopped(SHUTDOWN_CHECKPOINT_TIMEOUT) {
+        tracing::warn!(
+            "no shutdown checkpoint of the running job after {SHUTDOWN_CHECKPOINT_TIMEOUT:?}; the job resumes from its previous checkpoint"
+        );
+    }
+    // Connections cut at the end of the grace period may leave generations behind; the process
+    // must not exit with the engine inside a BLAS call (OpenBLAS's exit handler would wait).
+    if !engine_handle.shutdown(std::time::Duration::from_secs(30)) {
+        tracing::warn!("the engine did not stop within 30 s");
+    }
     tracing::info!("itamaed stopped");
     Ok(())
 }

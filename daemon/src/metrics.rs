@@ -40,10 +40,12 @@ struct Inner {
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
     requests_started: IntCounterVec,
+    requests_cancelled: IntCounterVec,
     running: IntGauge,
     waiting: IntGauge,
     batch_size: Histogram,
     adapters_resident: IntGauge,
+    adapters_resident_bytes: IntGauge,
     adapter_loads: IntCounterVec,
     adapter_load_seconds: Histogram,
     adapter_evictions: IntCounter,
@@ -54,6 +56,7 @@ struct Inner {
     training_valid_loss: GaugeVec,
     training_lr: GaugeVec,
     training_tps: GaugeVec,
+    training_yield: prometheus::CounterVec,
 }
 
 /// The process-wide metrics (created on first use, with the process collector registered).
@@ -199,6 +202,12 @@ impl Metrics {
                 "Generation requests accepted",
                 model,
             ),
+            requests_cancelled: counter_vec(
+                &r,
+                "itamae_requests_cancelled_total",
+                "Generations dropped because their client went away",
+                model,
+            ),
             running: int_gauge(
                 &r,
                 "itamae_num_requests_running",
@@ -219,6 +228,11 @@ impl Metrics {
                 &r,
                 "itamae_adapters_resident",
                 "Adapters loaded in memory and servable",
+            ),
+            adapters_resident_bytes: int_gauge(
+                &r,
+                "itamae_adapters_resident_bytes",
+                "Bytes of adapter weights loaded in memory",
             ),
             adapter_loads: counter_vec(
                 &r,
@@ -282,6 +296,17 @@ impl Metrics {
                 "Training throughput of a job",
                 job,
             ),
+            training_yield: reg(
+                &r,
+                prometheus::CounterVec::new(
+                    Opts::new(
+                        "itamae_training_yield_seconds_total",
+                        "Time a job's trainer paused between micro-batches to give the device to serving",
+                    ),
+                    job,
+                )
+                .expect("valid counter"),
+            ),
             registry: r,
         };
         for s in JOB_STATUSES {
@@ -334,6 +359,14 @@ impl Metrics {
             .inc();
     }
 
+    /// The engine dropped a sequence (waiting or running) whose client had gone away.
+    pub fn request_cancelled(&self, model: &str) {
+        self.inner
+            .requests_cancelled
+            .with_label_values(&[model])
+            .inc();
+    }
+
     pub fn observe_ttft(&self, model: &str, secs: f64) {
         self.inner.ttft.with_label_values(&[model]).observe(secs);
     }
@@ -382,6 +415,10 @@ impl Metrics {
         self.inner.adapters_resident.set(n as i64);
     }
 
+    pub fn set_adapters_resident_bytes(&self, n: u64) {
+        self.inner.adapters_resident_bytes.set(n as i64);
+    }
+
     /// An adapter was read from disk into memory in `secs`.
     pub fn adapter_loaded(&self, model: &str, secs: f64) {
         self.inner.adapter_loads.with_label_values(&[model]).inc();
@@ -428,6 +465,14 @@ impl Metrics {
             .training_valid_loss
             .with_label_values(&[job])
             .set(valid_loss);
+    }
+
+    /// The trainer of `job` yielded to serving for `secs`.
+    pub fn training_yielded(&self, job: &str, secs: f64) {
+        self.inner
+            .training_yield
+            .with_label_values(&[job])
+            .inc_by(secs);
     }
 
     /// A job ended: its throughput is no longer current (the last step and losses stay).
@@ -479,6 +524,8 @@ mod tests {
         let m = Metrics::new();
         m.observe_http("/v1/models", "GET", 200, 0.002);
         m.request_started("base");
+        m.request_cancelled("base");
+        m.training_yielded("ftjob-1", 0.5);
         m.observe_ttft("base", 0.05);
         m.observe_itl("base", 0.01);
         m.observe_e2e("base", 0.5);
@@ -489,6 +536,7 @@ mod tests {
         m.set_waiting(1);
         m.observe_batch_size(2);
         m.set_adapters_resident(1);
+        m.set_adapters_resident_bytes(4096);
         m.adapter_loaded("ad", 0.02);
         m.adapter_evicted();
         m.adapter_swapped("ad");
@@ -506,10 +554,12 @@ mod tests {
             r#"itamae_request_queue_time_seconds_count{model="base"} 1"#,
             r#"itamae_prompt_tokens_total{model="base"} 12"#,
             r#"itamae_generation_tokens_total{model="base"} 7"#,
+            r#"itamae_requests_cancelled_total{model="base"} 1"#,
             "itamae_num_requests_running 2",
             "itamae_num_requests_waiting 1",
             "itamae_batch_size_count 1",
             "itamae_adapters_resident 1",
+            "itamae_adapters_resident_bytes 4096",
             r#"itamae_adapter_loads_total{model="ad"} 1"#,
             "itamae_adapter_load_seconds_count 1",
             "itamae_adapter_evictions_total 1",
@@ -521,6 +571,7 @@ mod tests {
             r#"itamae_training_valid_loss{job="ftjob-1"} 2.6"#,
             r#"itamae_training_learning_rate{job="ftjob-1"} 0.0001"#,
             r#"itamae_training_tokens_per_second{job="ftjob-1"} 100"#,
+            r#"itamae_training_yield_seconds_total{job="ftjob-1"} 0.5"#,
         ] {
             assert!(text.contains(needle), "missing {needle}\n{text}");
         }

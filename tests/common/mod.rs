@@ -148,6 +148,82 @@ impl Daemon {
         }
     }
 
+    /// The value of one series in `GET /metrics` (e.g. `itamae_num_requests_running` or
+    /// `itamae_adapter_loads_total{model="x"}`); 0 when absent, as Prometheus reads it.
+    #[allow(dead_code)]
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .and_then(|r| r.text())
+            .expect("GET /metrics");
+        let parsed = itamae::metrics::parse_text(&text).expect("/metrics parses");
+        parsed
+            .iter()
+            .find(|(s, _)| s == series)
+            .map_or(0.0, |(_, v)| *v)
+    }
+
+    /// Polls `metric(series)` until `ok` holds; panics with the last value after `timeout`.
+    /// Returns how long it took.
+    #[allow(dead_code)]
+    pub fn wait_metric(
+        &self,
+        series: &str,
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let v = self.metric(series);
+            if ok(v) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{series} is still {v} after {timeout:?}; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `host:port` for raw TCP clients.
+    #[allow(dead_code)]
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// Sends SIGTERM (an orderly shutdown request).
+    #[allow(dead_code)]
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "could not send SIGTERM to itamaed");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`. Returns the exit status and how
+    /// long the wait took.
+    #[allow(dead_code)]
+    pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "itamaed still running {timeout:?} after the signal; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no chance to clean up, as after a crash.
     #[allow(dead_code)]
     pub fn kill9(mut self) {
@@ -166,10 +242,10 @@ impl Drop for Daemon {
     }
 }
 
-/// A multipart/form-data body of `(field, file name, bytes)` parts: `(content type, body)`.
+/// A multipart/form-data body built by hand: `(field, file name, bytes)`.
 #[allow(dead_code)]
 pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
-    let boundary = "itamae-test-boundary-3b9d";
+    let boundary = "itamae-e2e-boundary-51c2";
     let mut body = Vec::new();
     for (name, filename, bytes) in parts {
         let disp = match filename {
@@ -178,8 +254,7 @@ pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
         };
         body.extend_from_slice(
             format!(
-                "--{boundary}\r\nContent-Disposition: {disp}\r\n\
-                 Content-Type: application/octet-stream\r\n\r\n"
+                "--{boundary}\r\nContent-Disposition: {disp}\r\nContent-Type: application/octet-stream\r\n\r\n"
             )
             .as_bytes(),
         );
@@ -188,4 +263,63 @@ pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[allow(dead_code)]
+pub struct PeftFiles {
+    pub config: Vec<u8>,
+    pub weights: Vec<u8>,
+}
+
+/// A fresh LoRA (r = 4 on q and v) for the test model, as PEFT files.
+#[allow(dead_code)]
+pub fn build_lora(dir: &Path) -> PeftFiles {
+    use itamae::adapters::{Adapter, Lora, LoraConfig};
+    let device = candle_core::Device::Cpu;
+    let loaded = itamae::model::load(&model_path(), &device).expect("load the test model");
+    let cfg = loaded.model.cfg.clone();
+    let lora_cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: LoraConfig::parse_targets(&["q_proj".into(), "v_proj".into()])
+            .expect("targets"),
+        ..Default::default()
+    };
+    let lora = Lora::init(&cfg, lora_cfg, 7, &device).expect("init LoRA");
+    peft_files(&dir.join("lora"), &Adapter::Lora(lora), &loaded)
+}
+
+/// A prompt-tuning adapter whose soft prompt is the embedding of `text` (so two texts give two
+/// adapters that answer differently), as PEFT files.
+#[allow(dead_code)]
+pub fn build_prompt(dir: &Path, name: &str, text: &str) -> PeftFiles {
+    use itamae::adapters::{Adapter, PromptInit, PromptTuningConfig, SoftPrompt};
+    let loaded =
+        itamae::model::load(&model_path(), &candle_core::Device::Cpu).expect("load the test model");
+    let ids = loaded
+        .text
+        .tokenizer
+        .encode(text, false)
+        .expect("tokenize")
+        .get_ids()
+        .to_vec();
+    let config = PromptTuningConfig {
+        num_virtual_tokens: ids.len(),
+        init: PromptInit::Text(text.to_string()),
+    };
+    let p = SoftPrompt::init(&loaded.model, config, &ids, 7).expect("init the soft prompt");
+    peft_files(&dir.join(name), &Adapter::Prompt(p), &loaded)
+}
+
+fn peft_files(
+    out: &Path,
+    adapter: &itamae::adapters::Adapter,
+    loaded: &itamae::model::LoadedModel,
+) -> PeftFiles {
+    use itamae::adapters::peft;
+    peft::save(out, adapter, &loaded.model.cfg, &loaded.name).expect("save PEFT");
+    PeftFiles {
+        config: std::fs::read(out.join(peft::CONFIG_FILE)).expect("config"),
+        weights: std::fs::read(out.join(peft::WEIGHTS_FILE)).expect("weights"),
+    }
 }

@@ -232,8 +232,9 @@ impl AdapterStore {
             .map_err(|e| io_err("Cannot write the adapters index", e))
     }
 
-    fn is_resident(&self, name: &str) -> bool {
-        self.inner.engine.models().iter().any(|c| c.id == name)
+    /// Served (listed as a model), whether loaded or evicted by the memory budget.
+    fn is_served(&self, name: &str) -> bool {
+        self.inner.engine.is_served(name)
     }
 
     /// Reads a PEFT directory and serves it as `name` (blocking). Returns the load time.
@@ -243,8 +244,8 @@ impl AdapterStore {
         let base = engine.base()?;
         let adapter = peft::load(dir, &base.model.cfg, base.model.device())
             .map_err(|e| ApiError::internal(format!("Cannot load adapter `{name}`: {e}")))?;
-        let was = self.is_resident(name);
-        engine.add_adapter(name, adapter)?;
+        let was = self.is_served(name);
+        engine.add_adapter_from(name, adapter, dir)?;
         let secs = started.elapsed().as_secs_f64();
         let m = crate::metrics::global();
         m.adapter_loaded(name, secs);
@@ -380,7 +381,7 @@ pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         .map(|(n, r)| (n.clone(), r.clone()))
         .collect();
     for (name, r) in records {
-        let resident = models.iter().any(|c| c.id == name);
+        let resident = models.iter().any(|c| c.id == name && c.resident);
         out.insert(
             name.clone(),
             adapter_object(
@@ -403,7 +404,7 @@ pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
                 &c.id,
                 source.as_ref(),
                 c.adapter_type.as_deref(),
-                true,
+                c.resident,
                 c.parent.as_deref(),
             ),
         );
@@ -423,7 +424,7 @@ async fn describe(req: &HttpRequest, store: &AdapterStore, id: &str) -> Result<V
         id,
         source.as_ref(),
         card.and_then(|c| c.adapter_type.as_deref()),
-        card.is_some(),
+        card.is_some_and(|c| c.resident),
         models.first().map(|c| c.id.as_str()),
     ))
 }
@@ -666,8 +667,11 @@ pub async fn import(req: HttpRequest, payload: Multipart) -> Result<HttpResponse
     store
         .save_index()
         .map_err(|e| io_err("Cannot write the adapters index", e))?;
-    let was = store.is_resident(&name);
-    store.inner.engine.add_adapter(&name, adapter)?;
+    let was = store.is_served(&name);
+    store
+        .inner
+        .engine
+        .add_adapter_from(&name, adapter, &store.dir(&name))?;
     let m = crate::metrics::global();
     m.adapter_loaded(&name, started.elapsed().as_secs_f64());
     if was {
@@ -694,7 +698,11 @@ pub async fn load(req: HttpRequest, id: web::Path<String>) -> Result<HttpRespons
     let id = check_name(&id)?.to_string();
     let store = store_of(&req)?;
     let _guard = store.inner.ops.lock().await;
-    if !store.is_resident(&id) {
+    if store.is_served(&id) {
+        // Served but maybe evicted by the memory budget: read it back now.
+        let (engine, name) = (store.inner.engine.clone(), id.clone());
+        web::block(move || engine.make_resident(&name)).await??;
+    } else {
         let (_, dir) = locate(&req, &store, &id)
             .await
             .ok_or_else(|| not_found(&id))?;

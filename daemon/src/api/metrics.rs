@@ -31,8 +31,12 @@ pub async fn metrics(req: HttpRequest) -> HttpResponse {
     let m = crate::metrics::global();
     if let Some(engine) = req.app_data::<web::Data<EngineHandle>>() {
         if engine.is_ready() {
-            // Every listed model but the base is a resident variant.
-            m.set_adapters_resident(engine.models().len().saturating_sub(1));
+            let resident = engine
+                .models()
+                .iter()
+                .filter(|c| c.parent.is_some() && c.resident)
+                .count();
+            m.set_adapters_resident(resident);
         }
     }
     if let Some(jobs) = req.app_data::<web::Data<Jobs>>() {

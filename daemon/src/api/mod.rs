@@ -67,10 +67,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .default_service(web::to(handlers::not_found));
 }
 
-/// Serves the API on `host:port` until SIGINT/SIGTERM (actix stops gracefully on both).
+/// How [`serve`] stops.
+pub struct Shutdown {
+    /// After SIGTERM/SIGINT, how long running requests (streams included) may take to finish
+    /// before their connections are cut.
+    pub grace: std::time::Duration,
+    /// Called once when the signal arrives, before the requests drain (e.g. to checkpoint
+    /// training meanwhile).
+    pub on_signal: Box<dyn FnOnce() + Send>,
+}
+
+/// Serves the API on `host:port` until SIGINT/SIGTERM: then the listener closes at once (new
+/// connections are refused), `shutdown.on_signal` runs, and running requests get
+/// `shutdown.grace` to finish before they are cut.
 /// Without `jobs`, the files and fine-tuning routes answer 503; without `adapters`, the adapter
 /// routes do. `auth` decides which key may call which route (see [`auth::Auth`]).
-/// Must run inside an actix or tokio runtime.
+/// Must run inside an actix system.
 pub async fn serve(
     engine: EngineHandle,
     host: String,
@@ -78,6 +90,7 @@ pub async fn serve(
     jobs: Option<crate::jobs::Jobs>,
     adapters: Option<adapters::AdapterStore>,
     auth: auth::Auth,
+    shutdown: Shutdown,
 ) -> std::io::Result<()> {
     auth.check_bind(&host)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
@@ -154,9 +167,42 @@ pub async fn serve(
     // Abort a connection as soon as the client closes it, so that a non-streamed generation
     // whose client went away is dropped (and thereby cancelled) instead of running to the end.
     .h1_allow_half_closed(false)
-    .bind((host.as_str(), port))?;
+    // Signals are handled below, so that `on_signal` runs as the drain starts.
+    .disable_signals()
+    .shutdown_timeout(shutdown.grace.as_secs())
+    .bind((host.as_str(), port))?
+    .run();
     tracing::info!("listening on http://{host}:{port}");
-    server.run().await
+    let handle = server.handle();
+    let on_signal = shutdown.on_signal;
+    actix_web::rt::spawn(async move {
+        let which = match stop_signal().await {
+            Ok(which) => which,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM/SIGINT: {e}");
+                return;
+            }
+        };
+        tracing::info!(
+            signal = which,
+            grace_secs = shutdown.grace.as_secs(),
+            "shutting down: refusing new connections, letting running requests finish"
+        );
+        on_signal();
+        handle.stop(true).await;
+    });
+    server.await
+}
+
+/// Resolves at the first SIGTERM or SIGINT, naming it.
+async fn stop_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
 }
 
 #[cfg(test)]

@@ -32,15 +32,53 @@ struct Shared {
     base: BaseModel,
     context: usize,
     /// Served variants by id. Requests hold an `Arc` to the adapter they started with, so
-    /// replacing or removing one never disturbs a running generation.
+    /// replacing, removing or evicting one never disturbs a running generation.
     adapters: RwLock<HashMap<String, Variant>>,
+    /// Bytes of adapter weights kept loaded; least recently used variants beyond it are
+    /// evicted (None: no limit).
+    budget: RwLock<Option<u64>>,
+    /// Set when eviction stopped short because every candidate was in use: the engine thread
+    /// evicts again once sequences finish.
+    over_budget: std::sync::atomic::AtomicBool,
+    /// Serialises reloads of evicted variants, so concurrent first uses load once.
+    reloading: std::sync::Mutex<()>,
+    /// Orders uses for the LRU (a logical clock, bumped by every request's lookup).
+    clock: std::sync::atomic::AtomicU64,
+    /// Numbers each `add_adapter`, so a reload finishing after a replace is not installed.
+    generations: std::sync::atomic::AtomicU64,
     /// Submitted requests not yet prefilled (bounded by [`MAX_WAITING`]).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Sequences in the running batch after the last step (see [`EngineHandle::load`]).
+    running: std::sync::atomic::AtomicUsize,
+    /// Set by [`EngineHandle::shutdown`]: the thread fails what it holds and returns.
+    stop: std::sync::atomic::AtomicBool,
+    /// True once the engine thread has returned.
+    stopped: (std::sync::Mutex<bool>, std::sync::Condvar),
 }
 
 struct Variant {
-    adapter: Arc<Adapter>,
+    /// None while evicted.
+    adapter: Option<Arc<Adapter>>,
+    kind: &'static str,
+    /// Bytes of the adapter's weights when loaded.
+    bytes: u64,
     created: u64,
+    /// The PEFT directory to reload it from; None: memory only, never evicted.
+    source: Option<PathBuf>,
+    last_used: std::sync::atomic::AtomicU64,
+    generation: u64,
+}
+
+impl Variant {
+    /// Loaded, evictable, and no request holds it (a running or prepared sequence owns a
+    /// clone of the `Arc`).
+    fn evictable(&self) -> bool {
+        self.source.is_some()
+            && self
+                .adapter
+                .as_ref()
+                .is_some_and(|a| Arc::strong_count(a) == 1)
+    }
 }
 
 /// The resident base model and its text side, shared (not copied) with whoever trains on it.
@@ -156,6 +194,7 @@ impl EngineHandle {
             context_length: s.context,
             parent: None,
             adapter_type: None,
+            resident: true,
         }];
         let adapters = s.adapters.read().unwrap_or_else(|e| e.into_inner());
         let mut ids: Vec<&String> = adapters.keys().collect();
@@ -168,14 +207,38 @@ impl EngineHandle {
                 owned_by: "itamae".into(),
                 context_length: s.context,
                 parent: Some(s.id.clone()),
-                adapter_type: Some(v.adapter.kind().into()),
+                adapter_type: Some(v.kind.into()),
+                resident: v.adapter.is_some(),
             });
         }
         out
     }
 
     /// Serves `adapter` as model `id` from the next request on (replacing a variant of that id).
+    /// It stays loaded whatever the budget: without a `source` it could not come back.
     pub fn add_adapter(&self, id: &str, adapter: Adapter) -> Result<(), EngineError> {
+        self.insert_variant(id, adapter, None)
+    }
+
+    /// As [`Self::add_adapter`], for an adapter read from the PEFT directory `source`: when the
+    /// loaded adapters exceed the memory budget, it may be evicted (still listed and servable)
+    /// and is read again from `source` by the first request that needs it.
+    pub fn add_adapter_from(
+        &self,
+        id: &str,
+        adapter: Adapter,
+        source: &std::path::Path,
+    ) -> Result<(), EngineError> {
+        self.insert_variant(id, adapter, Some(source.to_path_buf()))
+    }
+
+    fn insert_variant(
+        &self,
+        id: &str,
+        adapter: Adapter,
+        source: Option<PathBuf>,
+    ) -> Result<(), EngineError> {
+        use std::sync::atomic::Ordering;
         let s = self.shared()?;
         if id == s.id {
             return Err(EngineError::Invalid {
@@ -184,24 +247,77 @@ impl EngineHandle {
             });
         }
         let v = Variant {
-            adapter: Arc::new(adapter),
+            kind: adapter.kind(),
+            bytes: adapter.size_bytes() as u64,
+            adapter: Some(Arc::new(adapter)),
             created: now(),
+            source,
+            last_used: s.clock.fetch_add(1, Ordering::Relaxed).into(),
+            generation: s.generations.fetch_add(1, Ordering::Relaxed),
         };
-        s.adapters
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), v);
+        let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
+        adapters.insert(id.to_string(), v);
+        s.enforce_budget(&mut adapters, Some(id));
         Ok(())
     }
 
     /// Stops serving a variant; running requests finish on it. False if it was not served.
     pub fn remove_adapter(&self, id: &str) -> Result<bool, EngineError> {
         let s = self.shared()?;
-        Ok(s.adapters
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .is_some())
+        let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
+        let removed = adapters.remove(id).is_some();
+        s.publish_resident(&adapters);
+        Ok(removed)
+    }
+
+    /// Sets the memory budget of loaded adapters (None: no limit) and evicts down to it.
+    pub fn set_adapter_budget(&self, bytes: Option<u64>) -> Result<(), EngineError> {
+        let s = self.shared()?;
+        *s.budget.write().unwrap_or_else(|e| e.into_inner()) = bytes;
+        let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
+        s.enforce_budget(&mut adapters, None);
+        Ok(())
+    }
+
+    /// Whether `id` is a served variant (loaded or evicted).
+    pub fn is_served(&self, id: &str) -> bool {
+        self.shared().is_ok_and(|s| {
+            s.adapters
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(id)
+        })
+    }
+
+    /// Loads an evicted variant again now (blocking; a no-op if it is loaded).
+    pub fn make_resident(&self, id: &str) -> Result<(), EngineError> {
+        self.shared()?.variant(id).map(|_| ())
+    }
+
+    /// Generations running or waiting: the load signal the trainer yields to (0 when idle or
+    /// not loaded).
+    pub fn load(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        self.shared().map_or(0, |s| {
+            s.running.load(Ordering::Acquire) + s.waiting.load(Ordering::Acquire)
+        })
+    }
+
+    /// Stops the engine thread at its next step: queued and running generations end with an
+    /// error event. Waits up to `timeout` for the thread to return; false if it did not.
+    /// Called last on shutdown, so that no tensor work (BLAS threads included) is in flight
+    /// while the process exits.
+    pub fn shutdown(&self, timeout: std::time::Duration) -> bool {
+        let Ok(sh) = self.shared() else {
+            return true; // never loaded: no thread computes
+        };
+        sh.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (m, cv) = &sh.stopped;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(g, timeout, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
     }
 
     /// The resident base model: training borrows these very tensors (no second copy).
@@ -221,11 +337,7 @@ impl EngineHandle {
         let adapter = if req.model == sh.id {
             None
         } else {
-            let adapters = sh.adapters.read().unwrap_or_else(|e| e.into_inner());
-            match adapters.get(&req.model) {
-                Some(v) => Some(v.adapter.clone()),
-                None => return Err(EngineError::ModelNotFound(req.model)),
-            }
+            Some(sh.variant(&req.model)?)
         };
         // Virtual tokens (soft prompt or prefix) take context positions too.
         let virtual_tokens = adapter.as_deref().map_or(0, |a| match a {
@@ -337,6 +449,125 @@ impl EngineHandle {
     }
 }
 
+impl Shared {
+    /// The adapter of variant `id`, read again from its directory first if it was evicted
+    /// (blocking: callers run on a blocking thread); marks it used for the LRU.
+    fn variant(&self, id: &str) -> Result<Arc<Adapter>, EngineError> {
+        use std::sync::atomic::Ordering;
+        let source = {
+            let adapters = self.adapters.read().unwrap_or_else(|e| e.into_inner());
+            let v = adapters
+                .get(id)
+                .ok_or_else(|| EngineError::ModelNotFound(id.to_string()))?;
+            v.last_used.store(
+                self.clock.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            match &v.adapter {
+                Some(a) => return Ok(a.clone()),
+                None => v.source.clone(),
+            }
+        };
+        let Some(dir) = source else {
+            return Err(EngineError::Internal(format!(
+                "variant `{id}` was evicted but has no source to reload from"
+            )));
+        };
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        // Someone else may have reloaded (or replaced) it while this request waited.
+        let generation = {
+            let adapters = self.adapters.read().unwrap_or_else(|e| e.into_inner());
+            let v = adapters
+                .get(id)
+                .ok_or_else(|| EngineError::ModelNotFound(id.to_string()))?;
+            if let Some(a) = &v.adapter {
+                return Ok(a.clone());
+            }
+            v.generation
+        };
+        let started = std::time::Instant::now();
+        let loaded = crate::adapters::peft::load(&dir, &self.config, self.base.model.device())
+            .map_err(|e| {
+                EngineError::Internal(format!(
+                    "reloading adapter `{id}` from {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        let secs = started.elapsed().as_secs_f64();
+        crate::metrics::global().adapter_loaded(id, secs);
+        tracing::info!(adapter = %id, ms = (secs * 1e3) as u64, "adapter reloaded on demand");
+        let loaded = Arc::new(loaded);
+        let mut adapters = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        match adapters.get_mut(id) {
+            Some(v) if v.generation == generation => {
+                v.adapter = Some(loaded.clone());
+                v.last_used.store(
+                    self.clock.fetch_add(1, Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+            }
+            // Replaced while loading: the request started before the replace, so the adapter
+            // read now (the new files) is the newer one anyway, but the registry keeps its own.
+            Some(v) => {
+                if let Some(a) = &v.adapter {
+                    return Ok(a.clone());
+                }
+            }
+            None => return Err(EngineError::ModelNotFound(id.to_string())),
+        }
+        // The request's clone (`loaded`) keeps this one from being evicted right away.
+        self.enforce_budget(&mut adapters, Some(id));
+        Ok(loaded)
+    }
+
+    /// Evicts least recently used variants until the loaded ones fit the budget, never `keep`
+    /// and never one a request holds; then publishes the resident gauge.
+    fn enforce_budget(&self, adapters: &mut HashMap<String, Variant>, keep: Option<&str>) {
+        use std::sync::atomic::Ordering;
+        let mut over = false;
+        if let Some(budget) = *self.budget.read().unwrap_or_else(|e| e.into_inner()) {
+            let mut used: u64 = adapters
+                .values()
+                .filter(|v| v.adapter.is_some())
+                .map(|v| v.bytes)
+                .sum();
+            while used > budget {
+                let victim = adapters
+                    .iter()
+                    .filter(|(id, v)| Some(id.as_str()) != keep && v.evictable())
+                    .min_by_key(|(_, v)| v.last_used.load(Ordering::Relaxed))
+                    .map(|(id, _)| id.clone());
+                let Some(id) = victim else {
+                    over = true;
+                    break;
+                };
+                if let Some(v) = adapters.get_mut(&id) {
+                    v.adapter = None;
+                    used = used.saturating_sub(v.bytes);
+                    crate::metrics::global().adapter_evicted();
+                    tracing::info!(adapter = %id, bytes = v.bytes, "adapter evicted (memory budget)");
+                }
+            }
+            if over && !self.over_budget.load(Ordering::Relaxed) {
+                tracing::info!(
+                    used,
+                    budget,
+                    "loaded adapters exceed the memory budget until requests using them finish"
+                );
+            }
+        }
+        self.over_budget.store(over, Ordering::Relaxed);
+        self.publish_resident(adapters);
+    }
+
+    fn publish_resident(&self, adapters: &HashMap<String, Variant>) {
+        let m = crate::metrics::global();
+        let loaded = adapters.values().filter(|v| v.adapter.is_some());
+        m.set_adapters_resident(loaded.clone().count());
+        m.set_adapters_resident_bytes(loaded.map(|v| v.bytes).sum());
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -351,7 +582,15 @@ fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
         created: now(),
         config: model.cfg.clone(),
         adapters: RwLock::new(HashMap::new()),
+        budget: RwLock::new(None),
+        over_budget: Default::default(),
+        reloading: Default::default(),
+        clock: Default::default(),
+        generations: Default::default(),
         waiting: Default::default(),
+        running: Default::default(),
+        stop: Default::default(),
+        stopped: Default::default(),
         context: model.cfg.max_position_embeddings,
         base: BaseModel {
             model: model.clone(),
@@ -385,6 +624,9 @@ enum Step {
     Done,
 }
 
+/// How often the idle engine thread looks for a shutdown.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Most sequences decoded together in one step; the rest wait (in order) for a slot.
 pub const MAX_BATCH: usize = 16;
 /// Requests allowed to wait for a slot before new ones are refused (HTTP 429).
@@ -394,14 +636,33 @@ pub const MAX_WAITING: usize = 64;
 /// (so new requests start within one step while running streams keep their pace), then every
 /// running sequence advances by one token in a single batched forward.
 fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
+    struct Stopped<'a>(&'a Shared);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            let (m, cv) = &self.0.stopped;
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+    }
+    let _stopped = Stopped(&sh);
     let mut running: Vec<Seq> = Vec::new();
     let mut waiting: std::collections::VecDeque<Seq> = std::collections::VecDeque::new();
     loop {
-        // Block only when idle; otherwise take whatever arrived since the last step.
+        if sh.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = candle_core::Error::Msg("the server is shutting down".into());
+            for seq in running.drain(..).chain(waiting.drain(..)) {
+                seq.fail(&e);
+            }
+            tracing::info!("engine stopped");
+            return;
+        }
+        // Block only when idle (waking now and then to see a shutdown); otherwise take
+        // whatever arrived since the last step.
         if running.is_empty() && waiting.is_empty() {
-            match rx.recv() {
+            match rx.recv_timeout(IDLE_POLL) {
                 Ok(job) => waiting.push_back(Seq::new(job, &model)),
-                Err(_) => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
         while let Ok(job) = rx.try_recv() {
@@ -409,7 +670,7 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
         }
         // Clients that went away while waiting leave without costing a prefill.
         waiting.retain(|s| {
-            let gone = s.job.events.is_closed();
+            let gone = s.client_gone();
             if gone {
                 sh.waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -429,19 +690,28 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
                 }
             }
         }
-        running.retain(|s| !s.job.events.is_closed());
+        running.retain(|s| !s.client_gone());
+        sh.running
+            .store(running.len(), std::sync::atomic::Ordering::Release);
         let m = crate::metrics::global();
-        m.set_running(running.len());
-        m.set_waiting(waiting.len());
-        if running.is_empty() {
-            continue;
-        }
-        m.observe_batch_size(running.len());
-        if let Err(e) = decode_step(&model, &sh, &mut running) {
-            for seq in running.drain(..) {
-                seq.fail(&e);
+        if !running.is_empty() {
+            m.observe_batch_size(running.len());
+            if let Err(e) = decode_step(&model, &sh, &mut running) {
+                for seq in running.drain(..) {
+                    seq.fail(&e);
+                }
             }
         }
+        // Sequences that finished in this step may have held adapters beyond the budget.
+        if sh.over_budget.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut adapters = sh.adapters.write().unwrap_or_else(|e| e.into_inner());
+            sh.enforce_budget(&mut adapters, None);
+        }
+        // After the step, so the gauges are current when the loop next blocks idle.
+        sh.running
+            .store(running.len(), std::sync::atomic::Ordering::Release);
+        m.set_running(running.len());
+        m.set_waiting(waiting.len());
     }
 }
 
@@ -482,6 +752,16 @@ impl Seq {
             cache,
             job,
         }
+    }
+
+    /// True when the client dropped its receiver (disconnected); counted once per sequence,
+    /// since the caller drops the sequence right after.
+    fn client_gone(&self) -> bool {
+        let gone = self.job.events.is_closed();
+        if gone {
+            crate::metrics::global().request_cancelled(&self.job.p.model);
+        }
+        gone
     }
 
     fn fail(&self, e: &candle_core::Error) {
@@ -527,8 +807,8 @@ impl Seq {
 
     /// Samples the next token from `logits` and streams what it completes.
     fn accept(&mut self, mut logits: Vec<f32>, sh: &Shared) -> Step {
-        if self.job.events.is_closed() {
-            return Step::Done; // the client went away
+        if self.client_gone() {
+            return Step::Done;
         }
         let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
         self.next = id;
@@ -552,6 +832,7 @@ impl Seq {
             }
             Filtered::Emit(text) => {
                 if !self.emit(text) {
+                    crate::metrics::global().request_cancelled(&self.job.p.model);
                     return Step::Done;
                 }
             }

@@ -91,6 +91,8 @@ pub struct ModelCard {
     pub parent: Option<String>,
     /// `lora`, `prompt_tuning` or `prefix_tuning` for variants.
     pub adapter_type: Option<String>,
+    /// Loaded in memory (false: evicted by the memory budget, reloaded on first use).
+    pub resident: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ pub mod storage;
 pub mod store;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub struct JobsConfig {
     pub data_dir: PathBuf,
     pub organization_id: String,
     pub max_upload_bytes: u64,
+    /// The share of time training keeps while serving has work (0 < x ≤ 1; 1 = never yield).
+    pub training_max_share: f64,
 }
 
 impl JobsConfig {
@@ -40,6 +43,7 @@ impl JobsConfig {
             data_dir,
             organization_id: DEFAULT_ORGANIZATION.into(),
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            training_max_share: crate::config::DEFAULT_TRAINING_MAX_SHARE,
         }
     }
 }
@@ -62,6 +66,11 @@ pub(crate) struct Inner {
     wake: (Mutex<u64>, Condvar),
     /// The job the runner is training and its cancel/pause switches.
     current: Mutex<Option<(String, Arc<TrainControl>)>>,
+    /// Set once on SIGTERM: no job starts any more, the running one is checkpointed and left
+    /// `running` for the next start to resume.
+    shutdown: AtomicBool,
+    /// True once the runner thread has returned (after a shutdown, or a failed model load).
+    stopped: (Mutex<bool>, Condvar),
 }
 
 impl Jobs {
@@ -98,6 +107,10 @@ impl Jobs {
             .thread_name("itamae-jobs-db")
             .enable_all()
             .build()?;
+        // Leftovers of uploads a crash interrupted; here, before the HTTP server accepts any
+        // upload (the runner's recovery runs after the model loads, while uploads may be in
+        // flight, and would delete them).
+        storage.clean_temp_uploads();
         let db = storage.db_path();
         let store = rt
             .block_on(Store::open(&db))
@@ -110,6 +123,8 @@ impl Jobs {
             rt: rt.handle().clone(),
             wake: (Mutex::new(0), Condvar::new()),
             current: Mutex::new(None),
+            shutdown: AtomicBool::new(false),
+            stopped: (Mutex::new(false), Condvar::new()),
         });
         Ok((rt, inner))
     }
@@ -160,6 +175,35 @@ impl Jobs {
     pub fn wake(&self) {
         self.inner.wake();
     }
+
+    /// Starts an orderly stop (SIGTERM) and returns at once: no queued job starts any more;
+    /// the running job stops at its next step boundary, is checkpointed there and stays
+    /// `running` in the database, so the next start resumes it. [`Self::wait_stopped`] waits.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        if let Some((id, c)) = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            tracing::info!(job = %id, "shutdown: stopping the running job at its next step");
+            c.cancel.store(true, Ordering::SeqCst);
+        }
+        self.inner.wake();
+    }
+
+    /// After [`Self::begin_shutdown`]: waits up to `timeout` for the runner to checkpoint and
+    /// stop. False if it did not in time (the job then resumes from its previous checkpoint).
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        let (m, cv) = &self.inner.stopped;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(g, timeout, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
 }
 
 impl Inner {
@@ -186,6 +230,16 @@ impl Inner {
             .wait_timeout_while(g, timeout, |n| *n == seen)
             .unwrap_or_else(|e| e.into_inner());
         *g
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    fn mark_stopped(&self) {
+        let (m, cv) = &self.stopped;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
     }
 
     fn wake_count(&self) -> u64 {

@@ -59,12 +59,24 @@ impl Inner {
 
 /// The runner thread's body.
 pub(super) fn run(inner: Arc<Inner>) {
+    /// Tells `Jobs::wait_stopped` however the runner returns.
+    struct Stopped<'a>(&'a Inner);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.mark_stopped();
+        }
+    }
+    let _stopped = Stopped(&inner);
     if let Err(e) = inner.engine.wait_loaded() {
         tracing::error!("the job runner stops: {e}");
         return;
     }
     recover(&inner);
     loop {
+        if inner.shutting_down() {
+            tracing::info!("the job runner stopped for shutdown");
+            return;
+        }
         let seen = inner.wake_count();
         match next_job(&inner) {
             Some((job, interrupted)) => run_job(&inner, job, interrupted),
@@ -77,14 +89,13 @@ pub(super) fn run(inner: Arc<Inner>) {
 
 /// Serves every stored result and checkpoint again and re-validates interrupted validations.
 fn recover(inner: &Inner) {
-    inner.storage.clean_temp_uploads();
     let Ok(base) = inner.engine.base() else {
         return;
     };
     let cfg = base.model.cfg.clone();
     let device = base.model.device().clone();
     let serve = |name: &str, dir: &std::path::Path| match timed_load(name, dir, &cfg, &device) {
-        Ok(a) => match inner.engine.add_adapter(name, a) {
+        Ok(a) => match inner.engine.add_adapter_from(name, a, dir) {
             Ok(()) => tracing::info!(model = %name, "serving stored variant"),
             Err(e) => tracing::warn!(model = %name, "cannot serve stored variant: {e}"),
         },
@@ -171,12 +182,24 @@ fn error_json(code: &str, message: &str, param: Option<&str>) -> Value {
 }
 
 fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
-    let control = Arc::new(TrainControl::default());
+    let control = Arc::new(TrainControl {
+        throttle: Some(Box::new(throttle(
+            inner.engine.clone(),
+            inner.cfg.training_max_share,
+            job.id.clone(),
+        ))),
+        ..Default::default()
+    });
     if job.status == status::PAUSED {
         control.pause.store(true, Ordering::SeqCst);
     }
     *inner.current.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((job.id.clone(), control.clone()));
+    // Published before the flag is read, as `begin_shutdown` sets the flag before it reads
+    // `current`: a shutdown racing with this start is seen by one side.
+    if inner.shutting_down() {
+        control.cancel.store(true, Ordering::SeqCst);
+    }
     // The API writes the status and then looks for the control; here the control is published
     // first and the status read after, so a cancel that raced with the start is seen by one side.
     let now_status = logged(
@@ -391,7 +414,7 @@ fn train_job(
                     .and_then(|a| {
                         inner
                             .engine
-                            .add_adapter(&name, a)
+                            .add_adapter_from(&name, a, path)
                             .map_err(|e| e.to_string())
                     }) {
                     Ok(()) => {
@@ -420,6 +443,22 @@ fn train_job(
             TrainEvent::Message(m) => inner.event(&job.id, "info", m),
         })
         .map_err(|e| e.to_string())?;
+    if outcome.finish == Finish::Cancelled && inner.shutting_down() {
+        let status = logged(
+            "reload job",
+            inner.rt.block_on(inner.store().get_job(&job.id)),
+        )
+        .flatten()
+        .map(|j| j.status);
+        // Unless the client cancelled it too, the job stays active for the next start.
+        if matches!(
+            status.as_deref(),
+            Some(status::RUNNING) | Some(status::PAUSED)
+        ) {
+            checkpoint_for_shutdown(inner, job, &trainer, outcome.steps, last_step.as_ref());
+            return Ok(());
+        }
+    }
     match outcome.finish {
         Finish::Cancelled => {
             let changed = logged(
@@ -451,7 +490,7 @@ fn train_job(
                     // use `fine_tuned_model` at once.
                     inner
                         .engine
-                        .add_adapter(&job.variant, a)
+                        .add_adapter_from(&job.variant, a, &out_dir)
                         .map_err(|e| format!("serving the result: {e}"))?;
                     Some(job.variant.as_str())
                 }
@@ -487,6 +526,105 @@ fn train_job(
             inner.event(&job.id, "info", "The job has successfully completed");
             Ok(())
         }
+    }
+}
+
+/// Saves the trainer's state at `step` (unless a checkpoint of that step exists) where restart
+/// recovery looks for it, records it as a checkpoint of the job and says so in an event.
+fn checkpoint_for_shutdown(
+    inner: &Inner,
+    job: &JobRow,
+    trainer: &Trainer,
+    step: usize,
+    last: Option<&StepMetrics>,
+) {
+    let latest = inner.storage.latest_checkpoint(&job.id).map(|(s, _)| s);
+    if step == 0 {
+        inner.event(
+            &job.id,
+            "info",
+            "Stopped for shutdown before the first step; the job restarts on the next start",
+        );
+        return;
+    }
+    if latest == Some(step) {
+        inner.event(
+            &job.id,
+            "info",
+            &format!("Stopped for shutdown; the job resumes from checkpoint step {step} on the next start"),
+        );
+        return;
+    }
+    let path = inner.storage.checkpoint_dir(&job.id, step);
+    if let Err(e) = trainer.save_checkpoint(&path) {
+        tracing::warn!(job = %job.id, "shutdown checkpoint failed: {e}");
+        let from = latest.map_or("the beginning".to_string(), |s| {
+            format!("checkpoint step {s}")
+        });
+        inner.event(
+            &job.id,
+            "warn",
+            &format!("Stopped for shutdown; saving a checkpoint at step {step} failed ({e}), the job resumes from {from}"),
+        );
+        return;
+    }
+    let name = format!("{}:ckpt-step-{step}", job.variant);
+    let s = last.filter(|s| s.step == step);
+    let metrics = json!({
+        "step": step,
+        "train_loss": s.map(|s| s.loss),
+        "train_mean_token_accuracy": s.map(|s| s.mean_token_accuracy),
+        "valid_loss": null,
+        "valid_mean_token_accuracy": null,
+    });
+    logged(
+        "add checkpoint",
+        inner.rt.block_on(
+            inner
+                .store()
+                .add_checkpoint(&job.id, step as i64, &metrics, &name),
+        ),
+    );
+    inner.event(
+        &job.id,
+        "info",
+        &format!("Checkpoint created at step {step} for shutdown: {name}; the job resumes from it on the next start"),
+    );
+    tracing::info!(job = %job.id, step, "checkpointed for shutdown");
+}
+
+/// The trainer's hook before each micro-batch, which gives serving priority: while the engine
+/// has generations running or waiting, the trainer pauses after each micro-batch of `t`
+/// seconds for `t·(1−share)/share` seconds (less if serving goes idle first), so training keeps
+/// `share` of the time when both compete and all of it otherwise. The engine runs its own
+/// thread, so during a pause every core is serving's.
+fn throttle(
+    engine: crate::engine::EngineHandle,
+    share: f64,
+    job_id: String,
+) -> impl Fn(&TrainControl) + Send + Sync {
+    // Polled this often while paused: a request arriving or leaving is seen within it.
+    const POLL: Duration = Duration::from_millis(5);
+    const MAX_WORK: Duration = Duration::from_secs(10);
+    let ratio = (1.0 - share) / share;
+    let last = std::sync::Mutex::new(None::<std::time::Instant>);
+    move |control: &TrainControl| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        // The micro-batch that just ran (none before the first one of a run); capped, since
+        // the interval also holds evaluations and time spent paused by the client.
+        let worked = last.map_or(Duration::ZERO, |t| now - t).min(MAX_WORK);
+        let owed = worked.mul_f64(ratio);
+        let mut paused = Duration::ZERO;
+        while paused < owed && engine.load() > 0 && !control.cancel.load(Ordering::Relaxed) {
+            let nap = POLL.min(owed - paused);
+            std::thread::sleep(nap);
+            paused += nap;
+        }
+        if !paused.is_zero() {
+            crate::metrics::global().training_yielded(&job_id, paused.as_secs_f64());
+        }
+        *last = Some(std::time::Instant::now());
     }
 }
 

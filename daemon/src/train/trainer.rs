@@ -198,6 +198,10 @@ pub enum TrainError {
 pub struct TrainControl {
     pub cancel: AtomicBool,
     pub pause: AtomicBool,
+    /// Called before every micro-batch; may block to give the device to serving for a while
+    /// (the daemon's scheduler, `jobs::runner`). Must return soon once `cancel` is set.
+    #[allow(clippy::type_complexity)]
+    pub throttle: Option<Box<dyn Fn(&TrainControl) + Send + Sync>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -560,6 +564,9 @@ impl<'m> Trainer<'m> {
             let mut correct = 0usize;
             let mut real_tokens = 0usize;
             for micro in 0..self.config.grad_accum {
+                if let Some(throttle) = &control.throttle {
+                    throttle(control);
+                }
                 let batch = self.batcher.next_batch();
                 real_tokens += batch.tokens;
                 self.set_dropout_seed(micro as u64);

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# OpenAI SDK check: the unmodified `openai` Python SDK (from PyPI, in a venv of its own) drives
+# the fine-tuning flow against itamaed: files.create, fine_tuning.jobs.create, list_events,
+# retrieve, checkpoints.list, then chat.completions.create(model=job.fine_tuned_model), streamed
+# and not, plus models.list. Exit status: 0 = every step passed.
+#
+# Environment:
+#   ITAMAE_URL        target this running daemon (e.g. http://127.0.0.1:8080) instead of
+#                     starting one on a free port with a scratch data directory
+#   ITAMAE_API_KEY    key to send (admin scope if the daemon has keys; default "unused")
+#   ITAMAE_SDK_VENV   venv to create/reuse     (default $HOME/.cache/itamae/sdkvenv)
+#   CARGO_TARGET_DIR  cargo target dir         (default $HOME/.cache/itamae-target)
+#   ITAMAED           use this itamaed binary and skip the cargo build
+#   ITAMAE_MODEL      base GGUF                (default models/SmolLM2-135M-Instruct.Q4_1.gguf)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+venv="${ITAMAE_SDK_VENV:-$HOME/.cache/itamae/sdkvenv}"
+py="$venv/bin/python"
+if [ ! -x "$py" ] || ! "$py" -c 'import openai' 2>/dev/null; then
+  echo "setting up the SDK venv at $venv (openai from PyPI) ..."
+  mkdir -p "$(dirname "$venv")"
+  python3 -m venv "$venv"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q openai
+fi
+"$py" -c 'import openai; print("openai SDK", openai.__version__)'
+
+url="${ITAMAE_URL:-}"
+if [ -z "$url" ]; then
+  model="${ITAMAE_MODEL:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+  [ -f "$model" ] || "$root/scripts/fetch-model.sh"
+  bin="${ITAMAED:-}"
+  if [ -z "$bin" ]; then
+    target="${CARGO_TARGET_DIR:-$HOME/.cache/itamae-target}"
+    CARGO_TARGET_DIR="$target" cargo build --release -q -p itamae-daemon --bin itamaed
+    bin="$target/release/itamaed"
+  fi
+  work="$(mktemp -d)"
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  env -u ITAMAE_API_KEYS -u ITAMAE_CONFIG "$bin" serve --model "$model" --host 127.0.0.1 \
+    --port "$port" --data-dir "$work/data" >"$work/itamaed.log" 2>&1 &
+  pid=$!
+  stop() {
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -rf "$work"
+  }
+  trap stop EXIT
+  url="http://127.0.0.1:$port"
+  for _ in $(seq 1 240); do
+    curl -sf "$url/readyz" >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || { cat "$work/itamaed.log"; exit 1; }
+    sleep 0.5
+  done
+  echo "itamaed started at $url (log: $work/itamaed.log)"
+fi
+
+ITAMAE_URL="$url" ITAMAE_DATA="$root/tests/data/persona_train.jsonl" "$py" - <<'PY'
+import os, sys, time
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["ITAMAE_URL"] + "/v1",
+                api_key=os.environ.get("ITAMAE_API_KEY", "unused"))
+base = client.models.list().data[0].id
+print("models.list: base", base)
+
+with open(os.environ["ITAMAE_DATA"], "rb") as fh:
+    f = client.files.create(file=fh, purpose="fine-tune")
+print("files.create:", f.id, f.bytes, "bytes", f.filename)
+assert f.purpose == "fine-tune"
+
+job = client.fine_tuning.jobs.create(
+    model=base, training_file=f.id, suffix="sdk", seed=7,
+    method={"type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8,
+                                               "learning_rate_multiplier": 2}}},
+)
+print("fine_tuning.jobs.create:", job.id, job.status)
+
+started = time.time()
+while True:
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    if job.status in ("succeeded", "failed", "cancelled"):
+        break
+    if time.time() - started > 1800:
+        sys.exit(f"job still {job.status} after 30 min")
+    time.sleep(2)
+print(f"fine_tuning.jobs.retrieve: {job.status} after {time.time() - started:.0f} s, "
+      f"trained_tokens={job.trained_tokens}, fine_tuned_model={job.fine_tuned_model}")
+assert job.status == "succeeded", job.error
+
+events = client.fine_tuning.jobs.list_events(job.id, limit=100)
+print("fine_tuning.jobs.list_events:", len(events.data), "events; newest:", events.data[0].message)
+assert any(e.type == "metrics" for e in events.data)
+
+cks = client.fine_tuning.jobs.checkpoints.list(job.id)
+print("fine_tuning.jobs.checkpoints.list:",
+      [(c.step_number, c.fine_tuned_model_checkpoint) for c in cks.data])
+assert cks.data, "no checkpoints"
+assert cks.data[0].metrics.train_loss is not None
+
+listed = client.fine_tuning.jobs.list(limit=5)
+assert any(j.id == job.id for j in listed.data)
+
+msgs = [{"role": "user", "content": "What should I order?"}]
+r = client.chat.completions.create(model=job.fine_tuned_model, messages=msgs,
+                                   max_tokens=32, temperature=0)
+print("chat.completions.create:", repr(r.choices[0].message.content), r.usage)
+assert r.model == job.fine_tuned_model and r.choices[0].message.content
+
+parts = []
+for chunk in client.chat.completions.create(model=job.fine_tuned_model, messages=msgs,
+                                            max_tokens=32, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+streamed = "".join(parts)
+print("chat.completions.create(stream=True):", repr(streamed))
+assert streamed == r.choices[0].message.content, "streamed and whole answers differ"
+
+ck = client.chat.completions.create(model=cks.data[-1].fine_tuned_model_checkpoint,
+                                    messages=msgs, max_tokens=8)
+print("checkpoint served:", cks.data[-1].fine_tuned_model_checkpoint, repr(ck.choices[0].message.content))
+print("OK: the openai SDK flow passed")
+PY
