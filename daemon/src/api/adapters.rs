@@ -572,19 +572,49 @@ fn parse_adapter(
     Ok((c, adapter))
 }
 
-/// Writes the two files as uploaded into `dir`, atomically (blocking).
-fn write_files(dir: &Path, config: &[u8], weights: &[u8]) -> Result<(), peft::PeftError> {
-    peft::write_atomically(dir, |tmp| {
-        for (name, bytes) in [(peft::CONFIG_FILE, config), (peft::WEIGHTS_FILE, weights)] {
-            let p = tmp.join(name);
-            let res = std::fs::File::create(&p).and_then(|mut f| {
-                f.write_all(bytes)?;
-                f.sync_all()
-            });
-            res.map_err(|source| peft::PeftError::Io { path: p, source })?;
+/// Writes the two files as uploaded into the new directory `stage` (a hidden sibling of the
+/// adapters' directories, removed at start if a crash left it), each fsynced (blocking).
+fn stage_files(stage: &Path, config: &[u8], weights: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir(stage)?;
+    for (name, bytes) in [(peft::CONFIG_FILE, config), (peft::WEIGHTS_FILE, weights)] {
+        let mut f = std::fs::File::create(stage.join(name))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Moves a staged directory to `dir`, replacing what was there, and makes the rename durable
+/// (blocking).
+fn install_staged(stage: &Path, dir: &Path) -> std::io::Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let old = parent.join(format!(".{name}.old-{:016x}", rand::random::<u64>()));
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old)?;
+    }
+    if let Err(e) = std::fs::rename(stage, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
         }
-        Ok(())
-    })
+        return Err(e);
+    }
+    if let Ok(d) = std::fs::File::open(parent) {
+        d.sync_all()?;
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// Removes a staged directory that will not be installed (blocking, best effort).
+async fn discard(stage: PathBuf) {
+    let _ = web::block(move || std::fs::remove_dir_all(stage)).await;
 }
 
 /// `POST /v1/adapters` (multipart: `name`, `adapter_config.json`, `adapter_model.safetensors`,
@@ -629,11 +659,34 @@ pub async fn import(req: HttpRequest, payload: Multipart) -> Result<HttpResponse
         ));
     }
     let started = Instant::now();
-    let (config, weights, (_, adapter)) = web::block(move || {
-        let parsed = parse_adapter(&config, &weights, &engine);
-        parsed.map(|p| (config, weights, p))
-    })
-    .await??;
+    let size = (config.len() + weights.len()) as u64;
+    // Parsing and writing the files (fsync) are the two slow parts of a swap: they run at once,
+    // the files into a staging directory that is moved into place only after the
+    // compare-and-set below.
+    let (config, weights) = (Arc::new(config), Arc::new(weights));
+    let stage = store
+        .inner
+        .root
+        .join(format!(".stage-{:016x}", rand::random::<u64>()));
+    let parse = {
+        let (c, w) = (config.clone(), weights.clone());
+        web::block(move || parse_adapter(&c, &w, &engine))
+    };
+    let write = {
+        let (c, w, st) = (config, weights, stage.clone());
+        web::block(move || stage_files(&st, &c, &w))
+    };
+    let (parsed, written) = futures::join!(parse, write);
+    let staged_ms = started.elapsed().as_millis() as u64;
+    let adapter = match (parsed, written) {
+        (Ok(Ok((_, adapter))), Ok(Ok(()))) => adapter,
+        (parsed, written) => {
+            discard(stage).await;
+            parsed??;
+            written?.map_err(|e| io_err("Cannot store the adapter", e))?;
+            return Err(ApiError::internal("Cannot store the adapter"));
+        }
+    };
     let kind = adapter.kind().to_string();
     let _guard = store.inner.ops.lock().await;
     let current = store.record(&name);
@@ -643,16 +696,20 @@ pub async fn import(req: HttpRequest, payload: Multipart) -> Result<HttpResponse
         .map_or(0, |r| r.generation);
     if let Some(want) = u.if_generation {
         if want != current_gen {
+            discard(stage).await;
             return Err(conflict(format!(
                 "Adapter `{name}` is at generation {current_gen}, not {want}"
             )));
         }
     }
     let dir = store.dir(&name);
-    let size = (config.len() + weights.len()) as u64;
-    web::block(move || write_files(&dir, &config, &weights))
-        .await?
-        .map_err(|e| io_err("Cannot store the adapter", e))?;
+    {
+        let st = stage.clone();
+        if let Err(e) = web::block(move || install_staged(&st, &dir)).await? {
+            discard(stage).await;
+            return Err(io_err("Cannot store the adapter", e));
+        }
+    }
     // Monotonic across deletes: a re-created name continues from its last generation.
     let generation = current.as_ref().map_or(0, |r| r.generation) + 1;
     let record = Record {
@@ -677,7 +734,14 @@ pub async fn import(req: HttpRequest, payload: Multipart) -> Result<HttpResponse
     if was {
         m.adapter_swapped(&name);
     }
-    tracing::info!(adapter = %name, generation, bytes = size, "adapter imported");
+    tracing::info!(
+        adapter = %name,
+        generation,
+        bytes = size,
+        staged_ms,
+        total_ms = started.elapsed().as_millis() as u64,
+        "adapter imported"
+    );
     let base = store.inner.engine.models().first().map(|c| c.id.clone());
     let status = if current_gen == 0 {
         StatusCode::CREATED
