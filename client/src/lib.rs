@@ -559,8 +559,14 @@ impl Client {
     }
 
     /// `POST /v1/chat/completions` with `stream: true`: calls `on_delta` with each piece of text
-    /// as it arrives and returns the whole answer.
-    pub fn chat_stream(&self, req: &ChatRequest, mut on_delta: impl FnMut(&str)) -> Result<String> {
+    /// as it arrives and returns the whole answer. An error from `on_delta` (e.g. the reader of
+    /// our output went away) stops reading and closes the connection, which makes the server
+    /// drop the generation instead of producing the rest of it for nobody.
+    pub fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        mut on_delta: impl FnMut(&str) -> std::io::Result<()>,
+    ) -> Result<String> {
         let body = ChatRequest {
             stream: true,
             ..req.clone()
@@ -573,7 +579,7 @@ impl Client {
         read_sse(res, |data| {
             let delta = chat_delta(data)?;
             if !delta.is_empty() {
-                on_delta(&delta);
+                on_delta(&delta).map_err(Error::Io)?;
                 text.push_str(&delta);
             }
             Ok(())

@@ -389,17 +389,10 @@ impl Session<'_> {
     /// Streams the answer to stdout and returns it.
     fn answer(&self, history: &[Message]) -> anyhow::Result<String> {
         let mut out = std::io::stdout().lock();
-        let mut write_failed = None;
         let text = self.client.chat_stream(&self.request(history), |delta| {
-            if write_failed.is_none() {
-                if let Err(e) = out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
-                    write_failed = Some(e);
-                }
-            }
+            out.write_all(delta.as_bytes())?;
+            out.flush()
         })?;
-        if let Some(e) = write_failed {
-            return Err(e.into());
-        }
         writeln!(out)?;
         Ok(text)
     }

@@ -270,6 +270,56 @@ fn cli_drives_a_real_daemon() {
         std::fs::read(train).expect("original")
     );
 
+    // ---- a reader that goes away stops the generation (`itamae chat … | head -c 1`) ----
+    {
+        use std::io::Read;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_itamae"))
+            .args(["chat", "-p", "Tell me a very long story about the sea."])
+            .args(["--max-tokens", "4000", "--temperature", "1"])
+            .env("ITAMAE_URL", &d.url)
+            .env_remove("ITAMAE_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run itamae chat");
+        let mut first = [0u8; 1];
+        let mut out = child.stdout.take().expect("stdout");
+        out.read_exact(&mut first).expect("the answer starts");
+        drop(out);
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "itamae kept reading after its reader went away"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "a closed pipe is a quiet stop: {status:?}"
+        );
+        // and the server dropped the sequence instead of generating 4000 tokens for nobody
+        let cancelled = loop {
+            let m = reqwest::blocking::get(format!("{}/metrics", d.url))
+                .and_then(|r| r.text())
+                .expect("metrics");
+            let n: f64 = m
+                .lines()
+                .filter(|l| l.starts_with("itamae_requests_cancelled_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if n >= 1.0 || started.elapsed() > Duration::from_secs(60) {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(cancelled >= 1.0, "the server did not cancel the stream");
+    }
+
     // ---- bad input: non-zero exit, the server's (or the client's) message ----
     d.fails(
         &["files", "upload", "/no/such/data.jsonl"],
