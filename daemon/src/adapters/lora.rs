@@ -270,6 +270,8 @@ mod tests {
     use crate::model::config::Arch;
     use crate::model::llama::{tests::tiny_config, Ctx, ForwardHooks, Llama};
 
+    use crate::ops::gradcheck::max_diff;
+
     struct Only<'a>(&'a Lora);
     impl ForwardHooks for Only<'_> {
         fn linear_delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
@@ -365,7 +367,7 @@ mod tests {
                             "{arch:?} dropout {dropout} packed {packed} adapter {}",
                             fused.is_some()
                         );
-                        assert!(max_abs(&h, &h_ref) < 1e-4, "{what}: hidden differs");
+                        assert!(max_diff(&h, &h_ref) < 1e-4, "{what}: hidden differs");
                         for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
                             let (Some(a), Some(b)) = (a, b) else {
                                 // without an adapter only the input has a gradient
@@ -376,7 +378,7 @@ mod tests {
                             // f32 sums in another order: relative to the gradient's size
                             let size = b.abs().unwrap().max_all().unwrap();
                             let size = size.to_scalar::<f32>().unwrap();
-                            let d = max_abs(a, b);
+                            let d = max_diff(a, b) as f32;
                             assert!(
                                 d < 1e-4 * (1.0 + size),
                                 "{what}: gradient {i} differs by {d} (size {size})"
@@ -386,19 +388,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{AttentionDims, FusedAttention};
-use super::blas::{gemm, BlasFloat, Mat};
+use super::blas::{gemm, matmul, BlasFloat, Mat};
 use super::{cpu_slice as slice, to_flat_vec};
 
 /// Projection order of [`LayerWeights::proj`] and of the flat LoRA tensor.
@@ -125,15 +125,7 @@ impl<T: BlasFloat> Projection<'_, T> {
         if let Some((a, b, r, s, _)) = self.lora {
             let xl = self.lora_input(x);
             let xm = xl.as_deref().unwrap_or(x);
-            let mut h = vec![T::zero(); rows * r];
-            gemm(
-                T::one(),
-                Mat::new(xm, rows, inp),
-                Mat::new(a, r, inp).t(),
-                T::zero(),
-                &mut h,
-                r,
-            )?;
+            let h = matmul(Mat::new(xm, rows, inp), Mat::new(a, r, inp).t())?;
             gemm(
                 s,
                 Mat::new(&h, rows, r),
@@ -202,24 +194,8 @@ impl<T: BlasFloat> Projection<'_, T> {
                     .for_each(|(d, (&tv, &mv))| *d += tv * mv);
             }
         }
-        let mut da = vec![T::zero(); r * inp];
-        gemm(
-            T::one(),
-            Mat::new(&g, rows, r).t(),
-            Mat::new(xm, rows, inp),
-            T::zero(),
-            &mut da,
-            inp,
-        )?;
-        let mut h = vec![T::zero(); rows * r];
-        gemm(
-            T::one(),
-            Mat::new(xm, rows, inp),
-            Mat::new(a, r, inp).t(),
-            T::zero(),
-            &mut h,
-            r,
-        )?;
+        let da = matmul(Mat::new(&g, rows, r).t(), Mat::new(xm, rows, inp))?;
+        let h = matmul(Mat::new(xm, rows, inp), Mat::new(a, r, inp).t())?;
         let mut db = vec![T::zero(); out * r];
         gemm(
             s,
