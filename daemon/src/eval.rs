@@ -121,13 +121,8 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
         max_seq_len: a.max_seq_len,
         ..Default::default()
     };
-    let (examples, _) = data::load_jsonl(
-        &a.data,
-        &loaded.text,
-        loaded.template.as_ref(),
-        &opts,
-    )
-    .with_context(|| format!("reading {}", a.data.display()))?;
+    let (examples, _) = data::load_jsonl(&a.data, &loaded.text, loaded.template.as_ref(), &opts)
+        .with_context(|| format!("reading {}", a.data.display()))?;
     let adapter = a
         .adapter
         .as_ref()
