@@ -40,7 +40,7 @@ side_by_side() {
     { echo "BASE"; echo "$2"; } | fold -s -w "$col" >"$a"
     { echo "TUNED"; echo "$3"; } | fold -s -w "$col" >"$b"
     echo "=== $1"
-    pr -m -t -w "$width" -S" | " "$a" "$b"
+    pr -m -t -w "$width" -S" | " "$a" "$b" | expand | sed "s/ *$//"
     echo
     rm -f "$a" "$b"
 }

@@ -5,7 +5,8 @@
 #
 #   examples/local.sh NAME [OUT_DIR]    (OUT_DIR defaults to /tmp/itamae-examples/NAME)
 #
-# ITAMAED picks the binary, ITAMAE_MODEL the base model (default: the SmolLM2 GGUF in models/).
+# ITAMAED picks the binary, ITAMAE_MODEL the base model (default: the SmolLM2 GGUF in models/);
+# SKIP_TRAIN=1 reuses OUT_DIR's adapter; LIMIT=N asks only the first N held-out prompts.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 load_example "${1:-}"
@@ -28,10 +29,9 @@ loss() { "$itamaed" eval --data "$ex_dir/valid.jsonl" --json "$@" | jq -r '.loss
 base_loss=$(loss)
 tuned_loss=$(loss --adapter "$out")
 while IFS= read -r prompt; do
-    [ -z "$prompt" ] && continue
     base=$("$itamaed" chat -p "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 2>/dev/null)
     tuned=$("$itamaed" chat --adapter "$out" -p "$prompt" --max-tokens "$MAX_TOKENS" \
         --temperature 0 2>/dev/null)
     side_by_side "$prompt" "$base" "$tuned"
-done <"$ex_dir/prompts.txt"
+done < <(grep -v '^$' "$ex_dir/prompts.txt" | head -n "${LIMIT:-1000}")
 print_losses "$base_loss" "$tuned_loss"
