@@ -37,11 +37,7 @@ while IFS= read -r prompt; do
     side_by_side "$prompt" "$base_answer" "$tuned_answer"
 done <"$ex_dir/prompts.txt"
 
-auth=()
-[ -n "${ITAMAE_API_KEY:-}" ] && auth=(-H "Authorization: Bearer $ITAMAE_API_KEY")
-tuned_loss=$(curl -fsS "${auth[@]}" "$ITAMAE_URL/v1/fine_tuning/jobs/$job_id/events?limit=1000" |
-    jq -r '[.data[] | select(.data.valid_loss != null) | .data] | max_by(.step) | .valid_loss
-           | if . == null then "n/a" else (. * 10000 | round / 10000) end')
+tuned_loss=$(job_valid_loss "$job_id")
 base_loss=n/a
 if itamaed=$(find_itamaed 2>/dev/null); then
     base_loss=$(cd "$repo_dir" && "$itamaed" eval --data "$ex_dir/valid.jsonl" --json |

@@ -45,6 +45,16 @@ side_by_side() {
     rm -f "$a" "$b"
 }
 
+# job_valid_loss JOB_ID: the validation loss of a job's last eval, from its events (OpenAI's
+# GET /v1/fine_tuning/jobs/{id}/events, newest first), or "n/a" when it has none.
+job_valid_loss() {
+    local auth=()
+    [ -n "${ITAMAE_API_KEY:-}" ] && auth=(-H "Authorization: Bearer $ITAMAE_API_KEY")
+    curl -fsS "${auth[@]}" "$ITAMAE_URL/v1/fine_tuning/jobs/$1/events?limit=1000" |
+        jq -r '[.data[] | select(.data.valid_loss? != null) | .data] | max_by(.step) | .valid_loss
+               | if . == null then "n/a" else (. * 10000 | round / 10000) end'
+}
+
 # print_losses BASE_LOSS TUNED_LOSS: the validation-loss line every evaluation ends with.
 print_losses() {
     echo "validation loss: base $1 -> tuned $2"
