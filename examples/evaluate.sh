@@ -29,11 +29,12 @@ if [ "$ft" != ft ] || [ -z "$base" ] || [ -z "$job_id" ]; then
     echo "'$model' is not a tuned model name (ft:BASE:ORG:SUFFIX:JOB)" >&2
     exit 2
 fi
+job_id=${job_id%%:*} # a checkpoint (…:ckpt-step-N) belongs to its job
 
 while IFS= read -r prompt; do
     [ -z "$prompt" ] && continue
-    base_answer=$("$itamae" chat -m "$base" -p "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0)
-    tuned_answer=$("$itamae" chat -m "$model" -p "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0)
+    base_answer=$("$itamae" chat -m "$base" -p "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 </dev/null)
+    tuned_answer=$("$itamae" chat -m "$model" -p "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 </dev/null)
     side_by_side "$prompt" "$base_answer" "$tuned_answer"
 done <"$ex_dir/prompts.txt"
 

@@ -29,9 +29,9 @@ loss() { "$itamaed" eval --data "$ex_dir/valid.jsonl" --json "$@" | jq -r '.loss
 base_loss=$(loss)
 tuned_loss=$(loss --adapter "$out")
 while IFS= read -r prompt; do
-    base=$("$itamaed" chat -p "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 2>/dev/null)
+    base=$("$itamaed" chat -p "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 2>/dev/null </dev/null)
     tuned=$("$itamaed" chat --adapter "$out" -p "$prompt" --max-tokens "$MAX_TOKENS" \
-        --temperature 0 2>/dev/null)
+        --temperature 0 2>/dev/null </dev/null)
     side_by_side "$prompt" "$base" "$tuned"
 done < <(grep -v '^$' "$ex_dir/prompts.txt" | head -n "${LIMIT:-1000}")
 print_losses "$base_loss" "$tuned_loss"
