@@ -9,6 +9,7 @@ pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod jobs;
 pub mod metrics;
 pub mod model;

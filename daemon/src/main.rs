@@ -52,6 +52,8 @@ enum Command {
     Train(Box<itamae::commands::TrainArgs>),
     /// Chat in-process with the base model or a PEFT adapter.
     Chat(itamae::commands::ChatArgs),
+    /// Validation loss and mean token accuracy of the base model or an adapter on a JSONL file.
+    Eval(itamae::eval::EvalArgs),
     /// Write the base model as an HF directory (config.json, model.safetensors, tokenizer files).
     ExportHf {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
@@ -184,6 +186,7 @@ fn main() {
         ),
         Command::Train(a) => itamae::commands::train(*a),
         Command::Chat(a) => itamae::commands::chat(a),
+        Command::Eval(a) => itamae::eval::eval(a),
         Command::ExportHf { model, out } => itamae::commands::export_hf(&model, &out),
         Command::Logits {
             model,
