@@ -325,11 +325,17 @@ fn serve(
     {
         jobs_cfg.organization_id = org;
     }
-    if let Some(n) = std::env::var("ITAMAE_MAX_UPLOAD_BYTES")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .or(max_upload_bytes)
-    {
+    let env_max_upload = match std::env::var("ITAMAE_MAX_UPLOAD_BYTES") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                eprintln!("error: ITAMAE_MAX_UPLOAD_BYTES={v:?} is not a number of bytes");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => None,
+    };
+    if let Some(n) = env_max_upload.or(max_upload_bytes) {
         jobs_cfg.max_upload_bytes = n;
     }
     jobs_cfg.training_max_share = cfg.training_max_share;
