@@ -265,7 +265,7 @@ fn sigterm_drains_checkpoints_and_resumes() {
         "term",
         json!({"max_steps": 10, "batch_size": 2, "max_seq_len": 64, "checkpoint_every": 100}),
     );
-    let step = format!("itamae_training_step{{job=\"{job}\"}}");
+    let step = format!("itamae_training_step{{job_id=\"{job}\"}}");
     d.wait_metric(&step, Duration::from_secs(300), |v| v >= 2.0);
 
     // A stream that is running when the signal arrives must finish.
@@ -411,9 +411,9 @@ fn serving_keeps_priority_while_training() {
         "busy",
         json!({"max_steps": 12, "batch_size": 4, "max_seq_len": 128}),
     );
-    let step = format!("itamae_training_step{{job=\"{job}\"}}");
+    let step = format!("itamae_training_step{{job_id=\"{job}\"}}");
     d.wait_metric(&step, Duration::from_secs(300), |v| v >= 1.0);
-    let yield_series = format!("itamae_training_yield_seconds_total{{job=\"{job}\"}}");
+    let yield_series = format!("itamae_training_yield_seconds_total{{job_id=\"{job}\"}}");
     // Rounds until the trainer has reached a micro-batch boundary while chats ran (a step can
     // outlast a round on a loaded machine) and so yielded; the job must still be training.
     let mut training = Vec::new();

@@ -141,7 +141,8 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let model = &["model"];
-        let job = &["job"];
+        // not `job`: Prometheus sets that target label itself and would rename ours to `exported_job`
+        let job = &["job_id"];
         let inner = Inner {
             http_requests: counter_vec(
                 &r,
@@ -566,12 +567,12 @@ mod tests {
             r#"itamae_adapter_swaps_total{model="ad"} 1"#,
             r#"itamae_training_jobs{status="queued"} 2"#,
             r#"itamae_training_jobs{status="failed"} 0"#,
-            r#"itamae_training_step{job="ftjob-1"} 3"#,
-            r#"itamae_training_loss{job="ftjob-1"} 2.5"#,
-            r#"itamae_training_valid_loss{job="ftjob-1"} 2.6"#,
-            r#"itamae_training_learning_rate{job="ftjob-1"} 0.0001"#,
-            r#"itamae_training_tokens_per_second{job="ftjob-1"} 100"#,
-            r#"itamae_training_yield_seconds_total{job="ftjob-1"} 0.5"#,
+            r#"itamae_training_step{job_id="ftjob-1"} 3"#,
+            r#"itamae_training_loss{job_id="ftjob-1"} 2.5"#,
+            r#"itamae_training_valid_loss{job_id="ftjob-1"} 2.6"#,
+            r#"itamae_training_learning_rate{job_id="ftjob-1"} 0.0001"#,
+            r#"itamae_training_tokens_per_second{job_id="ftjob-1"} 100"#,
+            r#"itamae_training_yield_seconds_total{job_id="ftjob-1"} 0.5"#,
         ] {
             assert!(text.contains(needle), "missing {needle}\n{text}");
         }
