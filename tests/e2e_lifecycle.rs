@@ -141,22 +141,14 @@ fn post_json(d: &Daemon, path: &str, body: &Value) -> Value {
 fn upload(d: &Daemon, name: &str) -> String {
     let bytes = std::fs::read(Path::new(common::WORKSPACE).join("tests/data").join(name))
         .expect("test data");
-    let boundary = "itamae-e2e-lifecycle-3b9c";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(&bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let (content_type, body) = common::multipart(&[
+        ("purpose", None, b"fine-tune"),
+        ("file", Some(name), &bytes),
+    ]);
     let res = d
         .http
         .post(d.url("/v1/files"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
+        .header("content-type", content_type)
         .body(body)
         .send()
         .expect("upload");

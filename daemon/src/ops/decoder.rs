@@ -224,29 +224,7 @@ fn rms_norm<T: BlasFloat>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
 /// Token rows `(b·l, n·d)` → heads `(b, n, l, d)`, rotated by `(cos, sin)` (per token row) when
 /// given.
 fn to_heads<T: BlasFloat>(src: &[T], bd: BlockDims, n: usize, rot: Option<(&[T], &[T])>) -> Vec<T> {
-    let (l, d) = (bd.l, bd.head_dim);
-    let half = d / 2;
-    let mut out = vec![T::zero(); src.len()];
-    out.par_chunks_mut(l * d).enumerate().for_each(|(bh, o)| {
-        let (bi, h) = (bh / n, bh % n);
-        for p in 0..l {
-            let row = bi * l + p;
-            let x = &src[row * n * d + h * d..][..d];
-            let y = &mut o[p * d..][..d];
-            match rot {
-                None => y.copy_from_slice(x),
-                Some((cos, sin)) => {
-                    let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
-                    for i in 0..half {
-                        let (x1, x2) = (x[i], x[i + half]);
-                        y[i] = x1 * c[i] - x2 * s[i];
-                        y[i + half] = x2 * c[i] + x1 * s[i];
-                    }
-                }
-            }
-        }
-    });
-    out
+    move_heads(src, bd, n, rot, true)
 }
 
 /// Heads `(b, n, l, d)` → token rows `(b·l, n·d)`, rotated back (the inverse rotation, i.e. the
@@ -257,23 +235,51 @@ fn from_heads<T: BlasFloat>(
     n: usize,
     rot: Option<(&[T], &[T])>,
 ) -> Vec<T> {
+    move_heads(src, bd, n, rot, false)
+}
+
+/// Moves every head vector between the two layouts, rotating it by its token's angle (towards
+/// heads) or by minus that angle (back to rows).
+fn move_heads<T: BlasFloat>(
+    src: &[T],
+    bd: BlockDims,
+    n: usize,
+    rot: Option<(&[T], &[T])>,
+    towards_heads: bool,
+) -> Vec<T> {
     let (l, d) = (bd.l, bd.head_dim);
     let half = d / 2;
     let mut out = vec![T::zero(); src.len()];
-    out.par_chunks_mut(n * d).enumerate().for_each(|(row, o)| {
-        let (bi, p) = (row / l, row % l);
-        for h in 0..n {
-            let x = &src[((bi * n + h) * l + p) * d..][..d];
-            let y = &mut o[h * d..][..d];
-            match rot {
-                None => y.copy_from_slice(x),
-                Some((cos, sin)) => {
-                    let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
-                    for i in 0..half {
-                        let (x1, x2) = (x[i], x[i + half]);
-                        y[i] = x1 * c[i] + x2 * s[i];
-                        y[i + half] = x2 * c[i] - x1 * s[i];
-                    }
+    out.par_chunks_mut(d).enumerate().for_each(|(k, y)| {
+        // k numbers the output's head vectors; (row, h) is the token row and head it holds
+        let (row, h) = if towards_heads {
+            let (bh, p) = (k / l, k % l);
+            ((bh / n) * l + p, bh % n)
+        } else {
+            (k / n, k % n)
+        };
+        let at = if towards_heads {
+            row * n + h
+        } else {
+            ((row / l) * n + h) * l + row % l
+        };
+        let x = &src[at * d..][..d];
+        match rot {
+            None => y.copy_from_slice(x),
+            Some((cos, sin)) => {
+                let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
+                for i in 0..half {
+                    let (x1, x2, si) = (
+                        x[i],
+                        x[i + half],
+                        if towards_heads {
+                            s[i]
+                        } else {
+                            T::zero() - s[i]
+                        },
+                    );
+                    y[i] = x1 * c[i] - x2 * si;
+                    y[i + half] = x2 * c[i] + x1 * si;
                 }
             }
         }
