@@ -23,6 +23,12 @@ pub async fn healthz() -> HttpResponse {
 
 /// `GET /readyz`: the model is loaded and requests can be served.
 pub async fn readyz(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let jobs = req.app_data::<web::Data<crate::jobs::Jobs>>();
+    if jobs.is_some_and(|j| !j.recovered()) && engine(&req)?.is_ready() {
+        return Err(ApiError::not_ready(
+            "The model is loaded; stored fine-tuned variants are being served again",
+        ));
+    }
     if engine(&req)?.is_ready() {
         Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
     } else {

@@ -71,6 +71,9 @@ pub(crate) struct Inner {
     shutdown: AtomicBool,
     /// True once the runner thread has returned (after a shutdown, or a failed model load).
     stopped: (Mutex<bool>, Condvar),
+    /// True once stored variants and checkpoints are served again after a start: before that,
+    /// a tuned model a client knows would answer 404, so the daemon is not ready.
+    pub(crate) recovered: AtomicBool,
 }
 
 impl Jobs {
@@ -125,6 +128,7 @@ impl Jobs {
             current: Mutex::new(None),
             shutdown: AtomicBool::new(false),
             stopped: (Mutex::new(false), Condvar::new()),
+            recovered: AtomicBool::new(false),
         });
         Ok((rt, inner))
     }
@@ -196,6 +200,11 @@ impl Jobs {
 
     /// After [`Self::begin_shutdown`]: waits up to `timeout` for the runner to checkpoint and
     /// stop. False if it did not in time (the job then resumes from its previous checkpoint).
+    /// Whether the variants stored by earlier runs are served again (readiness).
+    pub fn recovered(&self) -> bool {
+        self.inner.recovered.load(Ordering::SeqCst)
+    }
+
     pub fn wait_stopped(&self, timeout: Duration) -> bool {
         let (m, cv) = &self.inner.stopped;
         let g = m.lock().unwrap_or_else(|e| e.into_inner());

@@ -72,6 +72,9 @@ pub(super) fn run(inner: Arc<Inner>) {
         return;
     }
     recover(&inner);
+    inner
+        .recovered
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     loop {
         if inner.shutting_down() {
             tracing::info!("the job runner stopped for shutdown");
