@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+#[allow(dead_code)]
+mod common;
+
 use itamae::adapters::{LoraConfig, PrefixConfig, PromptInit, PromptTuningConfig};
 use itamae::model::LoadedModel;
 use itamae::train::data::{load_jsonl, DataFormat, DataOptions, Example};
@@ -15,21 +17,15 @@ use itamae::train::{Method, TrainConfig, Trainer};
 const MAX_EXAMPLE_TOKENS: usize = 256;
 
 fn workspace() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    PathBuf::from(common::WORKSPACE)
 }
 
-fn model() -> LoadedModel {
-    let path = match std::env::var_os("ITAMAE_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    assert!(
-        path.exists(),
-        "test model {} is missing: run scripts/fetch-model.sh (or set ITAMAE_TEST_MODEL)",
-        path.display()
-    );
-    itamae::model::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+/// The user turns of a chat JSONL file, one per example.
+fn user_turns(path: &Path) -> Vec<String> {
+    common::role_contents(path, "user")
+        .into_iter()
+        .map(|t| t.join("\n"))
+        .collect()
 }
 
 fn example_dirs() -> Vec<PathBuf> {
@@ -80,25 +76,6 @@ fn load(m: &LoadedModel, path: &Path) -> Vec<Example> {
 }
 
 /// The user turns of a chat JSONL file, one per line.
-fn user_turns(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .expect("read")
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json");
-            v["messages"]
-                .as_array()
-                .expect("messages")
-                .iter()
-                .filter(|m| m["role"] == "user")
-                .map(|m| m["content"].as_str().expect("content").to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .collect()
-}
-
 fn hparam(dir: &Path, key: &str) -> Option<String> {
     std::fs::read_to_string(dir.join("hparams"))
         .unwrap_or_else(|e| panic!("{}/hparams: {e}", dir.display()))
@@ -108,7 +85,7 @@ fn hparam(dir: &Path, key: &str) -> Option<String> {
 
 #[test]
 fn every_example_dataset_is_valid_short_and_disjoint() {
-    let m = model();
+    let m = common::load_model();
     let dirs = example_dirs();
     assert_eq!(dirs.len(), 4, "four worked examples: {dirs:?}");
     let mut methods = Vec::new();
@@ -165,7 +142,7 @@ fn every_example_dataset_is_valid_short_and_disjoint() {
 /// base exactly), and an adapter as the trainer scores it.
 #[test]
 fn eval_command_measures_what_the_trainer_reports() {
-    let m = model();
+    let m = common::load_model();
     let valid = load(&m, &workspace().join("examples/company-faq/valid.jsonl"));
     let valid: Vec<Example> = valid.into_iter().take(4).collect();
     let methods = [

@@ -1,48 +1,12 @@
 //! Training data through the real SmolLM2-135M-Instruct tokenizer and chat template: the tokens
 //! marked trainable must be exactly each assistant reply plus its `<|im_end|>`.
-use std::path::PathBuf;
+use std::path::Path;
 
-use candle_core::Device;
+#[allow(dead_code)]
+mod common;
+
 use itamae::model::LoadedModel;
 use itamae::train::data::{load_jsonl, DataFormat, DataOptions, Example};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-fn model() -> LoadedModel {
-    let path = match std::env::var_os("ITAMAE_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if !path.exists() {
-        panic!(
-            "test model {} is missing: run scripts/fetch-model.sh \
-             (or point ITAMAE_TEST_MODEL at the GGUF)",
-            path.display()
-        );
-    }
-    itamae::model::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
-}
-
-fn assistant_replies(path: &PathBuf) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .expect("read dataset")
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json");
-            v["messages"]
-                .as_array()
-                .expect("messages")
-                .iter()
-                .filter(|m| m["role"] == "assistant")
-                .map(|m| m["content"].as_str().expect("content").to_string())
-                .collect::<String>()
-        })
-        .collect()
-}
 
 fn trained_text(m: &LoadedModel, ex: &Example) -> String {
     let ids: Vec<u32> = ex
@@ -57,15 +21,18 @@ fn trained_text(m: &LoadedModel, ex: &Example) -> String {
 
 #[test]
 fn persona_data_trains_exactly_the_assistant_replies() {
-    let m = model();
+    let m = common::load_model();
     let opts = DataOptions::default();
     for name in ["persona_train.jsonl", "persona_valid.jsonl"] {
-        let path = workspace().join("tests/data").join(name);
+        let path = Path::new(common::WORKSPACE).join("tests/data").join(name);
         let (examples, report) = load_jsonl(&path, &m.text, m.template.as_ref(), &opts)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(report.format, Some(DataFormat::Chat));
         assert_eq!(report.truncated, 0);
-        let replies = assistant_replies(&path);
+        let replies: Vec<String> = common::role_contents(&path, "assistant")
+            .into_iter()
+            .map(|r| r.concat())
+            .collect();
         assert_eq!(examples.len(), replies.len(), "{name}");
 
         assert_eq!(

@@ -28,6 +28,34 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The test model, loaded in this process (tests that need no daemon).
+#[allow(dead_code)]
+pub fn load_model() -> itamae::model::LoadedModel {
+    let path = model_path();
+    itamae::model::load(&path, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// For each example of a chat JSONL file, the contents of its messages with `role`.
+#[allow(dead_code)]
+pub fn role_contents(path: &Path, role: &str) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            v["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .filter(|m| m["role"] == role)
+                .map(|m| m["content"].as_str().expect("content").to_string())
+                .collect()
+        })
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").port()
