@@ -725,7 +725,9 @@ fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_cor
         .map(|a| a.as_deref().map(|a| a as &dyn ForwardHooks))
         .collect();
     let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
-    let logits = model.decode_batch(&tokens, &mut caches, &hooks)?;
+    // On a pool thread: the kernels of the step fork onto the pool many times, and from
+    // outside it every fork also parks and wakes this thread.
+    let logits = rayon::scope(|_| model.decode_batch(&tokens, &mut caches, &hooks))?;
     let rows = crate::model::llama::rows_f32(&logits)?;
     let mut keep = Vec::with_capacity(running.len());
     for (mut seq, row) in running.drain(..).zip(rows) {

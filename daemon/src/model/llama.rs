@@ -162,7 +162,7 @@ impl Proj {
 
 /// What an adapter changes in a forward pass. Implemented in the adapters layer; the model only
 /// calls it, so one forward serves the base model and every variant.
-pub trait ForwardHooks {
+pub trait ForwardHooks: Sync {
     /// Output added to projection `proj` of layer `layer` for its input `x` (LoRA: `s·B·A·x`).
     fn linear_delta(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
@@ -960,12 +960,11 @@ impl Llama {
         let x = self.embed(&Tensor::new(tokens, &self.device)?.unsqueeze(1)?)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let x = self.run_layers(&x, Rows::PerRow(hooks), &cos, &sin, &mut |i, q, k, v| {
-            let mut outs = Vec::with_capacity(n);
+            let mut kv = Vec::with_capacity(n);
             for (r, cache) in caches.iter_mut().enumerate() {
-                let (kr, vr) = cache.layers[i].append(&k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
-                outs.push(ops::attention(&q.narrow(0, r, 1)?, &kr, &vr, None, scale)?);
+                kv.push(cache.layers[i].append(&k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?);
             }
-            Tensor::cat(&outs, 0)
+            ops::decode::attention_rows(&q, &kv, scale)
         })?;
         for cache in caches.iter_mut() {
             cache.len += 1;

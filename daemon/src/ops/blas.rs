@@ -284,6 +284,9 @@ pub fn gemm<T: BlasFloat>(
         }
         return Ok(());
     }
+    if let Some(done) = skinny(alpha, &a, &b, beta, c, ldc) {
+        return done;
+    }
     if m == 1 {
         // A row vector times B: GEMV on Bᵀ, several times faster than a 1-row GEMM in OpenBLAS
         // 0.3.21 (decode runs at m = 1). x is A's only row; its stride is 1 when stored as a
@@ -331,6 +334,60 @@ pub fn gemm<T: BlasFloat>(
         )
     }
     Ok(())
+}
+
+/// Set to `0` or `off` to send few-row f32 products to BLAS too (A/B measurements).
+pub const SKINNY_ENV: &str = "ITAMAE_SKINNY";
+
+fn skinny_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| !matches!(std::env::var(SKINNY_ENV).as_deref(), Ok("0") | Ok("off")))
+}
+
+/// `x · Wᵀ` in f32 with a few rows of `x` and `W` stored row-major (every projection in a
+/// decode step, and LoRA's per-row factors) goes to [`super::skinny`], which reads `W` once for
+/// all rows instead of packing it per call. None: not that shape, BLAS does it.
+fn skinny<T: BlasFloat>(
+    alpha: T,
+    a: &Mat<'_, T>,
+    b: &Mat<'_, T>,
+    beta: T,
+    c: &mut [T],
+    ldc: usize,
+) -> Option<Result<()>> {
+    if T::DTYPE != candle_core::DType::F32
+        || a.trans
+        || !b.trans
+        || a.rows > super::skinny::MAX_ROWS
+        // one row: OpenBLAS's GEMV already streams W once, and is faster on small W
+        || a.rows < 2
+        || !skinny_enabled()
+    {
+        return None;
+    }
+    let f = |v: T| v.to_f64() as f32;
+    // SAFETY: T is f32 (checked via its DType above), so the slices reinterpret in place with
+    // the same length, alignment and lifetime.
+    let (x, w, y) = unsafe {
+        (
+            std::slice::from_raw_parts(a.data.as_ptr() as *const f32, a.data.len()),
+            std::slice::from_raw_parts(b.data.as_ptr() as *const f32, b.data.len()),
+            std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()),
+        )
+    };
+    let p = super::skinny::Xwt {
+        x,
+        ldx: a.ld,
+        w,
+        ldw: b.ld,
+        m: a.rows,
+        n: b.cols,
+        k: a.cols,
+    };
+    Some(
+        super::skinny::gemm(p, f(alpha), f(beta), y, ldc)
+            .map_err(|e| candle_core::Error::Msg(format!("skinny gemm: {e}"))),
+    )
 }
 
 /// `A · B` into a new row-major `m × n` vector.

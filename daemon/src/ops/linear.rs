@@ -387,7 +387,7 @@ pub fn add_lora_rows(y: &Tensor, x: &Tensor, terms: &[Option<LoraTerm<'_>>]) -> 
         bail!("add_lora_rows: scalar operands")
     };
     match y.dtype() {
-        DType::F32 if y.device().is_cpu() => run::<f32>(y, x, terms, out, inp),
+        DType::F32 if y.device().is_cpu() => add_lora_rows_f32(y, x, terms, out, inp),
         DType::F64 if y.device().is_cpu() => run::<f64>(y, x, terms, out, inp),
         _ => {
             // other devices and dtypes: the same sum with candle ops
@@ -408,6 +408,95 @@ pub fn add_lora_rows(y: &Tensor, x: &Tensor, terms: &[Option<LoraTerm<'_>>]) -> 
             Tensor::cat(&parts, 0)
         }
     }
+}
+
+/// The f32 CPU path of [`add_lora_rows`]: every group on its own rayon task (each reads only
+/// its variant's factors, so the groups are independent and the step is bound by how fast the
+/// factors stream in), with both products in the few-row kernel.
+fn add_lora_rows_f32(
+    y: &Tensor,
+    x: &Tensor,
+    terms: &[Option<LoraTerm<'_>>],
+    out: usize,
+    inp: usize,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let mut yv = super::to_flat_vec::<f32>(y)?;
+    let xv = super::to_flat_vec::<f32>(x)?;
+    let rows = yv.len() / out.max(1);
+    let per = rows / terms.len().max(1);
+    if per == 0 || per * terms.len() != rows || xv.len() != rows * inp {
+        bail!("add_lora_rows: {rows} rows for {} terms", terms.len())
+    }
+    // Read locks on the factors' storages, held on this thread while the tasks borrow them.
+    let guards = terms
+        .iter()
+        .map(|t| {
+            t.as_ref()
+                .map(|t| (t.a.storage_and_layout(), t.b.storage_and_layout(), t.scale))
+        })
+        .collect::<Vec<_>>();
+    let factors = guards
+        .iter()
+        .map(|g| {
+            g.as_ref()
+                .map(|((a_s, a_l), (b_s, b_l), scale)| {
+                    Ok((
+                        blas::cpu_operand::<f32>(a_s, a_l)?,
+                        blas::cpu_operand::<f32>(b_s, b_l)?,
+                        *scale as f32,
+                    ))
+                })
+                .transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    yv.par_chunks_mut(per * out)
+        .zip(xv.par_chunks(per * inp))
+        .zip(factors.par_iter())
+        .try_for_each(|((ys, xs), f)| {
+            let Some((a, b, scale)) = f else {
+                return Ok(());
+            };
+            let (a, b) = (a.mat(), b.mat());
+            let r = a.rows;
+            if a.cols != inp || b.rows != out || b.cols != r {
+                bail!(
+                    "add_lora_rows: A {}x{} / B {}x{} for {inp} -> {out}",
+                    a.rows,
+                    a.cols,
+                    b.rows,
+                    b.cols
+                )
+            }
+            let mut h = vec![0f32; per * r];
+            if a.trans || b.trans {
+                // factors stored transposed (not how adapters load them): BLAS takes any layout
+                blas::gemm(1.0, Mat::new(xs, per, inp), a.t(), 0.0, &mut h, r)?;
+                return blas::gemm(*scale, Mat::new(&h, per, r), b.t(), 1.0, ys, out);
+            }
+            let err = |e: String| candle_core::Error::Msg(format!("add_lora_rows: {e}"));
+            let p = super::skinny::Xwt {
+                x: xs,
+                ldx: inp,
+                w: a.data,
+                ldw: a.ld,
+                m: per,
+                n: r,
+                k: inp,
+            };
+            super::skinny::gemm_serial(p, 1.0, 0.0, &mut h, r).map_err(err)?;
+            let p = super::skinny::Xwt {
+                x: &h,
+                ldx: r,
+                w: b.data,
+                ldw: b.ld,
+                m: per,
+                n: out,
+                k: r,
+            };
+            super::skinny::gemm_serial(p, *scale, 1.0, ys, out).map_err(err)
+        })?;
+    Tensor::from_vec(yv, y.shape(), y.device())
 }
 
 fn lora_fused_applies(
@@ -961,6 +1050,10 @@ mod tests {
             (1, 576, 1536),
             (1, 1536, 576),
             (1, 576, 49152),
+            (8, 576, 1536),
+            (8, 1536, 576),
+            (8, 576, 49152),
+            (8, 576, 192),
         ] {
             let x = Var::from_tensor(&randn(&[m, k], DType::F32)).unwrap();
             let w = randn(&[n, k], DType::F32);
@@ -996,6 +1089,72 @@ mod tests {
                 train_c / train_b
             );
         }
+    }
+
+    /// The LoRA share of one decode step with 8 rows on 8 different r = 16 all-linear variants
+    /// of SmolLM2 (30 layers × 7 projections, 142 MB of factors, so they stream from memory as
+    /// in serving): time per step and the factor bandwidth it implies. Run with
+    /// `cargo test --release -p itamae-daemon --lib lora_rows_bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn lora_rows_bench() {
+        use std::time::Instant;
+        let (rows, r, h, f, kv) = (8, 16, 576, 1536, 192);
+        let shapes = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)];
+        let projections: Vec<(usize, usize)> = (0..30).flat_map(|_| shapes).collect();
+        let factors: Vec<Vec<(Tensor, Tensor)>> = projections
+            .iter()
+            .map(|&(o, i)| {
+                (0..rows)
+                    .map(|_| (randn(&[r, i], DType::F32), randn(&[o, r], DType::F32)))
+                    .collect()
+            })
+            .collect();
+        let bytes: usize = factors
+            .iter()
+            .flatten()
+            .map(|(a, b)| (a.elem_count() + b.elem_count()) * 4)
+            .sum();
+        let inputs: Vec<(Tensor, Tensor)> = projections
+            .iter()
+            .map(|&(o, i)| {
+                (
+                    randn(&[rows, 1, o], DType::F32),
+                    randn(&[rows, 1, i], DType::F32),
+                )
+            })
+            .collect();
+        let mut best = f64::INFINITY;
+        // Inside the pool, as the engine runs its steps.
+        let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+        for _ in 0..8 {
+            let t = Instant::now();
+            let step = || {
+                for (p, (y, x)) in inputs.iter().enumerate() {
+                    let terms: Vec<_> = factors[p]
+                        .iter()
+                        .map(|(a, b)| {
+                            Some(LoraTerm {
+                                a,
+                                b,
+                                scale: 2.0,
+                                dropout_mask: None,
+                            })
+                        })
+                        .collect();
+                    add_lora_rows(y, x, &terms).unwrap();
+                }
+            };
+            pool.install(step);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "{rows} rows x {} projections: {:.2} ms per step, {:.0} MB of factors, {:.1} GB/s",
+            projections.len(),
+            best * 1e3,
+            bytes as f64 / 1e6,
+            bytes as f64 / best / 1e9
+        );
     }
 
     /// Forward + backward of the projections of `layers` SmolLM2 decoder layers with LoRA

@@ -15,10 +15,12 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 pub mod attention;
 pub mod blas;
+pub mod decode;
 pub mod decoder;
 pub mod fused;
 pub mod linear;
 pub mod loss;
+pub mod skinny;
 
 /// The contiguous data of a CPU storage as a slice, for our custom ops' `cpu_fwd`; `what` names
 /// the op in the error.
