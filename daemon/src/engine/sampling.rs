@@ -56,6 +56,9 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
+        if p.top_p >= 1.0 && (p.top_k == 0 || p.top_k >= logits.len()) {
+            return self.sample_unsorted(logits);
+        }
         // Candidates sorted by logit, best first; top-k cuts before the softmax.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
@@ -97,6 +100,44 @@ impl Sampler {
             }
         }
         idx[keep - 1]
+    }
+}
+
+impl Sampler {
+    /// Temperature sampling with at most a min-p cut, in vocabulary order: the same
+    /// distribution as the sorted path, without sorting the whole vocabulary for every token
+    /// (a 49k-entry sort was a fifth of an 8-row decode step). min-p keeps `p ≥ min_p·p_max`,
+    /// i.e. logits within `T·ln(min_p)` of the best.
+    fn sample_unsorted(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let floor = if p.min_p > 0.0 {
+            max + p.temperature * p.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        let weight = |l: f32| {
+            if l >= floor {
+                ((l - max) / p.temperature).exp()
+            } else {
+                0.0
+            }
+        };
+        let total: f32 = logits.iter().map(|&l| weight(l)).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        let mut last = argmax(logits);
+        for (i, &l) in logits.iter().enumerate() {
+            let w = weight(l);
+            if w > 0.0 {
+                last = i as u32;
+                r -= w;
+                if r <= 0.0 {
+                    return i as u32;
+                }
+            }
+        }
+        // rounding left a sliver of `r`: the last candidate takes it
+        last
     }
 }
 
@@ -174,6 +215,30 @@ mod tests {
             "top_k=2 allows only ids 0 and 2"
         );
         assert!(a.contains(&0) && a.contains(&2));
+    }
+
+    #[test]
+    fn unsorted_sampling_follows_the_softmax() {
+        // temperature 0.5 over logits [1, 0, 2, 0.5]: the softmax of [2, 0, 4, 1]
+        let logits = vec![1.0f32, 0.0, 2.0, 0.5];
+        let e: Vec<f64> = [2.0f64, 0.0, 4.0, 1.0].iter().map(|x| x.exp()).collect();
+        let z: f64 = e.iter().sum();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.5,
+            seed: Some(3),
+            ..params()
+        });
+        let n = 40_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[s.sample(&mut logits.clone(), &[], &HashMap::new()) as usize] += 1;
+        }
+        for (i, &c) in counts.iter().enumerate() {
+            let (got, want) = (c as f64 / n as f64, e[i] / z);
+            // five standard errors of a binomial proportion
+            let tol = 5.0 * (want * (1.0 - want) / n as f64).sqrt();
+            assert!((got - want).abs() < tol, "id {i}: {got} vs {want}");
+        }
     }
 
     #[test]
