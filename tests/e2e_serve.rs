@@ -231,7 +231,35 @@ fn chat(ctx: &Ctx) -> String {
         .expect("message content")
         .to_string();
     assert!(content.contains("Paris"), "answer: {content:?}");
+    ignore_eos(ctx);
     content
+}
+
+/// The same greedy answer ends on EOS well before 40 tokens; `ignore_eos` runs to the limit.
+fn ignore_eos(ctx: &Ctx) {
+    let mut extra = greedy();
+    extra["max_tokens"] = json!(40);
+    let plain = ctx.post_ok(
+        "/v1/chat/completions",
+        &ctx.chat_body(QUESTION, extra.clone()),
+    );
+    assert_eq!(plain["choices"][0]["finish_reason"], "stop", "{plain}");
+    let short = plain["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert!(short < 40, "{plain}");
+    extra["ignore_eos"] = json!(true);
+    let full = ctx.post_ok("/v1/chat/completions", &ctx.chat_body(QUESTION, extra));
+    assert_eq!(full["choices"][0]["finish_reason"], "length", "{full}");
+    assert_eq!(full["usage"]["completion_tokens"], 40, "{full}");
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    let first = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(
+        text.starts_with(first),
+        "{text:?} does not continue {first:?}"
+    );
 }
 
 fn chat_stream(ctx: &Ctx, answer: &str) {

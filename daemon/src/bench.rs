@@ -266,6 +266,8 @@ pub fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow::Result
                 sampling: SamplingParams {
                     temperature: 0.8,
                     seed: Some(i as u64),
+                    // every stream runs the full length in both phases: the same work
+                    ignore_eos: true,
                     ..Default::default()
                 },
                 max_tokens: Some(tokens),

@@ -470,6 +470,7 @@ fn parse_sampling(obj: &Map<String, Value>) -> Result<SamplingParams, ApiError> 
     }
     // OpenAI seeds are signed 64-bit integers: keep their bits.
     s.seed = opt_int(obj, "seed")?.map(|i| i as u64);
+    s.ignore_eos = opt_bool(obj, "ignore_eos")?.unwrap_or(false);
     s.validate()?;
     Ok(s)
 }
@@ -552,6 +553,7 @@ mod tests {
             "presence_penalty": 0.5,
             "frequency_penalty": -0.5,
             "seed": -1,
+            "ignore_eos": true,
             "stop": ["\n\n", "END"],
             "stream": true,
             "stream_options": {"include_usage": true},
@@ -581,6 +583,7 @@ mod tests {
         assert_eq!(c.sampling.presence_penalty, 0.5);
         assert_eq!(c.sampling.frequency_penalty, -0.5);
         assert_eq!(c.sampling.seed, Some(u64::MAX));
+        assert!(c.sampling.ignore_eos);
         assert_eq!(c.stop, vec!["\n\n".to_string(), "END".to_string()]);
         assert!(c.stream && c.include_usage);
         let g = r.generation();
@@ -742,6 +745,10 @@ mod tests {
             (
                 json!({"model": "m", "messages": [user("x")], "stream": "yes"}),
                 "stream",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "ignore_eos": 1}),
+                "ignore_eos",
             ),
             (
                 json!({"model": "m", "messages": [user("x")], "stream_options": true}),

@@ -818,7 +818,7 @@ impl Seq {
         if let Some(prev) = self.last_token.replace(now) {
             crate::metrics::global().observe_itl(&self.job.p.model, (now - prev).as_secs_f64());
         }
-        if sh.base.text.eos_ids.contains(&id) {
+        if sh.base.text.eos_ids.contains(&id) && !self.job.p.sampling.ignore_eos {
             let rest = self.detok.flush(&sh.base.text.tokenizer) + &self.stop.flush();
             self.emit(rest);
             return self.finish(FinishReason::Stop);

@@ -24,6 +24,10 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` or a stop string (as in
+    /// vLLM): fixed-length generations for load tests and benchmarks.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +41,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            ignore_eos: false,
         }
     }
 }
