@@ -10,6 +10,7 @@ use super::{rng, seeded_uniform};
 use crate::model::llama::{LowRank, Proj};
 use crate::model::ModelConfig;
 use crate::ops;
+use crate::ops::lora_rows::{DecodeElem, PackedPair, RowTerm};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
@@ -85,6 +86,9 @@ pub struct Lora {
     /// Seed of the current micro-batch's dropout masks: set by the trainer per micro-batch so
     /// that a resumed run draws the same masks as an uninterrupted one.
     pub dropout_seed: std::sync::atomic::AtomicU64,
+    /// The factors packed for decode batches ([`Self::pack_for_decode`]); None until a served
+    /// copy is packed. A snapshot: never set on an adapter that still trains.
+    pub decode: Option<BTreeMap<(usize, Proj), PackedPair<DecodeElem>>>,
 }
 
 /// PEFT's tensor name prefix for a projection of a layer.
@@ -121,6 +125,7 @@ impl Lora {
             pairs,
             training: false,
             dropout_seed: Default::default(),
+            decode: None,
         })
     }
 
@@ -180,6 +185,36 @@ impl Lora {
             scale: self.config.scale(),
             dropout_mask: self.dropout_mask(layer, proj, input)?,
         }))
+    }
+
+    /// Packs every pair for decode batches (CPU only; elsewhere the tensors serve as they are).
+    pub fn pack_for_decode(&mut self) -> Result<()> {
+        if self.pairs.values().any(|p| !p.a.device().is_cpu()) {
+            return Ok(());
+        }
+        let packed = self
+            .pairs
+            .iter()
+            .map(|(k, p)| Ok((*k, PackedPair::new(&p.a, &p.b)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        self.decode = Some(packed);
+        Ok(())
+    }
+
+    /// Bytes of the packed copy (0 when not packed).
+    pub fn decode_bytes(&self) -> usize {
+        self.decode
+            .as_ref()
+            .map_or(0, |d| d.values().map(PackedPair::bytes).sum())
+    }
+
+    /// The packed factors of projection `proj` of `layer`, if packed and targeted.
+    pub fn decode_term(&self, layer: usize, proj: Proj) -> Option<RowTerm<'_, DecodeElem>> {
+        let pair = self.decode.as_ref()?.get(&(layer, proj))?;
+        Some(RowTerm {
+            pair,
+            scale: self.config.scale() as f32,
+        })
     }
 
     pub fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
@@ -260,6 +295,7 @@ impl Lora {
             pairs,
             training: false,
             dropout_seed: Default::default(),
+            decode: None,
         })
     }
 }
@@ -503,6 +539,24 @@ mod tests {
         let (a1, a2, a3) = (make(1, 4), make(2, 4), make(3, 2));
         let hooks: [Option<&dyn ForwardHooks>; 4] = [Some(&a1), None, Some(&a2), Some(&a3)];
         let prompts: [&[u32]; 4] = [&[3, 4], &[5, 6, 7], &[8], &[9, 10]];
-        assert_batched_decode_matches_solo(&m, &hooks, &prompts, &[11, 12, 13, 14]);
+        assert_batched_decode_matches_solo(&m, &hooks, &prompts, &[11, 12, 13, 14], 1e-4);
+
+        // Served copies decode from their packed half-precision factors; the solo reference
+        // still runs the f32 tensors, so they agree to f16's precision.
+        let packed = |mut a: Adapter| {
+            a.prepare_for_serving().unwrap();
+            a
+        };
+        let (p1, p2, p3) = (packed(make(1, 4)), packed(make(2, 4)), packed(make(3, 2)));
+        let Adapter::Lora(l) = &p1 else {
+            unreachable!()
+        };
+        assert!(l.decode.is_some() && p1.size_bytes() > a1.size_bytes());
+        let hooks: [Option<&dyn ForwardHooks>; 4] = [Some(&p1), None, Some(&p2), Some(&p3)];
+        let before = crate::ops::lora_rows::RUNS.with(|c| c.get());
+        assert_batched_decode_matches_solo(&m, &hooks, &prompts, &[11, 12, 13, 14], 2e-2);
+        let runs = crate::ops::lora_rows::RUNS.with(|c| c.get()) - before;
+        let projections = cfg.num_layers * Proj::ALL.len();
+        assert_eq!(runs, projections, "the packed path ran once per projection");
     }
 }

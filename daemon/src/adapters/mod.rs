@@ -51,12 +51,27 @@ impl Adapter {
         }
     }
 
-    /// Bytes held by the adapter's parameters.
+    /// Bytes held by the adapter's parameters (and the packed copy decode batches read).
     pub fn size_bytes(&self) -> usize {
-        self.tensors()
-            .iter()
-            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        let packed = match self {
+            Adapter::Lora(l) => l.decode_bytes(),
+            _ => 0,
+        };
+        packed
+            + self
+                .tensors()
+                .iter()
+                .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+                .sum::<usize>()
+    }
+
+    /// Readies a copy that will only serve (never train): LoRA factors packed for decode
+    /// batches.
+    pub fn prepare_for_serving(&mut self) -> Result<()> {
+        match self {
+            Adapter::Lora(l) => l.pack_for_decode(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -82,6 +97,25 @@ impl ForwardHooks for Adapter {
 
     fn only_low_rank(&self) -> bool {
         !matches!(self, Adapter::Prefix(_))
+    }
+
+    fn has_decode_terms(&self) -> bool {
+        match self {
+            Adapter::Lora(l) => l.decode.is_some(),
+            // no projection deltas at all
+            Adapter::Prompt(_) | Adapter::Prefix(_) => true,
+        }
+    }
+
+    fn decode_term(
+        &self,
+        layer: usize,
+        proj: Proj,
+    ) -> Option<crate::ops::lora_rows::RowTerm<'_, crate::ops::lora_rows::DecodeElem>> {
+        match self {
+            Adapter::Lora(l) => l.decode_term(layer, proj),
+            _ => None,
+        }
     }
 
     fn prefix_len(&self) -> usize {

@@ -246,6 +246,10 @@ impl EngineHandle {
                 message: format!("`{id}` is the base model's id"),
             });
         }
+        let mut adapter = adapter;
+        adapter
+            .prepare_for_serving()
+            .map_err(|e| EngineError::Internal(format!("preparing adapter `{id}`: {e}")))?;
         let v = Variant {
             kind: adapter.kind(),
             bytes: adapter.size_bytes() as u64,
@@ -487,6 +491,12 @@ impl Shared {
         };
         let started = std::time::Instant::now();
         let loaded = crate::adapters::peft::load(&dir, &self.config, self.base.model.device())
+            .map_err(|e| e.to_string())
+            .and_then(|mut a| {
+                a.prepare_for_serving()
+                    .map(|()| a)
+                    .map_err(|e| e.to_string())
+            })
             .map_err(|e| {
                 EngineError::Internal(format!(
                     "reloading adapter `{id}` from {}: {e}",

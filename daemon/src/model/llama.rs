@@ -184,6 +184,19 @@ pub trait ForwardHooks: Sync {
     fn only_low_rank(&self) -> bool {
         false
     }
+    /// Whether [`Self::decode_term`] describes every projection delta of this hook: then decode
+    /// batches use the packed factors.
+    fn has_decode_terms(&self) -> bool {
+        false
+    }
+    /// The delta of projection `proj` of `layer` as factors packed for decode batches.
+    fn decode_term(
+        &self,
+        _layer: usize,
+        _proj: Proj,
+    ) -> Option<ops::lora_rows::RowTerm<'_, ops::lora_rows::DecodeElem>> {
+        None
+    }
     /// Number of prefix positions [`Self::kv_prefix`] provides (prefix tuning).
     fn prefix_len(&self) -> usize {
         0
@@ -261,6 +274,17 @@ impl Rows<'_> {
     /// `y` (the base projection of `h`) plus the adapters' deltas.
     fn add_deltas(&self, layer: usize, proj: Proj, h: &Tensor, y: Tensor) -> Result<Tensor> {
         if let Rows::PerRow(hooks) = *self {
+            let packed = hooks.iter().flatten().all(|hk| hk.has_decode_terms());
+            if packed && !h.track_op() && h.device().is_cpu() && h.dtype() == DType::F32 {
+                let terms: Vec<_> = hooks
+                    .iter()
+                    .map(|hk| hk.and_then(|hk| hk.decode_term(layer, proj)))
+                    .collect();
+                if terms.iter().all(Option::is_none) {
+                    return Ok(y);
+                }
+                return ops::lora_rows::add_rows(y, h, &terms);
+            }
             let low_rank = hooks.iter().flatten().all(|hk| hk.only_low_rank());
             if low_rank && !h.track_op() && h.device().is_cpu() && !hooks.is_empty() {
                 // One pass over the rows instead of narrow/delta/zeros/cat per row and
@@ -1256,11 +1280,14 @@ pub(crate) mod tests {
 
     /// Prefills each prompt alone (with its hooks), then checks that one batched decode step of
     /// `next` gives the logits each sequence gets when decoded alone. Returns the caches' lengths.
+    /// Decodes one token for every prompt in one batch and alone; the logits must agree within
+    /// `tol` (absolute). Returns the cache lengths after the batch.
     pub(crate) fn assert_batched_decode_matches_solo(
         m: &Llama,
         hooks: &[Option<&dyn ForwardHooks>],
         prompts: &[&[u32]],
         next: &[u32],
+        tol: f32,
     ) -> Vec<usize> {
         let ids = |t: &[u32]| Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let prefill = |i: usize| {
@@ -1291,7 +1318,7 @@ pub(crate) mod tests {
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
         let batched = m.decode_batch(next, &mut refs, hooks).unwrap();
         let d = max_abs(&solo, &batched);
-        assert!(d < 1e-4, "batched vs solo: max abs diff {d}");
+        assert!(d < tol, "batched vs solo: max abs diff {d}");
         caches.iter().map(KvCache::len).collect()
     }
 
@@ -1305,7 +1332,7 @@ pub(crate) mod tests {
         };
         let hooks: [Option<&dyn ForwardHooks>; 3] = [None, Some(&with_prefix), None];
         let prompts: [&[u32]; 3] = [&[3, 4, 5], &[7, 8, 9, 10, 11], &[12]];
-        let lens = assert_batched_decode_matches_solo(&m, &hooks, &prompts, &[21, 22, 23]);
+        let lens = assert_batched_decode_matches_solo(&m, &hooks, &prompts, &[21, 22, 23], 1e-4);
         // the prefix (2) sits in the cache ahead of the prompt (5) and the decoded token
         assert_eq!(lens, vec![3 + 1, 2 + 5 + 1, 1 + 1]);
     }

@@ -19,6 +19,7 @@ pub mod decode;
 pub mod decoder;
 pub mod fused;
 pub mod linear;
+pub mod lora_rows;
 pub mod loss;
 pub mod skinny;
 

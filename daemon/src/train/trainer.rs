@@ -816,6 +816,7 @@ fn detached_adapter(a: &Adapter, cfg: &crate::model::ModelConfig) -> candle_core
                 .collect(),
             training: false,
             dropout_seed: Default::default(),
+            decode: None,
         }),
         Adapter::Prompt(p) => Adapter::Prompt(SoftPrompt {
             config: p.config.clone(),
