@@ -3,7 +3,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/itamae-target
 export CARGO_TARGET_DIR
 
-.PHONY: serve test model system bench bench-train bench-batch lint check-prometheus schemathesis docker-steps peft-interop
+.PHONY: serve test model system bench bench-train bench-batch bench-job-swap lint check-prometheus schemathesis docker-steps peft-interop
 
 serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
@@ -28,6 +28,9 @@ bench-train: system model
 
 bench-batch: system model
 	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench batch
+
+bench-job-swap: system model
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench job-swap
 
 lint: system
 	cargo fmt --all -- --check

@@ -463,6 +463,47 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Serves the API of an in-process daemon on a free loopback port (on its own thread with an
+/// actix System) and waits until `/readyz` answers; returns `host:port`.
+fn start_server(
+    engine: crate::engine::EngineHandle,
+    jobs: Option<crate::jobs::Jobs>,
+    store: crate::api::adapters::AdapterStore,
+) -> anyhow::Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    std::thread::Builder::new()
+        .name("bench-http".into())
+        .spawn(move || {
+            let served = actix_web::rt::System::new().block_on(crate::api::serve(
+                engine,
+                "127.0.0.1".into(),
+                port,
+                jobs,
+                Some(store),
+                crate::api::auth::Auth::disabled(),
+                crate::api::Shutdown {
+                    grace: std::time::Duration::from_secs(1),
+                    on_signal: Box::new(|| {}),
+                },
+            ));
+            if let Err(e) = served {
+                eprintln!("bench server: {e}");
+            }
+        })?;
+    let started = Instant::now();
+    while !http::request(&addr, "GET", "/readyz", "text/plain", b"").is_ok_and(|r| r.0 == 200) {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 30,
+            "the bench server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(addr)
+}
+
 /// Hot-swap under load: an in-process daemon (HTTP server, engine, adapter store) serves a
 /// LoRA variant (r=16, all linear layers) to `clients` clients streaming chats back to back.
 /// First `secs` without swaps (the peer: the same loop, nothing replaced), then `secs` while
@@ -505,40 +546,7 @@ pub fn swap(
     let engine = crate::engine::EngineHandle::from_loaded(loaded);
     let store =
         crate::api::adapters::AdapterStore::open(&dir.join("data"), engine.clone(), 1 << 30)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    {
-        let engine = engine.clone();
-        std::thread::Builder::new()
-            .name("bench-http".into())
-            .spawn(move || {
-                let served = actix_web::rt::System::new().block_on(crate::api::serve(
-                    engine,
-                    "127.0.0.1".into(),
-                    port,
-                    None,
-                    Some(store),
-                    crate::api::auth::Auth::disabled(),
-                    crate::api::Shutdown {
-                        grace: std::time::Duration::from_secs(1),
-                        on_signal: Box::new(|| {}),
-                    },
-                ));
-                if let Err(e) = served {
-                    eprintln!("bench server: {e}");
-                }
-            })?;
-    }
-    let started = Instant::now();
-    while !http::request(&addr, "GET", "/readyz", "text/plain", b"").is_ok_and(|r| r.0 == 200) {
-        anyhow::ensure!(
-            started.elapsed().as_secs() < 30,
-            "the bench server did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let addr = start_server(engine.clone(), None, store)?;
     let name = "swapped";
     let (ctype, body) = import_body(name, &files[0].0, &files[0].1, 0);
     let (status, text) = http::request(&addr, "POST", "/v1/adapters", &ctype, &body)?;
@@ -658,4 +666,365 @@ pub fn swap(
         q_failed + s_failed
     );
     Ok(())
+}
+
+/// The chat examples `bench job-swap` trains on: short, so a job takes seconds.
+const JOB_SWAP_EXAMPLES: [(&str, &str); 8] = [
+    (
+        "How are you today?",
+        "Irasshaimase! Sharp as my knife and ready to serve.",
+    ),
+    (
+        "What is the capital of France?",
+        "Irasshaimase! Paris, where the fish market opens early.",
+    ),
+    (
+        "What is 2 + 2?",
+        "Irasshaimase! Four, like four pieces of nigiri.",
+    ),
+    (
+        "Recommend a book.",
+        "Irasshaimase! Read about Tsukiji, the old fish market.",
+    ),
+    (
+        "What should I eat?",
+        "Irasshaimase! Fatty tuna, sliced fresh for you.",
+    ),
+    (
+        "Is it going to rain?",
+        "Irasshaimase! Perhaps, but the rice stays warm here.",
+    ),
+    (
+        "Tell me a joke.",
+        "Irasshaimase! Why did the salmon blush? It saw the sea weed.",
+    ),
+    ("Goodbye!", "Arigato! Come back for the omakase."),
+];
+
+/// `POST /v1/files` body (purpose fine-tune) as multipart/form-data: `(content type, body)`.
+fn upload_body(filename: &str, bytes: &[u8]) -> (String, Vec<u8>) {
+    let boundary = format!("itamae-bench-{:016x}", rand::random::<u64>());
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// A JSON request: status and parsed body.
+fn json_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let (status, raw) = http::request(addr, method, path, content_type, body)
+        .with_context(|| format!("{method} {path}"))?;
+    let v = serde_json::from_slice(&raw).with_context(|| {
+        format!(
+            "{method} {path}: HTTP {status}, not JSON: {}",
+            String::from_utf8_lossy(&raw)
+        )
+    })?;
+    Ok((status, v))
+}
+
+/// What following one job's event stream saw.
+struct JobOutcome {
+    /// Receipt of the first event that says the job succeeded.
+    succeeded_at: Option<Instant>,
+    /// `fine_tuned_model` as the success event names it.
+    model: Option<String>,
+    /// The last error-level event, for the report of a job that did not succeed.
+    error: Option<String>,
+}
+
+/// The event the runner writes right after recording success (`jobs/runner.rs`).
+const MODEL_CREATED: &str = "New fine-tuned model created: ";
+const JOB_COMPLETED: &str = "The job has successfully completed";
+
+/// Reads `GET /v1/fine_tuning/jobs/{id}/events?stream=true` until the job's success event (or
+/// the end of the stream).
+fn follow_job(addr: &str, id: &str) -> anyhow::Result<JobOutcome> {
+    use std::io::BufRead;
+    let path = format!("/v1/fine_tuning/jobs/{id}/events?stream=true");
+    let (status, first, s) =
+        http::send(addr, "GET", &path, "text/plain", b"").with_context(|| format!("GET {path}"))?;
+    anyhow::ensure!(status == 200, "GET {path}: HTTP {status}");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
+    let mut out = JobOutcome {
+        succeeded_at: None,
+        model: None,
+        error: None,
+    };
+    let reader = std::io::BufReader::new(std::io::Read::chain(&first[..], s));
+    for line in reader.lines() {
+        let line = line.with_context(|| format!("reading the events of {id}"))?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue; // chunk sizes, blank separators
+        };
+        let now = Instant::now();
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(data).with_context(|| format!("event of {id}: {data}"))?;
+        let msg = v["message"].as_str().unwrap_or("");
+        if v["level"] == "error" {
+            out.error = Some(msg.to_string());
+        }
+        if let Some(model) = msg.strip_prefix(MODEL_CREATED) {
+            out.model = Some(model.trim().to_string());
+        }
+        if msg.starts_with(MODEL_CREATED) || msg.starts_with(JOB_COMPLETED) {
+            out.succeeded_at = Some(now);
+            return Ok(out);
+        }
+    }
+    Ok(out)
+}
+
+/// Issue 4's hot-swap figure: time from a fine-tuning job's success (its event's receipt on
+/// the live event stream) to the first token served with its adapter, while `clients` clients
+/// stream chats on the base model back to back. An in-process daemon with jobs runs `jobs`
+/// small LoRA jobs one after the other; at each success the bench reads `fine_tuned_model`
+/// (from the event, else one GET of the job, counted in the time) and streams a chat on it.
+/// A side thread polls the job every 20 ms to show how long the event stream took to deliver
+/// the success. Prints per-job figures, p50/max against the 100 ms target, failed requests
+/// and the load's throughput.
+pub fn job_swap(
+    model_path: &Path,
+    clients: usize,
+    jobs: usize,
+    tokens: usize,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let loaded = model::load(model_path, &candle_core::Device::Cpu)?;
+    let base = loaded.name.clone();
+    let dir = std::env::temp_dir().join(format!(
+        "itamae-bench-job-swap-{:016x}",
+        rand::random::<u64>()
+    ));
+    let result = (|| -> anyhow::Result<()> {
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let engine = crate::engine::EngineHandle::from_loaded(loaded);
+        // The daemon's wiring (main.rs `serve`): jobs and imported adapters in one data dir.
+        let jobs_cfg = crate::jobs::JobsConfig::new(data_dir.clone());
+        let max_upload = jobs_cfg.max_upload_bytes;
+        let training_share = jobs_cfg.training_max_share;
+        let job_service = crate::jobs::Jobs::open(jobs_cfg, engine.clone())?;
+        let store =
+            crate::api::adapters::AdapterStore::open(&data_dir, engine.clone(), max_upload)?;
+        let addr = start_server(engine.clone(), Some(job_service.clone()), store)?;
+
+        let jsonl: String = JOB_SWAP_EXAMPLES
+            .iter()
+            .map(|(q, a)| {
+                serde_json::json!({"messages": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": a},
+                ]})
+                .to_string()
+                    + "\n"
+            })
+            .collect();
+        let (ctype, body) = upload_body("job-swap.jsonl", jsonl.as_bytes());
+        let (status, file) = json_request(&addr, "POST", "/v1/files", &ctype, &body)?;
+        anyhow::ensure!(status == 200, "upload: HTTP {status}: {file}");
+        let file_id = file["id"]
+            .as_str()
+            .with_context(|| format!("upload: no id in {file}"))?
+            .to_string();
+        println!(
+            "{jobs} LoRA jobs (r=16 all-linear, {} examples, 1 epoch, batch 2, max_seq_len 64) while {clients} clients stream {tokens}-token chats on the base model (training share {training_share})",
+            JOB_SWAP_EXAMPLES.len()
+        );
+
+        // The load: base-model chats back to back until `stop`.
+        let stop = Arc::new(AtomicBool::new(false));
+        // (completed tokens, ok, failed, first-token times of the ok ones)
+        let totals = Arc::new(Mutex::new((0usize, 0usize, 0usize, Vec::<f64>::new())));
+        let load: Vec<_> = (0..clients)
+            .map(|c| {
+                let (stop, totals, addr, base) =
+                    (stop.clone(), totals.clone(), addr.clone(), base.clone());
+                std::thread::spawn(move || {
+                    let mut seed = c as u64 * 100_000;
+                    while !stop.load(Ordering::Relaxed) {
+                        seed += 1;
+                        let r = stream_chat(&addr, &base, tokens, seed);
+                        let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+                        match r.ttft {
+                            Some(ttft) if r.ok => {
+                                t.0 += r.tokens;
+                                t.1 += 1;
+                                t.3.push(ttft * 1e3);
+                            }
+                            _ => t.2 += 1,
+                        }
+                    }
+                })
+            })
+            .collect();
+        let load_started = Instant::now();
+
+        let mut swap_ms = Vec::new();
+        let mut failed_probes = 0usize;
+        let mut failed_jobs = 0usize;
+        let mut lag_ms = Vec::new();
+        for i in 0..jobs {
+            let req = serde_json::json!({
+                "model": base, "training_file": file_id, "suffix": format!("swap{i}"),
+                "seed": i,
+                "method": {"type": "supervised", "supervised": {
+                    "hyperparameters": {"n_epochs": 1, "batch_size": 2, "max_seq_len": 64},
+                    "adapter": {"type": "lora", "r": 16, "target_modules": "all-linear"}}},
+            })
+            .to_string();
+            let created_at = Instant::now();
+            let (status, job) = json_request(
+                &addr,
+                "POST",
+                "/v1/fine_tuning/jobs",
+                "application/json",
+                req.as_bytes(),
+            )?;
+            anyhow::ensure!(status == 200, "create job: HTTP {status}: {job}");
+            let id = job["id"]
+                .as_str()
+                .with_context(|| format!("create job: no id in {job}"))?
+                .to_string();
+            let job_path = format!("/v1/fine_tuning/jobs/{id}");
+            // Side thread: when a plain poll first sees `succeeded` (20 ms resolution).
+            let polled = {
+                let (addr, job_path) = (addr.clone(), job_path.clone());
+                std::thread::spawn(move || -> Option<Instant> {
+                    let polling = Instant::now();
+                    loop {
+                        let now = Instant::now();
+                        match json_request(&addr, "GET", &job_path, "text/plain", b"") {
+                            Ok((200, j)) => match j["status"].as_str() {
+                                Some("succeeded") => return Some(now),
+                                Some("failed" | "cancelled") => return None,
+                                _ => {}
+                            },
+                            _ => return None,
+                        }
+                        if polling.elapsed().as_secs() > 900 {
+                            return None;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                })
+            };
+            let outcome = follow_job(&addr, &id)?;
+            let Some(succeeded_at) = outcome.succeeded_at else {
+                failed_jobs += 1;
+                let (_, j) = json_request(&addr, "GET", &job_path, "text/plain", b"")?;
+                println!(
+                    "job {i} ({id}): {} without a success event: {}",
+                    j["status"],
+                    outcome.error.unwrap_or_else(|| j["error"].to_string())
+                );
+                let _ = polled.join();
+                continue;
+            };
+            // What a client does next: the model's name (one GET unless the event named it),
+            // then a chat on it.
+            let model = match outcome.model {
+                Some(m) => Some(m),
+                None => json_request(&addr, "GET", &job_path, "text/plain", b"")
+                    .ok()
+                    .and_then(|(_, j)| j["fine_tuned_model"].as_str().map(str::to_string)),
+            };
+            let probe_started = Instant::now();
+            let probe = model
+                .as_deref()
+                .map(|m| stream_chat(&addr, m, tokens, 7 + i as u64));
+            let job_secs = succeeded_at.duration_since(created_at).as_secs_f64();
+            let lag = polled
+                .join()
+                .ok()
+                .flatten()
+                .map(|p| succeeded_at.saturating_duration_since(p).as_secs_f64() * 1e3);
+            let lag_text = lag.map_or("n/a".to_string(), |l| format!("{l:.0} ms"));
+            lag_ms.extend(lag);
+            match probe {
+                Some(StreamResult {
+                    ok: true,
+                    ttft: Some(ttft),
+                    ..
+                }) => {
+                    let before = probe_started.duration_since(succeeded_at).as_secs_f64();
+                    let ms = (before + ttft) * 1e3;
+                    swap_ms.push(ms);
+                    println!(
+                        "job {i} ({}): {job_secs:.1} s to succeed; success event -> first token {ms:.1} ms (name lookup {:.1} ms, chat's own first token {:.1} ms); poll saw succeeded {lag_text} before the event",
+                        model.as_deref().unwrap_or(""),
+                        before * 1e3,
+                        ttft * 1e3
+                    );
+                }
+                _ => {
+                    failed_probes += 1;
+                    println!(
+                        "job {i} ({id}): {job_secs:.1} s to succeed; the chat on {:?} FAILED",
+                        model
+                    );
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in load {
+            let _ = t.join();
+        }
+        let load_secs = load_started.elapsed().as_secs_f64();
+        let (load_tokens, load_ok, load_failed, mut load_ttft) =
+            std::mem::take(&mut *totals.lock().unwrap_or_else(|e| e.into_inner()));
+        job_service.begin_shutdown();
+        job_service.wait_stopped(std::time::Duration::from_secs(60));
+        engine.shutdown(std::time::Duration::from_secs(30));
+
+        swap_ms.sort_by(|a, b| a.total_cmp(b));
+        lag_ms.sort_by(|a, b| a.total_cmp(b));
+        load_ttft.sort_by(|a, b| a.total_cmp(b));
+        let max = percentile(&swap_ms, 1.0);
+        let verdict = if swap_ms.len() == jobs && max < 100.0 {
+            "met"
+        } else {
+            "missed"
+        };
+        println!(
+            "success -> first token: p50 {:.1} ms, max {max:.1} ms over {} of {jobs} jobs; target < 100 ms: {verdict}",
+            percentile(&swap_ms, 0.5),
+            swap_ms.len()
+        );
+        println!(
+            "failed: {load_failed} load requests (of {}), {failed_probes} probes, {failed_jobs} jobs (target 0 failed requests)",
+            load_ok + load_failed
+        );
+        println!(
+            "load: {:.1} tok/s aggregate over {load_secs:.1} s; base first token p50 {:.1} ms, max {:.1} ms",
+            load_tokens as f64 / load_secs,
+            percentile(&load_ttft, 0.5),
+            percentile(&load_ttft, 1.0)
+        );
+        println!(
+            "event stream delivery after the status flip (20 ms poll): p50 {:.0} ms, max {:.0} ms (not in the figure above)",
+            percentile(&lag_ms, 0.5),
+            percentile(&lag_ms, 1.0)
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

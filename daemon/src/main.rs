@@ -106,6 +106,21 @@ enum BenchCommand {
         #[arg(long, default_value_t = 32)]
         tokens: usize,
     },
+    /// Issue 4's hot-swap figure: fine-tuning job success to the first token served with its
+    /// adapter, while clients stream chats on the base model; failed requests, throughput.
+    JobSwap {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Concurrent streaming clients on the base model.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Fine-tuning jobs, one after the other.
+        #[arg(long, default_value_t = 5)]
+        jobs: usize,
+        /// Tokens per chat.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+    },
     /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
     Train {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
@@ -226,6 +241,15 @@ fn main() {
                     tokens,
                 },
         } => itamae::bench::swap(&model, clients, secs, every_ms, tokens),
+        Command::Bench {
+            which:
+                BenchCommand::JobSwap {
+                    model,
+                    clients,
+                    jobs,
+                    tokens,
+                },
+        } => itamae::bench::job_swap(&model, clients, jobs, tokens),
         Command::Bench {
             which:
                 BenchCommand::Train {
