@@ -17,8 +17,9 @@ use crate::jobs::storage::{new_id, now, valid_id, JOB_PREFIX};
 use crate::jobs::store::{status, CheckpointRow, EventRow, JobRow, Store};
 use crate::jobs::Jobs;
 
-/// How often a live event stream looks for new events.
-const STREAM_POLL: Duration = Duration::from_millis(300);
+/// A live event stream is woken by every event or status the store writes; it also looks
+/// this often regardless (a missed wake-up costs at most this much).
+const STREAM_POLL: Duration = Duration::from_millis(1000);
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     fn resource(path: &str) -> actix_web::Resource {
@@ -393,6 +394,7 @@ struct StreamState {
     store: Store,
     job_id: String,
     last_seq: i64,
+    changes: tokio::sync::watch::Receiver<u64>,
     pending: VecDeque<EventRow>,
     /// The job was seen finished once: one more look picks up its last events.
     terminal_seen: bool,
@@ -405,6 +407,7 @@ fn event_stream(
     job_id: String,
 ) -> impl futures::Stream<Item = Result<web::Bytes, std::io::Error>> {
     let st = StreamState {
+        changes: store.subscribe(),
         store,
         job_id,
         last_seq: 0,
@@ -427,6 +430,8 @@ fn event_stream(
                 st.finished = true;
                 return Some((Ok(web::Bytes::from_static(b"data: [DONE]\n\n")), st));
             }
+            // Marked seen before reading: whatever is written from here on wakes the wait below.
+            st.changes.borrow_and_update();
             // The status is read before the events, so that every event written before the job
             // ended is fetched after it is seen ended.
             let terminal = match st.store.get_job(&st.job_id).await {
@@ -450,12 +455,8 @@ fn event_stream(
                 st.terminal_seen = true;
             }
             if st.pending.is_empty() {
-                tokio::time::sleep(if terminal {
-                    Duration::from_millis(1000)
-                } else {
-                    STREAM_POLL
-                })
-                .await;
+                // A closed channel (the store is gone) falls back to the timeout.
+                let _ = tokio::time::timeout(STREAM_POLL, st.changes.changed()).await;
             }
         }
     })

@@ -107,6 +107,9 @@ pub struct Page<T> {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Bumped after every event and job status write: live event streams wait on it instead
+    /// of polling the database.
+    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn json_col(row: &SqliteRow, col: &str) -> Result<Option<Value>> {
@@ -206,7 +209,10 @@ impl Store {
             .max_lifetime(None)
             .connect_with(opts)
             .await?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -359,6 +365,15 @@ impl Store {
         rows.iter().map(job_of).collect()
     }
 
+    /// A receiver that sees a change after each event or status written from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
     /// Moves a job to `to` if its status is one of `from`; false if it was not (a concurrent
     /// cancel, say, got there first).
     pub async fn transition(&self, id: &str, from: &[&str], to: &str) -> Result<bool> {
@@ -368,7 +383,9 @@ impl Store {
         for s in from {
             q = q.bind(*s);
         }
-        Ok(q.execute(&self.pool).await?.rows_affected() > 0)
+        let moved = q.execute(&self.pool).await?.rows_affected() > 0;
+        self.changed();
+        Ok(moved)
     }
 
     /// Ends a job as `to` (failed or cancelled), with an OpenAI `error` object for failures.
@@ -392,7 +409,9 @@ impl Store {
         for s in from {
             q = q.bind(*s);
         }
-        Ok(q.execute(&self.pool).await?.rows_affected() > 0)
+        let moved = q.execute(&self.pool).await?.rows_affected() > 0;
+        self.changed();
+        Ok(moved)
     }
 
     /// Marks a running (or paused) job succeeded; false if it was cancelled meanwhile.
@@ -413,6 +432,7 @@ impl Store {
         .bind(id)
         .execute(&self.pool)
         .await?;
+        self.changed();
         Ok(r.rows_affected() > 0)
     }
 
@@ -466,6 +486,7 @@ impl Store {
         .bind(data.map(json_str))
         .execute(&self.pool)
         .await?;
+        self.changed();
         Ok(EventRow {
             seq: r.last_insert_rowid(),
             id,
