@@ -483,6 +483,67 @@ mod tests {
         }
     }
 
+    /// `x·Wᵀ` at a few row counts on the model's projection shapes: this kernel against
+    /// OpenBLAS's GEMM, interleaved, best of 30. Run with
+    /// `cargo test --release -p itamae-daemon --lib skinny_bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn skinny_bench() {
+        use crate::ops::blas::BlasFloat;
+        use cblas_sys::{CblasNoTrans, CblasTrans};
+        use std::time::Instant;
+        for (n, k) in [(1536usize, 576usize), (576, 1536), (576, 576), (192, 576)] {
+            for m in [8usize, 16, 24, 33, 42, 64] {
+                let (x, w) = (data(m * k, 1), data(n * k, 2));
+                let mut y = vec![0f32; m * n];
+                let (mut ours, mut blas) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..30 {
+                    let t = Instant::now();
+                    let p = Xwt {
+                        x: &x,
+                        ldx: k,
+                        w: &w,
+                        ldw: k,
+                        m,
+                        n,
+                        k,
+                    };
+                    gemm(p, 1.0, 0.0, &mut y, n).unwrap();
+                    ours = ours.min(t.elapsed().as_secs_f64());
+                    let t = Instant::now();
+                    // SAFETY: x is m×k, w is n×k, y is m×n, all row-major and in range.
+                    unsafe {
+                        f32::gemm_raw(
+                            CblasNoTrans,
+                            CblasTrans,
+                            m as i32,
+                            n as i32,
+                            k as i32,
+                            1.0,
+                            x.as_ptr(),
+                            k as i32,
+                            w.as_ptr(),
+                            k as i32,
+                            0.0,
+                            y.as_mut_ptr(),
+                            n as i32,
+                        )
+                    };
+                    blas = blas.min(t.elapsed().as_secs_f64());
+                }
+                let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+                println!(
+                    "{m:>3}x{k:>4}x{n:>4}: skinny {:>7.3} ms ({:>5.0} GFLOP/s)  blas {:>7.3} ms ({:>5.0})  {:.2}x",
+                    ours * 1e3,
+                    gf(ours),
+                    blas * 1e3,
+                    gf(blas),
+                    blas / ours
+                );
+            }
+        }
+    }
+
     #[test]
     fn short_operands_are_an_error() {
         let x = vec![0f32; 10];
