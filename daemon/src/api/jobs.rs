@@ -21,6 +21,9 @@ use crate::jobs::Jobs;
 /// this often regardless (a missed wake-up costs at most this much).
 const STREAM_POLL: Duration = Duration::from_millis(1000);
 
+/// How long a live event stream keeps reading after it sees its job ended.
+const CLOSE_GRACE: Duration = Duration::from_millis(1000);
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     fn resource(path: &str) -> actix_web::Resource {
         web::resource(path).default_service(web::to(method_not_allowed))
@@ -396,8 +399,9 @@ struct StreamState {
     last_seq: i64,
     changes: tokio::sync::watch::Receiver<u64>,
     pending: VecDeque<EventRow>,
-    /// The job was seen finished once: one more look picks up its last events.
-    terminal_seen: bool,
+    /// When the job was first seen finished: its closing events are read until
+    /// [`CLOSE_GRACE`] after that.
+    terminal_seen: Option<std::time::Instant>,
     done: bool,
     finished: bool,
 }
@@ -412,7 +416,7 @@ fn event_stream(
         job_id,
         last_seq: 0,
         pending: VecDeque::new(),
-        terminal_seen: false,
+        terminal_seen: None,
         done: false,
         finished: false,
     };
@@ -446,15 +450,20 @@ fn event_stream(
                     continue;
                 }
             }
+            if !st.pending.is_empty() {
+                continue;
+            }
             if terminal {
-                // The runner writes its closing events just after the final status.
-                if st.terminal_seen {
+                // The runner writes its closing events just after the final status: keep
+                // reading what arrives for a moment after the job is seen ended, then close.
+                let since = *st.terminal_seen.get_or_insert_with(std::time::Instant::now);
+                let left = CLOSE_GRACE.saturating_sub(since.elapsed());
+                if left.is_zero() {
                     st.done = true;
                     continue;
                 }
-                st.terminal_seen = true;
-            }
-            if st.pending.is_empty() {
+                let _ = tokio::time::timeout(left, st.changes.changed()).await;
+            } else {
                 // A closed channel (the store is gone) falls back to the timeout.
                 let _ = tokio::time::timeout(STREAM_POLL, st.changes.changed()).await;
             }
