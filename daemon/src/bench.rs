@@ -56,13 +56,10 @@ pub fn decode(
         );
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
+        // The step the engine serves with: a decode batch (of one), run on the pool.
         for _ in 0..tokens {
-            let input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-            next = argmax(
-                &m.forward_last(&input, Some(&mut cache))?
-                    .squeeze(0)?
-                    .to_vec1()?,
-            );
+            let logits = rayon::scope(|_| m.decode_batch(&[next], &mut [&mut cache], &[None]))?;
+            next = argmax(&logits.squeeze(0)?.to_vec1()?);
         }
         let dec = t.elapsed().as_secs_f64();
         if run > 0 {
