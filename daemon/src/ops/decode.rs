@@ -129,7 +129,7 @@ fn row(
                 let qh = &q[h * d..][..d];
                 let mut max = f32::NEG_INFINITY;
                 for (j, pj) in p.iter_mut().enumerate() {
-                    *pj = scale * dot(qh, kv.vector(g, j, d));
+                    *pj = scale * super::dot(qh, kv.vector(g, j, d));
                     max = max.max(*pj);
                 }
                 let mut sum = 0f32;
@@ -149,24 +149,6 @@ fn row(
             Ok(())
         })
     })
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums so the loop vectorises without reassociation.
-    let mut s = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            s[i] += x[i] * y[i];
-        }
-    }
-    s.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -197,16 +179,7 @@ mod tests {
         let got = attention_rows(&q, &kv, scale).unwrap();
         let want = composed(&q, &kv, scale).unwrap();
         assert_eq!(got.dims(), want.dims());
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::ops::gradcheck::max_diff(&got, &want);
         assert!(diff < 1e-5, "max abs diff {diff}");
     }
 

@@ -387,7 +387,7 @@ pub fn add_lora_rows(y: &Tensor, x: &Tensor, terms: &[Option<LoraTerm<'_>>]) -> 
         bail!("add_lora_rows: scalar operands")
     };
     match y.dtype() {
-        DType::F32 if y.device().is_cpu() => add_lora_rows_f32(y, x, terms, out, inp),
+        DType::F32 if y.device().is_cpu() => run::<f32>(y, x, terms, out, inp),
         DType::F64 if y.device().is_cpu() => run::<f64>(y, x, terms, out, inp),
         _ => {
             // other devices and dtypes: the same sum with candle ops
@@ -408,95 +408,6 @@ pub fn add_lora_rows(y: &Tensor, x: &Tensor, terms: &[Option<LoraTerm<'_>>]) -> 
             Tensor::cat(&parts, 0)
         }
     }
-}
-
-/// The f32 CPU path of [`add_lora_rows`]: every group on its own rayon task (each reads only
-/// its variant's factors, so the groups are independent and the step is bound by how fast the
-/// factors stream in), with both products in the few-row kernel.
-fn add_lora_rows_f32(
-    y: &Tensor,
-    x: &Tensor,
-    terms: &[Option<LoraTerm<'_>>],
-    out: usize,
-    inp: usize,
-) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let mut yv = super::to_flat_vec::<f32>(y)?;
-    let xv = super::to_flat_vec::<f32>(x)?;
-    let rows = yv.len() / out.max(1);
-    let per = rows / terms.len().max(1);
-    if per == 0 || per * terms.len() != rows || xv.len() != rows * inp {
-        bail!("add_lora_rows: {rows} rows for {} terms", terms.len())
-    }
-    // Read locks on the factors' storages, held on this thread while the tasks borrow them.
-    let guards = terms
-        .iter()
-        .map(|t| {
-            t.as_ref()
-                .map(|t| (t.a.storage_and_layout(), t.b.storage_and_layout(), t.scale))
-        })
-        .collect::<Vec<_>>();
-    let factors = guards
-        .iter()
-        .map(|g| {
-            g.as_ref()
-                .map(|((a_s, a_l), (b_s, b_l), scale)| {
-                    Ok((
-                        blas::cpu_operand::<f32>(a_s, a_l)?,
-                        blas::cpu_operand::<f32>(b_s, b_l)?,
-                        *scale as f32,
-                    ))
-                })
-                .transpose()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    yv.par_chunks_mut(per * out)
-        .zip(xv.par_chunks(per * inp))
-        .zip(factors.par_iter())
-        .try_for_each(|((ys, xs), f)| {
-            let Some((a, b, scale)) = f else {
-                return Ok(());
-            };
-            let (a, b) = (a.mat(), b.mat());
-            let r = a.rows;
-            if a.cols != inp || b.rows != out || b.cols != r {
-                bail!(
-                    "add_lora_rows: A {}x{} / B {}x{} for {inp} -> {out}",
-                    a.rows,
-                    a.cols,
-                    b.rows,
-                    b.cols
-                )
-            }
-            let mut h = vec![0f32; per * r];
-            if a.trans || b.trans {
-                // factors stored transposed (not how adapters load them): BLAS takes any layout
-                blas::gemm(1.0, Mat::new(xs, per, inp), a.t(), 0.0, &mut h, r)?;
-                return blas::gemm(*scale, Mat::new(&h, per, r), b.t(), 1.0, ys, out);
-            }
-            let err = |e: String| candle_core::Error::Msg(format!("add_lora_rows: {e}"));
-            let p = super::skinny::Xwt {
-                x: xs,
-                ldx: inp,
-                w: a.data,
-                ldw: a.ld,
-                m: per,
-                n: r,
-                k: inp,
-            };
-            super::skinny::gemm_serial(p, 1.0, 0.0, &mut h, r).map_err(err)?;
-            let p = super::skinny::Xwt {
-                x: &h,
-                ldx: r,
-                w: b.data,
-                ldw: b.ld,
-                m: per,
-                n: out,
-                k: r,
-            };
-            super::skinny::gemm_serial(p, *scale, 1.0, ys, out).map_err(err)
-        })?;
-    Tensor::from_vec(yv, y.shape(), y.device())
 }
 
 fn lora_fused_applies(

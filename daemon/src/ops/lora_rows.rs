@@ -19,7 +19,7 @@ use rayon::prelude::*;
 pub type DecodeElem = f16;
 
 /// Element types the packed factors may be stored in.
-pub trait Elem: Copy + Send + Sync + 'static {
+pub trait Elem: Copy + Send + Sync + Into<f32> + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
 }
@@ -254,20 +254,7 @@ impl<T: Elem> Kernels<T> {
 /// # Safety
 /// Always safe; `unsafe` only to share the kernels' signature.
 unsafe fn dot_portable<T: Elem>(a: &[T], x: &[f32]) -> f32 {
-    let mut s = [0f32; 8];
-    let (ac, xc) = (a.chunks_exact(8), x.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(xc.remainder())
-        .map(|(a, x)| a.to_f32() * x)
-        .sum();
-    for (a, x) in ac.zip(xc) {
-        for l in 0..8 {
-            s[l] += a[l].to_f32() * x[l];
-        }
-    }
-    s.iter().sum::<f32>() + tail
+    super::dot(a, x)
 }
 
 /// # Safety
@@ -291,43 +278,57 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub(super) fn kernels<T: Elem>() -> Option<Kernels<T>> {
-        let f32_ = TypeId::of::<T>() == TypeId::of::<f32>();
-        let f16_ = TypeId::of::<T>() == TypeId::of::<f16>();
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c");
-        // SAFETY (transmutes): T is exactly the element type of the chosen functions (checked
-        // by TypeId), so the function pointer types are identical.
+        avx512().or_else(avx2)
+    }
+
+    /// The kernels for `T` from `f32_` / `f16_` instances of one instruction set.
+    fn typed<T: Elem>(f32_: Kernels<f32>, f16_: Kernels<f16>) -> Option<Kernels<T>> {
+        // SAFETY: T is exactly the element type of the kernels returned (checked by TypeId),
+        // so the function pointer types are identical.
         unsafe {
-            match (f32_, f16_, avx512, avx2) {
-                (true, _, true, _) => {
-                    Some(std::mem::transmute::<Kernels<f32>, Kernels<T>>(Kernels {
-                        dot: dot512::<F32>,
-                        axpys: axpys512::<F32>,
-                    }))
-                }
-                (_, true, true, _) => {
-                    Some(std::mem::transmute::<Kernels<f16>, Kernels<T>>(Kernels {
-                        dot: dot512::<F16>,
-                        axpys: axpys512::<F16>,
-                    }))
-                }
-                (true, _, false, true) => {
-                    Some(std::mem::transmute::<Kernels<f32>, Kernels<T>>(Kernels {
-                        dot: dot256::<F32>,
-                        axpys: axpys256::<F32>,
-                    }))
-                }
-                (_, true, false, true) => {
-                    Some(std::mem::transmute::<Kernels<f16>, Kernels<T>>(Kernels {
-                        dot: dot256::<F16>,
-                        axpys: axpys256::<F16>,
-                    }))
-                }
-                _ => None,
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                Some(std::mem::transmute::<Kernels<f32>, Kernels<T>>(f32_))
+            } else if TypeId::of::<T>() == TypeId::of::<f16>() {
+                Some(std::mem::transmute::<Kernels<f16>, Kernels<T>>(f16_))
+            } else {
+                None
             }
         }
+    }
+
+    fn avx512<T: Elem>() -> Option<Kernels<T>> {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return None;
+        }
+        typed(
+            Kernels {
+                dot: dot512::<F32>,
+                axpys: axpys512::<F32>,
+            },
+            Kernels {
+                dot: dot512::<F16>,
+                axpys: axpys512::<F16>,
+            },
+        )
+    }
+
+    fn avx2<T: Elem>() -> Option<Kernels<T>> {
+        let ok = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        if !ok {
+            return None;
+        }
+        typed(
+            Kernels {
+                dot: dot256::<F32>,
+                axpys: axpys256::<F32>,
+            },
+            Kernels {
+                dot: dot256::<F16>,
+                axpys: axpys256::<F16>,
+            },
+        )
     }
 
     /// Loads of 16 (AVX-512) or 8 (AVX2) stored factors as f32 lanes.
@@ -482,47 +483,10 @@ mod x86 {
 
     #[cfg(test)]
     pub(super) fn all<T: Elem>() -> Vec<(&'static str, Kernels<T>)> {
-        let mut v = Vec::new();
-        let f32_ = TypeId::of::<T>() == TypeId::of::<f32>();
-        // SAFETY: as in `kernels`, T matches the functions' element type.
-        unsafe {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push((
-                    "avx512",
-                    if f32_ {
-                        std::mem::transmute::<Kernels<f32>, Kernels<T>>(Kernels {
-                            dot: dot512::<F32>,
-                            axpys: axpys512::<F32>,
-                        })
-                    } else {
-                        std::mem::transmute::<Kernels<f16>, Kernels<T>>(Kernels {
-                            dot: dot512::<F16>,
-                            axpys: axpys512::<F16>,
-                        })
-                    },
-                ));
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                v.push((
-                    "avx2",
-                    if f32_ {
-                        std::mem::transmute::<Kernels<f32>, Kernels<T>>(Kernels {
-                            dot: dot256::<F32>,
-                            axpys: axpys256::<F32>,
-                        })
-                    } else {
-                        std::mem::transmute::<Kernels<f16>, Kernels<T>>(Kernels {
-                            dot: dot256::<F16>,
-                            axpys: axpys256::<F16>,
-                        })
-                    },
-                ));
-            }
-        }
-        v
+        [("avx512", avx512()), ("avx2", avx2())]
+            .into_iter()
+            .filter_map(|(name, k)| k.map(|k| (name, k)))
+            .collect()
     }
 }
 

@@ -42,6 +42,25 @@ pub(crate) fn to_flat_vec<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T
     t.contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
+/// `Σ aᵢ·bᵢ` over the shorter of the two, with eight partial sums so the loop vectorises
+/// without reassociating (the portable kernels' and decode attention's dot product).
+pub(crate) fn dot<A: Copy + Into<f32>>(a: &[A], b: &[f32]) -> f32 {
+    let mut s = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(&x, y)| x.into() * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            s[i] += x[i].into() * y[i];
+        }
+    }
+    s.iter().sum::<f32>() + tail
+}
+
 /// Whether any of `ts` takes part in a gradient computation.
 fn tracked(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())

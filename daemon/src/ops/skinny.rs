@@ -201,22 +201,7 @@ unsafe fn tile_portable(
     for (i, row) in acc.iter_mut().enumerate().take(rr) {
         let x = &p.x[(r + i) * p.ldx..][..p.k];
         for (j, v) in row.iter_mut().enumerate().take(oo) {
-            let w = &p.w[(o + j) * p.ldw..][..p.k];
-            // Eight partial sums let the compiler vectorise without reassociating.
-            let mut s = [0f32; 8];
-            let (xc, wc) = (x.chunks_exact(8), w.chunks_exact(8));
-            let tail: f32 = xc
-                .remainder()
-                .iter()
-                .zip(wc.remainder())
-                .map(|(a, b)| a * b)
-                .sum();
-            for (a, b) in xc.zip(wc) {
-                for l in 0..8 {
-                    s[l] += a[l] * b[l];
-                }
-            }
-            *v = s.iter().sum::<f32>() + tail;
+            *v = super::dot(&p.w[(o + j) * p.ldw..][..p.k], x);
         }
     }
 }
