@@ -220,10 +220,25 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
         .collect();
     let e = engine();
     let id = e.models()[0].id.clone();
-    let mut rxs = Vec::new();
-    for q in &questions {
-        let p = e
-            .prepare(GenerationRequest {
+    let prefill_batches = || {
+        let text = itamae::metrics::global().render();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        (
+            value("itamae_prefill_batch_size_sum"),
+            value("itamae_prefill_batch_size_count"),
+        )
+    };
+    let (sum0, count0) = prefill_batches();
+    // Prepared first and submitted back to back: the later ones queue while the engine
+    // prefills the first, and are prefilled together.
+    let prepared: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            e.prepare(GenerationRequest {
                 model: id.clone(),
                 input: PromptInput::Chat {
                     messages: vec![json!({"role": "user", "content": q})],
@@ -235,9 +250,10 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
                 max_tokens: Some(24),
                 stop: vec![],
             })
-            .unwrap();
-        rxs.push(e.submit(p).unwrap());
-    }
+            .unwrap()
+        })
+        .collect();
+    let rxs: Vec<_> = prepared.into_iter().map(|p| e.submit(p).unwrap()).collect();
     for (i, mut rx) in rxs.into_iter().enumerate() {
         let mut text = String::new();
         loop {
@@ -249,6 +265,13 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
         }
         assert_eq!(text, solo[i], "request {i} differs when batched");
     }
+    let (sum, count) = prefill_batches();
+    assert!(
+        sum - sum0 > count - count0,
+        "no prefill took more than one prompt ({} prompts in {} forwards)",
+        sum - sum0,
+        count - count0
+    );
 }
 
 /// The HF-directory loader (config.json, model.safetensors, tokenizer.json,

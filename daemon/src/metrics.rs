@@ -44,6 +44,7 @@ struct Inner {
     running: IntGauge,
     waiting: IntGauge,
     batch_size: Histogram,
+    prefill_batch_size: Histogram,
     adapters_resident: IntGauge,
     adapters_resident_bytes: IntGauge,
     adapter_loads: IntCounterVec,
@@ -223,6 +224,12 @@ impl Metrics {
                 &r,
                 "itamae_batch_size",
                 "Sequences per engine step",
+                BATCH_BUCKETS,
+            ),
+            prefill_batch_size: hist(
+                &r,
+                "itamae_prefill_batch_size",
+                "Prompts prefilled together in one forward",
                 BATCH_BUCKETS,
             ),
             adapters_resident: int_gauge(
@@ -410,6 +417,10 @@ impl Metrics {
         self.inner.batch_size.observe(n as f64);
     }
 
+    pub fn observe_prefill_batch(&self, n: usize) {
+        self.inner.prefill_batch_size.observe(n as f64);
+    }
+
     // --- Adapters ---------------------------------------------------------------------------
 
     pub fn set_adapters_resident(&self, n: usize) {
@@ -536,6 +547,7 @@ mod tests {
         m.set_running(2);
         m.set_waiting(1);
         m.observe_batch_size(2);
+        m.observe_prefill_batch(3);
         m.set_adapters_resident(1);
         m.set_adapters_resident_bytes(4096);
         m.adapter_loaded("ad", 0.02);
@@ -559,6 +571,7 @@ mod tests {
             "itamae_num_requests_running 2",
             "itamae_num_requests_waiting 1",
             "itamae_batch_size_count 1",
+            "itamae_prefill_batch_size_sum 3",
             "itamae_adapters_resident 1",
             "itamae_adapters_resident_bytes 4096",
             r#"itamae_adapter_loads_total{model="ad"} 1"#,

@@ -639,6 +639,10 @@ const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Most sequences decoded together in one step; the rest wait (in order) for a slot.
 pub const MAX_BATCH: usize = 16;
+
+/// Most prompt tokens prefilled in one forward (a long prompt alone may exceed it): keeps the
+/// running sequences' next token from waiting behind a very large prefill.
+const PREFILL_BATCH_TOKENS: usize = 512;
 /// Requests allowed to wait for a slot before new ones are refused (HTTP 429).
 pub const MAX_WAITING: usize = 64;
 
@@ -687,17 +691,53 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
             }
             !gone
         });
-        if running.len() < MAX_BATCH {
-            if let Some(mut seq) = waiting.pop_front() {
-                sh.waiting
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                let queued = seq.job.submitted.elapsed().as_secs_f64();
-                crate::metrics::global().observe_queue(&seq.job.p.model, queued);
-                match seq.prefill(&model, &sh) {
-                    Ok(Step::Continue) => running.push(seq),
-                    Ok(Step::Done) => {}
-                    Err(e) => seq.fail(&e),
+        // The front of the queue, with the requests right behind it that share its adapter,
+        // prefilled together: a request that arrives while others wait no longer waits for
+        // each of their prefills in turn.
+        let mut group: Vec<Seq> = Vec::new();
+        let mut group_tokens = 0;
+        while running.len() + group.len() < MAX_BATCH {
+            let Some(next) = waiting.front() else { break };
+            let fits = match group.first() {
+                None => true,
+                Some(first) => {
+                    first.joins_prefill(next)
+                        && group_tokens + next.job.p.prompt_tokens <= PREFILL_BATCH_TOKENS
                 }
+            };
+            if !fits {
+                break;
+            }
+            let Some(seq) = waiting.pop_front() else {
+                break;
+            };
+            sh.waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let queued = seq.job.submitted.elapsed().as_secs_f64();
+            crate::metrics::global().observe_queue(&seq.job.p.model, queued);
+            group_tokens += seq.job.p.prompt_tokens;
+            group.push(seq);
+        }
+        if !group.is_empty() {
+            crate::metrics::global().observe_prefill_batch(group.len());
+        }
+        if group.len() == 1 {
+            let mut seq = group.remove(0);
+            match seq.prefill(&model, &sh) {
+                Ok(Step::Continue) => running.push(seq),
+                Ok(Step::Done) => {}
+                Err(e) => seq.fail(&e),
+            }
+        } else if !group.is_empty() {
+            match prefill_group(&model, &mut group) {
+                Ok(rows) => {
+                    for (mut seq, row) in group.into_iter().zip(rows) {
+                        if let Step::Continue = seq.accept(row, &sh) {
+                            running.push(seq);
+                        }
+                    }
+                }
+                Err(e) => group.iter().for_each(|seq| seq.fail(&e)),
             }
         }
         running.retain(|s| !s.client_gone());
@@ -723,6 +763,20 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
         m.set_running(running.len());
         m.set_waiting(waiting.len());
     }
+}
+
+/// Prefills sequences that share one adapter (see [`Seq::joins_prefill`]) in one forward;
+/// returns each one's logits.
+fn prefill_group(model: &Llama, group: &mut [Seq]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let xs = group
+        .iter()
+        .map(|s| s.prompt_embeddings(model))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let adapter = group.first().and_then(|s| s.job.p.adapter.clone());
+    let hooks = adapter.as_deref().map(|a| a as &dyn ForwardHooks);
+    let mut caches: Vec<&mut KvCache> = group.iter_mut().map(|s| &mut s.cache).collect();
+    let logits = rayon::scope(|_| model.prefill_batch(&xs, &mut caches, hooks))?;
+    crate::model::llama::rows_f32(&logits)
 }
 
 /// One token for every running sequence.
@@ -781,14 +835,33 @@ impl Seq {
         let _ = self.job.events.send(GenEvent::Failed(e.to_string()));
     }
 
+    /// The prompt's embeddings `(1, l, hidden)`, after the soft prompt of a prompt-tuned
+    /// variant.
+    fn prompt_embeddings(&self, model: &Llama) -> candle_core::Result<Tensor> {
+        let input = Tensor::new(self.job.p.tokens.as_slice(), model.device())?.unsqueeze(0)?;
+        let x = model.embed(&input)?;
+        match self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt) {
+            Some(soft) => Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1),
+            None => Ok(x),
+        }
+    }
+
+    /// Whether `other` can be prefilled in one forward with this sequence: the same adapter
+    /// object (or both on the base model), and not a prefix-tuned one (its prefix goes into
+    /// each cache first).
+    fn joins_prefill(&self, other: &Seq) -> bool {
+        let same = match (&self.job.p.adapter, &other.job.p.adapter) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) && a.prefix_len() == 0,
+            _ => false,
+        };
+        same && self.cache.is_empty() && other.cache.is_empty()
+    }
+
     /// Runs the prompt (after the soft prompt of a prompt-tuned variant; a prefix-tuned
     /// variant's prefix is written into the cache by the model) and takes the first token.
     fn prefill(&mut self, model: &Llama, sh: &Shared) -> candle_core::Result<Step> {
-        let input = Tensor::new(self.job.p.tokens.as_slice(), model.device())?.unsqueeze(0)?;
-        let mut x = model.embed(&input)?;
-        if let Some(soft) = self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt) {
-            x = Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1)?;
-        }
+        let x = self.prompt_embeddings(model)?;
         let ctx = Ctx {
             cache: Some(&mut self.cache),
             hooks: self
@@ -799,7 +872,9 @@ impl Seq {
                 .map(|a| a as &dyn ForwardHooks),
             packed: None,
         };
-        let logits = model.last_logits(&x, ctx)?.squeeze(0)?.to_vec1::<f32>()?;
+        let logits = rayon::scope(|_| model.last_logits(&x, ctx))?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
         Ok(self.accept(logits, sh))
     }
 

@@ -996,6 +996,93 @@ impl Llama {
         self.logits(&ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?.squeeze(1)?)
     }
 
+    /// Prefills several fresh sequences in one forward: `xs[i]` are the embeddings `(1, l_i,
+    /// hidden)` of sequence `i` (its soft prompt included), `caches[i]` its empty cache, and
+    /// `hooks` the one adapter they share (none with a KV prefix). The prompts are packed into
+    /// one row, so the projections run as one GEMM over all their tokens (several times the
+    /// rows, a fraction more time) while attention stays inside each prompt. Returns the logits
+    /// of each prompt's last position `(n, vocab)`.
+    pub fn prefill_batch(
+        &self,
+        xs: &[Tensor],
+        caches: &mut [&mut KvCache],
+        hooks: Option<&dyn ForwardHooks>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let n = xs.len();
+        if caches.len() != n || n == 0 {
+            candle_core::bail!("prefill_batch: {n} prompts for {} caches", caches.len())
+        }
+        if caches.iter().any(|k| !k.is_empty()) || hooks.is_some_and(|h| h.prefix_len() > 0) {
+            candle_core::bail!("prefill_batch: caches must be empty and adapters prefix-free")
+        }
+        let lens = xs.iter().map(|x| x.dim(1)).collect::<Result<Vec<_>>>()?;
+        if let Some(&l) = lens
+            .iter()
+            .find(|&&l| l == 0 || l > c.max_position_embeddings)
+        {
+            candle_core::bail!(
+                "prefill_batch: a prompt of {l} positions (context {})",
+                c.max_position_embeddings
+            )
+        }
+        let offsets: Vec<usize> = lens
+            .iter()
+            .scan(0, |acc, &l| {
+                let off = *acc;
+                *acc += l;
+                Some(off)
+            })
+            .collect();
+        let x = Tensor::cat(xs, 1)?;
+        let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let total = positions.len();
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let half = c.head_dim / 2;
+        let cos = self
+            .cos
+            .index_select(&pos, 0)?
+            .reshape((1, 1, total, half))?;
+        let sin = self
+            .sin
+            .index_select(&pos, 0)?
+            .reshape((1, 1, total, half))?;
+        let masks = lens
+            .iter()
+            .map(|&l| {
+                (l > 1)
+                    .then(|| ops::causal_mask(l, 0, x.dtype(), &self.device))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let x = self.run_layers(&x, Rows::All(hooks), &cos, &sin, &mut |i, q, k, v| {
+            let mut outs = Vec::with_capacity(n);
+            for (s, cache) in caches.iter_mut().enumerate() {
+                let (off, l) = (offsets[s], lens[s]);
+                let (ks, vs) = cache.layers[i].append(
+                    &k.narrow(2, off, l)?.contiguous()?,
+                    &v.narrow(2, off, l)?.contiguous()?,
+                )?;
+                let qs = q.narrow(2, off, l)?;
+                outs.push(ops::attention(&qs, &ks, &vs, masks[s].as_ref(), scale)?);
+            }
+            Tensor::cat(&outs, 2)
+        })?;
+        for (cache, &l) in caches.iter_mut().zip(&lens) {
+            cache.len += l;
+        }
+        let last: Vec<u32> = offsets
+            .iter()
+            .zip(&lens)
+            .map(|(&o, &l)| (o + l - 1) as u32)
+            .collect();
+        let h = x
+            .squeeze(0)?
+            .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        self.logits(&ops::rms_norm(&h, &self.norm, c.rms_norm_eps)?)
+    }
+
     /// Hidden states `(..., hidden)` → logits `(..., vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         ops::linear(hidden, &self.lm_head, None)
@@ -1320,6 +1407,64 @@ pub(crate) mod tests {
         let d = max_abs(&solo, &batched);
         assert!(d < tol, "batched vs solo: max abs diff {d}");
         caches.iter().map(KvCache::len).collect()
+    }
+
+    #[test]
+    fn batched_prefill_equals_one_prompt_at_a_time() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let m = Llama::random(tiny_config(arch), &Device::Cpu).unwrap();
+            let delta = TestHooks {
+                k: Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu).unwrap(),
+                v: Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu).unwrap(),
+                delta_scale: 0.05,
+            };
+            let prompts: [&[u32]; 3] = [&[3, 4, 5, 6, 7], &[8], &[9, 10, 11]];
+            for hooks in [None, Some(&delta as &dyn ForwardHooks)] {
+                let ids = |t: &[u32]| Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                let mut solo_caches = Vec::new();
+                let mut solo = Vec::new();
+                for p in prompts {
+                    let mut cache = KvCache::new(&m.cfg, 16);
+                    let ctx = Ctx {
+                        cache: Some(&mut cache),
+                        hooks,
+                        packed: None,
+                    };
+                    solo.push(m.last_logits(&m.embed(&ids(p)).unwrap(), ctx).unwrap());
+                    solo_caches.push(cache);
+                }
+                let solo = Tensor::cat(&solo, 0).unwrap();
+                let xs: Vec<Tensor> = prompts.iter().map(|p| m.embed(&ids(p)).unwrap()).collect();
+                let mut caches: Vec<KvCache> =
+                    prompts.iter().map(|_| KvCache::new(&m.cfg, 16)).collect();
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let batched = m.prefill_batch(&xs, &mut refs, hooks).unwrap();
+                assert!(max_abs(&solo, &batched) < 1e-4, "{arch:?}: logits differ");
+                // the caches hold the same keys and values: the next decode step agrees
+                let next = [12, 13, 14];
+                let mut a: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let mut b: Vec<&mut KvCache> = solo_caches.iter_mut().collect();
+                let per_row = [hooks; 3];
+                let (da, db) = (
+                    m.decode_batch(&next, &mut a, &per_row).unwrap(),
+                    m.decode_batch(&next, &mut b, &per_row).unwrap(),
+                );
+                assert!(
+                    max_abs(&da, &db) < 1e-4,
+                    "{arch:?}: decode after prefill differs"
+                );
+                assert_eq!(
+                    caches.iter().map(KvCache::len).collect::<Vec<_>>(),
+                    [6, 2, 4]
+                );
+            }
+            let mut used = KvCache::new(&m.cfg, 16);
+            used.len = 1;
+            let x = m
+                .embed(&Tensor::new(&[[1u32]], &Device::Cpu).unwrap())
+                .unwrap();
+            assert!(m.prefill_batch(&[x], &mut [&mut used], None).is_err());
+        }
     }
 
     #[test]
