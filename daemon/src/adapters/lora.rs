@@ -558,5 +558,33 @@ mod tests {
         let runs = crate::ops::lora_rows::RUNS.with(|c| c.get()) - before;
         let projections = cfg.num_layers * Proj::ALL.len();
         assert_eq!(runs, projections, "the packed path ran once per projection");
+
+        // A packed prefill of prompts on different variants: each prompt's last logits as
+        // alone (f32 tensors) to f16's precision, through the packed path.
+        let ids = |t: &[u32]| Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let solo: Vec<Tensor> = prompts
+            .iter()
+            .zip(hooks)
+            .map(|(p, hooks)| {
+                let mut cache = crate::model::KvCache::new(&cfg, 16);
+                let ctx = Ctx {
+                    cache: Some(&mut cache),
+                    hooks,
+                    packed: None,
+                };
+                m.last_logits(&m.embed(&ids(p)).unwrap(), ctx).unwrap()
+            })
+            .collect();
+        let xs: Vec<Tensor> = prompts.iter().map(|p| m.embed(&ids(p)).unwrap()).collect();
+        let mut caches: Vec<_> = (0..4)
+            .map(|_| crate::model::KvCache::new(&cfg, 16))
+            .collect();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let before = crate::ops::lora_rows::RUNS.with(|c| c.get());
+        let batched = m.prefill_batch(&xs, &mut refs, &hooks).unwrap();
+        let runs = crate::ops::lora_rows::RUNS.with(|c| c.get()) - before;
+        assert_eq!(runs, projections, "the packed path ran once per projection");
+        let d = max_diff(&Tensor::cat(&solo, 0).unwrap(), &batched);
+        assert!(d < 2e-2, "packed prefill vs solo: {d}");
     }
 }

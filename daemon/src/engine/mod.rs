@@ -691,9 +691,9 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
             }
             !gone
         });
-        // The front of the queue, with the requests right behind it that share its adapter,
-        // prefilled together: a request that arrives while others wait no longer waits for
-        // each of their prefills in turn.
+        // The front of the queue and the requests right behind it, prefilled together (each
+        // with its own adapter): a request that arrives while others wait no longer waits
+        // for each of their prefills in turn.
         let mut group: Vec<Seq> = Vec::new();
         let mut group_tokens = 0;
         while running.len() + group.len() < MAX_BATCH {
@@ -701,7 +701,8 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
             let fits = match group.first() {
                 None => true,
                 Some(first) => {
-                    first.joins_prefill(next)
+                    first.joins_prefill()
+                        && next.joins_prefill()
                         && group_tokens + next.job.p.prompt_tokens <= PREFILL_BATCH_TOKENS
                 }
             };
@@ -765,17 +766,20 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
     }
 }
 
-/// Prefills sequences that share one adapter (see [`Seq::joins_prefill`]) in one forward;
-/// returns each one's logits.
+/// Prefills sequences (see [`Seq::joins_prefill`]) in one forward; returns each one's logits.
 fn prefill_group(model: &Llama, group: &mut [Seq]) -> candle_core::Result<Vec<Vec<f32>>> {
     let xs = group
         .iter()
         .map(|s| s.prompt_embeddings(model))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let adapter = group.first().and_then(|s| s.job.p.adapter.clone());
-    let hooks = adapter.as_deref().map(|a| a as &dyn ForwardHooks);
+    let adapters: Vec<Option<Arc<Adapter>>> =
+        group.iter().map(|s| s.job.p.adapter.clone()).collect();
+    let hooks: Vec<Option<&dyn ForwardHooks>> = adapters
+        .iter()
+        .map(|a| a.as_deref().map(|a| a as &dyn ForwardHooks))
+        .collect();
     let mut caches: Vec<&mut KvCache> = group.iter_mut().map(|s| &mut s.cache).collect();
-    let logits = rayon::scope(|_| model.prefill_batch(&xs, &mut caches, hooks))?;
+    let logits = rayon::scope(|_| model.prefill_batch(&xs, &mut caches, &hooks))?;
     crate::model::llama::rows_f32(&logits)
 }
 
@@ -846,16 +850,16 @@ impl Seq {
         }
     }
 
-    /// Whether `other` can be prefilled in one forward with this sequence: the same adapter
-    /// object (or both on the base model), and not a prefix-tuned one (its prefix goes into
-    /// each cache first).
-    fn joins_prefill(&self, other: &Seq) -> bool {
-        let same = match (&self.job.p.adapter, &other.job.p.adapter) {
-            (None, None) => true,
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) && a.prefix_len() == 0,
-            _ => false,
-        };
-        same && self.cache.is_empty() && other.cache.is_empty()
+    /// Whether this sequence can be prefilled in one forward with others: any mix of the base
+    /// model and variants, except prefix-tuned ones (their prefix goes into the cache first).
+    fn joins_prefill(&self) -> bool {
+        self.cache.is_empty()
+            && self
+                .job
+                .p
+                .adapter
+                .as_deref()
+                .is_none_or(|a| a.prefix_len() == 0)
     }
 
     /// Runs the prompt (after the soft prompt of a prompt-tuned variant; a prefix-tuned

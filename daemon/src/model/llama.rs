@@ -268,11 +268,30 @@ enum Rows<'a> {
     All(Option<&'a dyn ForwardHooks>),
     /// Row `i` (of a `(n, 1, ·)` decode batch) uses `hooks[i]`.
     PerRow(&'a [Option<&'a dyn ForwardHooks>]),
+    /// Packed prompts in one row `(1, l, ·)`: consecutive spans of `len` positions, each with
+    /// its own adapter.
+    Spans(&'a [(usize, Option<&'a dyn ForwardHooks>)]),
 }
 
 impl Rows<'_> {
     /// `y` (the base projection of `h`) plus the adapters' deltas.
     fn add_deltas(&self, layer: usize, proj: Proj, h: &Tensor, y: Tensor) -> Result<Tensor> {
+        if let Rows::Spans(spans) = *self {
+            let packed = spans
+                .iter()
+                .filter_map(|s| s.1)
+                .all(|hk| hk.has_decode_terms());
+            if packed && !h.track_op() && h.device().is_cpu() && h.dtype() == DType::F32 {
+                let terms: Vec<_> = spans
+                    .iter()
+                    .map(|&(len, hk)| (len, hk.and_then(|hk| hk.decode_term(layer, proj))))
+                    .collect();
+                if terms.iter().all(|t| t.1.is_none()) {
+                    return Ok(y);
+                }
+                return ops::lora_rows::add_spans(y, h, &terms);
+            }
+        }
         if let Rows::PerRow(hooks) = *self {
             let packed = hooks.iter().flatten().all(|hk| hk.has_decode_terms());
             if packed && !h.track_op() && h.device().is_cpu() && h.dtype() == DType::F32 {
@@ -329,6 +348,35 @@ impl Rows<'_> {
         match *self {
             Rows::All(None) => Ok(None),
             Rows::All(Some(hk)) => hk.linear_delta(layer, proj, h),
+            Rows::Spans(spans) => {
+                let mut parts = Vec::with_capacity(spans.len());
+                let (mut off, mut shape) = (0, None);
+                for &(len, hk) in spans {
+                    let d = match hk {
+                        Some(hk) => hk.linear_delta(layer, proj, &h.narrow(1, off, len)?)?,
+                        None => None,
+                    };
+                    if let Some(d) = &d {
+                        shape = Some(d.dims().to_vec());
+                    }
+                    parts.push((len, d));
+                    off += len;
+                }
+                let Some(mut shape) = shape else {
+                    return Ok(None);
+                };
+                let parts = parts
+                    .into_iter()
+                    .map(|(len, d)| match d {
+                        Some(d) => Ok(d),
+                        None => {
+                            shape[1] = len;
+                            Tensor::zeros(shape.as_slice(), h.dtype(), h.device())
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 1).map(Some)
+            }
             Rows::PerRow(hooks) => {
                 let mut rows = Vec::with_capacity(hooks.len());
                 let mut any = false;
@@ -998,22 +1046,27 @@ impl Llama {
 
     /// Prefills several fresh sequences in one forward: `xs[i]` are the embeddings `(1, l_i,
     /// hidden)` of sequence `i` (its soft prompt included), `caches[i]` its empty cache, and
-    /// `hooks` the one adapter they share (none with a KV prefix). The prompts are packed into
-    /// one row, so the projections run as one GEMM over all their tokens (several times the
-    /// rows, a fraction more time) while attention stays inside each prompt. Returns the logits
-    /// of each prompt's last position `(n, vocab)`.
+    /// `hooks[i]` its adapter (none with a KV prefix). The prompts are packed into one row, so
+    /// the projections run as one GEMM over all their tokens (several times the rows, a
+    /// fraction more time) while attention stays inside each prompt and each adapter's deltas
+    /// apply to its own prompt. Returns the logits of each prompt's last position `(n, vocab)`.
     pub fn prefill_batch(
         &self,
         xs: &[Tensor],
         caches: &mut [&mut KvCache],
-        hooks: Option<&dyn ForwardHooks>,
+        hooks: &[Option<&dyn ForwardHooks>],
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let n = xs.len();
-        if caches.len() != n || n == 0 {
-            candle_core::bail!("prefill_batch: {n} prompts for {} caches", caches.len())
+        if caches.len() != n || hooks.len() != n || n == 0 {
+            candle_core::bail!(
+                "prefill_batch: {n} prompts for {} caches and {} hooks",
+                caches.len(),
+                hooks.len()
+            )
         }
-        if caches.iter().any(|k| !k.is_empty()) || hooks.is_some_and(|h| h.prefix_len() > 0) {
+        let prefixed = hooks.iter().flatten().any(|h| h.prefix_len() > 0);
+        if caches.iter().any(|k| !k.is_empty()) || prefixed {
             candle_core::bail!("prefill_batch: caches must be empty and adapters prefix-free")
         }
         let lens = xs.iter().map(|x| x.dim(1)).collect::<Result<Vec<_>>>()?;
@@ -1056,7 +1109,9 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let x = self.run_layers(&x, Rows::All(hooks), &cos, &sin, &mut |i, q, k, v| {
+        let spans: Vec<(usize, Option<&dyn ForwardHooks>)> =
+            lens.iter().copied().zip(hooks.iter().copied()).collect();
+        let x = self.run_layers(&x, Rows::Spans(&spans), &cos, &sin, &mut |i, q, k, v| {
             let mut outs = Vec::with_capacity(n);
             for (s, cache) in caches.iter_mut().enumerate() {
                 let (off, l) = (offsets[s], lens[s]);
@@ -1419,11 +1474,12 @@ pub(crate) mod tests {
                 delta_scale: 0.05,
             };
             let prompts: [&[u32]; 3] = [&[3, 4, 5, 6, 7], &[8], &[9, 10, 11]];
-            for hooks in [None, Some(&delta as &dyn ForwardHooks)] {
+            let d = Some(&delta as &dyn ForwardHooks);
+            for hooks in [[None, None, None], [d, d, d], [d, None, d], [None, d, None]] {
                 let ids = |t: &[u32]| Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
                 let mut solo_caches = Vec::new();
                 let mut solo = Vec::new();
-                for p in prompts {
+                for (p, hooks) in prompts.iter().zip(hooks) {
                     let mut cache = KvCache::new(&m.cfg, 16);
                     let ctx = Ctx {
                         cache: Some(&mut cache),
@@ -1438,16 +1494,15 @@ pub(crate) mod tests {
                 let mut caches: Vec<KvCache> =
                     prompts.iter().map(|_| KvCache::new(&m.cfg, 16)).collect();
                 let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-                let batched = m.prefill_batch(&xs, &mut refs, hooks).unwrap();
+                let batched = m.prefill_batch(&xs, &mut refs, &hooks).unwrap();
                 assert!(max_abs(&solo, &batched) < 1e-4, "{arch:?}: logits differ");
                 // the caches hold the same keys and values: the next decode step agrees
                 let next = [12, 13, 14];
                 let mut a: Vec<&mut KvCache> = caches.iter_mut().collect();
                 let mut b: Vec<&mut KvCache> = solo_caches.iter_mut().collect();
-                let per_row = [hooks; 3];
                 let (da, db) = (
-                    m.decode_batch(&next, &mut a, &per_row).unwrap(),
-                    m.decode_batch(&next, &mut b, &per_row).unwrap(),
+                    m.decode_batch(&next, &mut a, &hooks).unwrap(),
+                    m.decode_batch(&next, &mut b, &hooks).unwrap(),
                 );
                 assert!(
                     max_abs(&da, &db) < 1e-4,
@@ -1463,7 +1518,7 @@ pub(crate) mod tests {
             let x = m
                 .embed(&Tensor::new(&[[1u32]], &Device::Cpu).unwrap())
                 .unwrap();
-            assert!(m.prefill_batch(&[x], &mut [&mut used], None).is_err());
+            assert!(m.prefill_batch(&[x], &mut [&mut used], &[None]).is_err());
         }
     }
 

@@ -119,6 +119,25 @@ pub fn add_rows<T: Elem>(
     x: &Tensor,
     terms: &[Option<RowTerm<'_, T>>],
 ) -> Result<Tensor> {
+    let rows = match y.dims().last() {
+        Some(&out) if out > 0 => y.elem_count() / out,
+        _ => 0,
+    };
+    let per = rows / terms.len().max(1);
+    if per == 0 || per * terms.len() != rows {
+        bail!("lora rows: {rows} rows for {} terms", terms.len())
+    }
+    let spans: Vec<_> = terms.iter().map(|t| (per, *t)).collect();
+    add_spans(y, x, &spans)
+}
+
+/// As [`add_rows`], for consecutive spans of rows of any lengths: `(rows, term)` in order,
+/// covering every row (a packed prefill, one span per prompt).
+pub fn add_spans<T: Elem>(
+    y: Tensor,
+    x: &Tensor,
+    spans: &[(usize, Option<RowTerm<'_, T>>)],
+) -> Result<Tensor> {
     let (Some(&out), Some(&inp)) = (y.dims().last(), x.dims().last()) else {
         bail!("lora rows: scalar operands")
     };
@@ -130,11 +149,12 @@ pub fn add_rows<T: Elem>(
         )
     }
     let rows = y.elem_count() / out.max(1);
-    let per = rows / terms.len().max(1);
-    if per == 0 || per * terms.len() != rows || x.elem_count() != rows * inp {
-        bail!("lora rows: {rows} rows for {} terms", terms.len())
+    let covered: usize = spans.iter().map(|(n, _)| n).sum();
+    if covered != rows || x.elem_count() != rows * inp {
+        bail!("lora rows: spans of {covered} rows for {rows} rows")
     }
-    for t in terms.iter().flatten() {
+    for (_, t) in spans {
+        let Some(t) = t else { continue };
         let p = t.pair;
         if p.inp != inp
             || p.out != out
@@ -157,8 +177,8 @@ pub fn add_rows<T: Elem>(
         y.contiguous()?
     };
     let op = AddRows {
-        terms,
-        per,
+        spans,
+        rows,
         inp,
         out,
     };
@@ -168,13 +188,13 @@ pub fn add_rows<T: Elem>(
 
 #[cfg(test)]
 thread_local! {
-    /// Calls of [`add_rows`] on this thread: lets model tests prove which path a batch took.
+    /// Calls of [`add_spans`] on this thread: lets model tests prove which path a batch took.
     pub(crate) static RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 struct AddRows<'a, T> {
-    terms: &'a [Option<RowTerm<'a, T>>],
-    per: usize,
+    spans: &'a [(usize, Option<RowTerm<'a, T>>)],
+    rows: usize,
     inp: usize,
     out: usize,
 }
@@ -191,8 +211,7 @@ impl<T: Elem> candle_core::InplaceOp2 for AddRows<'_, T> {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<()> {
-        let (per, inp, out) = (self.per, self.inp, self.out);
-        let n = self.terms.len() * per;
+        let (inp, out) = (self.inp, self.out);
         let candle_core::CpuStorage::F32(yall) = s1 else {
             bail!("lora rows: y is not f32")
         };
@@ -201,27 +220,34 @@ impl<T: Elem> candle_core::InplaceOp2 for AddRows<'_, T> {
             bail!("lora rows: operands must be contiguous")
         };
         let xs = &super::cpu_slice::<f32>(s2, l2, "lora rows")?[..x1 - x0];
-        let ys = &mut yall[y0..y1];
-        if ys.len() != n * out || xs.len() != n * inp {
+        let mut ys = &mut yall[y0..y1];
+        if ys.len() != self.rows * out || xs.len() != self.rows * inp {
             bail!("lora rows: operand sizes changed")
         }
+        // Each span's rows of y and x, cut in order, then done on parallel tasks.
+        let mut work = Vec::with_capacity(self.spans.len());
+        let mut xs = xs;
+        for (n, t) in self.spans {
+            let (yh, yt) = std::mem::take(&mut ys).split_at_mut(n * out);
+            let (xh, xt) = xs.split_at(n * inp);
+            (ys, xs) = (yt, xt);
+            if let Some(t) = t {
+                work.push((yh, xh, *t));
+            }
+        }
         let kernels = Kernels::<T>::pick();
-        ys.par_chunks_mut(per * out)
-            .zip(xs.par_chunks(per * inp))
-            .zip(self.terms.par_iter())
-            .for_each(|((ys, xs), t)| {
-                let Some(t) = t else { return };
-                let p = t.pair;
-                let mut h = vec![0f32; p.r];
-                for (yr, xr) in ys.chunks_exact_mut(out).zip(xs.chunks_exact(inp)) {
-                    for (j, hj) in h.iter_mut().enumerate() {
-                        // SAFETY: `add_rows` checked the shapes: row j of A holds `inp` values.
-                        *hj = t.scale * unsafe { (kernels.dot)(&p.a[j * inp..][..inp], xr) };
-                    }
-                    // SAFETY: Bᵀ holds the panels of r rows for `out` outputs, `yr` holds `out`.
-                    unsafe { (kernels.axpys)(&p.bt, &h, yr) };
+        work.into_par_iter().for_each(|(ys, xs, t)| {
+            let p = t.pair;
+            let mut h = vec![0f32; p.r];
+            for (yr, xr) in ys.chunks_exact_mut(out).zip(xs.chunks_exact(inp)) {
+                for (j, hj) in h.iter_mut().enumerate() {
+                    // SAFETY: `add_spans` checked the shapes: row j of A holds `inp` values.
+                    *hj = t.scale * unsafe { (kernels.dot)(&p.a[j * inp..][..inp], xr) };
                 }
-            });
+                // SAFETY: Bᵀ holds the panels of r rows for `out` outputs, `yr` holds `out`.
+                unsafe { (kernels.axpys)(&p.bt, &h, yr) };
+            }
+        });
         Ok(())
     }
 }
@@ -706,6 +732,46 @@ mod tests {
             mb(&p32),
             f32_ * 1e3,
             f16_ * 1e3,
+        );
+    }
+
+    #[test]
+    fn spans_of_any_length_match_reference() {
+        // rows 0..3 on one variant, 3..4 on none, 4..9 on another: as add_rows would do
+        // row by row
+        let (inp, out, r) = (40, 24, 4);
+        let y = randn(&[1, 9, out], 1.0);
+        let x = randn(&[1, 9, inp], 1.0);
+        let f: Vec<(Tensor, Tensor)> = (0..2)
+            .map(|_| (randn(&[r, inp], 0.2), randn(&[out, r], 0.2)))
+            .collect();
+        let pairs: Vec<PackedPair<f32>> = f
+            .iter()
+            .map(|(a, b)| PackedPair::new(a, b).unwrap())
+            .collect();
+        let t = |i: usize| {
+            Some(RowTerm {
+                pair: &pairs[i],
+                scale: 1.5,
+            })
+        };
+        let got = add_spans(y.copy().unwrap(), &x, &[(3, t(0)), (1, None), (5, t(1))]).unwrap();
+        let per_row: Vec<_> = [0, 0, 0, 9, 1, 1, 1, 1, 1]
+            .iter()
+            .map(|&i| (i != 9).then(|| (f[i].0.clone(), f[i].1.clone(), 1.5f32)))
+            .collect();
+        let want = reference(
+            &y.reshape((9, 1, out)).unwrap(),
+            &x.reshape((9, 1, inp)).unwrap(),
+            &per_row,
+        );
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-4, "{g} vs {w}");
+        }
+        assert!(
+            add_spans(y, &x, &[(3, t(0)), (5, t(1))]).is_err(),
+            "spans must cover every row"
         );
     }
 
