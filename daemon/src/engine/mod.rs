@@ -643,6 +643,7 @@ pub const MAX_BATCH: usize = 16;
 /// Most prompt tokens prefilled in one forward (a long prompt alone may exceed it): keeps the
 /// running sequences' next token from waiting behind a very large prefill.
 const PREFILL_BATCH_TOKENS: usize = 512;
+
 /// Requests allowed to wait for a slot before new ones are refused (HTTP 429).
 pub const MAX_WAITING: usize = 64;
 
@@ -738,7 +739,19 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
                         }
                     }
                 }
-                Err(e) => group.iter().for_each(|seq| seq.fail(&e)),
+                Err(e) => {
+                    // Not one request's fault as far as we know: each gets its own prefill
+                    // (on a fresh cache), so only a request that fails alone fails.
+                    tracing::warn!("prefill of {} prompts together failed: {e}", group.len());
+                    for mut seq in group {
+                        seq.cache = KvCache::new(&model.cfg, seq.cache_capacity());
+                        match seq.prefill(&model, &sh) {
+                            Ok(Step::Continue) => running.push(seq),
+                            Ok(Step::Done) => {}
+                            Err(e) => seq.fail(&e),
+                        }
+                    }
+                }
             }
         }
         running.retain(|s| !s.client_gone());
@@ -809,7 +822,7 @@ fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_cor
 
 impl Seq {
     fn new(job: Job, model: &Llama) -> Self {
-        let cache = KvCache::new(&model.cfg, job.p.prompt_tokens + job.p.max_tokens + 64);
+        let cache = KvCache::new(&model.cfg, Self::capacity_for(&job));
         Self {
             ids: job.p.tokens.clone(),
             next: 0,
@@ -822,6 +835,15 @@ impl Seq {
             cache,
             job,
         }
+    }
+
+    /// The KV cache size a request needs: prompt, generation budget and a margin.
+    fn capacity_for(job: &Job) -> usize {
+        job.p.prompt_tokens + job.p.max_tokens + 64
+    }
+
+    fn cache_capacity(&self) -> usize {
+        Self::capacity_for(&self.job)
     }
 
     /// True when the client dropped its receiver (disconnected); counted once per sequence,
