@@ -18,6 +18,7 @@ use reqwest::blocking::Response;
 use serde_json::{json, Value};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+const HUB_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
 /// Starts a daemon on `<dir>/data` (a dir it does not own), logging to `itamaed-{n}.log`, and
 /// waits until it is ready.
@@ -26,7 +27,11 @@ fn start(dir: &Path, n: usize) -> Daemon {
         dir,
         &format!("itamaed-{n}.log"),
         &[],
-        &[("ITAMAE_MAX_UPLOAD_BYTES", Some("1000000"))],
+        &[
+            ("ITAMAE_MAX_UPLOAD_BYTES", Some("1000000")),
+            // the GGUF names no hub id: saved adapters take this one
+            ("ITAMAE_MODEL_HUB_ID", Some(HUB_ID)),
+        ],
         Duration::from_secs(900),
     );
     d.wait_ready();
@@ -442,6 +447,10 @@ fn fine_tuning_jobs_end_to_end() {
         "resolved: {j}"
     );
     eprintln!("lora: {}", d.chat(&lora_model));
+    for model in [lora_model.clone(), format!("{lora_model}:ckpt-step-2")] {
+        let cfg = d.get_ok(&format!("/v1/adapters/{model}/files/adapter_config.json"));
+        assert_eq!(cfg["base_model_name_or_path"], HUB_ID, "{model}: {cfg}");
+    }
     let events = d.get_ok(&format!("/v1/fine_tuning/jobs/{lora_id}/events?limit=2"));
     assert_eq!(events["has_more"], true);
     assert_eq!(events["data"][0]["object"], "fine_tuning.job.event");

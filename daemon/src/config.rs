@@ -69,6 +69,9 @@ pub struct ServerSection {
 pub struct ModelSection {
     pub path: Option<PathBuf>,
     pub device: Option<String>,
+    /// What saved adapters name as their base (`base_model_name_or_path`); default: the hub id
+    /// the model files carry, else the served name.
+    pub hub_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

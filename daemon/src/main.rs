@@ -290,6 +290,7 @@ fn serve(
     };
     let auth_section = std::mem::take(&mut file.auth);
     let organization_id = file.storage.organization_id.take();
+    let hub_id = file.model.hub_id.take();
     let max_upload_bytes = file.storage.max_upload_bytes.take();
     let cfg = ServeConfig::resolve(file, overrides)?;
     // Checked before the model loads: a misconfigured exposed daemon must not start at all.
@@ -369,6 +370,10 @@ fn serve(
         jobs_cfg.max_upload_bytes = n;
     }
     jobs_cfg.training_max_share = cfg.training_max_share;
+    jobs_cfg.base_model_id = std::env::var("ITAMAE_MODEL_HUB_ID")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or(hub_id.filter(|h| !h.trim().is_empty()));
     let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     // Imported adapters (`/v1/adapters`) are served again once the model is loaded.

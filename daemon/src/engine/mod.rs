@@ -88,6 +88,8 @@ pub struct BaseModel {
     pub text: Arc<model::TextSpec>,
     pub template: Option<Arc<ChatTemplate>>,
     pub name: String,
+    /// The hub id the model files name, if any ([`model::LoadedModel::hub_id`]).
+    pub hub_id: Option<String>,
 }
 
 /// A validated, tokenized request ready to run.
@@ -607,6 +609,7 @@ fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
             text: Arc::new(l.text),
             template: l.template.map(Arc::new),
             name: l.name,
+            hub_id: l.hub_id,
         },
     };
     (model, sh)

@@ -35,6 +35,9 @@ pub struct JobsConfig {
     pub max_upload_bytes: u64,
     /// The share of time training keeps while serving has work (0 < x ≤ 1; 1 = never yield).
     pub training_max_share: f64,
+    /// `base_model_name_or_path` of the adapters jobs save; None: the model's own hub id if its
+    /// files carry one, else its served name.
+    pub base_model_id: Option<String>,
 }
 
 impl JobsConfig {
@@ -44,6 +47,7 @@ impl JobsConfig {
             organization_id: DEFAULT_ORGANIZATION.into(),
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             training_max_share: crate::config::DEFAULT_TRAINING_MAX_SHARE,
+            base_model_id: None,
         }
     }
 }

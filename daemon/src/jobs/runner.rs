@@ -293,10 +293,16 @@ fn train_job(
             .to_vec(),
         None => Vec::new(),
     };
+    let base_id = inner
+        .cfg
+        .base_model_id
+        .clone()
+        .or_else(|| base.hub_id.clone())
+        .unwrap_or_else(|| base.name.clone());
     let mut trainer = Trainer::new(
         &base.model,
         Some(&*base.text),
-        &base.name,
+        &base_id,
         config,
         train,
         valid,

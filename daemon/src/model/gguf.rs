@@ -59,6 +59,22 @@ pub struct GgufParts {
     pub metadata: HashMap<String, gguf_file::Value>,
 }
 
+/// The hub id a GGUF names as its source or base model, if any (`org/name`).
+pub fn hub_id(metadata: &HashMap<String, gguf_file::Value>) -> Option<String> {
+    let text = |key: &str| {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.trim().to_string())
+    };
+    let id = text("general.source.huggingface.repository")
+        .or_else(|| text("general.base_model.0.repo_url"))?;
+    let id = id
+        .trim_start_matches("https://huggingface.co/")
+        .trim_end_matches('/');
+    super::hf::looks_like_hub_id(id).then(|| id.to_string())
+}
+
 pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
@@ -108,6 +124,34 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hub_id_from_metadata() {
+        use gguf_file::Value;
+        let meta = |k: &str, v: &str| HashMap::from([(k.to_string(), Value::String(v.into()))]);
+        assert_eq!(
+            hub_id(&meta(
+                "general.source.huggingface.repository",
+                "HuggingFaceTB/SmolLM2-135M"
+            )),
+            Some("HuggingFaceTB/SmolLM2-135M".into())
+        );
+        assert_eq!(
+            hub_id(&meta(
+                "general.base_model.0.repo_url",
+                "https://huggingface.co/Qwen/Qwen2-0.5B"
+            )),
+            Some("Qwen/Qwen2-0.5B".into())
+        );
+        assert_eq!(hub_id(&meta("general.name", "Smollm2 135M")), None);
+        assert_eq!(
+            hub_id(&meta(
+                "general.base_model.0.repo_url",
+                "https://example.com/x"
+            )),
+            None
+        );
+    }
 
     #[test]
     fn names_map_to_hf() {

@@ -15,6 +15,26 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
+/// `org/name` with one slash and hub-safe characters: a hub id, not a local path or a URL.
+pub fn looks_like_hub_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// The hub id in `config.json`'s `_name_or_path`, when it is one.
+pub fn hub_id(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let id = v.get("_name_or_path")?.as_str()?.trim();
+    looks_like_hub_id(id).then(|| id.to_string())
+}
+
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     ModelConfig::from_hf_json(&read_text(&dir.join("config.json"))?)
 }

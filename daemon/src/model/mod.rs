@@ -54,6 +54,10 @@ pub struct LoadedModel {
     pub template: Option<ChatTemplate>,
     /// Served id of the base model (the file or directory name).
     pub name: String,
+    /// The model's Hugging Face hub id when the files name it (GGUF `general.source.
+    /// huggingface.repository` or `general.base_model.0.repo_url`, HF `_name_or_path`): what
+    /// saved adapters give PEFT as `base_model_name_or_path`.
+    pub hub_id: Option<String>,
 }
 
 /// Loads a GGUF file or an HF directory.
@@ -62,14 +66,16 @@ pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<Load
         path: path.to_path_buf(),
         source,
     })?;
-    let (config, weights, text) = if meta.is_dir() {
+    let (config, weights, text, hub_id) = if meta.is_dir() {
         let config = hf::read_config(path)?;
         let weights = hf::read_weights(path, device)?;
-        (config, weights, tokenizer::from_hf_dir(path)?)
+        let hub_id = hf::hub_id(path);
+        (config, weights, tokenizer::from_hf_dir(path)?, hub_id)
     } else {
         let parts = gguf::read(path, device)?;
         let text = tokenizer::from_gguf(&parts.metadata)?;
-        (parts.config, parts.weights, text)
+        let hub_id = gguf::hub_id(&parts.metadata);
+        (parts.config, parts.weights, text, hub_id)
     };
     let model = Llama::from_weights(config, weights, device)?;
     let template = match &text.chat_template {
@@ -92,5 +98,6 @@ pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<Load
         text,
         template,
         name,
+        hub_id,
     })
 }
