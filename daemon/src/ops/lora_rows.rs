@@ -1,6 +1,7 @@
-//! LoRA deltas of a decode batch where every row may use its own variant, from factors packed
-//! for serving: `A` as stored (`r × in`, row-major) and `B` transposed (`r × out`), in f32 or
-//! f16. Inference only (no gradient).
+//! LoRA deltas of a batch where every row (a decode batch) or span of rows (packed prompts in
+//! one prefill) may use its own variant, from factors packed for serving: `A` as stored
+//! (`r × in`, row-major) and `B` transposed in panels of 16 outputs, in f32 or f16. Inference
+//! only (no gradient).
 //!
 //! Why a packed form: each row reads its variant's factors once per step, so a batch of eight
 //! variants streams eight sets of factors (18 MB each for r = 16 on every SmolLM2 projection)

@@ -11,6 +11,11 @@
 //! backward ([`fused`], [`attention`], [`linear`], [`loss`]) instead of the composed graphs,
 //! which are kept as the reference they are tested against and for other devices. Every op here is tested against a composed reference and with a
 //! finite-difference gradient check in f64.
+//!
+//! Serving on CPU has three kernels of its own, inference only (no backward, so no gradient
+//! check; each is tested against an f64 or composed reference): [`skinny`] (`x·Wᵀ` at 2–16
+//! rows, which `blas::gemm` routes to it), [`decode`] (one query per sequence against its KV
+//! cache) and [`lora_rows`] (per-row or per-span LoRA deltas from factors packed at load).
 use candle_core::{DType, Device, Result, Tensor, D};
 
 pub mod attention;

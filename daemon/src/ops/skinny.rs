@@ -1,4 +1,4 @@
-//! `y = α·x·Wᵀ + β·y` for a few rows of `x` (decode batches, LoRA factors), in f32 on the CPU.
+//! `y = α·x·Wᵀ + β·y` for a few rows of `x` (decode batches), in f32 on the CPU.
 //!
 //! Why not BLAS: OpenBLAS 0.3.21 packs the whole of `W` into a scratch buffer on every GEMM call
 //! (`sgemm_incopy`), which at 2–16 rows costs more than the products, so an 8-row decode step
