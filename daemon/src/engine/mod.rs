@@ -782,18 +782,26 @@ fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
     }
 }
 
+/// Each sequence's adapter, held (cloned `Arc`s) while the model borrows them as hooks.
+fn adapters_of(seqs: &[Seq]) -> Vec<Option<Arc<Adapter>>> {
+    seqs.iter().map(|s| s.job.p.adapter.clone()).collect()
+}
+
+fn hooks_of(adapters: &[Option<Arc<Adapter>>]) -> Vec<Option<&dyn ForwardHooks>> {
+    adapters
+        .iter()
+        .map(|a| a.as_deref().map(|a| a as &dyn ForwardHooks))
+        .collect()
+}
+
 /// Prefills sequences (see [`Seq::joins_prefill`]) in one forward; returns each one's logits.
 fn prefill_group(model: &Llama, group: &mut [Seq]) -> candle_core::Result<Vec<Vec<f32>>> {
     let xs = group
         .iter()
         .map(|s| s.prompt_embeddings(model))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let adapters: Vec<Option<Arc<Adapter>>> =
-        group.iter().map(|s| s.job.p.adapter.clone()).collect();
-    let hooks: Vec<Option<&dyn ForwardHooks>> = adapters
-        .iter()
-        .map(|a| a.as_deref().map(|a| a as &dyn ForwardHooks))
-        .collect();
+    let adapters = adapters_of(group);
+    let hooks = hooks_of(&adapters);
     let mut caches: Vec<&mut KvCache> = group.iter_mut().map(|s| &mut s.cache).collect();
     let logits = rayon::scope(|_| model.prefill_batch(&xs, &mut caches, &hooks))?;
     crate::model::llama::rows_f32(&logits)
@@ -802,12 +810,8 @@ fn prefill_group(model: &Llama, group: &mut [Seq]) -> candle_core::Result<Vec<Ve
 /// One token for every running sequence.
 fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_core::Result<()> {
     let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
-    let adapters: Vec<Option<Arc<Adapter>>> =
-        running.iter().map(|s| s.job.p.adapter.clone()).collect();
-    let hooks: Vec<Option<&dyn ForwardHooks>> = adapters
-        .iter()
-        .map(|a| a.as_deref().map(|a| a as &dyn ForwardHooks))
-        .collect();
+    let adapters = adapters_of(running);
+    let hooks = hooks_of(&adapters);
     let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
     // On a pool thread: the kernels of the step fork onto the pool many times, and from
     // outside it every fork also parks and wakes this thread.
