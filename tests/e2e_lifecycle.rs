@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{build_prompt, multipart, Daemon, PeftFiles, TempDir};
+use common::{build_prompt, Daemon, PeftFiles, TempDir};
 use serde_json::{json, Value};
 
 const RUNNING: &str = "itamae_num_requests_running";
@@ -443,23 +443,7 @@ fn serving_keeps_priority_while_training() {
 /// `POST /v1/adapters` (multipart); returns the status and the body.
 fn import(d: &Daemon, name: &str, files: &PeftFiles, if_generation: Option<u64>) -> (u16, Value) {
     let generation = if_generation.map(|g| g.to_string());
-    let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![
-        ("name", None, name.as_bytes()),
-        (
-            "adapter_config.json",
-            Some("adapter_config.json"),
-            &files.config,
-        ),
-        (
-            "adapter_model.safetensors",
-            Some("adapter_model.safetensors"),
-            &files.weights,
-        ),
-    ];
-    if let Some(g) = &generation {
-        parts.push(("if_generation", None, g.as_bytes()));
-    }
-    let (ctype, body) = multipart(&parts);
+    let (ctype, body) = files.import_body(name, generation.as_deref());
     let res = d
         .http
         .post(d.url("/v1/adapters"))

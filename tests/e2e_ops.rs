@@ -116,23 +116,7 @@ fn import(
     files: &PeftFiles,
     if_generation: Option<&str>,
 ) -> RequestBuilder {
-    let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![
-        ("name", None, name.as_bytes()),
-        (
-            "adapter_config.json",
-            Some("adapter_config.json"),
-            &files.config,
-        ),
-        (
-            "adapter_model.safetensors",
-            Some("adapter_model.safetensors"),
-            &files.weights,
-        ),
-    ];
-    if let Some(g) = if_generation {
-        parts.push(("if_generation", None, g.as_bytes()));
-    }
-    let (ctype, body) = multipart(&parts);
+    let (ctype, body) = files.import_body(name, if_generation);
     d.req("POST", "/v1/adapters", Some(key))
         .header("content-type", ctype)
         .body(body)

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{multipart, Daemon, TempDir, WORKSPACE};
+use common::{multipart, Daemon, PeftFiles, TempDir, WORKSPACE};
 use reqwest::blocking::RequestBuilder;
 use serde_json::{json, Value};
 
@@ -666,19 +666,11 @@ fn scripted_session_conforms_to_the_spec() {
         assert_eq!(a.status, 200, "{name}");
         peft.push(a.body);
     }
-    let (ctype, body) = multipart(&[
-        ("name", None, b"spec-copy".as_slice()),
-        (
-            "adapter_config.json",
-            Some("adapter_config.json"),
-            peft[0].as_slice(),
-        ),
-        (
-            "adapter_model.safetensors",
-            Some("adapter_model.safetensors"),
-            peft[1].as_slice(),
-        ),
-    ]);
+    let (weights, config) = (
+        peft.pop().unwrap_or_default(),
+        peft.pop().unwrap_or_default(),
+    );
+    let (ctype, body) = PeftFiles { config, weights }.import_body("spec-copy", None);
     let b = s
         .req("POST", ad, Some(ADMIN))
         .header("content-type", ctype)

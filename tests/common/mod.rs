@@ -299,6 +299,31 @@ pub struct PeftFiles {
     pub weights: Vec<u8>,
 }
 
+impl PeftFiles {
+    /// The multipart body of `POST /v1/adapters` importing these files as `name` (a
+    /// compare-and-set on `if_generation` when given): content type and bytes.
+    #[allow(dead_code)]
+    pub fn import_body(&self, name: &str, if_generation: Option<&str>) -> (String, Vec<u8>) {
+        let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![
+            ("name", None, name.as_bytes()),
+            (
+                "adapter_config.json",
+                Some("adapter_config.json"),
+                &self.config,
+            ),
+            (
+                "adapter_model.safetensors",
+                Some("adapter_model.safetensors"),
+                &self.weights,
+            ),
+        ];
+        if let Some(g) = if_generation {
+            parts.push(("if_generation", None, g.as_bytes()));
+        }
+        multipart(&parts)
+    }
+}
+
 /// A fresh LoRA (r = 4 on q and v) for the test model, as PEFT files.
 #[allow(dead_code)]
 pub fn build_lora(dir: &Path) -> PeftFiles {
