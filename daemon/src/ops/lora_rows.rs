@@ -46,7 +46,7 @@ impl Elem for f16 {
 /// Outputs per panel of the packed `Bᵀ`: one AVX-512 register of f32.
 pub const PANEL: usize = 16;
 
-/// One projection's factors, packed for [`add_rows`].
+/// One projection's factors, packed for [`add_spans`].
 #[derive(Clone)]
 pub struct PackedPair<T> {
     /// `r × in`
@@ -109,31 +109,14 @@ pub struct RowTerm<'a, T> {
     pub scale: f32,
 }
 
-/// `y + Δ`: the rows of `x (n, …, in)` and `y (n, …, out)` are split evenly among `terms`, and
-/// group `i` gets `scale·(x·Aᵀ)·Bᵀ` of `terms[i]` (no term: unchanged). f32 CPU tensors only.
+/// `y + Δ` over consecutive spans of rows of `x (…, in)` and `y (…, out)` (leading dims
+/// flattened): `(rows, term)` in order, covering every row — one row per sequence of a decode
+/// batch, or one span per prompt of a packed prefill; span `i` gets `scale·(x·Aᵀ)·Bᵀ` of its
+/// term (none: unchanged). f32 CPU tensors only.
 ///
-/// `y` is updated in place (a decode step's projection output is fresh and read by no one
-/// else; copying it in and out cost more than some of the products), so callers must not pass
-/// a tensor whose storage anything else still reads.
-pub fn add_rows<T: Elem>(
-    y: Tensor,
-    x: &Tensor,
-    terms: &[Option<RowTerm<'_, T>>],
-) -> Result<Tensor> {
-    let rows = match y.dims().last() {
-        Some(&out) if out > 0 => y.elem_count() / out,
-        _ => 0,
-    };
-    let per = rows / terms.len().max(1);
-    if per == 0 || per * terms.len() != rows {
-        bail!("lora rows: {rows} rows for {} terms", terms.len())
-    }
-    let spans: Vec<_> = terms.iter().map(|t| (per, *t)).collect();
-    add_spans(y, x, &spans)
-}
-
-/// As [`add_rows`], for consecutive spans of rows of any lengths: `(rows, term)` in order,
-/// covering every row (a packed prefill, one span per prompt).
+/// `y` is updated in place (a projection output is fresh and read by no one else; copying it
+/// in and out cost more than some of the products), so callers must not pass a tensor whose
+/// storage anything else still reads.
 pub fn add_spans<T: Elem>(
     y: Tensor,
     x: &Tensor,
@@ -526,6 +509,18 @@ mod tests {
         Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()
     }
 
+    /// `terms` over the rows of `y (n, 1, out)`, split evenly into consecutive spans.
+    fn groups<'a, T>(
+        y: &Tensor,
+        terms: &[Option<RowTerm<'a, T>>],
+    ) -> Vec<(usize, Option<RowTerm<'a, T>>)>
+    where
+        RowTerm<'a, T>: Copy,
+    {
+        let per = y.dim(0).unwrap() / terms.len();
+        terms.iter().map(|t| (per, *t)).collect()
+    }
+
     /// y + scale·(x·Aᵀ)·Bᵀ per group, in f64 from the f32 factors.
     fn reference(y: &Tensor, x: &Tensor, f: &[Option<(Tensor, Tensor, f32)>]) -> Vec<f64> {
         let out = *y.dims().last().unwrap();
@@ -604,13 +599,17 @@ mod tests {
 
     #[test]
     fn f32_rows_match_reference() {
-        check::<f32>(1e-5, &|y, x, t| add_rows(y.clone(), x, t).unwrap());
+        check::<f32>(1e-5, &|y, x, t| {
+            add_spans(y.clone(), x, &groups(y, t)).unwrap()
+        });
     }
 
     #[test]
     fn f16_rows_match_reference_to_half_precision() {
         // f16 keeps 11 significant bits: relative error ~5e-4 per factor, summed over r terms
-        check::<f16>(5e-3, &|y, x, t| add_rows(y.clone(), x, t).unwrap());
+        check::<f16>(5e-3, &|y, x, t| {
+            add_spans(y.clone(), x, &groups(y, t)).unwrap()
+        });
     }
 
     fn each_kernel<T: Elem>(tol: f64) {
@@ -618,7 +617,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         kernels.extend(x86::all::<T>());
         for (name, k) in kernels {
-            // the same product as add_rows, one row at a time with this kernel
+            // the same product as add_spans, one row at a time with this kernel
             check::<T>(tol, &|y, x, terms| {
                 let out = *y.dims().last().unwrap();
                 let inp = *x.dims().last().unwrap();
@@ -714,11 +713,11 @@ mod tests {
             add_lora_rows(y, x, &terms).unwrap();
         });
         fn packed<T: Elem>(pairs: &[PackedPair<T>], y: &Tensor, x: &Tensor) {
-            let terms: Vec<_> = pairs
+            let spans: Vec<_> = pairs
                 .iter()
-                .map(|pair| Some(RowTerm { pair, scale: 2.0 }))
+                .map(|pair| (1, Some(RowTerm { pair, scale: 2.0 })))
                 .collect();
-            add_rows(y.clone(), x, &terms).unwrap();
+            add_spans(y.clone(), x, &spans).unwrap();
         }
         let f32_ = time(&|p| packed(&p32[p], &inputs[p].0, &inputs[p].1));
         let f16_ = time(&|p| packed(&p16[p], &inputs[p].0, &inputs[p].1));
@@ -738,7 +737,7 @@ mod tests {
 
     #[test]
     fn spans_of_any_length_match_reference() {
-        // rows 0..3 on one variant, 3..4 on none, 4..9 on another: as add_rows would do
+        // rows 0..3 on one variant, 3..4 on none, 4..9 on another: as the reference does
         // row by row
         let (inp, out, r) = (40, 24, 4);
         let y = randn(&[1, 9, out], 1.0);
@@ -779,12 +778,15 @@ mod tests {
     #[test]
     fn mismatched_factors_are_an_error() {
         let pair = PackedPair::<f32>::new(&randn(&[2, 5], 1.0), &randn(&[7, 2], 1.0)).unwrap();
-        let t = [Some(RowTerm {
-            pair: &pair,
-            scale: 1.0,
-        })];
+        let t = [(
+            1,
+            Some(RowTerm {
+                pair: &pair,
+                scale: 1.0,
+            }),
+        )];
         let (y, x) = (randn(&[1, 1, 7], 1.0), randn(&[1, 1, 6], 1.0));
-        assert!(add_rows(y, &x, &t).is_err());
+        assert!(add_spans(y, &x, &t).is_err());
         assert!(PackedPair::<f32>::new(&randn(&[2, 5], 1.0), &randn(&[7, 3], 1.0)).is_err());
     }
 }
