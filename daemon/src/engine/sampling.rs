@@ -108,7 +108,7 @@ impl Sampler {
     /// distribution as the sorted path, without sorting the whole vocabulary for every token
     /// (a 49k-entry sort was a fifth of an 8-row decode step). min-p keeps `p ≥ min_p·p_max`,
     /// i.e. logits within `T·ln(min_p)` of the best.
-    fn sample_unsorted(&mut self, logits: &[f32]) -> u32 {
+    fn sample_unsorted(&mut self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let floor = if p.min_p > 0.0 {
@@ -116,18 +116,19 @@ impl Sampler {
         } else {
             f32::NEG_INFINITY
         };
-        let weight = |l: f32| {
-            if l >= floor {
-                ((l - max) / p.temperature).exp()
+        // The logits become unnormalised probabilities in place: one exp per entry.
+        let mut total = 0.0;
+        for l in logits.iter_mut() {
+            *l = if *l >= floor {
+                ((*l - max) / p.temperature).exp()
             } else {
                 0.0
-            }
-        };
-        let total: f32 = logits.iter().map(|&l| weight(l)).sum();
+            };
+            total += *l;
+        }
         let mut r = self.rng.random::<f32>() * total;
-        let mut last = argmax(logits);
-        for (i, &l) in logits.iter().enumerate() {
-            let w = weight(l);
+        let mut last = 0;
+        for (i, &w) in logits.iter().enumerate() {
             if w > 0.0 {
                 last = i as u32;
                 r -= w;
