@@ -302,41 +302,6 @@ impl Rows<'_> {
             }
             return ops::lora_rows::add_spans(y, h, &terms);
         }
-        if let Rows::PerRow(hooks) = *self {
-            let low_rank = hooks.iter().flatten().all(|hk| hk.only_low_rank());
-            if low_rank && !h.track_op() && h.device().is_cpu() && !hooks.is_empty() {
-                // One pass over the rows instead of narrow/delta/zeros/cat per row and
-                // projection: what keeps a batch of many variants close to a base-only batch.
-                let row_shape: candle_core::Shape = {
-                    let mut d = h.dims().to_vec();
-                    d[0] = 1;
-                    d.into()
-                };
-                let mut terms = Vec::with_capacity(hooks.len());
-                for hk in hooks {
-                    terms.push(
-                        hk.map(|hk| hk.low_rank(layer, proj, &row_shape))
-                            .transpose()?
-                            .flatten(),
-                    );
-                }
-                if terms.iter().all(Option::is_none) {
-                    return Ok(y);
-                }
-                let terms: Vec<_> = terms
-                    .iter()
-                    .map(|t| {
-                        t.as_ref().map(|lr| ops::linear::LoraTerm {
-                            a: &lr.a,
-                            b: &lr.b,
-                            scale: lr.scale,
-                            dropout_mask: None,
-                        })
-                    })
-                    .collect();
-                return ops::linear::add_lora_rows(&y, h, &terms);
-            }
-        }
         match self.delta(layer, proj, h)? {
             Some(d) => y + d,
             None => Ok(y),

@@ -332,84 +332,6 @@ pub fn linear_lora(
     y.reshape(out_dims)
 }
 
-/// `y + Δ` where the rows of `x (n, …, in)` and `y (n, …, out)` are split evenly among
-/// `terms`, and group `i` gets `scale·(x·Aᵀ)·Bᵀ` of `terms[i]` (no term: unchanged). For
-/// inference only (no gradient, no dropout): a decode batch where every sequence may use its
-/// own LoRA variant, done as two small GEMMs per group on one copy of `y`, instead of several
-/// candle ops per row.
-pub fn add_lora_rows(y: &Tensor, x: &Tensor, terms: &[Option<LoraTerm<'_>>]) -> Result<Tensor> {
-    fn run<T: BlasFloat>(
-        y: &Tensor,
-        x: &Tensor,
-        terms: &[Option<LoraTerm<'_>>],
-        out: usize,
-        inp: usize,
-    ) -> Result<Tensor> {
-        let mut yv = super::to_flat_vec::<T>(y)?;
-        let xv = super::to_flat_vec::<T>(x)?;
-        let rows = yv.len() / out.max(1);
-        let per = rows / terms.len().max(1);
-        if per * terms.len() != rows || xv.len() != rows * inp {
-            bail!("add_lora_rows: {rows} rows for {} terms", terms.len())
-        }
-        for (i, t) in terms.iter().enumerate() {
-            let Some(t) = t else { continue };
-            let r = t.a.dim(0)?;
-            if t.a.dims() != [r, inp] || t.b.dims() != [out, r] {
-                bail!(
-                    "add_lora_rows: A {:?} / B {:?} for {inp} -> {out}",
-                    t.a.dims(),
-                    t.b.dims()
-                )
-            }
-            // borrowed in place: copying every variant's factors per step costs more than the
-            // products themselves
-            let (a_s, a_l) = t.a.storage_and_layout();
-            let (b_s, b_l) = t.b.storage_and_layout();
-            let (a, b) = (
-                blas::cpu_operand::<T>(&a_s, a_l)?,
-                blas::cpu_operand::<T>(&b_s, b_l)?,
-            );
-            let xs = &xv[i * per * inp..][..per * inp];
-            let h = blas::matmul(Mat::new(xs, per, inp), a.mat().t())?;
-            blas::gemm(
-                T::from_f64(t.scale),
-                Mat::new(&h, per, r),
-                b.mat().t(),
-                T::one(),
-                &mut yv[i * per * out..][..per * out],
-                out,
-            )?;
-        }
-        Tensor::from_vec(yv, y.shape(), y.device())
-    }
-    let (Some(&out), Some(&inp)) = (y.dims().last(), x.dims().last()) else {
-        bail!("add_lora_rows: scalar operands")
-    };
-    match y.dtype() {
-        DType::F32 if y.device().is_cpu() => run::<f32>(y, x, terms, out, inp),
-        DType::F64 if y.device().is_cpu() => run::<f64>(y, x, terms, out, inp),
-        _ => {
-            // other devices and dtypes: the same sum with candle ops
-            let n = y.dim(0)?;
-            let per = n / terms.len().max(1);
-            let mut parts = Vec::with_capacity(terms.len());
-            for (i, t) in terms.iter().enumerate() {
-                let yi = y.narrow(0, i * per, per)?;
-                parts.push(match t {
-                    Some(t) => {
-                        let xi = x.narrow(0, i * per, per)?;
-                        let d = linear(&linear(&xi, t.a, None)?, t.b, None)?;
-                        (yi + (d * t.scale)?)?
-                    }
-                    None => yi,
-                });
-            }
-            Tensor::cat(&parts, 0)
-        }
-    }
-}
-
 fn lora_fused_applies(
     x: &Tensor,
     w: &Tensor,
@@ -628,43 +550,6 @@ mod tests {
     use crate::ops::gradcheck::max_grad_error;
     use crate::ops::gradcheck::{max_diff, randn};
     use candle_core::Var;
-
-    #[test]
-    fn per_row_lora_matches_composed_deltas() {
-        for dtype in [DType::F32, DType::F64] {
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-            let (x, y) = (randn(&[4, 1, 7], dtype), randn(&[4, 1, 5], dtype));
-            let f = |r: usize| (randn(&[r, 7], dtype), randn(&[5, r], dtype));
-            let (f1, f2, f3) = (f(3), f(2), f(3));
-            fn term(f: &(Tensor, Tensor), scale: f64) -> LoraTerm<'_> {
-                LoraTerm {
-                    a: &f.0,
-                    b: &f.1,
-                    scale,
-                    dropout_mask: None,
-                }
-            }
-            let terms = [
-                Some(term(&f1, 0.5)),
-                None,
-                Some(term(&f2, 2.0)),
-                Some(term(&f3, 1.0)),
-            ];
-            let got = add_lora_rows(&y, &x, &terms).unwrap();
-            for (i, t) in terms.iter().enumerate() {
-                let (xi, yi) = (x.narrow(0, i, 1).unwrap(), y.narrow(0, i, 1).unwrap());
-                let want = match t {
-                    Some(t) => {
-                        let h = xi.matmul(&t.a.t().unwrap().unsqueeze(0).unwrap()).unwrap();
-                        let d = h.matmul(&t.b.t().unwrap().unsqueeze(0).unwrap()).unwrap();
-                        (yi + (d * t.scale).unwrap()).unwrap()
-                    }
-                    None => yi,
-                };
-                assert!(max_diff(&got.narrow(0, i, 1).unwrap(), &want) < tol);
-            }
-        }
-    }
 
     #[test]
     fn forward_matches_candle_matmul() {

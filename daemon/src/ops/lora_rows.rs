@@ -649,12 +649,11 @@ mod tests {
 
     /// The LoRA share of one decode step with 8 rows on 8 different r = 16 all-linear variants
     /// of SmolLM2 (30 layers × 7 projections; the factors stream from memory as in serving):
-    /// candle tensors through `linear::add_lora_rows`, then packed f32, then packed f16. Run
+    /// unpacked tensors (a delta per row with candle ops), then packed f32, then packed f16. Run
     /// with `cargo test --release -p itamae-daemon --lib lora_rows_bench -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn lora_rows_bench() {
-        use crate::ops::linear::{add_lora_rows, LoraTerm};
         use std::time::Instant;
         let (rows, r, h, f, kv) = (8, 16, 576, 1536, 192);
         let shapes = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)];
@@ -697,20 +696,18 @@ mod tests {
             }
             best
         };
+        // unpacked factors: what a decode batch does without packing, a delta per row
         let tensors = time(&|p| {
             let (y, x) = &inputs[p];
-            let terms: Vec<_> = factors[p]
+            let rows: Vec<Tensor> = factors[p]
                 .iter()
-                .map(|(a, b)| {
-                    Some(LoraTerm {
-                        a,
-                        b,
-                        scale: 2.0,
-                        dropout_mask: None,
-                    })
+                .enumerate()
+                .map(|(r, (a, b))| {
+                    let h = crate::ops::linear(&x.narrow(0, r, 1).unwrap(), a, None).unwrap();
+                    (crate::ops::linear(&h, b, None).unwrap() * 2.0).unwrap()
                 })
                 .collect();
-            add_lora_rows(y, x, &terms).unwrap();
+            (y + Tensor::cat(&rows, 0).unwrap()).unwrap();
         });
         fn packed<T: Elem>(pairs: &[PackedPair<T>], y: &Tensor, x: &Tensor) {
             let spans: Vec<_> = pairs
