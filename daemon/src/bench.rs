@@ -427,30 +427,37 @@ fn stream_chat(addr: &str, model: &str, max_tokens: usize, seed: u64) -> StreamR
     failed
 }
 
-/// A PEFT adapter import as multipart/form-data: `(content type, body)`.
-fn import_body(name: &str, config: &[u8], weights: &[u8], generation: u64) -> (String, Vec<u8>) {
+/// A multipart/form-data body of `(field, file name, bytes)` parts: `(content type, body)`.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
     let boundary = format!("itamae-bench-{:016x}", rand::random::<u64>());
     let mut body = Vec::new();
-    let mut part = |disposition: &str, bytes: &[u8]| {
+    for (name, file, bytes) in parts {
+        let file = file.map_or(String::new(), |f| format!("; filename=\"{f}\""));
         body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n"
+            )
+            .as_bytes(),
         );
         body.extend_from_slice(bytes);
         body.extend_from_slice(b"\r\n");
-    };
-    part("name=\"name\"", name.as_bytes());
-    part("name=\"if_generation\"", generation.to_string().as_bytes());
-    part(
-        "name=\"adapter_config.json\"; filename=\"adapter_config.json\"",
-        config,
-    );
-    part(
-        "name=\"adapter_model.safetensors\"; filename=\"adapter_model.safetensors\"",
-        weights,
-    );
+    }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// A PEFT adapter import (compare-and-set on `generation`) as multipart/form-data.
+fn import_body(name: &str, config: &[u8], weights: &[u8], generation: u64) -> (String, Vec<u8>) {
+    multipart(&[
+        ("name", None, name.as_bytes()),
+        ("if_generation", None, generation.to_string().as_bytes()),
+        ("adapter_config.json", Some("adapter_config.json"), config),
+        (
+            "adapter_model.safetensors",
+            Some("adapter_model.safetensors"),
+            weights,
+        ),
+    ])
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -700,16 +707,10 @@ const JOB_SWAP_EXAMPLES: [(&str, &str); 8] = [
 
 /// `POST /v1/files` body (purpose fine-tune) as multipart/form-data: `(content type, body)`.
 fn upload_body(filename: &str, bytes: &[u8]) -> (String, Vec<u8>) {
-    let boundary = format!("itamae-bench-{:016x}", rand::random::<u64>());
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
+    multipart(&[
+        ("purpose", None, b"fine-tune"),
+        ("file", Some(filename), bytes),
+    ])
 }
 
 /// A JSON request: status and parsed body.
