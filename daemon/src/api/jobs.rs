@@ -397,7 +397,7 @@ struct StreamState {
     store: Store,
     job_id: String,
     last_seq: i64,
-    changes: tokio::sync::watch::Receiver<u64>,
+    changes: tokio::sync::watch::Receiver<()>,
     pending: VecDeque<EventRow>,
     /// When the job was first seen finished: its closing events are read until
     /// [`CLOSE_GRACE`] after that.

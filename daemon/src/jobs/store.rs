@@ -109,7 +109,7 @@ pub struct Store {
     pool: SqlitePool,
     /// Bumped after every event and job status write: live event streams wait on it instead
     /// of polling the database.
-    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    changes: std::sync::Arc<tokio::sync::watch::Sender<()>>,
 }
 
 fn json_col(row: &SqliteRow, col: &str) -> Result<Option<Value>> {
@@ -211,7 +211,7 @@ impl Store {
             .await?;
         let store = Self {
             pool,
-            changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+            changes: std::sync::Arc::new(tokio::sync::watch::channel(()).0),
         };
         store.migrate().await?;
         Ok(store)
@@ -366,12 +366,13 @@ impl Store {
     }
 
     /// A receiver that sees a change after each event or status written from now on.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
         self.changes.subscribe()
     }
 
     fn changed(&self) {
-        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        // marks every receiver changed, whether or not any exists
+        self.changes.send_replace(());
     }
 
     /// Moves a job to `to` if its status is one of `from`; false if it was not (a concurrent
