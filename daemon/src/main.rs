@@ -157,7 +157,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     // OpenBLAS reads its CPU core type only when it loads: re-exec with it set when this CPU
-    // would be misdetected (REFERENCE.md §2). Must come before any BLAS call.
+    // would be misdetected (docs/candle-notes.md). Must come before any BLAS call.
     if let Err(e) = itamae::ops::blas::ensure_coretype_env() {
         eprintln!("warning: could not re-execute with OPENBLAS_CORETYPE set: {e}");
     }

@@ -2,7 +2,7 @@
 //! labels, buckets), and the small recording API the HTTP layer, the engine, the adapters
 //! endpoints and the job runner call. `GET /metrics` (`api::metrics`) renders [`Metrics::render`].
 //!
-//! Conventions (REFERENCE.md §5): prefix `itamae_`, units in the name, latency histograms from
+//! Conventions (docs/candle-notes.md): prefix `itamae_`, units in the name, latency histograms from
 //! 1 ms to 60 s, label `model` = the served variant id (never a request id), `job` = the
 //! fine-tuning job id (bounded by the jobs that exist).
 //!

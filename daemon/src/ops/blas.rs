@@ -1,6 +1,6 @@
 //! GEMM/GEMV from the system OpenBLAS (Debian `libopenblas-dev`, see `scripts/setup-system.sh`).
 //!
-//! candle's own CPU gemm reaches 35–45% of a tuned BLAS on this machine kind (REFERENCE.md §2),
+//! candle's own CPU gemm reaches 35–45% of a tuned BLAS on this machine kind (docs/candle-notes.md),
 //! and matmuls are most of a training step, so the hot products go through `cblas_?gemm`.
 //!
 //! Debian's OpenBLAS 0.3.21 misdetects recent AVX-512 CPUs as "Prescott" and then runs generic
@@ -689,7 +689,7 @@ fn compare(
 }
 
 /// Whether OpenBLAS runs generic (pre-AVX2) kernels on a CPU that has AVX2 and FMA: then it is
-/// several times slower than candle's gemm (REFERENCE.md §2: "Prescott", 39–49 GFLOP/s).
+/// several times slower than candle's gemm (docs/candle-notes.md: "Prescott", 39–49 GFLOP/s).
 pub fn generic_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -2,7 +2,7 @@
 //!
 //! candle's matmul backward always computes the gradient of both operands, so with a frozen
 //! weight (LoRA, prompt and prefix tuning) half of the backward GEMMs are thrown away
-//! (REFERENCE.md §2). Here the op's backward looks at which operands take part in the gradient:
+//! (docs/candle-notes.md). Here the op's backward looks at which operands take part in the gradient:
 //! `dX = dY · W` only when `x` tracks, `dW = dYᵀ · X` only when `w` tracks, `db = Σ_rows dY`
 //! only when `b` tracks.
 //!

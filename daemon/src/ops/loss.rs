@@ -2,7 +2,7 @@
 //!
 //! With a 49k vocabulary, `logits = hidden · headᵀ` for a 4 × 512 batch is a 2048 × 49152 matrix
 //! (400 MB in f32), and candle's log-softmax, its backward and the logits' gradient each make
-//! another one, on a single thread: ~75% of a naive training step (REFERENCE.md §2). Here the
+//! another one, on a single thread: ~75% of a naive training step (docs/candle-notes.md). Here the
 //! logits exist only a chunk of rows at a time, and because the loss is a scalar the gradient
 //! is computed in the same pass (the upstream gradient only scales it): per chunk one GEMM for
 //! the logits, a parallel softmax pass, one GEMM for `dH = G · head` and, only when the head

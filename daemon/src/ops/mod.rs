@@ -4,7 +4,7 @@
 //!   (`candle_nn::ops::rms_norm`, `softmax_last_dim`, `rotary_emb::rope`), which have no backward;
 //! * a **composed path** used whenever an input tracks a gradient (training): the same maths
 //!   written with differentiable candle primitives (broadcast ops, reductions, `narrow`, `cat`,
-//!   `matmul`), because candle's fused kernels silently drop the gradient (REFERENCE.md §2).
+//!   `matmul`), because candle's fused kernels silently drop the gradient (docs/candle-notes.md).
 //!
 //! The path is chosen per call from [`Tensor::track_op`], so one model forward serves both
 //! training and inference. On CPU the training path uses our own fused ops with analytic
@@ -142,7 +142,7 @@ fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `x · wᵀ (+ b)` for `x` of any rank `(..., in)` and `w` of shape `(out, in)`.
 ///
 /// Flattened to a 2-D product: candle's batched CPU matmul is wrong for some broadcast (stride-0)
-/// layouts (REFERENCE.md §2), and one large GEMM is faster than many small ones anyway. On CPU
+/// layouts (docs/candle-notes.md), and one large GEMM is faster than many small ones anyway. On CPU
 /// (f32/f64) it runs on BLAS and its backward skips the gradient of a frozen weight
 /// ([`linear::linear`]); elsewhere it is candle's matmul.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {

@@ -1,7 +1,7 @@
 //! AdamW with decoupled weight decay, per-parameter decay switch, global-norm clipping and a
 //! saveable state; and the learning-rate schedule (linear warmup, then cosine, linear or
 //! constant). candle's own `AdamW` can neither clip, skip decay per parameter, nor save its
-//! moments (REFERENCE.md §2), all of which exact resume and PEFT-style training need.
+//! moments (docs/candle-notes.md), all of which exact resume and PEFT-style training need.
 use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
