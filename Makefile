@@ -21,16 +21,16 @@ system:
 # Benchmarks let OpenBLAS pick the kernels this CPU supports even where the environment pins an
 # older core type (blas::ensure_coretype_env; the result is self-checked before use).
 bench: system model
-	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench decode
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamae-bench -- decode
 
 bench-train: system model
-	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench train
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamae-bench -- train
 
 bench-batch: system model
-	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench batch
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamae-bench -- batch
 
 bench-job-swap: system model
-	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamaed -- bench job-swap
+	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamae-bench -- job-swap
 
 lint: system
 	cargo fmt --all -- --check

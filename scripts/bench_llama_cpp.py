@@ -1,4 +1,4 @@
-"""Peer side of `itamaed bench decode`: llama.cpp (via llama-cpp-python) on the very same GGUF.
+"""Peer side of `itamae-bench decode`: llama.cpp (via llama-cpp-python) on the very same GGUF.
 
 argv: model_path prompt n_tokens runs. Prints one JSON line: prompt_tps, decode_tps (medians).
 Decoding is greedy and ignores EOS so both sides generate exactly n_tokens.

@@ -1,4 +1,4 @@
-"""Peer side of `itamaed bench train`: HF PEFT + transformers (torch CPU) LoRA SFT on the very same
+"""Peer side of `itamae-bench train`: HF PEFT + transformers (torch CPU) LoRA SFT on the very same
 rows, hyperparameters and model (an HF directory exported by itamae from the GGUF).
 
 argv: hf_dir seq batch steps. Prints one JSON line: secs_per_step, tokens_per_sec, peak_rss_bytes.

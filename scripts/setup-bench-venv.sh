@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the peer venv for `itamaed bench decode`: llama-cpp-python from PyPI (built from source,
+# Creates the peer venv for `itamae-bench decode`: llama-cpp-python from PyPI (built from source,
 # ~10+ minutes on 2 cores). Prints the python path to pass as ITAMAE_BENCH_PYTHON.
 set -euo pipefail
 venv="${ITAMAE_BENCH_VENV:-$HOME/.cache/itamae/benchvenv}"

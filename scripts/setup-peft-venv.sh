@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the venv with torch, transformers and peft from PyPI used by the PEFT peer
-# benchmark (`itamaed bench train`) and the interop check. Prints the python path to pass as
+# benchmark (`itamae-bench train`) and the interop check. Prints the python path to pass as
 # ITAMAE_PEFT_PYTHON.
 set -euo pipefail
 venv="${ITAMAE_REF_VENV:-$HOME/.cache/itamae/refvenv}"

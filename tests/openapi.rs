@@ -419,11 +419,10 @@ fn every_config_parses() {
         n += 1;
         let file = itamae::config::FileConfig::read(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        file.auth
-            .resolve(None)
-            .unwrap_or_else(|e| panic!("{}: [auth]: {e}", path.display()));
         let cfg = itamae::config::ServeConfig::resolve(file, Default::default())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        itamae::api::auth::Auth::from_config(&cfg.auth)
+            .unwrap_or_else(|e| panic!("{}: [auth]: {e}", path.display()));
         // A CUDA device cannot be opened in this build, but its name must be well-formed.
         if let Err(itamae::config::ConfigError::Device(d)) = itamae::config::device(&cfg.device) {
             panic!("{}: invalid device {d}", path.display());

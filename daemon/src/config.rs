@@ -1,9 +1,16 @@
-//! Daemon configuration: a TOML file (`configs/itamae.toml` documents every key) overridden by
-//! environment variables, overridden by command-line flags. Resolution lives here so that every
-//! entry point (serve, bench) reads settings the same way.
+//! Daemon configuration, resolved once at start-up into one struct: command-line flag >
+//! environment variable > TOML file (`configs/itamae.toml` documents every key) > default.
+//!
+//! Flags and environment variables arrive together through clap (`#[arg(env = ...)]` on every
+//! field of [`ServeArgs`] and [`KernelArgs`]), which already gives flags precedence; the file
+//! fills what neither set. Nothing else in the crate reads the environment for a setting: the
+//! kernel-tuning switches are handed to `ops` once ([`start_process`]), and API keys are plain
+//! data here that `api::auth` turns into its checker.
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::ops::blas::KernelConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,6 +27,10 @@ pub enum ConfigError {
     Device(String),
     #[error("device `{device}` is not available: {message}")]
     DeviceUnavailable { device: String, message: String },
+    #[error("--adapter expects NAME=DIR, got `{0}`")]
+    Adapter(String),
+    #[error("API keys: {0}")]
+    ApiKeys(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +48,8 @@ pub struct FileConfig {
     pub training: TrainingSection,
     #[serde(default)]
     pub adapters: AdaptersSection,
+    #[serde(default)]
+    pub kernels: KernelsSection,
 }
 
 /// `[training]`: how fine-tuning shares the machine with serving.
@@ -53,6 +66,18 @@ pub struct TrainingSection {
 pub struct AdaptersSection {
     /// Bytes of adapter weights kept in memory; 0 means no limit.
     pub max_resident_bytes: Option<u64>,
+}
+
+/// `[kernels]`: CPU kernel tuning (A/B measurements, or working around a misbehaving BLAS).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelsSection {
+    /// false: keep every matmul on candle's own kernels instead of OpenBLAS.
+    pub blas: Option<bool>,
+    /// false: send 2-16-row f32 products (decode steps) to OpenBLAS too, not our kernel.
+    pub skinny: Option<bool>,
+    /// `auto` or an OpenBLAS core type to re-execute with (see `ops::blas::ensure_coretype_env`).
+    pub openblas_coretype: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,7 +109,7 @@ pub struct StorageSection {
     pub max_upload_bytes: Option<u64>,
 }
 
-/// `[auth]`: API keys and their scopes (see `api::auth`).
+/// `[auth]`: API keys and their scopes (checked by `api::auth`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
@@ -95,7 +120,9 @@ pub struct AuthSection {
     pub metrics_public: bool,
 }
 
-#[derive(Debug, Deserialize)]
+/// One API key as configured. The scope stays text here: `api::auth` owns what scopes mean
+/// and refuses unknown ones.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyEntry {
     pub key: String,
@@ -103,21 +130,40 @@ pub struct ApiKeyEntry {
     pub scope: String,
 }
 
-impl AuthSection {
-    /// The config's keys plus `ITAMAE_API_KEYS` (`scope:key,...`, given as `env`).
-    pub fn resolve(&self, env: Option<&str>) -> Result<crate::api::auth::Auth, String> {
-        use crate::api::auth::{parse_env_keys, Auth, Scope};
-        let mut keys = self
-            .keys
-            .iter()
-            .map(|k| Ok((k.key.clone(), Scope::parse(&k.scope)?)))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(|e| format!("[auth] keys: {e}"))?;
-        if let Some(v) = env {
-            keys.extend(parse_env_keys(v)?);
-        }
-        Auth::new(keys, self.metrics_public)
+impl std::fmt::Debug for ApiKeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("ApiKeyEntry")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
     }
+}
+
+/// Parses `ITAMAE_API_KEYS`: comma-separated `scope:key` entries (a key may hold `:`).
+pub fn parse_env_keys(v: &str) -> Result<Vec<ApiKeyEntry>, String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (scope, key) = e.split_once(':').ok_or_else(|| {
+                "ITAMAE_API_KEYS entries must be `scope:key` (scope `admin` or `inference`)"
+                    .to_string()
+            })?;
+            Ok(ApiKeyEntry {
+                key: key.to_string(),
+                scope: scope.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The API keys after resolution: the file's (`[auth] keys`) and the environment's
+/// (`ITAMAE_API_KEYS`, added to them), kept apart so errors say where a bad key came from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuthConfig {
+    pub file_keys: Vec<ApiKeyEntry>,
+    pub env_keys: Vec<ApiKeyEntry>,
+    pub metrics_public: bool,
 }
 
 impl FileConfig {
@@ -140,8 +186,107 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 pub const DEFAULT_TRAINING_MAX_SHARE: f64 = 0.5;
 
-/// Settings after flag > env > file > default resolution. Flags and env vars arrive together
-/// through clap (`#[arg(env = ...)]`), which already gives flags precedence.
+/// An on/off switch as the kernel variables have always read it: `0` or `off` turns it off,
+/// anything else leaves it on.
+fn switch(v: &str) -> Result<bool, String> {
+    Ok(!matches!(v.trim(), "0" | "off"))
+}
+
+/// A byte count; surrounding blanks are ignored.
+fn bytes(v: &str) -> Result<u64, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not a number of bytes"))
+}
+
+/// Kernel-tuning flags, for every subcommand (each also read from its environment variable).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KernelArgs {
+    /// `off`/`0`: keep every matmul on candle's own kernels instead of OpenBLAS ([kernels] blas).
+    #[arg(long, env = "ITAMAE_BLAS", value_name = "on|off", value_parser = switch, global = true)]
+    pub blas: Option<bool>,
+    /// `off`/`0`: send 2-16-row products (decode steps) to OpenBLAS too ([kernels] skinny).
+    #[arg(long, env = "ITAMAE_SKINNY", value_name = "on|off", value_parser = switch, global = true)]
+    pub skinny: Option<bool>,
+    /// `auto` or an OpenBLAS core type: re-execute with that OPENBLAS_CORETYPE when the
+    /// inherited one runs slower kernels than the CPU has ([kernels] openblas_coretype).
+    #[arg(
+        long,
+        env = "ITAMAE_OPENBLAS_CORETYPE",
+        value_name = "auto|CORE",
+        global = true
+    )]
+    pub openblas_coretype: Option<String>,
+}
+
+impl KernelArgs {
+    /// Flags and environment over `file` over the defaults.
+    pub fn resolve(&self, file: &KernelsSection) -> KernelConfig {
+        let default = KernelConfig::default();
+        KernelConfig {
+            blas: self.blas.or(file.blas).unwrap_or(default.blas),
+            skinny: self.skinny.or(file.skinny).unwrap_or(default.skinny),
+            openblas_coretype: self
+                .openblas_coretype
+                .clone()
+                .or_else(|| file.openblas_coretype.clone())
+                .filter(|c| !c.trim().is_empty())
+                .or(default.openblas_coretype),
+        }
+    }
+}
+
+/// `itamaed serve`'s flags, each with its environment variable. (No `Debug`: it holds the
+/// API keys as given.)
+#[derive(Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (see configs/itamae.toml).
+    #[arg(long, env = "ITAMAE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Base model: a GGUF file or an HF directory.
+    #[arg(long, env = "ITAMAE_MODEL")]
+    pub model: Option<PathBuf>,
+    #[arg(long, env = "ITAMAE_HOST")]
+    pub host: Option<String>,
+    #[arg(long, env = "ITAMAE_PORT")]
+    pub port: Option<u16>,
+    #[arg(long, env = "ITAMAE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, env = "ITAMAE_DEVICE")]
+    pub device: Option<String>,
+    /// Serve a PEFT adapter directory as a variant: `NAME=DIR` (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    pub adapters: Vec<String>,
+    /// On SIGTERM, seconds running requests get to finish ([server] shutdown_grace_secs).
+    #[arg(long, env = "ITAMAE_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Share of time training keeps while requests are served ([training] max_share).
+    #[arg(long, env = "ITAMAE_TRAINING_MAX_SHARE")]
+    pub training_max_share: Option<f64>,
+    /// Memory budget of loaded adapters in bytes, 0 = none ([adapters] max_resident_bytes).
+    #[arg(long, env = "ITAMAE_ADAPTERS_MAX_RESIDENT_BYTES")]
+    pub adapters_max_resident_bytes: Option<u64>,
+    /// What saved adapters name as their base model ([model] hub_id).
+    #[arg(long, env = "ITAMAE_MODEL_HUB_ID")]
+    pub model_hub_id: Option<String>,
+    /// The `organization_id` of jobs and the `{org}` of tuned model names
+    /// ([storage] organization_id).
+    #[arg(long, env = "ITAMAE_ORGANIZATION_ID")]
+    pub organization_id: Option<String>,
+    /// Size limit of one upload in bytes ([storage] max_upload_bytes).
+    #[arg(long, env = "ITAMAE_MAX_UPLOAD_BYTES", value_parser = bytes)]
+    pub max_upload_bytes: Option<u64>,
+    /// API keys `scope:key,...`, added to [auth] keys. Environment only: a flag would show
+    /// them in the process list.
+    #[arg(long, env = "ITAMAE_API_KEYS", hide = true, hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// Set from the top-level kernel flags (they apply to every subcommand).
+    #[arg(skip)]
+    pub kernels: KernelArgs,
+}
+
+/// Every setting of `itamaed serve` after flag > env > file > default resolution.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServeConfig {
     pub model: PathBuf,
@@ -154,25 +299,41 @@ pub struct ServeConfig {
     pub training_max_share: f64,
     /// None: no limit.
     pub adapters_max_resident_bytes: Option<u64>,
-}
-
-/// Values given on the command line or in the environment.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub model: Option<PathBuf>,
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub data_dir: Option<PathBuf>,
-    pub device: Option<String>,
-    pub shutdown_grace_secs: Option<u64>,
-    pub training_max_share: Option<f64>,
-    pub adapters_max_resident_bytes: Option<u64>,
+    /// PEFT directories served as variants at start-up: `(name, dir)`.
+    pub adapters: Vec<(String, PathBuf)>,
+    /// None: the hub id the model files carry, else the served name.
+    pub hub_id: Option<String>,
+    /// None: the jobs layer's default.
+    pub organization_id: Option<String>,
+    /// None: the jobs layer's default.
+    pub max_upload_bytes: Option<u64>,
+    pub auth: AuthConfig,
+    pub kernels: KernelConfig,
 }
 
 impl ServeConfig {
+    /// Reads the config file the arguments name (if any) and resolves everything.
+    pub fn load(args: ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(p) => FileConfig::read(p)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(file, args)
+    }
+
     /// Errors name the setting (`training.max_share`) when a value is out of range.
-    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
-        let share = o
+    pub fn resolve(file: FileConfig, a: ServeArgs) -> Result<Self, ConfigError> {
+        let adapters = a
+            .adapters
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+                    Ok((name.to_string(), PathBuf::from(dir)))
+                }
+                _ => Err(ConfigError::Adapter(s.clone())),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let share = a
             .training_max_share
             .or(file.training.max_share)
             .unwrap_or(DEFAULT_TRAINING_MAX_SHARE);
@@ -182,36 +343,81 @@ impl ServeConfig {
                 message: format!("must be greater than 0 and at most 1, got {share}"),
             });
         }
+        let env_keys = match &a.api_keys {
+            Some(v) => parse_env_keys(v).map_err(ConfigError::ApiKeys)?,
+            None => Vec::new(),
+        };
+        let non_blank = |s: &String| !s.trim().is_empty();
         Ok(Self {
             shutdown_grace: std::time::Duration::from_secs(
-                o.shutdown_grace_secs
+                a.shutdown_grace_secs
                     .or(file.server.shutdown_grace_secs)
                     .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
             ),
             training_max_share: share,
-            adapters_max_resident_bytes: o
+            adapters_max_resident_bytes: a
                 .adapters_max_resident_bytes
                 .or(file.adapters.max_resident_bytes)
                 .filter(|&b| b > 0),
-            model: o
+            model: a
                 .model
                 .or(file.model.path)
                 .unwrap_or_else(|| DEFAULT_MODEL.into()),
-            host: o
+            host: a
                 .host
                 .or(file.server.host)
                 .unwrap_or_else(|| DEFAULT_HOST.into()),
-            port: o.port.or(file.server.port).unwrap_or(DEFAULT_PORT),
-            data_dir: o
+            port: a.port.or(file.server.port).unwrap_or(DEFAULT_PORT),
+            data_dir: a
                 .data_dir
                 .or(file.storage.data_dir)
                 .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
-            device: o
+            device: a
                 .device
                 .or(file.model.device)
                 .unwrap_or_else(|| "cpu".into()),
+            adapters,
+            // A blank value counts as unset at every level, as it always has.
+            hub_id: a
+                .model_hub_id
+                .filter(non_blank)
+                .or(file.model.hub_id.filter(non_blank)),
+            organization_id: a
+                .organization_id
+                .filter(|o| !o.is_empty())
+                .or(file.storage.organization_id),
+            max_upload_bytes: a.max_upload_bytes.or(file.storage.max_upload_bytes),
+            auth: AuthConfig {
+                file_keys: file.auth.keys,
+                env_keys,
+                metrics_public: file.auth.metrics_public,
+            },
+            kernels: a.kernels.resolve(&file.kernels),
         })
     }
+}
+
+/// Process-wide settings every entry point applies first thing in `main`, before any BLAS call
+/// or thread start: the OpenBLAS core type (which may re-execute the process), the thread-pool
+/// defaults candle and rayon read from the environment, and the kernel switches for `ops`.
+pub fn start_process(kernels: &KernelConfig) {
+    // OpenBLAS reads its CPU core type only when it loads: re-exec with it set when this CPU
+    // would be misdetected (docs/candle-notes.md).
+    if let Err(e) = crate::ops::blas::ensure_coretype_env(kernels.openblas_coretype.as_deref()) {
+        eprintln!("warning: could not re-execute with OPENBLAS_CORETYPE set: {e}");
+    }
+    // candle's elementwise thread pool spins 25k iterations before parking; on 2 cores that
+    // spinning starves the BLAS and rayon threads between ops. Park sooner unless told otherwise.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+    // Without it candle asks num_cpus for the physical core count on every matmul, which parses
+    // /proc/cpuinfo each time: 5% of a decode step, more per small matmul.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    crate::ops::blas::configure(kernels.clone());
 }
 
 /// The compute device named in the config. CUDA needs a build with the `cuda` feature; without
@@ -234,6 +440,7 @@ pub fn device(name: &str) -> Result<candle_core::Device, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn flag_over_file_over_default() {
@@ -243,7 +450,7 @@ mod tests {
         .unwrap();
         let c = ServeConfig::resolve(
             file,
-            Overrides {
+            ServeArgs {
                 port: Some(1234),
                 ..Default::default()
             },
@@ -256,6 +463,7 @@ mod tests {
         assert_eq!(c.host, "0.0.0.0");
         assert_eq!(c.model, PathBuf::from("m.gguf"));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.kernels, KernelConfig::default());
     }
 
     #[test]
@@ -264,14 +472,14 @@ mod tests {
             "[server]\nshutdown_grace_secs = 5\n[training]\nmax_share = 0.25\n[adapters]\nmax_resident_bytes = 1000\n",
         )
         .unwrap();
-        let c = ServeConfig::resolve(file, Overrides::default()).unwrap();
+        let c = ServeConfig::resolve(file, ServeArgs::default()).unwrap();
         assert_eq!(c.shutdown_grace.as_secs(), 5);
         assert_eq!(c.training_max_share, 0.25);
         assert_eq!(c.adapters_max_resident_bytes, Some(1000));
         for bad in ["0", "1.5", "-1", "nan"] {
             let file: FileConfig =
                 toml::from_str(&format!("[training]\nmax_share = {bad}\n")).unwrap();
-            let e = ServeConfig::resolve(file, Overrides::default()).unwrap_err();
+            let e = ServeConfig::resolve(file, ServeArgs::default()).unwrap_err();
             assert!(e.to_string().contains("training.max_share"), "{e}");
         }
     }
@@ -279,6 +487,7 @@ mod tests {
     #[test]
     fn unknown_keys_and_devices_are_errors() {
         assert!(toml::from_str::<FileConfig>("[server]\nprot = 1\n").is_err());
+        assert!(toml::from_str::<FileConfig>("[kernels]\nblass = false\n").is_err());
         assert!(matches!(device("tpu"), Err(ConfigError::Device(_))));
         assert!(device("cpu").is_ok());
     }
@@ -288,9 +497,12 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/itamae.toml");
         let c = FileConfig::read(&p).unwrap();
         // The shipped file documents keys but configures none: auth is off on loopback.
-        assert!(!c.auth.resolve(None).unwrap().enabled());
+        assert!(c.auth.keys.is_empty());
         assert!(!c.auth.metrics_public);
         assert_eq!(c.storage.organization_id.as_deref(), Some("itamae"));
+        // It states the kernel defaults and pins no core type.
+        let k = KernelArgs::default().resolve(&c.kernels);
+        assert_eq!(k, KernelConfig::default());
     }
 
     #[test]
@@ -299,23 +511,176 @@ mod tests {
             "[auth]\nmetrics_public = true\nkeys = [{ key = \"0123456789abcdef-admin\", scope = \"admin\" }]\n",
         )
         .unwrap();
-        let a = c
-            .auth
-            .resolve(Some("inference:0123456789abcdef-infer"))
-            .unwrap();
-        assert!(a.enabled());
-        assert_eq!(
-            a.lookup("0123456789abcdef-infer"),
-            Some(crate::api::auth::Scope::Inference)
-        );
-        assert_eq!(
-            a.lookup("0123456789abcdef-admin"),
-            Some(crate::api::auth::Scope::Admin)
-        );
-        let bad: FileConfig =
-            toml::from_str("[auth]\nkeys = [{ key = \"0123456789abcdef\", scope = \"root\" }]\n")
-                .unwrap();
-        assert!(bad.auth.resolve(None).unwrap_err().contains("root"));
+        let r = ServeConfig::resolve(
+            c,
+            ServeArgs {
+                api_keys: Some("inference:0123456789abcdef-infer".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.auth.metrics_public);
+        assert_eq!(r.auth.file_keys[0].key, "0123456789abcdef-admin");
+        assert_eq!(r.auth.file_keys[0].scope, "admin");
+        assert_eq!(r.auth.env_keys[0].key, "0123456789abcdef-infer");
+        assert_eq!(r.auth.env_keys[0].scope, "inference");
+        assert!(!format!("{r:?}").contains("0123456789abcdef"));
+        let e = ServeConfig::resolve(
+            FileConfig::default(),
+            ServeArgs {
+                api_keys: Some("justakey".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("API keys: "), "{e}");
         assert!(toml::from_str::<FileConfig>("[auth]\nkey = 1\n").is_err());
+    }
+
+    #[test]
+    fn env_keys_parse() {
+        let k = parse_env_keys(" admin:admin-key-0123456789 , inference:infer-key-0123456789,")
+            .unwrap();
+        let pairs: Vec<_> = k
+            .iter()
+            .map(|e| (e.key.as_str(), e.scope.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("admin-key-0123456789", "admin"),
+                ("infer-key-0123456789", "inference")
+            ]
+        );
+        // A key may itself hold `:`.
+        let k = parse_env_keys("admin:a:b").unwrap();
+        assert_eq!((k[0].key.as_str(), k[0].scope.as_str()), ("a:b", "admin"));
+        assert!(parse_env_keys("justakey").is_err());
+    }
+
+    #[test]
+    fn adapters_and_blank_values() {
+        let file: FileConfig =
+            toml::from_str("[model]\nhub_id = \"org/file\"\n[storage]\norganization_id = \"f\"\n")
+                .unwrap();
+        let c = ServeConfig::resolve(
+            file,
+            ServeArgs {
+                adapters: vec!["a=dir/a".into()],
+                model_hub_id: Some("  ".into()),
+                organization_id: Some(String::new()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.adapters, vec![("a".to_string(), PathBuf::from("dir/a"))]);
+        assert_eq!(c.hub_id.as_deref(), Some("org/file"));
+        assert_eq!(c.organization_id.as_deref(), Some("f"));
+        for bad in ["a", "=d", "a="] {
+            let e = ServeConfig::resolve(
+                FileConfig::default(),
+                ServeArgs {
+                    adapters: vec![bad.into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("--adapter expects NAME=DIR, got `{bad}`")
+            );
+        }
+    }
+
+    /// `itamaed`'s shape: kernel flags global on the top level, serve's flags on a subcommand.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kernels: KernelArgs,
+        #[command(subcommand)]
+        command: Sub,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Sub {
+        Serve(ServeArgs),
+    }
+
+    fn resolve(argv: &[&str], file: &str) -> ServeConfig {
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Sub::Serve(mut args) = cli.command;
+        args.kernels = cli.kernels;
+        ServeConfig::resolve(toml::from_str(file).unwrap(), args).unwrap()
+    }
+
+    /// Flag > env > file > default for a server key, a training key and kernel keys. The only
+    /// test here that sets these variables (tests run in parallel threads of one process).
+    #[test]
+    fn precedence_flag_env_file_default() {
+        const VARS: [&str; 5] = [
+            "ITAMAE_PORT",
+            "ITAMAE_BLAS",
+            "ITAMAE_TRAINING_MAX_SHARE",
+            "ITAMAE_SKINNY",
+            "ITAMAE_OPENBLAS_CORETYPE",
+        ];
+        let saved: Vec<_> = VARS.iter().map(std::env::var_os).collect();
+        for v in VARS {
+            std::env::remove_var(v);
+        }
+        let file = "[server]\nport = 9000\n[training]\nmax_share = 0.25\n[kernels]\nskinny = false\nblas = false\nopenblas_coretype = \"Haswell\"\n";
+
+        // Default: no flag, no env, no file.
+        let c = resolve(&["itamaed", "serve"], "");
+        assert_eq!(c.port, DEFAULT_PORT);
+        assert_eq!(c.training_max_share, DEFAULT_TRAINING_MAX_SHARE);
+        assert!(c.kernels.skinny && c.kernels.blas);
+        assert_eq!(c.kernels.openblas_coretype, None);
+        // File over default.
+        let c = resolve(&["itamaed", "serve"], file);
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.training_max_share, 0.25);
+        assert!(!c.kernels.skinny && !c.kernels.blas);
+        assert_eq!(c.kernels.openblas_coretype.as_deref(), Some("Haswell"));
+        // Env over file (any value but `0`/`off` turns a switch on, as it always has).
+        std::env::set_var("ITAMAE_PORT", "9100");
+        std::env::set_var("ITAMAE_TRAINING_MAX_SHARE", "0.75");
+        std::env::set_var("ITAMAE_SKINNY", "1");
+        std::env::set_var("ITAMAE_OPENBLAS_CORETYPE", "auto");
+        let c = resolve(&["itamaed", "serve"], file);
+        assert_eq!(c.port, 9100);
+        assert_eq!(c.training_max_share, 0.75);
+        assert!(c.kernels.skinny);
+        assert!(!c.kernels.blas, "blas comes from the file still");
+        assert_eq!(c.kernels.openblas_coretype.as_deref(), Some("auto"));
+        // Flag over env, before or after the subcommand for the kernel flags.
+        let c = resolve(
+            &[
+                "itamaed",
+                "--skinny",
+                "off",
+                "serve",
+                "--port",
+                "9200",
+                "--training-max-share",
+                "1",
+                "--openblas-coretype",
+                "Zen",
+            ],
+            file,
+        );
+        assert_eq!(c.port, 9200);
+        assert_eq!(c.training_max_share, 1.0);
+        assert!(!c.kernels.skinny);
+        assert_eq!(c.kernels.openblas_coretype.as_deref(), Some("Zen"));
+        let c = resolve(&["itamaed", "serve", "--skinny", "0", "--blas", "on"], file);
+        assert!(!c.kernels.skinny && c.kernels.blas);
+
+        for (v, old) in VARS.iter().zip(saved) {
+            match old {
+                Some(o) => std::env::set_var(v, o),
+                None => std::env::remove_var(v),
+            }
+        }
     }
 }

@@ -5,7 +5,6 @@
 //! tokenizer and chat template) → `ops` (numeric kernels with fast and differentiable paths).
 pub mod adapters;
 pub mod api;
-pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod engine;

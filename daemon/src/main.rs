@@ -1,8 +1,9 @@
-//! `itamaed`: the daemon (`serve`) and its benchmarks (`bench`).
+//! `itamaed`: the daemon (`serve`) and its in-process tools (train, chat, eval, export). The
+//! benchmarks are a separate binary, `itamae-bench`.
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use itamae::config::{self, FileConfig, Overrides, ServeConfig};
+use itamae::config::{self, KernelArgs, ServeArgs, ServeConfig};
 use itamae::engine::EngineHandle;
 
 #[derive(Parser)]
@@ -12,6 +13,8 @@ use itamae::engine::EngineHandle;
     about = "itamae daemon: one base model, tuned and served"
 )]
 struct Cli {
+    #[command(flatten)]
+    kernels: KernelArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,35 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the base model and serve the OpenAI-style API.
-    Serve {
-        /// TOML config file (see configs/itamae.toml).
-        #[arg(long, env = "ITAMAE_CONFIG")]
-        config: Option<PathBuf>,
-        /// Base model: a GGUF file or an HF directory.
-        #[arg(long, env = "ITAMAE_MODEL")]
-        model: Option<PathBuf>,
-        #[arg(long, env = "ITAMAE_HOST")]
-        host: Option<String>,
-        #[arg(long, env = "ITAMAE_PORT")]
-        port: Option<u16>,
-        #[arg(long, env = "ITAMAE_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
-        #[arg(long, env = "ITAMAE_DEVICE")]
-        device: Option<String>,
-        /// Serve a PEFT adapter directory as a variant: `NAME=DIR` (repeatable).
-        #[arg(long = "adapter", value_name = "NAME=DIR")]
-        adapters: Vec<String>,
-        /// On SIGTERM, seconds running requests get to finish ([server] shutdown_grace_secs).
-        #[arg(long, env = "ITAMAE_SHUTDOWN_GRACE_SECS")]
-        shutdown_grace_secs: Option<u64>,
-        /// Share of time training keeps while requests are served ([training] max_share).
-        #[arg(long, env = "ITAMAE_TRAINING_MAX_SHARE")]
-        training_max_share: Option<f64>,
-        /// Memory budget of loaded adapters in bytes, 0 = none ([adapters] max_resident_bytes).
-        #[arg(long, env = "ITAMAE_ADAPTERS_MAX_RESIDENT_BYTES")]
-        adapters_max_resident_bytes: Option<u64>,
-    },
+    Serve(Box<ServeArgs>),
     /// Fine-tune the model on a JSONL dataset and save the result (PEFT adapter or model dir).
     Train(Box<itamae::commands::TrainArgs>),
     /// Chat in-process with the base model or a PEFT adapter.
@@ -70,108 +45,39 @@ enum Command {
         #[arg(long)]
         prompt: String,
     },
-    /// Benchmarks that print figures (and ratios against a peer when it is installed).
-    Bench {
-        #[command(subcommand)]
-        which: BenchCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Aggregate decode tok/s: N concurrent streams on the base vs on N different LoRA variants.
-    Batch {
-        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
-        model: PathBuf,
-        #[arg(long, default_value_t = 8)]
-        streams: usize,
-        #[arg(long, default_value_t = 64)]
-        tokens: usize,
-    },
-    /// Hot-swap under load: replace a served LoRA repeatedly while clients stream from it;
-    /// swap latency, failed requests, throughput against the same loop without swaps.
-    Swap {
-        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
-        model: PathBuf,
-        /// Concurrent streaming clients.
-        #[arg(long, default_value_t = 4)]
-        clients: usize,
-        /// Seconds per phase (without swaps, then with).
-        #[arg(long, default_value_t = 20.0)]
-        secs: f64,
-        /// Milliseconds between two swaps.
-        #[arg(long, default_value_t = 1000)]
-        every_ms: u64,
-        /// Tokens per chat.
-        #[arg(long, default_value_t = 32)]
-        tokens: usize,
-    },
-    /// Issue 4's hot-swap figure: fine-tuning job success to the first token served with its
-    /// adapter, while clients stream chats on the base model; failed requests, throughput.
-    JobSwap {
-        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
-        model: PathBuf,
-        /// Concurrent streaming clients on the base model.
-        #[arg(long, default_value_t = 4)]
-        clients: usize,
-        /// Fine-tuning jobs, one after the other.
-        #[arg(long, default_value_t = 5)]
-        jobs: usize,
-        /// Tokens per chat.
-        #[arg(long, default_value_t = 32)]
-        tokens: usize,
-    },
-    /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
-    Train {
-        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
-        model: PathBuf,
-        #[arg(long, default_value_t = 512)]
-        seq: usize,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        /// Timed steps (one more warm-up step runs first).
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        /// Python of a venv with torch, transformers and peft (scripts/setup-peft-venv.sh).
-        #[arg(long, env = "ITAMAE_PEFT_PYTHON")]
-        peer_python: Option<PathBuf>,
-    },
-    /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
-    Decode {
-        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
-        model: PathBuf,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 128)]
-        tokens: usize,
-        /// Timed repetitions (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Python of a venv with llama-cpp-python installed (scripts/setup-bench-venv.sh).
-        #[arg(long, env = "ITAMAE_BENCH_PYTHON")]
-        peer_python: Option<PathBuf>,
-    },
 }
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    // OpenBLAS reads its CPU core type only when it loads: re-exec with it set when this CPU
-    // would be misdetected (docs/candle-notes.md). Must come before any BLAS call.
-    if let Err(e) = itamae::ops::blas::ensure_coretype_env() {
-        eprintln!("warning: could not re-execute with OPENBLAS_CORETYPE set: {e}");
-    }
-    // candle's elementwise thread pool spins 25k iterations before parking; on 2 cores that
-    // spinning starves the BLAS and rayon threads between ops. Park sooner unless told otherwise.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
-    }
-    // Without it candle asks num_cpus for the physical core count on every matmul, which parses
-    // /proc/cpuinfo each time: 5% of a decode step, more per small matmul.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    let Cli {
+        kernels: kernel_args,
+        command,
+    } = Cli::parse();
+    // All configuration is resolved here, once (serve also reads its config file), before
+    // `start_process` may re-execute the process and before any BLAS call.
+    let serve_cfg = match &command {
+        Command::Serve(args) => {
+            let args = ServeArgs {
+                kernels: kernel_args.clone(),
+                ..(**args).clone()
+            };
+            match ServeConfig::load(args) {
+                Ok(cfg) => Some(cfg),
+                Err(e) => {
+                    eprintln!("error: {:#}", anyhow::Error::from(e));
+                    std::process::exit(1);
+                }
+            }
+        }
+        _ => None,
+    };
+    let kernels = match &serve_cfg {
+        Some(cfg) => cfg.kernels.clone(),
+        None => kernel_args.resolve(&Default::default()),
+    };
+    config::start_process(&kernels);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -179,87 +85,21 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
-        Command::Serve {
-            config,
-            model,
-            host,
-            port,
-            data_dir,
-            device,
-            adapters,
-            shutdown_grace_secs,
-            training_max_share,
-            adapters_max_resident_bytes,
-        } => serve(
-            config,
-            adapters,
-            Overrides {
+    let result = match (command, serve_cfg) {
+        (Command::Serve(_), Some(cfg)) => serve(cfg),
+        (Command::Serve(_), None) => unreachable!("serve's configuration is resolved above"),
+        (Command::Train(a), _) => itamae::commands::train(*a),
+        (Command::Chat(a), _) => itamae::commands::chat(a),
+        (Command::Eval(a), _) => itamae::eval::eval(a),
+        (Command::ExportHf { model, out }, _) => itamae::commands::export_hf(&model, &out),
+        (
+            Command::Logits {
                 model,
-                host,
-                port,
-                data_dir,
-                device,
-                shutdown_grace_secs,
-                training_max_share,
-                adapters_max_resident_bytes,
+                adapter,
+                prompt,
             },
-        ),
-        Command::Train(a) => itamae::commands::train(*a),
-        Command::Chat(a) => itamae::commands::chat(a),
-        Command::Eval(a) => itamae::eval::eval(a),
-        Command::ExportHf { model, out } => itamae::commands::export_hf(&model, &out),
-        Command::Logits {
-            model,
-            adapter,
-            prompt,
-        } => itamae::commands::logits(&model, adapter.as_deref(), &prompt),
-        Command::Bench {
-            which:
-                BenchCommand::Decode {
-                    model,
-                    tokens,
-                    runs,
-                    peer_python,
-                },
-        } => itamae::bench::decode(&model, tokens, runs, peer_python.as_deref()),
-        Command::Bench {
-            which:
-                BenchCommand::Batch {
-                    model,
-                    streams,
-                    tokens,
-                },
-        } => itamae::bench::batch(&model, streams, tokens),
-        Command::Bench {
-            which:
-                BenchCommand::Swap {
-                    model,
-                    clients,
-                    secs,
-                    every_ms,
-                    tokens,
-                },
-        } => itamae::bench::swap(&model, clients, secs, every_ms, tokens),
-        Command::Bench {
-            which:
-                BenchCommand::JobSwap {
-                    model,
-                    clients,
-                    jobs,
-                    tokens,
-                },
-        } => itamae::bench::job_swap(&model, clients, jobs, tokens),
-        Command::Bench {
-            which:
-                BenchCommand::Train {
-                    model,
-                    seq,
-                    batch,
-                    steps,
-                    peer_python,
-                },
-        } => itamae::bench::train(&model, seq, batch, steps, peer_python.as_deref()),
+            _,
+        ) => itamae::commands::logits(&model, adapter.as_deref(), &prompt),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -270,32 +110,9 @@ fn main() {
 /// After the HTTP drain, how long the running job may take to finish its step and checkpoint.
 const SHUTDOWN_CHECKPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-fn serve(
-    config_path: Option<PathBuf>,
-    adapters: Vec<String>,
-    overrides: Overrides,
-) -> anyhow::Result<()> {
-    let adapters: Vec<(String, PathBuf)> = adapters
-        .iter()
-        .map(|a| match a.split_once('=') {
-            Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
-                Ok((name.to_string(), PathBuf::from(dir)))
-            }
-            _ => Err(anyhow::anyhow!("--adapter expects NAME=DIR, got `{a}`")),
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let mut file = match &config_path {
-        Some(p) => FileConfig::read(p)?,
-        None => FileConfig::default(),
-    };
-    let auth_section = std::mem::take(&mut file.auth);
-    let organization_id = file.storage.organization_id.take();
-    let hub_id = file.model.hub_id.take();
-    let max_upload_bytes = file.storage.max_upload_bytes.take();
-    let cfg = ServeConfig::resolve(file, overrides)?;
+fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     // Checked before the model loads: a misconfigured exposed daemon must not start at all.
-    let auth = auth_section
-        .resolve(std::env::var("ITAMAE_API_KEYS").ok().as_deref())
+    let auth = itamae::api::auth::Auth::from_config(&cfg.auth)
         .map_err(|e| anyhow::anyhow!("API keys: {e}"))?;
     auth.check_bind(&cfg.host).map_err(anyhow::Error::msg)?;
     if !cfg.model.exists() {
@@ -317,6 +134,7 @@ fn serve(
     // the process with the loader's message rather than serving nothing.
     let watcher = engine.clone();
     let budget = cfg.adapters_max_resident_bytes;
+    let adapters = cfg.adapters.clone();
     std::thread::spawn(move || {
         if let Err(e) = watcher.wait_loaded() {
             eprintln!("error: {e}");
@@ -349,31 +167,14 @@ fn serve(
     // Files, jobs and their results live in the data directory; the runner thread re-serves
     // finished jobs and resumes interrupted ones once the model is loaded.
     let mut jobs_cfg = itamae::jobs::JobsConfig::new(cfg.data_dir.clone());
-    if let Some(org) = std::env::var("ITAMAE_ORGANIZATION_ID")
-        .ok()
-        .filter(|o| !o.is_empty())
-        .or(organization_id)
-    {
+    if let Some(org) = cfg.organization_id.clone() {
         jobs_cfg.organization_id = org;
     }
-    let env_max_upload = match std::env::var("ITAMAE_MAX_UPLOAD_BYTES") {
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                eprintln!("error: ITAMAE_MAX_UPLOAD_BYTES={v:?} is not a number of bytes");
-                std::process::exit(2);
-            }
-        },
-        Err(_) => None,
-    };
-    if let Some(n) = env_max_upload.or(max_upload_bytes) {
+    if let Some(n) = cfg.max_upload_bytes {
         jobs_cfg.max_upload_bytes = n;
     }
     jobs_cfg.training_max_share = cfg.training_max_share;
-    jobs_cfg.base_model_id = std::env::var("ITAMAE_MODEL_HUB_ID")
-        .ok()
-        .filter(|h| !h.trim().is_empty())
-        .or(hub_id.filter(|h| !h.trim().is_empty()));
+    jobs_cfg.base_model_id = cfg.hub_id.clone();
     let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     // Imported adapters (`/v1/adapters`) are served again once the model is loaded.

@@ -79,21 +79,6 @@ fn digest(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
 }
 
-/// Parses `ITAMAE_API_KEYS`: comma-separated `scope:key` entries.
-pub fn parse_env_keys(v: &str) -> Result<Vec<(String, Scope)>, String> {
-    v.split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            let (scope, key) = e.split_once(':').ok_or_else(|| {
-                "ITAMAE_API_KEYS entries must be `scope:key` (scope `admin` or `inference`)"
-                    .to_string()
-            })?;
-            Ok((key.to_string(), Scope::parse(scope)?))
-        })
-        .collect()
-}
-
 /// True when `host` (as given to `--host`) names only the loopback interface.
 pub fn is_loopback_host(host: &str) -> bool {
     let h = host.trim().trim_start_matches('[').trim_end_matches(']');
@@ -125,6 +110,19 @@ impl Auth {
             keys: std::sync::Arc::new(out),
             metrics_public,
         })
+    }
+
+    /// The checker for the resolved configuration's keys: the file's (errors prefixed
+    /// `[auth] keys:`) and the environment's, each scope checked here.
+    pub fn from_config(c: &crate::config::AuthConfig) -> Result<Self, String> {
+        let parse = |keys: &[crate::config::ApiKeyEntry]| {
+            keys.iter()
+                .map(|k| Ok((k.key.clone(), Scope::parse(&k.scope)?)))
+                .collect::<Result<Vec<_>, String>>()
+        };
+        let mut keys = parse(&c.file_keys).map_err(|e| format!("[auth] keys: {e}"))?;
+        keys.extend(parse(&c.env_keys)?);
+        Self::new(keys, c.metrics_public)
     }
 
     /// No keys: every route is open (allowed only on a loopback bind, see [`Self::check_bind`]).
@@ -348,23 +346,53 @@ mod tests {
 
     #[test]
     fn env_keys_and_weak_keys() {
-        let k = parse_env_keys(&format!(" admin:{ADMIN} , inference:{INFER},")).unwrap();
-        assert_eq!(
-            k,
-            vec![
-                (ADMIN.to_string(), Scope::Admin),
-                (INFER.to_string(), Scope::Inference)
-            ]
-        );
+        use crate::config::{parse_env_keys, AuthConfig};
+        let from_env = |v: &str| {
+            Auth::from_config(&AuthConfig {
+                env_keys: parse_env_keys(v)?,
+                ..Default::default()
+            })
+        };
+        let a = from_env(&format!(" admin:{ADMIN} , inference:{INFER},")).unwrap();
+        assert_eq!(a.lookup(ADMIN), Some(Scope::Admin));
+        assert_eq!(a.lookup(INFER), Some(Scope::Inference));
+        assert_eq!(a.keys.len(), 2);
         // A key may itself hold `:`.
-        assert_eq!(
-            parse_env_keys("admin:a:b").unwrap(),
-            vec![("a:b".into(), Scope::Admin)]
-        );
-        assert!(parse_env_keys("root:xxxxxxxxxxxxxxxxxxxx").is_err());
-        assert!(parse_env_keys("justakey").is_err());
+        let a = from_env("admin:aaaaaaaaaaaaaaaa:b").unwrap();
+        assert_eq!(a.lookup("aaaaaaaaaaaaaaaa:b"), Some(Scope::Admin));
+        assert!(from_env("root:xxxxxxxxxxxxxxxxxxxx").is_err());
+        assert!(from_env("justakey").is_err());
         assert!(Auth::new(vec![("short".into(), Scope::Admin)], false).is_err());
         assert!(Auth::new(vec![("has space in the key!".into(), Scope::Admin)], false).is_err());
+    }
+
+    /// The file's keys and the environment's together, as `itamaed serve` resolves them.
+    #[test]
+    fn auth_section_and_env_keys() {
+        use crate::config::{FileConfig, ServeArgs, ServeConfig};
+        let c: FileConfig = toml::from_str(
+            "[auth]\nmetrics_public = true\nkeys = [{ key = \"0123456789abcdef-admin\", scope = \"admin\" }]\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            api_keys: Some("inference:0123456789abcdef-infer".into()),
+            ..Default::default()
+        };
+        let a = Auth::from_config(&ServeConfig::resolve(c, args).unwrap().auth).unwrap();
+        assert!(a.enabled());
+        assert!(a.metrics_public);
+        assert_eq!(a.lookup("0123456789abcdef-infer"), Some(Scope::Inference));
+        assert_eq!(a.lookup("0123456789abcdef-admin"), Some(Scope::Admin));
+        let bad: FileConfig =
+            toml::from_str("[auth]\nkeys = [{ key = \"0123456789abcdef\", scope = \"root\" }]\n")
+                .unwrap();
+        let bad = ServeConfig::resolve(bad, ServeArgs::default()).unwrap();
+        let e = Auth::from_config(&bad.auth).unwrap_err();
+        assert!(e.contains("root") && e.starts_with("[auth] keys: "), "{e}");
+        // The shipped config configures no key: auth is off on loopback.
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/itamae.toml");
+        let shipped = ServeConfig::resolve(FileConfig::read(&p).unwrap(), ServeArgs::default());
+        assert!(!Auth::from_config(&shipped.unwrap().auth).unwrap().enabled());
     }
 
     #[test]

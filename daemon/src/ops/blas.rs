@@ -336,12 +336,44 @@ pub fn gemm<T: BlasFloat>(
     Ok(())
 }
 
-/// Set to `0` or `off` to send few-row f32 products to BLAS too (A/B measurements).
-pub const SKINNY_ENV: &str = "ITAMAE_SKINNY";
+/// The kernel-tuning switches, resolved by the daemon's configuration (`[kernels]`, or the
+/// `ITAMAE_BLAS` / `ITAMAE_SKINNY` / `ITAMAE_OPENBLAS_CORETYPE` variables) and handed over once
+/// at start-up through [`configure`]; nothing here reads the environment for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// false: keep every matmul on candle's gemm (A/B measurements, or a BLAS that misbehaves
+    /// in a way the self-check misses).
+    pub blas: bool,
+    /// false: send few-row f32 products to BLAS too instead of [`super::skinny`] (A/B
+    /// measurements).
+    pub skinny: bool,
+    /// `auto` or an OpenBLAS core type for [`ensure_coretype_env`]; None: respect an inherited
+    /// `OPENBLAS_CORETYPE`, else detect.
+    pub openblas_coretype: Option<String>,
+}
 
-fn skinny_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| !matches!(std::env::var(SKINNY_ENV).as_deref(), Ok("0") | Ok("off")))
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            blas: true,
+            skinny: true,
+            openblas_coretype: None,
+        }
+    }
+}
+
+static KERNELS: OnceLock<KernelConfig> = OnceLock::new();
+
+/// Sets the process's kernel switches; call once at start-up, before the first matmul. Returns
+/// false (and changes nothing) when they were already fixed, by an earlier call or by a kernel
+/// that ran first with the defaults (tests and library users that never configure).
+pub fn configure(k: KernelConfig) -> bool {
+    KERNELS.set(k).is_ok()
+}
+
+/// The switches in force: the configured ones, else the defaults.
+pub fn kernels() -> &'static KernelConfig {
+    KERNELS.get_or_init(KernelConfig::default)
 }
 
 /// `x · Wᵀ` in f32 with a few rows of `x` and `W` stored row-major (every projection in a
@@ -361,7 +393,7 @@ fn skinny<T: BlasFloat>(
         || a.rows > super::skinny::MAX_ROWS
         // one row: OpenBLAS's GEMV already streams W once, and is faster on small W
         || a.rows < 2
-        || !skinny_enabled()
+        || !kernels().skinny
     {
         return None;
     }
@@ -538,20 +570,20 @@ pub fn wanted_coretype() -> Option<&'static str> {
     None
 }
 
-/// Overrides an inherited `OPENBLAS_CORETYPE` for the daemon: `auto` picks the kernel set from
-/// the CPU's flags (some hosts set `Haswell` for every process, AVX-512 CPUs included, where
-/// `SkylakeX` runs GEMMs about twice as fast); any other value is used as the core type.
-pub const CORETYPE_OVERRIDE_ENV: &str = "ITAMAE_OPENBLAS_CORETYPE";
-
 /// When OpenBLAS runs slower kernels than this CPU supports and `OPENBLAS_CORETYPE` is unset
-/// (or [`CORETYPE_OVERRIDE_ENV`] asks for another core type), re-executes the current program
-/// with the same arguments and `OPENBLAS_CORETYPE` set: OpenBLAS reads it only when the library
-/// loads. Call it first thing in `main`, before threads start, then [`self_check`]. Returns
-/// `Ok(())` when nothing needed doing; after a successful re-exec it does not return.
-pub fn ensure_coretype_env() -> std::io::Result<()> {
+/// (or `overridden`, [`KernelConfig::openblas_coretype`], asks for another core type),
+/// re-executes the current program with the same arguments and `OPENBLAS_CORETYPE` set:
+/// OpenBLAS reads it only when the library loads. `overridden` replaces an inherited
+/// `OPENBLAS_CORETYPE`: `auto` picks the kernel set from the CPU's flags (some hosts set
+/// `Haswell` for every process, AVX-512 CPUs included, where `SkylakeX` runs GEMMs about twice
+/// as fast); any other value is used as the core type. The re-executed child resolves the same
+/// configuration, so it must come out with the same `overridden`. Call it first thing in
+/// `main`, before threads start, then [`self_check`]. Returns `Ok(())` when nothing needed
+/// doing; after a successful re-exec it does not return.
+pub fn ensure_coretype_env(overridden: Option<&str>) -> std::io::Result<()> {
+    // The variable OpenBLAS itself read at load: the one environment read this module needs.
     let current = std::env::var("OPENBLAS_CORETYPE").ok();
-    let overridden = std::env::var(CORETYPE_OVERRIDE_ENV).ok();
-    match coretype_to_set(current.as_deref(), overridden.as_deref(), wanted_coretype) {
+    match coretype_to_set(current.as_deref(), overridden, wanted_coretype) {
         Some(core) => reexec_with_coretype(&core),
         None => Ok(()),
     }
@@ -701,18 +733,14 @@ pub fn generic_kernels() -> bool {
     false
 }
 
-/// Set to `0` or `off` to keep every matmul on candle's gemm (A/B measurements, or a BLAS that
-/// misbehaves in a way the self-check misses).
-pub const DISABLE_ENV: &str = "ITAMAE_BLAS";
-
 /// Whether BLAS should carry the f32/f64 CPU matmuls: its kernels are tuned for this CPU and
 /// passed [`self_check`]. Decided once per process; otherwise candle's gemm is used, since
 /// generic kernels are slower than it and wrong results must never be served or trained on.
 pub fn preferred() -> bool {
     static PREFERRED: OnceLock<bool> = OnceLock::new();
     *PREFERRED.get_or_init(|| {
-        if matches!(std::env::var(DISABLE_ENV).as_deref(), Ok("0") | Ok("off")) {
-            tracing::info!("{DISABLE_ENV} is off: using candle's matmul");
+        if !kernels().blas {
+            tracing::info!("ITAMAE_BLAS is off: using candle's matmul");
             return false;
         }
         if generic_kernels() {
@@ -880,6 +908,10 @@ mod tests {
         assert_eq!(coretype_to_set(Some("SkylakeX"), None, skx), None);
     }
 
+    /// How the test hands [`reexec_child`] its override (the daemon's variable of that name
+    /// reaches [`ensure_coretype_env`] through its configuration).
+    const CHILD_OVERRIDE: &str = "ITAMAE_OPENBLAS_CORETYPE";
+
     /// Re-executes this test binary through [`ensure_coretype_env`] with an override, and checks
     /// that the child runs the kernels asked for (it only can if the variable was set before the
     /// library loaded).
@@ -895,7 +927,7 @@ mod tests {
             .arg("ops::blas::tests::reexec_child")
             .env_remove("OPENBLAS_CORETYPE")
             // Sandybridge (AVX) kernels: correct on any AVX CPU and named unlike the defaults.
-            .env(CORETYPE_OVERRIDE_ENV, "Sandybridge")
+            .env(CHILD_OVERRIDE, "Sandybridge")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -909,7 +941,7 @@ mod tests {
     #[test]
     #[ignore]
     fn reexec_child() {
-        ensure_coretype_env().unwrap();
+        ensure_coretype_env(std::env::var(CHILD_OVERRIDE).ok().as_deref()).unwrap();
         println!("child kernels: {}", core_name());
     }
 

@@ -1,0 +1,109 @@
+//! `itamae-bench decode`: greedy prompt and decode tokens/s of the engine's decode step, side
+//! by side with llama-cpp-python on the same GGUF file.
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::Tensor;
+
+use itamae::engine::sampling::argmax;
+use itamae::model::{self, KvCache};
+
+/// The prompt both sides run (ChatML, ~40 tokens).
+const DECODE_PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWrite a short story about a sushi chef who trains apprentices.<|im_end|>\n<|im_start|>assistant\n";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Prompt tok/s and decode tok/s for `tokens` greedy tokens (EOS ignored, so every run decodes
+/// the same count), median of `runs`; then the same with llama-cpp-python on the same file.
+pub(crate) fn decode(
+    model_path: &Path,
+    tokens: usize,
+    runs: usize,
+    peer_python: Option<&Path>,
+) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let t0 = Instant::now();
+    let loaded = model::load(model_path, &device)?;
+    println!(
+        "model {} loaded in {:.1} s (f32, {} threads)",
+        loaded.name,
+        t0.elapsed().as_secs_f64(),
+        candle_core::utils::get_num_threads()
+    );
+    let prompt = loaded
+        .text
+        .tokenizer
+        .encode(DECODE_PROMPT, false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
+        .get_ids()
+        .to_vec();
+    let m = &loaded.model;
+    let mut prompt_tps = Vec::new();
+    let mut decode_tps = Vec::new();
+    for run in 0..=runs.max(1) {
+        let mut cache = KvCache::new(&m.cfg, prompt.len() + tokens);
+        let t = Instant::now();
+        let input = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
+        let mut next = argmax(
+            &m.forward_last(&input, Some(&mut cache))?
+                .squeeze(0)?
+                .to_vec1()?,
+        );
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        // The step the engine serves with: a decode batch (of one), run on the pool.
+        for _ in 0..tokens {
+            let logits = rayon::scope(|_| m.decode_batch(&[next], &mut [&mut cache], &[None]))?;
+            next = argmax(&logits.squeeze(0)?.to_vec1()?);
+        }
+        let dec = t.elapsed().as_secs_f64();
+        if run > 0 {
+            // run 0 warms caches and the allocator
+            prompt_tps.push(prompt.len() as f64 / prefill);
+            decode_tps.push(tokens as f64 / dec);
+        }
+    }
+    let (p, d) = (median(prompt_tps), median(decode_tps));
+    println!(
+        "itamae     prompt {:>4} tok: {:>8.1} tok/s | decode {tokens} tok: {:>6.1} tok/s",
+        prompt.len(),
+        p,
+        d
+    );
+    let Some(py) = peer_python else {
+        println!("peer: llama-cpp-python not configured (scripts/setup-bench-venv.sh, then ITAMAE_BENCH_PYTHON)");
+        return Ok(());
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_llama_cpp.py");
+    let out = Command::new(py)
+        .arg(&script)
+        .arg(model_path)
+        .arg(DECODE_PROMPT)
+        .arg(tokens.to_string())
+        .arg(runs.max(1).to_string())
+        .output()
+        .with_context(|| format!("running {}", py.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "llama-cpp-python bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("peer output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let pp = v["prompt_tps"].as_f64().unwrap_or(f64::NAN);
+    let pd = v["decode_tps"].as_f64().unwrap_or(f64::NAN);
+    let pn = v["prompt_tokens"].as_u64().unwrap_or(0);
+    println!("llama.cpp  prompt {pn:>4} tok: {pp:>8.1} tok/s | decode {tokens} tok: {pd:>6.1} tok/s  (Q4_1 kernels)");
+    println!(
+        "ratio itamae/llama.cpp: prompt {:.2}x, decode {:.2}x",
+        p / pp,
+        d / pd
+    );
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! `itamae-bench`: benchmarks that print figures, with a peer measured in the same invocation
+//! when available (never timed tests). `decode`, `train` and `batch` drive the library in
+//! process; `swap` and `job-swap` start an in-process daemon and talk to it over HTTP through
+//! the `itamae-client` crate, as any client would.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use itamae::config::{self, KernelArgs};
+
+mod batch;
+mod decode;
+mod job_swap;
+mod server;
+mod swap;
+mod train;
+
+#[derive(Parser)]
+#[command(
+    name = "itamae-bench",
+    version,
+    about = "itamae benchmarks: figures, and ratios against a peer when it is installed"
+)]
+struct Cli {
+    #[command(flatten)]
+    kernels: KernelArgs,
+    #[command(subcommand)]
+    which: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Aggregate decode tok/s: N concurrent streams on the base vs on N different LoRA variants.
+    Batch {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
+    /// Hot-swap under load: replace a served LoRA repeatedly while clients stream from it;
+    /// swap latency, failed requests, throughput against the same loop without swaps.
+    Swap {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Concurrent streaming clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds per phase (without swaps, then with).
+        #[arg(long, default_value_t = 20.0)]
+        secs: f64,
+        /// Milliseconds between two swaps.
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        /// Tokens per chat.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+    },
+    /// Issue 4's hot-swap figure: fine-tuning job success to the first token served with its
+    /// adapter, while clients stream chats on the base model; failed requests, throughput.
+    JobSwap {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Concurrent streaming clients on the base model.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Fine-tuning jobs, one after the other.
+        #[arg(long, default_value_t = 5)]
+        jobs: usize,
+        /// Tokens per chat.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+    },
+    /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
+    Train {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Timed steps (one more warm-up step runs first).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Python of a venv with torch, transformers and peft (scripts/setup-peft-venv.sh).
+        #[arg(long, env = "ITAMAE_PEFT_PYTHON")]
+        peer_python: Option<PathBuf>,
+    },
+    /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
+    Decode {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Python of a venv with llama-cpp-python installed (scripts/setup-bench-venv.sh).
+        #[arg(long, env = "ITAMAE_BENCH_PYTHON")]
+        peer_python: Option<PathBuf>,
+    },
+}
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let cli = Cli::parse();
+    // The daemon's start-up, so that figures are those of `itamaed` on this machine.
+    config::start_process(&cli.kernels.resolve(&Default::default()));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,actix_server=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    print_machine();
+    let result = match cli.which {
+        BenchCommand::Decode {
+            model,
+            tokens,
+            runs,
+            peer_python,
+        } => decode::decode(&model, tokens, runs, peer_python.as_deref()),
+        BenchCommand::Batch {
+            model,
+            streams,
+            tokens,
+        } => batch::batch(&model, streams, tokens),
+        BenchCommand::Swap {
+            model,
+            clients,
+            secs,
+            every_ms,
+            tokens,
+        } => swap::swap(&model, clients, secs, every_ms, tokens),
+        BenchCommand::JobSwap {
+            model,
+            clients,
+            jobs,
+            tokens,
+        } => job_swap::job_swap(&model, clients, jobs, tokens),
+        BenchCommand::Train {
+            model,
+            seq,
+            batch,
+            steps,
+            peer_python,
+        } => train::train(&model, seq, batch, steps, peer_python.as_deref()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// What a figure depends on: the CPU, the instruction sets the kernels may use, and the
+/// OpenBLAS kernel set (and whether BLAS carries the matmuls at all).
+fn print_machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("cpu: {cpu} ({threads} threads)");
+    println!("instruction sets: {}", instruction_sets().join(" "));
+    let blas = itamae::ops::blas::preferred();
+    println!(
+        "blas: OpenBLAS core type {} ({}; OPENBLAS_CORETYPE={})",
+        itamae::ops::blas::core_name(),
+        if blas {
+            "carries the f32 matmuls"
+        } else {
+            "not used: candle's matmul"
+        },
+        std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| "unset".into())
+    );
+}
+
+fn instruction_sets() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut sets = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! detect {
+            ($($f:tt),*) => {
+                $(if std::arch::is_x86_feature_detected!($f) {
+                    sets.push($f);
+                })*
+            };
+        }
+        detect!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512dq",
+            "avx512vl",
+            "avx512vnni"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            sets.push("neon");
+        }
+    }
+    sets
+}
