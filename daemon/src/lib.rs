@@ -8,6 +8,7 @@ pub mod api;
 pub mod bench;
 pub mod commands;
 pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod eval;
 pub mod jobs;
