@@ -840,6 +840,71 @@ mod tests {
         }
     }
 
+    /// The service only sees the interface: the same operations through `dyn MetaStore`.
+    #[tokio::test]
+    async fn the_interface_reaches_every_table() {
+        let path = temp_db();
+        let sqlite = Store::open(&path).await.unwrap();
+        let s: &dyn MetaStore = &sqlite;
+        let mut changes = s.subscribe();
+        let f = FileRow {
+            id: "file-x".into(),
+            bytes: 3,
+            created_at: now(),
+            filename: "x.jsonl".into(),
+            purpose: "fine-tune".into(),
+        };
+        s.insert_file(&f).await.unwrap();
+        assert_eq!(s.get_file("file-x").await.unwrap(), Some(f));
+        let q = FileQuery {
+            purpose: Some("fine-tune"),
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(s.list_files(q).await.unwrap().data.len(), 1);
+        s.insert_job(&job("ftjob-i", status::QUEUED)).await.unwrap();
+        assert!(s
+            .transition("ftjob-i", &[status::QUEUED], status::RUNNING)
+            .await
+            .unwrap());
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        let e = s
+            .add_event(
+                "ftjob-i",
+                NewEvent {
+                    level: "info",
+                    message: "hello",
+                    kind: "message",
+                    data: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(s.events_since("ftjob-i", 0).await.unwrap(), vec![e]);
+        s.add_checkpoint("ftjob-i", 3, &json!({"step": 3}), "m:ckpt-step-3")
+            .await
+            .unwrap();
+        assert_eq!(s.all_checkpoints().await.unwrap()[0].step, 3);
+        s.set_progress("ftjob-i", 7, Some(1)).await.unwrap();
+        assert!(s.succeed("ftjob-i", Some("m"), 9).await.unwrap());
+        let j = s.get_job("ftjob-i").await.unwrap().unwrap();
+        assert_eq!(
+            (j.status.as_str(), j.trained_tokens),
+            (status::SUCCEEDED, Some(9))
+        );
+        assert_eq!(
+            s.jobs_with_status(&[status::SUCCEEDED])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(s.delete_file("file-x").await.unwrap());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
     #[tokio::test]
     async fn events_are_newest_first_and_stream_oldest_first() {
         let path = temp_db();
