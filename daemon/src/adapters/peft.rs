@@ -144,54 +144,13 @@ pub const KEPT_ENTRIES: &[&str] = &["checkpoints"];
 /// Fills a temporary sibling of `dir` with `fill`, then swaps it into place. Entries of the old
 /// directory named in [`KEPT_ENTRIES`] are moved into the new one first.
 pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "adapter".into());
-    let nonce: u64 = rand::random();
-    let tmp = parent.join(format!(".{name}.tmp-{nonce:016x}"));
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    for keep in KEPT_ENTRIES {
-        let from = dir.join(keep);
-        if from.exists() && !tmp.join(keep).exists() {
-            if let Err(e) = std::fs::rename(&from, tmp.join(keep)) {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(io(&from)(e));
-            }
-        }
-    }
-    let old = parent.join(format!(".{name}.old-{nonce:016x}"));
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &old).map_err(io(dir))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, dir);
-            for keep in KEPT_ENTRIES {
-                let _ = std::fs::rename(tmp.join(keep), dir.join(keep));
-            }
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(io(dir)(e));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    // The rename is durable only once the parent directory entry is on disk.
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::durable::replace_dir(dir, KEPT_ENTRIES, fill).map_err(|e| match e {
+        crate::durable::ReplaceError::Fill(e) => e,
+        crate::durable::ReplaceError::Io(e) => PeftError::Io {
+            path: e.path,
+            source: e.source,
+        },
+    })
 }
 
 fn get_usize(c: &Value, key: &str) -> Result<usize> {

@@ -7,6 +7,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use serde_json::{json, Value};
 
 use crate::engine::EngineError;
+use crate::jobs::ServiceError;
 
 /// `type` of client mistakes (4xx).
 pub const INVALID_REQUEST: &str = "invalid_request_error";
@@ -145,6 +146,44 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::NotFound(message) => Self::not_found(message),
+            ServiceError::AdapterNotFound(_) => Self {
+                code: Some("adapter_not_found"),
+                ..Self::not_found(e.to_string())
+            },
+            ServiceError::Invalid {
+                param: Some(param),
+                message,
+            } => Self::invalid(param, message),
+            ServiceError::Invalid {
+                param: None,
+                message,
+            } => Self::bad_request(message),
+            ServiceError::ModelNotFound { model, message } => Self {
+                message,
+                ..Self::model_not_found(&model)
+            },
+            ServiceError::GenerationMismatch(message) => Self {
+                status: StatusCode::CONFLICT,
+                message,
+                kind: INVALID_REQUEST,
+                param: Some("if_generation".into()),
+                code: Some("generation_mismatch"),
+            },
+            ServiceError::NotReady(message) => Self::not_ready(message),
+            ServiceError::Storage(_) => {
+                tracing::error!("jobs database: {e}");
+                Self::internal(e.to_string())
+            }
+            ServiceError::Internal(message) => Self::internal(message),
+            ServiceError::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(e: actix_web::error::BlockingError) -> Self {
         Self::internal(format!("a worker thread failed: {e}"))
@@ -235,6 +274,87 @@ mod tests {
                 _ => INVALID_REQUEST,
             };
             assert_eq!(b["error"]["type"], kind);
+        }
+    }
+
+    #[test]
+    fn service_errors_map_to_statuses() {
+        let storage = crate::jobs::backend::StoreError::new(std::io::Error::other("disk full"));
+        let cases = [
+            (
+                ServiceError::NotFound("no job".into()),
+                404,
+                None,
+                None,
+                "no job",
+            ),
+            (
+                ServiceError::AdapterNotFound("a".into()),
+                404,
+                None,
+                Some("adapter_not_found"),
+                "No such adapter: a",
+            ),
+            (
+                ServiceError::invalid("training_file", "missing"),
+                400,
+                Some("training_file"),
+                None,
+                "missing",
+            ),
+            (ServiceError::bad_request("no"), 400, None, None, "no"),
+            (
+                ServiceError::ModelNotFound {
+                    model: "m".into(),
+                    message: "not here".into(),
+                },
+                404,
+                Some("model"),
+                Some("model_not_found"),
+                "not here",
+            ),
+            (
+                ServiceError::GenerationMismatch("at 2".into()),
+                409,
+                Some("if_generation"),
+                Some("generation_mismatch"),
+                "at 2",
+            ),
+            (
+                ServiceError::NotReady("loading".into()),
+                503,
+                None,
+                Some("model_not_ready"),
+                "loading",
+            ),
+            (
+                ServiceError::Storage(storage),
+                500,
+                None,
+                None,
+                "Database error: disk full",
+            ),
+            (
+                ServiceError::Internal("boom".into()),
+                500,
+                None,
+                None,
+                "boom",
+            ),
+            (
+                ServiceError::Engine(EngineError::ModelNotFound("x".into())),
+                404,
+                Some("model"),
+                Some("model_not_found"),
+                "The model `x` does not exist",
+            ),
+        ];
+        for (e, status, param, code, message) in cases {
+            let a = ApiError::from(e);
+            assert_eq!(a.status.as_u16(), status, "{a:?}");
+            assert_eq!(a.param.as_deref(), param, "{a:?}");
+            assert_eq!(a.code, code, "{a:?}");
+            assert_eq!(a.message, message, "{a:?}");
         }
     }
 

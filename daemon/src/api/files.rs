@@ -1,7 +1,7 @@
 //! `/v1/files`: upload (multipart `file` + `purpose=fine-tune`), list, retrieve, delete and
 //! download the datasets that fine-tuning jobs train on. Bytes are streamed to a temporary file
 //! under the size limit and renamed into place only when complete.
-use std::io::{Read, Write};
+use std::io::Read;
 
 use actix_multipart::Multipart;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -10,12 +10,12 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::handlers::method_not_allowed;
-use super::jobs::{db_error, jobs_of, limit_param, query_map};
-use crate::jobs::storage::{new_id, now, valid_id, Storage, FILE_PREFIX};
+use super::jobs::{jobs_of, limit_param, query_map};
+use crate::jobs::backend::{BlobWriter, FileQuery};
+use crate::jobs::storage::{valid_id, FILE_PREFIX};
 use crate::jobs::store::FileRow;
-
 /// The one purpose this server accepts.
-pub const FINE_TUNE: &str = "fine-tune";
+pub use crate::jobs::FINE_TUNE;
 /// Bytes gathered before each write to disk.
 const WRITE_CHUNK: usize = 1 << 20;
 /// Longest accepted `purpose` field.
@@ -66,17 +66,6 @@ fn file_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
-/// Removes a temporary upload unless it was committed.
-struct TempUpload(Option<std::path::PathBuf>);
-
-impl Drop for TempUpload {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 fn multipart_error(e: actix_multipart::MultipartError) -> ApiError {
     use actix_multipart::MultipartError as M;
     match e {
@@ -90,7 +79,10 @@ fn multipart_error(e: actix_multipart::MultipartError) -> ApiError {
     }
 }
 
-async fn write_chunk(f: std::fs::File, buf: Vec<u8>) -> Result<(std::fs::File, Vec<u8>), ApiError> {
+async fn write_chunk(
+    f: Box<dyn BlobWriter>,
+    buf: Vec<u8>,
+) -> Result<(Box<dyn BlobWriter>, Vec<u8>), ApiError> {
     web::block(move || {
         let mut f = f;
         f.write_all(&buf).map(|()| (f, buf))
@@ -103,10 +95,9 @@ async fn write_chunk(f: std::fs::File, buf: Vec<u8>) -> Result<(std::fs::File, V
 pub async fn upload(req: HttpRequest, mut payload: Multipart) -> Result<HttpResponse, ApiError> {
     let jobs = jobs_of(&req)?;
     let limit = jobs.config().max_upload_bytes;
-    let storage: Storage = jobs.storage().clone();
     let mut purpose: Option<String> = None;
-    // (temporary file guard, open handle, bytes, file name)
-    let mut upload: Option<(TempUpload, std::fs::File, u64, String)> = None;
+    // (the upload being written, bytes, file name); dropped uncommitted, it leaves nothing.
+    let mut upload: Option<(Box<dyn BlobWriter>, u64, String)> = None;
     while let Some(mut field) = payload.try_next().await.map_err(multipart_error)? {
         match field.name() {
             Some("purpose") => {
@@ -130,11 +121,8 @@ pub async fn upload(req: HttpRequest, mut payload: Multipart) -> Result<HttpResp
                     .chars()
                     .take(MAX_FILENAME)
                     .collect();
-                let st = storage.clone();
-                let (tmp, mut f) = web::block(move || st.temp_upload())
-                    .await?
-                    .map_err(|e| ApiError::internal(format!("Cannot store the upload: {e}")))?;
-                let guard = TempUpload(Some(tmp));
+                let j = jobs.clone();
+                let mut f = web::block(move || j.begin_upload()).await??;
                 let mut bytes = 0u64;
                 let mut buf = Vec::with_capacity(WRITE_CHUNK);
                 while let Some(chunk) = field.try_next().await.map_err(multipart_error)? {
@@ -154,7 +142,7 @@ pub async fn upload(req: HttpRequest, mut payload: Multipart) -> Result<HttpResp
                 if !buf.is_empty() {
                     f = write_chunk(f, buf).await?.0;
                 }
-                upload = Some((guard, f, bytes, filename));
+                upload = Some((f, bytes, filename));
             }
             // Other fields (e.g. an SDK's extras) are read and ignored.
             _ => while field.try_next().await.map_err(multipart_error)?.is_some() {},
@@ -168,33 +156,13 @@ pub async fn upload(req: HttpRequest, mut payload: Multipart) -> Result<HttpResp
             format!("Invalid purpose `{purpose}`: this server accepts `{FINE_TUNE}` files only"),
         ));
     }
-    let Some((mut guard, f, bytes, filename)) = upload else {
+    let Some((f, bytes, filename)) = upload else {
         return Err(ApiError::invalid(
             "file",
             "Missing required parameter: `file`",
         ));
     };
-    let id = new_id(FILE_PREFIX);
-    let tmp = guard.0.clone().unwrap_or_default();
-    {
-        let (st, id) = (storage.clone(), id.clone());
-        web::block(move || st.commit_upload(f, &tmp, &id))
-            .await?
-            .map_err(|e| ApiError::internal(format!("Cannot store the upload: {e}")))?;
-    }
-    guard.0 = None;
-    let row = FileRow {
-        id: id.clone(),
-        bytes: bytes as i64,
-        created_at: now(),
-        filename,
-        purpose,
-    };
-    if let Err(e) = jobs.store().insert_file(&row).await {
-        let _ = std::fs::remove_file(storage.file_path(&id));
-        return Err(db_error(e));
-    }
-    tracing::info!(file = %id, bytes, "file uploaded");
+    let row = jobs.add_file(f, bytes, filename, purpose).await?;
     Ok(HttpResponse::Ok().json(file_object(&row)))
 }
 
@@ -213,15 +181,13 @@ pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         Some(_) => return Err(ApiError::invalid("order", "order must be `asc` or `desc`")),
     };
     let page = jobs
-        .store()
-        .list_files(
-            q.get("purpose").map(String::as_str),
+        .list_files(FileQuery {
+            purpose: q.get("purpose").map(String::as_str),
             after,
             limit,
             ascending,
-        )
-        .await
-        .map_err(db_error)?;
+        })
+        .await?;
     let data: Vec<Value> = page.data.iter().map(file_object).collect();
     Ok(HttpResponse::Ok().json(json!({
         "object": "list",
@@ -234,12 +200,7 @@ pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 
 async fn find(req: &HttpRequest, id: &str) -> Result<FileRow, ApiError> {
     let id = file_id(id)?;
-    jobs_of(req)?
-        .store()
-        .get_file(id)
-        .await
-        .map_err(db_error)?
-        .ok_or_else(|| ApiError::not_found(format!("No such File object: {id}")))
+    Ok(jobs_of(req)?.file(id).await?)
 }
 
 /// `GET /v1/files/{id}`.
@@ -250,27 +211,15 @@ pub async fn retrieve(req: HttpRequest, id: web::Path<String>) -> Result<HttpRes
 
 /// `DELETE /v1/files/{id}`.
 pub async fn delete(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let f = find(&req, &id).await?;
-    let jobs = jobs_of(&req)?;
-    jobs.store().delete_file(&f.id).await.map_err(db_error)?;
-    let path = jobs.storage().file_path(&f.id);
-    web::block(move || match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            tracing::warn!(path = %path.display(), "cannot remove a deleted file's bytes: {e}")
-        }
-        _ => {}
-    })
-    .await?;
+    let id = file_id(&id)?;
+    let f = jobs_of(&req)?.delete_file(id).await?;
     Ok(HttpResponse::Ok().json(json!({"id": f.id, "object": "file", "deleted": true})))
 }
 
 /// `GET /v1/files/{id}/content`: the bytes as uploaded, streamed.
 pub async fn content(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let f = find(&req, &id).await?;
-    let path = jobs_of(&req)?.storage().file_path(&f.id);
-    let file = web::block(move || std::fs::File::open(path))
-        .await?
-        .map_err(|e| ApiError::not_found(format!("The content of {} is gone: {e}", f.id)))?;
+    let id = file_id(&id)?;
+    let (f, file) = jobs_of(&req)?.file_content(id).await?;
     let stream = futures::stream::unfold(Some(file), |state| async move {
         let mut file = state?;
         let read = web::block(move || {

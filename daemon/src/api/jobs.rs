@@ -2,27 +2,19 @@
 //! retrieve, cancel, pause, resume, events (paged newest first, or live as Server-Sent Events
 //! with `?stream=true`) and checkpoints. Shapes follow OpenAI's; the adapter travels in the
 //! `method.supervised.adapter` extension (see `crate::jobs::spec`).
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::collections::HashMap;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::handlers::method_not_allowed;
 use crate::jobs::spec::{parse_create, SpecError};
-use crate::jobs::storage::{new_id, now, valid_id, JOB_PREFIX};
-use crate::jobs::store::{status, CheckpointRow, EventRow, JobRow, Store};
+use crate::jobs::storage::{valid_id, JOB_PREFIX};
+use crate::jobs::store::{CheckpointRow, EventRow, JobRow};
 use crate::jobs::Jobs;
-
-/// A live event stream is woken by every event or status the store writes; it also looks
-/// this often regardless (a missed wake-up costs at most this much).
-const STREAM_POLL: Duration = Duration::from_millis(1000);
-
-/// How long a live event stream keeps reading after it sees its job ended.
-const CLOSE_GRACE: Duration = Duration::from_millis(1000);
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     fn resource(path: &str) -> actix_web::Resource {
@@ -46,11 +38,6 @@ pub(crate) fn jobs_of(req: &HttpRequest) -> Result<Jobs, ApiError> {
     req.app_data::<web::Data<Jobs>>()
         .map(|d| d.get_ref().clone())
         .ok_or_else(|| ApiError::unavailable("Fine-tuning is not enabled on this server"))
-}
-
-pub(crate) fn db_error(e: sqlx::Error) -> ApiError {
-    tracing::error!("jobs database: {e}");
-    ApiError::internal(format!("Database error: {e}"))
 }
 
 pub(crate) fn query_map(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
@@ -146,12 +133,7 @@ fn checkpoint_object(c: &CheckpointRow) -> Value {
 }
 
 async fn find(jobs: &Jobs, id: &str) -> Result<JobRow, ApiError> {
-    let id = job_id(id)?;
-    jobs.store()
-        .get_job(id)
-        .await
-        .map_err(db_error)?
-        .ok_or_else(|| ApiError::not_found(format!("No fine-tuning job with id `{id}`")))
+    Ok(jobs.job(job_id(id)?).await?)
 }
 
 fn ok_job(jobs: &Jobs, j: &JobRow) -> HttpResponse {
@@ -163,75 +145,7 @@ pub async fn create(req: HttpRequest, body: web::Json<Value>) -> Result<HttpResp
     let jobs = jobs_of(&req)?;
     let default_seed = rand::random_range(0..(1u64 << 31));
     let c = parse_create(&body, default_seed).map_err(spec_error)?;
-    let base = jobs.engine().base()?;
-    if c.model != base.name {
-        return Err(ApiError {
-            message: format!(
-                "The model `{}` cannot be fine-tuned here: the base model is `{}`",
-                c.model, base.name
-            ),
-            ..ApiError::model_not_found(&c.model)
-        });
-    }
-    for (file, param) in std::iter::once((&c.training_file, "training_file"))
-        .chain(c.validation_file.iter().map(|f| (f, "validation_file")))
-    {
-        match jobs.store().get_file(file).await.map_err(db_error)? {
-            None => {
-                return Err(ApiError::invalid(
-                    param,
-                    format!("The file `{file}` does not exist"),
-                ))
-            }
-            Some(f) if f.purpose != super::files::FINE_TUNE => {
-                return Err(ApiError::invalid(
-                    param,
-                    format!(
-                        "The file `{file}` has purpose `{}`, not `fine-tune`",
-                        f.purpose
-                    ),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    let id = new_id(JOB_PREFIX);
-    let spec_json = serde_json::to_value(&c.spec)
-        .map_err(|e| ApiError::internal(format!("Cannot store the job: {e}")))?;
-    let row = JobRow {
-        id: id.clone(),
-        created_at: now(),
-        status: status::VALIDATING.into(),
-        model: c.model.clone(),
-        training_file: c.training_file.clone(),
-        validation_file: c.validation_file.clone(),
-        suffix: c.suffix.clone(),
-        seed: c.spec.seed as i64,
-        metadata: c.metadata.clone(),
-        hyperparameters: c.spec.hyperparameters_json(None),
-        method: c.spec.method_json(None),
-        spec: spec_json,
-        variant: jobs.variant_name(&base.name, c.suffix.as_deref(), &id),
-        error: None,
-        fine_tuned_model: None,
-        finished_at: None,
-        trained_tokens: None,
-        estimated_finish: None,
-        result_files: json!([]),
-    };
-    jobs.store().insert_job(&row).await.map_err(db_error)?;
-    jobs.store()
-        .add_event(
-            &id,
-            "info",
-            &format!("Created fine-tuning job: {id}"),
-            "message",
-            None,
-        )
-        .await
-        .map_err(db_error)?;
-    tracing::info!(job = %id, "fine-tuning job created");
-    jobs.validate_in_background(id);
+    let row = jobs.create_job(c).await?;
     Ok(ok_job(&jobs, &row))
 }
 
@@ -245,11 +159,7 @@ pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         Some(_) => return Err(ApiError::invalid("after", "Invalid fine-tuning job id")),
         None => None,
     };
-    let page = jobs
-        .store()
-        .list_jobs(after, limit)
-        .await
-        .map_err(db_error)?;
+    let page = jobs.list_jobs(after, limit).await?;
     let org = &jobs.config().organization_id;
     let data: Vec<Value> = page.data.iter().map(|j| job_object(j, org)).collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
@@ -266,42 +176,7 @@ pub async fn retrieve(req: HttpRequest, id: web::Path<String>) -> Result<HttpRes
 /// between two steps (its status says `cancelled` at once).
 pub async fn cancel(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let jobs = jobs_of(&req)?;
-    let j = find(&jobs, &id).await?;
-    if status::is_terminal(&j.status) {
-        return Err(ApiError::bad_request(format!(
-            "Job {} has already {}: it cannot be cancelled",
-            j.id,
-            if j.status == status::SUCCEEDED {
-                "succeeded"
-            } else {
-                j.status.as_str()
-            }
-        )));
-    }
-    let from = [
-        status::VALIDATING,
-        status::QUEUED,
-        status::RUNNING,
-        status::PAUSED,
-    ];
-    let changed = jobs
-        .store()
-        .finish_unsuccessfully(&j.id, &from, status::CANCELLED, None)
-        .await
-        .map_err(db_error)?;
-    // Status first, then the switch: the runner publishes the switch first and reads the status
-    // after, so one of the two sides sees the other.
-    if let Some(c) = jobs.control(&j.id) {
-        c.cancel.store(true, Ordering::SeqCst);
-    }
-    if changed {
-        jobs.store()
-            .add_event(&j.id, "info", "Fine-tuning job cancelled", "message", None)
-            .await
-            .map_err(db_error)?;
-        jobs.wake();
-    }
-    let j = find(&jobs, &j.id).await?;
+    let j = jobs.cancel_job(job_id(&id)?).await?;
     Ok(ok_job(&jobs, &j))
 }
 
@@ -321,41 +196,7 @@ async fn pause_or_resume(
     pause: bool,
 ) -> Result<HttpResponse, ApiError> {
     let jobs = jobs_of(&req)?;
-    let j = find(&jobs, &id).await?;
-    let (from, to, verb) = if pause {
-        (status::RUNNING, status::PAUSED, "paused")
-    } else {
-        (status::PAUSED, status::RUNNING, "resumed")
-    };
-    if j.status == to {
-        return Ok(ok_job(&jobs, &j));
-    }
-    if j.status != from {
-        return Err(ApiError::bad_request(format!(
-            "Job {} is {}: only a {from} job can be {verb}",
-            j.id, j.status
-        )));
-    }
-    let changed = jobs
-        .store()
-        .transition(&j.id, &[from], to)
-        .await
-        .map_err(db_error)?;
-    if let Some(c) = jobs.control(&j.id) {
-        c.pause.store(pause, Ordering::SeqCst);
-    }
-    if changed {
-        let msg = if pause {
-            "Fine-tuning job paused"
-        } else {
-            "Fine-tuning job resumed"
-        };
-        jobs.store()
-            .add_event(&j.id, "info", msg, "message", None)
-            .await
-            .map_err(db_error)?;
-    }
-    let j = find(&jobs, &j.id).await?;
+    let j = jobs.pause_job(job_id(&id)?, pause).await?;
     Ok(ok_job(&jobs, &j))
 }
 
@@ -376,7 +217,7 @@ pub async fn events(req: HttpRequest, id: web::Path<String>) -> Result<HttpRespo
             .content_type("text/event-stream")
             .insert_header((header::CACHE_CONTROL, "no-cache"))
             .insert_header(("X-Accel-Buffering", "no"))
-            .streaming(event_stream(jobs.store().clone(), j.id)));
+            .streaming(event_stream(&jobs, j.id)));
     }
     let limit = limit_param(&q, 20, 1000)?;
     let after = match q.get("after") {
@@ -384,91 +225,21 @@ pub async fn events(req: HttpRequest, id: web::Path<String>) -> Result<HttpRespo
         Some(_) => return Err(ApiError::invalid("after", "Invalid event id")),
         None => None,
     };
-    let page = jobs
-        .store()
-        .list_events(&j.id, after, limit)
-        .await
-        .map_err(db_error)?;
+    let page = jobs.job_events(&j.id, after, limit).await?;
     let data: Vec<Value> = page.data.iter().map(event_object).collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
 }
 
-struct StreamState {
-    store: Store,
-    job_id: String,
-    last_seq: i64,
-    changes: tokio::sync::watch::Receiver<()>,
-    pending: VecDeque<EventRow>,
-    /// When the job was first seen finished: its closing events are read until
-    /// [`CLOSE_GRACE`] after that.
-    terminal_seen: Option<std::time::Instant>,
-    done: bool,
-    finished: bool,
-}
-
+/// Server-Sent Events: each event as `data: {json}`, then `data: [DONE]` once the job ended.
 fn event_stream(
-    store: Store,
+    jobs: &Jobs,
     job_id: String,
 ) -> impl futures::Stream<Item = Result<web::Bytes, std::io::Error>> {
-    let st = StreamState {
-        changes: store.subscribe(),
-        store,
-        job_id,
-        last_seq: 0,
-        pending: VecDeque::new(),
-        terminal_seen: None,
-        done: false,
-        finished: false,
-    };
-    futures::stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(e) = st.pending.pop_front() {
-                st.last_seq = e.seq;
-                let line = format!("data: {}\n\n", event_object(&e));
-                return Some((Ok(web::Bytes::from(line)), st));
-            }
-            if st.finished {
-                return None;
-            }
-            if st.done {
-                st.finished = true;
-                return Some((Ok(web::Bytes::from_static(b"data: [DONE]\n\n")), st));
-            }
-            // Marked seen before reading: whatever is written from here on wakes the wait below.
-            st.changes.borrow_and_update();
-            // The status is read before the events, so that every event written before the job
-            // ended is fetched after it is seen ended.
-            let terminal = match st.store.get_job(&st.job_id).await {
-                Ok(Some(j)) => status::is_terminal(&j.status),
-                _ => true,
-            };
-            match st.store.events_since(&st.job_id, st.last_seq).await {
-                Ok(evs) => st.pending.extend(evs),
-                Err(e) => {
-                    tracing::warn!("event stream: {e}");
-                    st.done = true;
-                    continue;
-                }
-            }
-            if !st.pending.is_empty() {
-                continue;
-            }
-            if terminal {
-                // The runner writes its closing events just after the final status: keep
-                // reading what arrives for a moment after the job is seen ended, then close.
-                let since = *st.terminal_seen.get_or_insert_with(std::time::Instant::now);
-                let left = CLOSE_GRACE.saturating_sub(since.elapsed());
-                if left.is_zero() {
-                    st.done = true;
-                    continue;
-                }
-                let _ = tokio::time::timeout(left, st.changes.changed()).await;
-            } else {
-                // A closed channel (the store is gone) falls back to the timeout.
-                let _ = tokio::time::timeout(STREAM_POLL, st.changes.changed()).await;
-            }
-        }
-    })
+    jobs.watch_events(job_id)
+        .map(|e| Ok(web::Bytes::from(format!("data: {}\n\n", event_object(&e)))))
+        .chain(futures::stream::once(async {
+            Ok(web::Bytes::from_static(b"data: [DONE]\n\n"))
+        }))
 }
 
 /// `GET /v1/fine_tuning/jobs/{id}/checkpoints` (`after`, `limit` = 10), newest step first.
@@ -480,11 +251,7 @@ pub async fn checkpoints(
     let q = query_map(&req)?;
     let j = find(&jobs, &id).await?;
     let limit = limit_param(&q, 10, 100)?;
-    let all = jobs
-        .store()
-        .list_checkpoints(&j.id)
-        .await
-        .map_err(db_error)?;
+    let all = jobs.job_checkpoints(&j.id).await?;
     let start = match q.get("after") {
         Some(a) => match all.iter().position(|c| &c.id == a) {
             Some(i) => i + 1,

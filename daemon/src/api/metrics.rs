@@ -40,21 +40,10 @@ pub async fn metrics(req: HttpRequest) -> HttpResponse {
         }
     }
     if let Some(jobs) = req.app_data::<web::Data<Jobs>>() {
-        let mut counts = Vec::with_capacity(STATUSES.len());
-        let mut ok = true;
-        for s in STATUSES {
-            match jobs.store().jobs_with_status(&[s]).await {
-                Ok(rows) => counts.push((*s, rows.len())),
-                Err(e) => {
-                    tracing::warn!("metrics: counting jobs: {e}");
-                    ok = false;
-                    break;
-                }
-            }
-        }
         // On a database error the last known values stay rather than dropping to zero.
-        if ok {
-            m.set_training_jobs(&counts);
+        match jobs.count_jobs(STATUSES).await {
+            Ok(counts) => m.set_training_jobs(&counts),
+            Err(e) => tracing::warn!("metrics: counting jobs: {e}"),
         }
     }
     HttpResponse::Ok()

@@ -1,14 +1,25 @@
 //! Fine-tuning jobs and their files: what `POST /v1/files` and `/v1/fine_tuning/jobs` act on.
 //!
-//! - [`store`]: the SQLite database (files, jobs, events, checkpoints), through `sqlx`.
-//! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes.
+//! - [`backend`]: the two storage interfaces everything here runs on, [`backend::MetaStore`]
+//!   (rows) and [`backend::BlobStore`] (bytes), so another backend can take their place.
+//! - [`store`]: the SQLite database (files, jobs, events, checkpoints), through `sqlx`: today's
+//!   `MetaStore`.
+//! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes: today's
+//!   `BlobStore`.
+//! - [`service`]: what the HTTP handlers call (create, list, cancel, upload, ...), with domain
+//!   errors ([`ServiceError`]); they never see a row store or a path.
+//! - [`adapter_store`]: the adapters imported over the API, with compare-and-set generations.
 //! - [`spec`]: a job request parsed and validated into what the trainer needs.
 //! - [`runner`]: the one thread that trains jobs, one at a time in creation order, on the
 //!   engine's resident base model, and serves each result (and checkpoint) as a variant the
 //!   moment it exists; at start it brings back everything a crash or restart left behind.
 //!
 //! [`Jobs`] ties them together and is what the HTTP handlers hold.
+pub mod adapter_store;
+pub mod backend;
+pub mod error;
 pub mod runner;
+mod service;
 pub mod spec;
 pub mod storage;
 pub mod store;
@@ -20,6 +31,11 @@ use std::time::Duration;
 
 use crate::engine::EngineHandle;
 use crate::train::TrainControl;
+pub use adapter_store::AdapterStore;
+use backend::{BlobStore, MetaStore};
+pub use error::{ServiceError, ServiceResult};
+pub use service::FINE_TUNE;
+pub use storage::valid_id;
 use storage::Storage;
 use store::Store;
 
@@ -60,8 +76,8 @@ pub struct Jobs {
 
 pub(crate) struct Inner {
     cfg: JobsConfig,
-    store: Store,
-    storage: Storage,
+    store: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
     engine: EngineHandle,
     /// A runtime for the database calls of plain threads (runner, validation); HTTP handlers
     /// use their own. It lives as long as the runner thread, that is, the process.
@@ -117,15 +133,15 @@ impl Jobs {
         // Leftovers of uploads a crash interrupted; here, before the HTTP server accepts any
         // upload (the runner's recovery runs after the model loads, while uploads may be in
         // flight, and would delete them).
-        storage.clean_temp_uploads();
+        storage.clean_interrupted_uploads();
         let db = storage.db_path();
         let store = rt
             .block_on(Store::open(&db))
             .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", db.display()))?;
         let inner = Arc::new(Inner {
             cfg,
-            store,
-            storage,
+            store: Arc::new(store),
+            blobs: Arc::new(storage),
             engine,
             rt: rt.handle().clone(),
             wake: (Mutex::new(0), Condvar::new()),
@@ -135,14 +151,6 @@ impl Jobs {
             recovered: AtomicBool::new(false),
         });
         Ok((rt, inner))
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.inner.store
-    }
-
-    pub fn storage(&self) -> &Storage {
-        &self.inner.storage
     }
 
     pub fn config(&self) -> &JobsConfig {

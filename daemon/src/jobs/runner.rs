@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::backend::{MetaStore, NewEvent, StoreError};
 use super::spec::JobSpec;
-use super::store::{status, JobRow, Store};
+use super::store::{status, JobRow};
 use super::Inner;
 use crate::adapters::peft;
 use crate::engine::BaseModel;
@@ -26,7 +27,7 @@ use crate::train::{EvalMetrics, Finish, StepMetrics, TrainControl, TrainEvent, T
 const IDLE_POLL: Duration = Duration::from_secs(2);
 
 /// Logs a failed database write of the runner; training goes on (the write is bookkeeping).
-fn logged<T>(what: &str, r: Result<T, sqlx::Error>) -> Option<T> {
+fn logged<T>(what: &str, r: Result<T, StoreError>) -> Option<T> {
     r.map_err(|e| tracing::warn!("jobs database: {what}: {e}"))
         .ok()
 }
@@ -35,25 +36,35 @@ impl Inner {
     fn event(&self, job_id: &str, level: &str, message: &str) {
         logged(
             "add event",
-            self.rt.block_on(
-                self.store
-                    .add_event(job_id, level, message, "message", None),
-            ),
+            self.rt.block_on(self.store.add_event(
+                job_id,
+                NewEvent {
+                    level,
+                    message,
+                    kind: "message",
+                    data: None,
+                },
+            )),
         );
     }
 
     fn metrics_event(&self, job_id: &str, message: &str, data: &Value) {
         logged(
             "add metrics event",
-            self.rt.block_on(
-                self.store
-                    .add_event(job_id, "info", message, "metrics", Some(data)),
-            ),
+            self.rt.block_on(self.store.add_event(
+                job_id,
+                NewEvent {
+                    level: "info",
+                    message,
+                    kind: "metrics",
+                    data: Some(data),
+                },
+            )),
         );
     }
 
-    fn store(&self) -> &Store {
-        &self.store
+    fn store(&self) -> &dyn MetaStore {
+        &*self.store
     }
 }
 
@@ -114,7 +125,7 @@ fn recover(inner: &Inner) {
     ) {
         for j in jobs {
             if let Some(name) = &j.fine_tuned_model {
-                serve(name, &inner.storage.result_dir(&j.id));
+                serve(name, &inner.blobs.local_result_dir(&j.id));
             }
         }
     }
@@ -124,8 +135,8 @@ fn recover(inner: &Inner) {
     ) {
         for c in cks {
             let dir = inner
-                .storage
-                .checkpoint_dir(&c.job_id, c.step.max(0) as usize);
+                .blobs
+                .local_checkpoint_dir(&c.job_id, c.step.max(0) as usize);
             if dir.is_dir() {
                 serve(&c.model, &dir);
             }
@@ -245,7 +256,13 @@ fn load_data(
     file_id: &str,
     opts: &DataOptions,
 ) -> Result<Vec<Example>, DataError> {
-    let path = inner.storage.file_path(file_id);
+    let path = inner
+        .blobs
+        .materialise_file(file_id)
+        .map_err(|source| DataError::Io {
+            path: file_id.into(),
+            source,
+        })?;
     data::load_jsonl(&path, &base.text, base.template.as_deref(), opts).map(|(ex, _)| ex)
 }
 
@@ -316,7 +333,7 @@ fn train_job(
         trainer.config.eval_every = every;
     }
     if interrupted {
-        match inner.storage.latest_checkpoint(&job.id) {
+        match inner.blobs.latest_checkpoint(&job.id) {
             Some((step, path)) => {
                 trainer.resume_from(&path).map_err(|e| e.to_string())?;
                 inner.event(
@@ -334,7 +351,7 @@ fn train_job(
     } else {
         inner.event(&job.id, "info", "Fine-tuning job started");
     }
-    let out_dir = inner.storage.result_dir(&job.id);
+    let out_dir = inner.blobs.local_result_dir(&job.id);
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let cfg = base.model.cfg.clone();
     let device = base.model.device().clone();
@@ -401,14 +418,14 @@ fn train_job(
             TrainEvent::Checkpoint { step, path } => {
                 let name = format!("{}:ckpt-step-{step}", job.variant);
                 // Out of the trainer's out_dir, which saving the final result replaces whole.
-                let kept = inner.storage.checkpoint_dir(&job.id, *step);
-                let path = match keep_checkpoint(path, &kept) {
-                    Ok(()) => &kept,
+                let kept = match inner.blobs.keep_checkpoint(&job.id, *step, path) {
+                    Ok(dir) => dir,
                     Err(e) => {
                         tracing::warn!(job = %job.id, "cannot move checkpoint {}: {e}", path.display());
-                        path
+                        path.clone()
                     }
                 };
+                let path = &kept;
                 let s = last_step.as_ref().filter(|s| s.step == *step);
                 let v = last_eval.as_ref().filter(|v| v.step == *step);
                 let metrics = json!({
@@ -492,6 +509,10 @@ fn train_job(
                     "Stopped early: the validation loss stopped improving",
                 );
             }
+            inner
+                .blobs
+                .publish_result(&job.id)
+                .map_err(|e| format!("storing the result: {e}"))?;
             let adapter = trainer.adapter().map_err(|e| e.to_string())?;
             let served = match adapter {
                 Some(a) => {
@@ -547,7 +568,7 @@ fn checkpoint_for_shutdown(
     step: usize,
     last: Option<&StepMetrics>,
 ) {
-    let latest = inner.storage.latest_checkpoint(&job.id).map(|(s, _)| s);
+    let latest = inner.blobs.latest_checkpoint(&job.id).map(|(s, _)| s);
     if step == 0 {
         inner.event(
             &job.id,
@@ -564,7 +585,7 @@ fn checkpoint_for_shutdown(
         );
         return;
     }
-    let path = inner.storage.checkpoint_dir(&job.id, step);
+    let path = inner.blobs.local_checkpoint_dir(&job.id, step);
     if let Err(e) = trainer.save_checkpoint(&path) {
         tracing::warn!(job = %job.id, "shutdown checkpoint failed: {e}");
         let from = latest.map_or("the beginning".to_string(), |s| {
@@ -648,24 +669,6 @@ fn timed_load(
     let a = peft::load(dir, cfg, device)?;
     crate::metrics::global().adapter_loaded(name, started.elapsed().as_secs_f64());
     Ok(a)
-}
-
-/// Moves a checkpoint the trainer wrote to where it is kept (replacing an older copy of the
-/// same step, which a resumed run writes again).
-fn keep_checkpoint(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if to.exists() {
-        std::fs::remove_dir_all(to)?;
-    }
-    std::fs::rename(from, to)?;
-    if let Some(parent) = to.parent() {
-        if let Ok(d) = std::fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 /// Validates a `validating_files` job's files line by line, then queues it, or fails it with

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use rand::Rng;
 
+use super::backend::{BlobStore, BlobWriter};
+
 /// Id prefixes, as OpenAI spells them.
 pub const FILE_PREFIX: &str = "file-";
 pub const JOB_PREFIX: &str = "ftjob-";
@@ -53,6 +55,7 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The local data directory as the [`BlobStore`] (and the home of the SQLite database).
 #[derive(Debug, Clone)]
 pub struct Storage {
     root: PathBuf,
@@ -131,16 +134,8 @@ impl Storage {
 
     /// Makes a finished temporary upload durable under its id: fsync, rename, fsync the
     /// directory. A crash leaves either no file or the whole file, never a torn one.
-    pub fn commit_upload(&self, mut f: std::fs::File, tmp: &Path, id: &str) -> std::io::Result<()> {
-        f.flush()?;
-        f.sync_all()?;
-        drop(f);
-        let dest = self.file_path(id);
-        std::fs::rename(tmp, &dest)?;
-        if let Ok(d) = std::fs::File::open(self.root.join("files")) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+    pub fn commit_upload(&self, f: std::fs::File, tmp: &Path, id: &str) -> std::io::Result<()> {
+        crate::durable::commit_file(f, tmp, &self.file_path(id))
     }
 
     /// Removes stale temporary uploads (left by a crash mid-upload).
@@ -155,8 +150,104 @@ impl Storage {
     }
 }
 
+/// An upload streamed to a temporary file beside the uploads; removed unless committed.
+struct LocalUpload {
+    storage: Storage,
+    tmp: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl BlobWriter for LocalUpload {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.file {
+            Some(f) => f.write_all(bytes),
+            None => Err(std::io::Error::other("the upload was already committed")),
+        }
+    }
+
+    fn commit(mut self: Box<Self>, id: &str) -> std::io::Result<()> {
+        let f = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("the upload was already committed"))?;
+        let committed = self.storage.commit_upload(f, &self.tmp, id);
+        if committed.is_ok() {
+            self.tmp = PathBuf::new();
+        }
+        committed
+    }
+}
+
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl BlobStore for Storage {
+    fn begin_upload(&self) -> std::io::Result<Box<dyn BlobWriter>> {
+        let (tmp, file) = self.temp_upload()?;
+        Ok(Box::new(LocalUpload {
+            storage: self.clone(),
+            tmp,
+            file: Some(file),
+        }))
+    }
+
+    fn open_file(&self, id: &str) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(std::fs::File::open(self.file_path(id))?))
+    }
+
+    fn delete_file(&self, id: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.file_path(id)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    fn clean_interrupted_uploads(&self) {
+        self.clean_temp_uploads();
+    }
+
+    fn materialise_file(&self, id: &str) -> std::io::Result<PathBuf> {
+        Ok(self.file_path(id))
+    }
+
+    fn local_result_dir(&self, job_id: &str) -> PathBuf {
+        self.result_dir(job_id)
+    }
+
+    /// The trainer replaced the result directory atomically in place: nothing to do.
+    fn publish_result(&self, _job_id: &str) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn local_checkpoint_dir(&self, job_id: &str, step: usize) -> PathBuf {
+        self.checkpoint_dir(job_id, step)
+    }
+
+    fn keep_checkpoint(
+        &self,
+        job_id: &str,
+        step: usize,
+        written: &Path,
+    ) -> std::io::Result<PathBuf> {
+        let dir = self.checkpoint_dir(job_id, step);
+        crate::durable::install_dir(written, &dir)?;
+        Ok(dir)
+    }
+
+    fn latest_checkpoint(&self, job_id: &str) -> Option<(usize, PathBuf)> {
+        Storage::latest_checkpoint(self, job_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
 
     #[test]
@@ -196,6 +287,47 @@ mod tests {
         // incomplete: no state file
         std::fs::create_dir_all(s.checkpoint_dir("ftjob-x", 12)).unwrap();
         assert_eq!(s.latest_checkpoint("ftjob-x").unwrap().0, 10);
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn the_blob_store_commits_reads_deletes_and_keeps_checkpoints() {
+        let root = std::env::temp_dir().join(format!("itamae-blobs-{}", new_id("")));
+        let s: &dyn BlobStore = &Storage::open(&root).unwrap();
+        // An upload dropped without a commit leaves nothing behind.
+        let mut w = s.begin_upload().unwrap();
+        w.write_all(b"lost").unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(root.join("files")).unwrap().count(), 0);
+        let mut w = s.begin_upload().unwrap();
+        w.write_all(b"he").unwrap();
+        w.write_all(b"llo").unwrap();
+        w.commit("file-b").unwrap();
+        let mut back = String::new();
+        s.open_file("file-b")
+            .unwrap()
+            .read_to_string(&mut back)
+            .unwrap();
+        assert_eq!(back, "hello");
+        assert_eq!(std::fs::read_dir(root.join("files")).unwrap().count(), 1);
+        s.delete_file("file-b").unwrap();
+        s.delete_file("file-b").unwrap();
+        assert!(s.open_file("file-b").is_err());
+        // A checkpoint written elsewhere is moved where recovery finds it, replacing a copy.
+        for content in ["old", "new"] {
+            let written = root.join(format!(".written-{content}"));
+            std::fs::create_dir_all(&written).unwrap();
+            std::fs::write(written.join("trainer_state.json"), content).unwrap();
+            let kept = s.keep_checkpoint("ftjob-y", 3, &written).unwrap();
+            assert_eq!(kept, s.local_checkpoint_dir("ftjob-y", 3));
+            assert!(!written.exists());
+        }
+        let (step, dir) = s.latest_checkpoint("ftjob-y").unwrap();
+        assert_eq!(step, 3);
+        assert_eq!(
+            std::fs::read(dir.join("trainer_state.json")).unwrap(),
+            b"new"
+        );
         let _ = std::fs::remove_dir_all(root);
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -15,6 +16,7 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
+use super::backend::{FileQuery, MetaStore, NewEvent, StoreError, StoreResult};
 use super::storage::{new_id, now, CHECKPOINT_PREFIX, EVENT_PREFIX};
 
 /// `(version, script)`, applied in order to a database whose `user_version` is lower.
@@ -104,6 +106,7 @@ pub struct Page<T> {
     pub has_more: bool,
 }
 
+/// The SQLite [`MetaStore`].
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -587,6 +590,162 @@ impl Store {
     }
 }
 
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::new(e)
+    }
+}
+
+/// The interface, over the methods above (which tests call directly).
+impl MetaStore for Store {
+    fn insert_file<'a>(&'a self, f: &'a FileRow) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move { Ok(Store::insert_file(self, f).await?) })
+    }
+
+    fn get_file<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<FileRow>>> {
+        Box::pin(async move { Ok(Store::get_file(self, id).await?) })
+    }
+
+    fn list_files<'a>(&'a self, q: FileQuery<'a>) -> BoxFuture<'a, StoreResult<Page<FileRow>>> {
+        Box::pin(async move {
+            Ok(Store::list_files(self, q.purpose, q.after, q.limit, q.ascending).await?)
+        })
+    }
+
+    fn delete_file<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move { Ok(Store::delete_file(self, id).await?) })
+    }
+
+    fn insert_job<'a>(&'a self, j: &'a JobRow) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move { Ok(Store::insert_job(self, j).await?) })
+    }
+
+    fn get_job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<JobRow>>> {
+        Box::pin(async move { Ok(Store::get_job(self, id).await?) })
+    }
+
+    fn list_jobs<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, StoreResult<Page<JobRow>>> {
+        Box::pin(async move { Ok(Store::list_jobs(self, after, limit).await?) })
+    }
+
+    fn jobs_with_status<'a>(
+        &'a self,
+        statuses: &'a [&'a str],
+    ) -> BoxFuture<'a, StoreResult<Vec<JobRow>>> {
+        Box::pin(async move { Ok(Store::jobs_with_status(self, statuses).await?) })
+    }
+
+    fn transition<'a>(
+        &'a self,
+        id: &'a str,
+        from: &'a [&'a str],
+        to: &'a str,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move { Ok(Store::transition(self, id, from, to).await?) })
+    }
+
+    fn finish_unsuccessfully<'a>(
+        &'a self,
+        id: &'a str,
+        from: &'a [&'a str],
+        to: &'a str,
+        error: Option<&'a Value>,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move { Ok(Store::finish_unsuccessfully(self, id, from, to, error).await?) })
+    }
+
+    fn succeed<'a>(
+        &'a self,
+        id: &'a str,
+        fine_tuned_model: Option<&'a str>,
+        trained_tokens: i64,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(
+            async move { Ok(Store::succeed(self, id, fine_tuned_model, trained_tokens).await?) },
+        )
+    }
+
+    fn set_progress<'a>(
+        &'a self,
+        id: &'a str,
+        trained_tokens: i64,
+        estimated_finish: Option<i64>,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            Ok(Store::set_progress(self, id, trained_tokens, estimated_finish).await?)
+        })
+    }
+
+    fn set_hyperparameters<'a>(
+        &'a self,
+        id: &'a str,
+        hyperparameters: &'a Value,
+        method: &'a Value,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(
+            async move { Ok(Store::set_hyperparameters(self, id, hyperparameters, method).await?) },
+        )
+    }
+
+    fn add_event<'a>(
+        &'a self,
+        job_id: &'a str,
+        e: NewEvent<'a>,
+    ) -> BoxFuture<'a, StoreResult<EventRow>> {
+        Box::pin(async move {
+            Ok(Store::add_event(self, job_id, e.level, e.message, e.kind, e.data).await?)
+        })
+    }
+
+    fn list_events<'a>(
+        &'a self,
+        job_id: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, StoreResult<Page<EventRow>>> {
+        Box::pin(async move { Ok(Store::list_events(self, job_id, after, limit).await?) })
+    }
+
+    fn events_since<'a>(
+        &'a self,
+        job_id: &'a str,
+        since: i64,
+    ) -> BoxFuture<'a, StoreResult<Vec<EventRow>>> {
+        Box::pin(async move { Ok(Store::events_since(self, job_id, since).await?) })
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        Store::subscribe(self)
+    }
+
+    fn add_checkpoint<'a>(
+        &'a self,
+        job_id: &'a str,
+        step: i64,
+        metrics: &'a Value,
+        model: &'a str,
+    ) -> BoxFuture<'a, StoreResult<CheckpointRow>> {
+        Box::pin(
+            async move { Ok(Store::add_checkpoint(self, job_id, step, metrics, model).await?) },
+        )
+    }
+
+    fn list_checkpoints<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Vec<CheckpointRow>>> {
+        Box::pin(async move { Ok(Store::list_checkpoints(self, job_id).await?) })
+    }
+
+    fn all_checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>> {
+        Box::pin(async move { Ok(Store::all_checkpoints(self).await?) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,6 +838,71 @@ mod tests {
             self.created_at = t;
             self
         }
+    }
+
+    /// The service only sees the interface: the same operations through `dyn MetaStore`.
+    #[tokio::test]
+    async fn the_interface_reaches_every_table() {
+        let path = temp_db();
+        let sqlite = Store::open(&path).await.unwrap();
+        let s: &dyn MetaStore = &sqlite;
+        let mut changes = s.subscribe();
+        let f = FileRow {
+            id: "file-x".into(),
+            bytes: 3,
+            created_at: now(),
+            filename: "x.jsonl".into(),
+            purpose: "fine-tune".into(),
+        };
+        s.insert_file(&f).await.unwrap();
+        assert_eq!(s.get_file("file-x").await.unwrap(), Some(f));
+        let q = FileQuery {
+            purpose: Some("fine-tune"),
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(s.list_files(q).await.unwrap().data.len(), 1);
+        s.insert_job(&job("ftjob-i", status::QUEUED)).await.unwrap();
+        assert!(s
+            .transition("ftjob-i", &[status::QUEUED], status::RUNNING)
+            .await
+            .unwrap());
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        let e = s
+            .add_event(
+                "ftjob-i",
+                NewEvent {
+                    level: "info",
+                    message: "hello",
+                    kind: "message",
+                    data: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(s.events_since("ftjob-i", 0).await.unwrap(), vec![e]);
+        s.add_checkpoint("ftjob-i", 3, &json!({"step": 3}), "m:ckpt-step-3")
+            .await
+            .unwrap();
+        assert_eq!(s.all_checkpoints().await.unwrap()[0].step, 3);
+        s.set_progress("ftjob-i", 7, Some(1)).await.unwrap();
+        assert!(s.succeed("ftjob-i", Some("m"), 9).await.unwrap());
+        let j = s.get_job("ftjob-i").await.unwrap().unwrap();
+        assert_eq!(
+            (j.status.as_str(), j.trained_tokens),
+            (status::SUCCEEDED, Some(9))
+        );
+        assert_eq!(
+            s.jobs_with_status(&[status::SUCCEEDED])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(s.delete_file("file-x").await.unwrap());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]

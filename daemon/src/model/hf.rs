@@ -105,24 +105,20 @@ pub fn save_model_dir(dir: &Path, model: &super::Llama, text: &super::TextSpec) 
         "bos_token_id": text.bos_id,
         "eos_token_id": text.eos_ids,
     });
-    crate::adapters::peft::write_atomically(dir, |tmp| {
-        let w = |name: &str,
-                 bytes: &[u8]|
-         -> std::result::Result<(), crate::adapters::peft::PeftError> {
+    // Checkpoints of the run that produced the model sit beside it and are carried over.
+    crate::durable::replace_dir(dir, &["checkpoints"], |tmp| {
+        let w = |name: &str, bytes: &[u8]| -> std::result::Result<(), String> {
             let p = tmp.join(name);
-            std::fs::write(&p, bytes)
-                .map_err(|source| crate::adapters::peft::PeftError::Io { path: p, source })
+            std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
         };
         w("config.json", &config)?;
         w("tokenizer_config.json", tok_config.to_string().as_bytes())?;
         w("generation_config.json", gen_config.to_string().as_bytes())?;
         text.tokenizer
             .save(tmp.join("tokenizer.json"), false)
-            .map_err(|e| {
-                crate::adapters::peft::PeftError::Config(format!("tokenizer.json: {e}"))
-            })?;
+            .map_err(|e| format!("tokenizer.json: {e}"))?;
         candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))
-            .map_err(|e| crate::adapters::peft::PeftError::Weights(e.to_string()))
+            .map_err(|e| format!("model.safetensors: {e}"))
     })
     .map_err(|e| ModelError::Config(format!("writing {}: {e}", dir.display())))
 }

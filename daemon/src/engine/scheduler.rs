@@ -1,0 +1,374 @@
+//! The engine thread: continuous batching of the running sequences, grouped prefills, sampling,
+//! detokenizing and streaming [`GenEvent`]s back to each request.
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::detok::{Detokenizer, Filtered, StopFilter};
+use super::handle::Job;
+use super::sampling::Sampler;
+use super::Shared;
+use super::{FinishReason, GenEvent, Usage};
+use crate::adapters::Adapter;
+use crate::model::llama::{Ctx, ForwardHooks};
+use crate::model::{KvCache, Llama};
+
+/// One sequence being generated.
+struct Seq {
+    job: Job,
+    cache: KvCache,
+    /// Prompt then generated ids.
+    ids: Vec<u32>,
+    /// The last sampled id: the next decode step's input.
+    next: u32,
+    /// When the previous token was streamed (inter-token latency).
+    last_token: Option<std::time::Instant>,
+    generated: usize,
+    counts: HashMap<u32, usize>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: StopFilter,
+}
+
+enum Step {
+    Continue,
+    Done,
+}
+
+/// How often the idle engine thread looks for a shutdown.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Most sequences decoded together in one step; the rest wait (in order) for a slot.
+pub const MAX_BATCH: usize = 16;
+
+/// Most prompt tokens prefilled in one forward (a long prompt alone may exceed it): keeps the
+/// running sequences' next token from waiting behind a very large prefill.
+const PREFILL_BATCH_TOKENS: usize = 512;
+
+/// Requests allowed to wait for a slot before new ones are refused (HTTP 429).
+pub const MAX_WAITING: usize = 64;
+
+/// Continuous batching: between two decode steps, at most one waiting sequence is prefilled
+/// (so new requests start within one step while running streams keep their pace), then every
+/// running sequence advances by one token in a single batched forward.
+pub(super) fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
+    struct Stopped<'a>(&'a Shared);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            let (m, cv) = &self.0.stopped;
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+    }
+    let _stopped = Stopped(&sh);
+    let mut running: Vec<Seq> = Vec::new();
+    let mut waiting: std::collections::VecDeque<Seq> = std::collections::VecDeque::new();
+    loop {
+        if sh.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = candle_core::Error::Msg("the server is shutting down".into());
+            for seq in running.drain(..).chain(waiting.drain(..)) {
+                seq.fail(&e);
+            }
+            tracing::info!("engine stopped");
+            return;
+        }
+        // Block only when idle (waking now and then to see a shutdown); otherwise take
+        // whatever arrived since the last step.
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv_timeout(IDLE_POLL) {
+                Ok(job) => waiting.push_back(Seq::new(job, &model)),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(Seq::new(job, &model));
+        }
+        // Clients that went away while waiting leave without costing a prefill.
+        waiting.retain(|s| {
+            let gone = s.client_gone();
+            if gone {
+                sh.waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            !gone
+        });
+        // The front of the queue and the requests right behind it, prefilled together (each
+        // with its own adapter): a request that arrives while others wait no longer waits
+        // for each of their prefills in turn.
+        let mut group: Vec<Seq> = Vec::new();
+        let mut group_tokens = 0;
+        while running.len() + group.len() < MAX_BATCH {
+            let Some(next) = waiting.front() else { break };
+            let fits = match group.first() {
+                None => true,
+                Some(first) => {
+                    first.joins_prefill()
+                        && next.joins_prefill()
+                        && group_tokens + next.job.p.prompt_tokens <= PREFILL_BATCH_TOKENS
+                }
+            };
+            if !fits {
+                break;
+            }
+            let Some(seq) = waiting.pop_front() else {
+                break;
+            };
+            sh.waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let queued = seq.job.submitted.elapsed().as_secs_f64();
+            crate::metrics::global().observe_queue(&seq.job.p.model, queued);
+            group_tokens += seq.job.p.prompt_tokens;
+            group.push(seq);
+        }
+        if !group.is_empty() {
+            crate::metrics::global().observe_prefill_batch(group.len());
+        }
+        if group.len() == 1 {
+            let mut seq = group.remove(0);
+            match seq.prefill(&model, &sh) {
+                Ok(Step::Continue) => running.push(seq),
+                Ok(Step::Done) => {}
+                Err(e) => seq.fail(&e),
+            }
+        } else if !group.is_empty() {
+            match prefill_group(&model, &mut group) {
+                Ok(rows) => {
+                    for (mut seq, row) in group.into_iter().zip(rows) {
+                        if let Step::Continue = seq.accept(row, &sh) {
+                            running.push(seq);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Not one request's fault as far as we know: each gets its own prefill
+                    // (on a fresh cache), so only a request that fails alone fails.
+                    tracing::warn!("prefill of {} prompts together failed: {e}", group.len());
+                    for mut seq in group {
+                        seq.cache = KvCache::new(&model.cfg, seq.cache_capacity());
+                        match seq.prefill(&model, &sh) {
+                            Ok(Step::Continue) => running.push(seq),
+                            Ok(Step::Done) => {}
+                            Err(e) => seq.fail(&e),
+                        }
+                    }
+                }
+            }
+        }
+        running.retain(|s| !s.client_gone());
+        sh.running
+            .store(running.len(), std::sync::atomic::Ordering::Release);
+        let m = crate::metrics::global();
+        if !running.is_empty() {
+            m.observe_batch_size(running.len());
+            if let Err(e) = decode_step(&model, &sh, &mut running) {
+                for seq in running.drain(..) {
+                    seq.fail(&e);
+                }
+            }
+        }
+        // Sequences that finished in this step may have held adapters beyond the budget.
+        if sh.over_budget.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut adapters = sh.adapters.write().unwrap_or_else(|e| e.into_inner());
+            sh.enforce_budget(&mut adapters, None);
+        }
+        // After the step, so the gauges are current when the loop next blocks idle.
+        sh.running
+            .store(running.len(), std::sync::atomic::Ordering::Release);
+        m.set_running(running.len());
+        m.set_waiting(waiting.len());
+    }
+}
+
+/// Each sequence's adapter, held (cloned `Arc`s) while the model borrows them as hooks.
+fn adapters_of(seqs: &[Seq]) -> Vec<Option<Arc<Adapter>>> {
+    seqs.iter().map(|s| s.job.p.adapter.clone()).collect()
+}
+
+fn hooks_of(adapters: &[Option<Arc<Adapter>>]) -> Vec<Option<&dyn ForwardHooks>> {
+    adapters
+        .iter()
+        .map(|a| a.as_deref().map(|a| a as &dyn ForwardHooks))
+        .collect()
+}
+
+/// Prefills sequences (see [`Seq::joins_prefill`]) in one forward; returns each one's logits.
+fn prefill_group(model: &Llama, group: &mut [Seq]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let xs = group
+        .iter()
+        .map(|s| s.prompt_embeddings(model))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let adapters = adapters_of(group);
+    let hooks = hooks_of(&adapters);
+    let mut caches: Vec<&mut KvCache> = group.iter_mut().map(|s| &mut s.cache).collect();
+    let logits = rayon::scope(|_| model.prefill_batch(&xs, &mut caches, &hooks))?;
+    crate::model::llama::rows_f32(&logits)
+}
+
+/// One token for every running sequence.
+fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_core::Result<()> {
+    let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
+    let adapters = adapters_of(running);
+    let hooks = hooks_of(&adapters);
+    let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
+    // On a pool thread: the kernels of the step fork onto the pool many times, and from
+    // outside it every fork also parks and wakes this thread.
+    let logits = rayon::scope(|_| model.decode_batch(&tokens, &mut caches, &hooks))?;
+    let rows = crate::model::llama::rows_f32(&logits)?;
+    let mut keep = Vec::with_capacity(running.len());
+    for (mut seq, row) in running.drain(..).zip(rows) {
+        if let Step::Continue = seq.accept(row, sh) {
+            keep.push(seq);
+        }
+    }
+    *running = keep;
+    Ok(())
+}
+
+impl Seq {
+    fn new(job: Job, model: &Llama) -> Self {
+        let cache = KvCache::new(&model.cfg, Self::capacity_for(&job));
+        Self {
+            ids: job.p.tokens.clone(),
+            next: 0,
+            last_token: None,
+            generated: 0,
+            counts: HashMap::new(),
+            sampler: Sampler::new(job.p.sampling.clone()),
+            detok: Detokenizer::new(),
+            stop: StopFilter::new(job.p.stop.clone()),
+            cache,
+            job,
+        }
+    }
+
+    /// The KV cache size a request needs: prompt, generation budget and a margin.
+    fn capacity_for(job: &Job) -> usize {
+        job.p.prompt_tokens + job.p.max_tokens + 64
+    }
+
+    fn cache_capacity(&self) -> usize {
+        Self::capacity_for(&self.job)
+    }
+
+    /// True when the client dropped its receiver (disconnected); counted once per sequence,
+    /// since the caller drops the sequence right after.
+    fn client_gone(&self) -> bool {
+        let gone = self.job.events.is_closed();
+        if gone {
+            crate::metrics::global().request_cancelled(&self.job.p.model);
+        }
+        gone
+    }
+
+    fn fail(&self, e: &candle_core::Error) {
+        tracing::error!("generation failed: {e}");
+        let _ = self.job.events.send(GenEvent::Failed(e.to_string()));
+    }
+
+    /// The prompt's embeddings `(1, l, hidden)`, after the soft prompt of a prompt-tuned
+    /// variant.
+    fn prompt_embeddings(&self, model: &Llama) -> candle_core::Result<Tensor> {
+        let input = Tensor::new(self.job.p.tokens.as_slice(), model.device())?.unsqueeze(0)?;
+        let x = model.embed(&input)?;
+        match self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt) {
+            Some(soft) => Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1),
+            None => Ok(x),
+        }
+    }
+
+    /// Whether this sequence can be prefilled in one forward with others: any mix of the base
+    /// model and variants, except prefix-tuned ones (their prefix goes into the cache first).
+    fn joins_prefill(&self) -> bool {
+        self.cache.is_empty()
+            && self
+                .job
+                .p
+                .adapter
+                .as_deref()
+                .is_none_or(|a| a.prefix_len() == 0)
+    }
+
+    /// Runs the prompt (after the soft prompt of a prompt-tuned variant; a prefix-tuned
+    /// variant's prefix is written into the cache by the model) and takes the first token.
+    fn prefill(&mut self, model: &Llama, sh: &Shared) -> candle_core::Result<Step> {
+        let x = self.prompt_embeddings(model)?;
+        let ctx = Ctx {
+            cache: Some(&mut self.cache),
+            hooks: self
+                .job
+                .p
+                .adapter
+                .as_deref()
+                .map(|a| a as &dyn ForwardHooks),
+            packed: None,
+        };
+        let logits = rayon::scope(|_| model.last_logits(&x, ctx))?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        Ok(self.accept(logits, sh))
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Step {
+        let usage = Usage {
+            prompt_tokens: self.job.p.prompt_tokens,
+            completion_tokens: self.generated,
+            total_tokens: self.job.p.prompt_tokens + self.generated,
+        };
+        let _ = self.job.events.send(GenEvent::Finished { reason, usage });
+        Step::Done
+    }
+
+    fn emit(&mut self, text: String) -> bool {
+        text.is_empty() || self.job.events.send(GenEvent::Text(text)).is_ok()
+    }
+
+    /// Samples the next token from `logits` and streams what it completes.
+    fn accept(&mut self, mut logits: Vec<f32>, sh: &Shared) -> Step {
+        if self.client_gone() {
+            return Step::Done;
+        }
+        let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
+        self.next = id;
+        let now = std::time::Instant::now();
+        if let Some(prev) = self.last_token.replace(now) {
+            crate::metrics::global().observe_itl(&self.job.p.model, (now - prev).as_secs_f64());
+        }
+        if sh.base.text.eos_ids.contains(&id) && !self.job.p.sampling.ignore_eos {
+            let rest = self.detok.flush(&sh.base.text.tokenizer) + &self.stop.flush();
+            self.emit(rest);
+            return self.finish(FinishReason::Stop);
+        }
+        self.generated += 1;
+        self.ids.push(id);
+        *self.counts.entry(id).or_default() += 1;
+        let delta = self.detok.push(&sh.base.text.tokenizer, id);
+        match self.stop.push(&delta) {
+            Filtered::Stop(text) => {
+                self.emit(text);
+                return self.finish(FinishReason::Stop);
+            }
+            Filtered::Emit(text) => {
+                if !self.emit(text) {
+                    crate::metrics::global().request_cancelled(&self.job.p.model);
+                    return Step::Done;
+                }
+            }
+        }
+        if self.generated >= self.job.p.max_tokens {
+            let rest = self.detok.flush(&sh.base.text.tokenizer);
+            let rest = match self.stop.push(&rest) {
+                Filtered::Stop(t) => {
+                    self.emit(t);
+                    return self.finish(FinishReason::Stop);
+                }
+                Filtered::Emit(t) => t + &self.stop.flush(),
+            };
+            self.emit(rest);
+            return self.finish(FinishReason::Length);
+        }
+        Step::Continue
+    }
+}

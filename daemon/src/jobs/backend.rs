@@ -1,0 +1,197 @@
+//! The two storage interfaces the jobs layer runs on, so that where state lives is a choice made
+//! at start-up rather than in every caller:
+//!
+//! - [`MetaStore`]: rows (uploaded files' metadata, jobs, job events, checkpoints). Today the
+//!   SQLite database under the data directory ([`super::store::Store`]); a PostgreSQL
+//!   implementation shared by several daemons fits the same methods (every status change is a
+//!   conditional update, listings page by id, ids are made by the caller's side).
+//! - [`BlobStore`]: bytes (uploaded files, job results and checkpoints). Today the local data
+//!   directory ([`super::storage::Storage`]); an object store (S3, GCS, Azure) fits the same
+//!   methods. The trainer and the adapter loader read and write local directories, so the
+//!   methods that hand one out say so (`local_*`, [`BlobStore::materialise_file`]): a remote
+//!   implementation downloads there first and uploads what [`BlobStore::keep_checkpoint`] and
+//!   [`BlobStore::publish_result`] are given.
+//!
+//! Neither trait names SQLite, `sqlx` or a data directory in its signatures: failures are
+//! [`StoreError`] (rows) and `std::io::Error` (bytes), and everything is addressed by ids.
+use std::path::{Path, PathBuf};
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use super::store::{CheckpointRow, EventRow, FileRow, JobRow, Page};
+
+/// A failure of the row store, whatever the backend. Shown as the backend's own message.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StoreError(Box<dyn std::error::Error + Send + Sync>);
+
+impl StoreError {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(e))
+    }
+}
+
+pub type StoreResult<T> = std::result::Result<T, StoreError>;
+
+/// A listing of uploaded files: newest first unless `ascending`, after the file `after`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FileQuery<'a> {
+    pub purpose: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub limit: usize,
+    pub ascending: bool,
+}
+
+/// A new job event; the store gives it its id, time and sequence number.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEvent<'a> {
+    pub level: &'a str,
+    pub message: &'a str,
+    /// `message` or `metrics`.
+    pub kind: &'a str,
+    pub data: Option<&'a Value>,
+}
+
+/// The rows of files, jobs, events and checkpoints. Every method is one atomic operation of the
+/// backend; status changes are conditional (`from` the expected states), so that concurrent
+/// writers (the API and the runner, or several daemons) never overwrite each other: the first
+/// one wins and the others see `false`.
+pub trait MetaStore: Send + Sync {
+    fn insert_file<'a>(&'a self, f: &'a FileRow) -> BoxFuture<'a, StoreResult<()>>;
+    fn get_file<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<FileRow>>>;
+    fn list_files<'a>(&'a self, q: FileQuery<'a>) -> BoxFuture<'a, StoreResult<Page<FileRow>>>;
+    /// False if there was no such file.
+    fn delete_file<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<bool>>;
+
+    fn insert_job<'a>(&'a self, j: &'a JobRow) -> BoxFuture<'a, StoreResult<()>>;
+    fn get_job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<JobRow>>>;
+    /// Newest first, after the job `after`.
+    fn list_jobs<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, StoreResult<Page<JobRow>>>;
+    /// Jobs in any of `statuses`, oldest first (the runner's queue order).
+    fn jobs_with_status<'a>(
+        &'a self,
+        statuses: &'a [&'a str],
+    ) -> BoxFuture<'a, StoreResult<Vec<JobRow>>>;
+    /// Moves a job to `to` if its status is one of `from`; false if it was not.
+    fn transition<'a>(
+        &'a self,
+        id: &'a str,
+        from: &'a [&'a str],
+        to: &'a str,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
+    /// Ends a job as `to` (failed or cancelled) if its status is one of `from`, with an OpenAI
+    /// `error` object for failures.
+    fn finish_unsuccessfully<'a>(
+        &'a self,
+        id: &'a str,
+        from: &'a [&'a str],
+        to: &'a str,
+        error: Option<&'a Value>,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
+    /// Marks a running (or paused) job succeeded; false if it was cancelled meanwhile.
+    fn succeed<'a>(
+        &'a self,
+        id: &'a str,
+        fine_tuned_model: Option<&'a str>,
+        trained_tokens: i64,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
+    fn set_progress<'a>(
+        &'a self,
+        id: &'a str,
+        trained_tokens: i64,
+        estimated_finish: Option<i64>,
+    ) -> BoxFuture<'a, StoreResult<()>>;
+    fn set_hyperparameters<'a>(
+        &'a self,
+        id: &'a str,
+        hyperparameters: &'a Value,
+        method: &'a Value,
+    ) -> BoxFuture<'a, StoreResult<()>>;
+
+    fn add_event<'a>(
+        &'a self,
+        job_id: &'a str,
+        e: NewEvent<'a>,
+    ) -> BoxFuture<'a, StoreResult<EventRow>>;
+    /// A job's events, newest first, older than the event `after`.
+    fn list_events<'a>(
+        &'a self,
+        job_id: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, StoreResult<Page<EventRow>>>;
+    /// A job's events with `seq` above `since`, oldest first (the live stream's feed).
+    fn events_since<'a>(
+        &'a self,
+        job_id: &'a str,
+        since: i64,
+    ) -> BoxFuture<'a, StoreResult<Vec<EventRow>>>;
+    /// A receiver that sees a change after each event or status written from now on (live
+    /// streams wait on it instead of polling; a shared backend feeds it from its notifications).
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<()>;
+
+    /// Records a checkpoint (once per job and step: a resumed run may write a step again).
+    fn add_checkpoint<'a>(
+        &'a self,
+        job_id: &'a str,
+        step: i64,
+        metrics: &'a Value,
+        model: &'a str,
+    ) -> BoxFuture<'a, StoreResult<CheckpointRow>>;
+    /// A job's checkpoints, newest step first.
+    fn list_checkpoints<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Vec<CheckpointRow>>>;
+    /// Every checkpoint of every job (to serve them again after a restart).
+    fn all_checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>>;
+}
+
+/// An upload being written: nothing is visible under an id until [`BlobWriter::commit`], and a
+/// writer dropped without committing leaves nothing behind. Blocking, like `std::io::Write`.
+pub trait BlobWriter: Send {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Makes the bytes written durable under the file id `id`.
+    fn commit(self: Box<Self>, id: &str) -> std::io::Result<()>;
+}
+
+/// The bytes of uploaded files and of jobs' results and checkpoints, addressed by ids the
+/// caller validated. Blocking, like `std::fs`: async callers run it on a blocking thread.
+pub trait BlobStore: Send + Sync {
+    /// Starts writing a new uploaded file.
+    fn begin_upload(&self) -> std::io::Result<Box<dyn BlobWriter>>;
+    /// Reads an uploaded file.
+    fn open_file(&self, id: &str) -> std::io::Result<Box<dyn std::io::Read + Send>>;
+    /// Deletes an uploaded file's bytes; a file already gone is not an error.
+    fn delete_file(&self, id: &str) -> std::io::Result<()>;
+    /// Removes what uploads a crash interrupted left behind. Called once at start, before any
+    /// upload can be in flight.
+    fn clean_interrupted_uploads(&self);
+    /// A local path holding the uploaded file's bytes, for readers that need one (the JSONL
+    /// loader).
+    fn materialise_file(&self, id: &str) -> std::io::Result<PathBuf>;
+
+    /// The local directory the trainer writes a job's result into (its out_dir).
+    fn local_result_dir(&self, job_id: &str) -> PathBuf;
+    /// Makes the result the trainer wrote into [`Self::local_result_dir`] durable in the store.
+    fn publish_result(&self, job_id: &str) -> std::io::Result<()>;
+    /// The local directory of a job's checkpoint `step` (servable PEFT files plus the trainer
+    /// state to resume from), once kept or materialised.
+    fn local_checkpoint_dir(&self, job_id: &str, step: usize) -> PathBuf;
+    /// Keeps the checkpoint the trainer wrote at `written` as the job's checkpoint `step`
+    /// (replacing an older copy of the same step, which a resumed run writes again); returns
+    /// its local directory.
+    fn keep_checkpoint(
+        &self,
+        job_id: &str,
+        step: usize,
+        written: &Path,
+    ) -> std::io::Result<PathBuf>;
+    /// The newest complete checkpoint of a job, materialised locally.
+    fn latest_checkpoint(&self, job_id: &str) -> Option<(usize, PathBuf)>;
+}
