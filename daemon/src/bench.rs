@@ -133,7 +133,6 @@ pub fn train(
     peer_python: Option<&Path>,
 ) -> anyhow::Result<()> {
     use crate::adapters::LoraConfig;
-    use crate::model::llama::Proj;
     use crate::train::data::Example;
     use crate::train::optim::Schedule;
     use crate::train::{Method, TrainConfig, TrainControl, TrainEvent, Trainer};
@@ -156,11 +155,11 @@ pub fn train(
         schedule: Schedule::Constant,
         max_seq_len: seq,
         ..TrainConfig::new(Method::Lora(LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            target_modules: Proj::ALL.to_vec(),
-            use_rslora: false,
+            r: Some(16),
+            alpha: Some(32.0),
+            dropout: Some(0.0),
+            target_modules: Some(vec!["all-linear".into()]),
+            use_rslora: Some(false),
         }))
     };
     let mut trainer = Trainer::new(
