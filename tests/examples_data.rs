@@ -148,13 +148,14 @@ fn eval_command_measures_what_the_trainer_reports() {
     let methods = [
         Method::Lora(LoraConfig::default()),
         Method::PromptTuning(PromptTuningConfig {
-            num_virtual_tokens: 4,
-            init: PromptInit::SampleVocab,
+            num_virtual_tokens: Some(4),
+            init: Some(PromptInit::SampleVocab),
+            init_text: None,
         }),
         Method::PrefixTuning(PrefixConfig {
-            num_virtual_tokens: 4,
-            prefix_projection: false,
-            encoder_hidden_size: m.model.cfg.kv_dim(),
+            num_virtual_tokens: Some(4),
+            prefix_projection: Some(false),
+            encoder_hidden_size: Some(m.model.cfg.kv_dim()),
         }),
     ];
     let mut base_loss = None;

@@ -7,6 +7,8 @@
 //!   bodies (and each SSE event, where the spec names an `x-event-schema`) must validate against
 //!   the documented schema, `$ref`s resolved inside the spec.
 //! - Every `configs/*.toml` parses with the daemon's own loader.
+//! - The `Adapter` schema and the adapter method configs (`itamae_client::methods`) agree: the
+//!   same fields, the same defaults, and serialised configs validate.
 mod common;
 
 use std::collections::BTreeSet;
@@ -405,6 +407,101 @@ fn spec_schemas_compile_and_refs_resolve() {
             }
         }
     }
+}
+
+/// The `Adapter` schema's variant for adapter `type` `name`.
+fn adapter_variant<'a>(spec: &'a Value, name: &str) -> &'a Value {
+    spec["components"]["schemas"]["Adapter"]["oneOf"]
+        .as_array()
+        .expect("Adapter.oneOf")
+        .iter()
+        .find(|v| v["properties"]["type"]["const"] == name)
+        .unwrap_or_else(|| panic!("no `{name}` variant under components.schemas.Adapter"))
+}
+
+#[test]
+fn adapter_schema_matches_the_method_configs() {
+    use itamae::adapters::lora::check_targets;
+    use itamae::adapters::PromptTuningConfig;
+    use itamae::adapters::{AdapterConfig, LoraConfig, PrefixTuningConfig, PromptInit};
+    use itamae_client::methods::{lora, prefix_tuning, prompt_tuning};
+
+    let spec = load_spec();
+    // Every field set: the literals name every field, so a new one fails to compile here until
+    // it is added (and then this test fails until the spec has it too).
+    let full = [
+        AdapterConfig::Lora(LoraConfig {
+            r: Some(8),
+            alpha: Some(16.0),
+            dropout: Some(0.25),
+            target_modules: Some(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: Some(true),
+        }),
+        AdapterConfig::PromptTuning(PromptTuningConfig {
+            num_virtual_tokens: Some(8),
+            init: Some(PromptInit::Text),
+            init_text: Some("You are a sushi chef.".into()),
+        }),
+        AdapterConfig::PrefixTuning(PrefixTuningConfig {
+            num_virtual_tokens: Some(4),
+            prefix_projection: Some(true),
+            encoder_hidden_size: Some(64),
+        }),
+    ];
+    let names = [lora::NAME, prompt_tuning::NAME, prefix_tuning::NAME];
+    let fields = [lora::FIELDS, prompt_tuning::FIELDS, prefix_tuning::FIELDS];
+    for ((config, name), fields) in full.iter().zip(names).zip(fields) {
+        assert_eq!(config.name(), name);
+        let variant = adapter_variant(&spec, name);
+        let documented: BTreeSet<String> = variant["properties"]
+            .as_object()
+            .expect("properties")
+            .keys()
+            .filter(|k| *k != "type")
+            .cloned()
+            .collect();
+        let v = serde_json::to_value(config).expect("serialise");
+        let serialised: BTreeSet<String> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .filter(|k| *k != "type")
+            .cloned()
+            .collect();
+        let parsed: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
+        assert_eq!(documented, serialised, "{name}: spec vs struct fields");
+        assert_eq!(parsed, serialised, "{name}: parsed vs struct fields");
+        validate(&spec, "#/components/schemas/Adapter", &v).unwrap_or_else(|e| panic!("{e}"));
+        // Parsed back by the one function the jobs API uses, it is the same config.
+        let back = AdapterConfig::parse(&v, "adapter", &check_targets).expect("parses");
+        assert_eq!(&back, config);
+
+        // The bare `{"type": name}`: defaults filled in by the parser, as the spec documents.
+        let bare = AdapterConfig::parse(&json!({"type": name}), "adapter", &check_targets)
+            .expect("bare adapter parses");
+        let stored = serde_json::to_value(&bare).expect("serialise");
+        validate(&spec, "#/components/schemas/Adapter", &stored).unwrap_or_else(|e| panic!("{e}"));
+        let echoed = bare.to_json();
+        for (field, schema) in variant["properties"].as_object().expect("properties") {
+            let Some(default) = schema.get("default") else {
+                continue;
+            };
+            let same = match (default.as_f64(), echoed[field].as_f64()) {
+                (Some(a), Some(b)) => a == b,
+                _ => *default == echoed[field],
+            };
+            assert!(
+                same,
+                "{name}.{field}: spec default {default}, config default {}",
+                echoed[field]
+            );
+        }
+    }
+    // The default adapter of a plain request is LoRA with its defaults.
+    assert_eq!(
+        AdapterConfig::default(),
+        AdapterConfig::parse(&json!({}), "adapter", &check_targets).expect("parses")
+    );
 }
 
 #[test]

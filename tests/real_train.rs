@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use itamae::adapters::{peft, LoraConfig, PromptInit, PromptTuningConfig};
-use itamae::model::llama::Proj;
 use itamae::model::{self, LoadedModel};
 use itamae::train::data::{self, DataOptions};
 use itamae::train::optim::Schedule;
@@ -93,11 +92,11 @@ fn run(method: Method, lr: f64, steps: usize) -> (f64, f64, PathBuf) {
 #[test]
 fn lora_lowers_validation_loss() {
     let method = Method::Lora(LoraConfig {
-        r: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        target_modules: Proj::ALL.to_vec(),
-        use_rslora: false,
+        r: Some(8),
+        alpha: Some(16.0),
+        dropout: Some(0.0),
+        target_modules: Some(vec!["all-linear".into()]),
+        use_rslora: Some(false),
     });
     let (before, after, out) = run(method, 1e-3, 12);
     assert!(after < before - 0.1, "valid loss {before} -> {after}");
@@ -110,8 +109,9 @@ fn lora_lowers_validation_loss() {
 #[test]
 fn prompt_tuning_lowers_validation_loss() {
     let method = Method::PromptTuning(PromptTuningConfig {
-        num_virtual_tokens: 8,
-        init: PromptInit::Text("You are Itamae, a sushi chef.".into()),
+        num_virtual_tokens: Some(8),
+        init: Some(PromptInit::Text),
+        init_text: Some("You are Itamae, a sushi chef.".into()),
     });
     let (before, after, out) = run(method, 3e-2, 12);
     assert!(after < before - 0.1, "valid loss {before} -> {after}");

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use itamae_client::{AdapterSpec, AutoOr, CreateJob, Hyperparameters, JobMethod, Supervised};
+use itamae_client::methods::{self, LoraConfig, PrefixTuningConfig, PromptTuningConfig};
+use itamae_client::{AdapterConfig, AutoOr, CreateJob, Hyperparameters, JobMethod, Supervised};
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -26,11 +27,11 @@ pub enum PromptInit {
 }
 
 impl PromptInit {
-    fn as_str(self) -> &'static str {
+    fn config(self) -> methods::PromptInit {
         match self {
-            PromptInit::Text => "text",
-            PromptInit::Random => "random",
-            PromptInit::SampleVocab => "sample_vocab",
+            PromptInit::Text => methods::PromptInit::Text,
+            PromptInit::Random => methods::PromptInit::Random,
+            PromptInit::SampleVocab => methods::PromptInit::SampleVocab,
         }
     }
 }
@@ -164,7 +165,7 @@ impl CreateArgs {
         given
     }
 
-    fn adapter(&self) -> Result<AdapterSpec, String> {
+    fn adapter(&self) -> Result<AdapterConfig, String> {
         let name = |m: MethodKind| {
             m.to_possible_value()
                 .map(|v| v.get_name().to_string())
@@ -180,26 +181,27 @@ impl CreateArgs {
                 ));
             }
         }
+        // Unset flags stay unset: the server applies the method's defaults.
         Ok(match self.method {
-            MethodKind::Lora => AdapterSpec::Lora {
-                r: self.r,
+            MethodKind::Lora => AdapterConfig::Lora(LoraConfig {
+                r: self.r.map(|r| r as usize),
                 alpha: self.alpha,
-                dropout: self.dropout,
+                dropout: self.dropout.map(|d| d as f32),
                 target_modules: (!self.target_modules.is_empty())
                     .then(|| self.target_modules.clone()),
                 use_rslora: self.rslora.then_some(true),
-            },
-            MethodKind::PromptTuning => AdapterSpec::PromptTuning {
-                num_virtual_tokens: self.num_virtual_tokens,
-                init: self.init.map(|i| i.as_str().to_string()),
+            }),
+            MethodKind::PromptTuning => AdapterConfig::PromptTuning(PromptTuningConfig {
+                num_virtual_tokens: self.num_virtual_tokens.map(|n| n as usize),
+                init: self.init.map(PromptInit::config),
                 init_text: self.init_text.clone(),
-            },
-            MethodKind::PrefixTuning => AdapterSpec::PrefixTuning {
-                num_virtual_tokens: self.num_virtual_tokens,
+            }),
+            MethodKind::PrefixTuning => AdapterConfig::PrefixTuning(PrefixTuningConfig {
+                num_virtual_tokens: self.num_virtual_tokens.map(|n| n as usize),
                 prefix_projection: self.prefix_projection.then_some(true),
-                encoder_hidden_size: self.encoder_hidden_size,
-            },
-            MethodKind::Full => AdapterSpec::Full,
+                encoder_hidden_size: self.encoder_hidden_size.map(|n| n as usize),
+            }),
+            MethodKind::Full => AdapterConfig::Full,
         })
     }
 

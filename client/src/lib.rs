@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub mod load;
+pub mod methods;
+pub use methods::{AdapterConfig, FieldError};
 
 /// The two files of a PEFT adapter directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -357,48 +359,13 @@ impl Hyperparameters {
     }
 }
 
-/// `method.supervised.adapter`, itamae's extension; unset fields take the server's defaults.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AdapterSpec {
-    Lora {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        r: Option<u32>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        alpha: Option<f64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        dropout: Option<f64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        target_modules: Option<Vec<String>>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        use_rslora: Option<bool>,
-    },
-    PromptTuning {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        num_virtual_tokens: Option<u32>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        init: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        init_text: Option<String>,
-    },
-    PrefixTuning {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        num_virtual_tokens: Option<u32>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        prefix_projection: Option<bool>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        encoder_hidden_size: Option<u32>,
-    },
-    Full,
-}
-
 /// `method.supervised`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Supervised {
     #[serde(skip_serializing_if = "Hyperparameters::is_empty")]
     pub hyperparameters: Hyperparameters,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapter: Option<AdapterSpec>,
+    pub adapter: Option<AdapterConfig>,
 }
 
 /// `method`: always `{"type":"supervised","supervised":{...}}`.
@@ -1057,13 +1024,11 @@ mod tests {
                         max_steps: Some(4),
                         ..Default::default()
                     },
-                    adapter: Some(AdapterSpec::Lora {
+                    adapter: Some(AdapterConfig::Lora(methods::LoraConfig {
                         r: Some(8),
-                        alpha: None,
-                        dropout: None,
                         target_modules: Some(vec!["q_proj".into(), "v_proj".into()]),
-                        use_rslora: None,
-                    }),
+                        ..Default::default()
+                    })),
                 },
             },
         };
@@ -1088,7 +1053,7 @@ mod tests {
                    "method": {"type": "supervised", "supervised": {}}})
         );
         assert_eq!(
-            serde_json::to_value(AdapterSpec::Full).unwrap(),
+            serde_json::to_value(AdapterConfig::Full).unwrap(),
             json!({"type": "full"})
         );
     }

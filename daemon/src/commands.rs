@@ -7,11 +7,12 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
-use crate::adapters::{peft, LoraConfig, PrefixConfig, PromptInit, PromptTuningConfig};
+use crate::adapters::{peft, LoraConfig, PrefixTuningConfig, PromptTuningConfig};
 use crate::engine::{EngineHandle, GenEvent, GenerationRequest, PromptInput, SamplingParams};
 use crate::model::{self, LoadedModel};
 use crate::train::data::{self, DataOptions};
 use crate::train::optim::Schedule;
+use crate::train::trainer::default_learning_rate;
 use crate::train::{Finish, Method, TrainConfig, TrainControl, TrainEvent, Trainer};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -20,13 +21,6 @@ pub enum MethodArg {
     PromptTuning,
     PrefixTuning,
     Full,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum InitArg {
-    Random,
-    Text,
-    SampleVocab,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -95,29 +89,16 @@ pub struct TrainArgs {
     /// Continue from a checkpoint directory (`<out>/checkpoints/step-N`).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    // LoRA
-    #[arg(long, default_value_t = 16)]
-    pub r: usize,
-    #[arg(long, default_value_t = 32.0)]
-    pub alpha: f64,
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f32,
-    /// `all-linear` or a comma-separated list (q_proj,v_proj,...).
-    #[arg(long, default_value = "all-linear", value_delimiter = ',')]
-    pub target_modules: Vec<String>,
-    #[arg(long)]
-    pub use_rslora: bool,
-    // prompt / prefix tuning
+    // The methods' own flags: each config is also the API's adapter object.
+    #[command(flatten)]
+    pub lora: LoraConfig,
+    /// Virtual tokens of prompt and prefix tuning.
     #[arg(long, default_value_t = 20)]
     pub num_virtual_tokens: usize,
-    #[arg(long, value_enum, default_value = "text")]
-    pub prompt_init: InitArg,
-    #[arg(long, default_value = "You are a helpful assistant.")]
-    pub prompt_init_text: String,
-    #[arg(long)]
-    pub prefix_projection: bool,
-    #[arg(long)]
-    pub encoder_hidden_size: Option<usize>,
+    #[command(flatten)]
+    pub prompt_tuning: PromptTuningConfig,
+    #[command(flatten)]
+    pub prefix_tuning: PrefixTuningConfig,
 }
 
 fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
@@ -125,37 +106,31 @@ fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
         .with_context(|| format!("loading {}", path.display()))
 }
 
-fn method_of(a: &TrainArgs, loaded: &LoadedModel) -> anyhow::Result<Method> {
-    Ok(match a.method {
-        MethodArg::Lora => Method::Lora(LoraConfig {
-            r: a.r,
-            alpha: a.alpha,
-            dropout: a.dropout,
-            target_modules: LoraConfig::parse_targets(&a.target_modules)
-                .map_err(|e| anyhow::anyhow!("--target-modules: {e}"))?,
-            use_rslora: a.use_rslora,
-        }),
+/// The method the flags ask for; checked by the trainer, by the rules the jobs API applies.
+fn method_of(a: &TrainArgs, loaded: &LoadedModel) -> Method {
+    let n = Some(a.num_virtual_tokens);
+    match a.method {
+        MethodArg::Lora => Method::Lora(a.lora.clone()),
         MethodArg::PromptTuning => Method::PromptTuning(PromptTuningConfig {
-            num_virtual_tokens: a.num_virtual_tokens,
-            init: match a.prompt_init {
-                InitArg::Random => PromptInit::Random,
-                InitArg::Text => PromptInit::Text(a.prompt_init_text.clone()),
-                InitArg::SampleVocab => PromptInit::SampleVocab,
-            },
+            num_virtual_tokens: n,
+            ..a.prompt_tuning.clone()
         }),
-        MethodArg::PrefixTuning => Method::PrefixTuning(PrefixConfig {
-            num_virtual_tokens: a.num_virtual_tokens,
-            prefix_projection: a.prefix_projection,
-            encoder_hidden_size: a.encoder_hidden_size.unwrap_or(loaded.model.cfg.kv_dim()),
+        MethodArg::PrefixTuning => Method::PrefixTuning(PrefixTuningConfig {
+            num_virtual_tokens: n,
+            encoder_hidden_size: Some(
+                a.prefix_tuning
+                    .encoder_hidden_size(loaded.model.cfg.kv_dim()),
+            ),
+            ..a.prefix_tuning.clone()
         }),
         MethodArg::Full => Method::Full,
-    })
+    }
 }
 
 /// `itamaed train`.
 pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let loaded = load_model(&a.model)?;
-    let method = method_of(&a, &loaded)?;
+    let method = method_of(&a, &loaded);
     let opts = DataOptions {
         max_seq_len: a.max_seq_len,
         truncation: !a.no_truncation,
@@ -181,7 +156,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         None => data::split_validation(train, a.validation_split, a.seed),
     };
     let mut config = TrainConfig::new(method.clone());
-    let default_lr = method.default_learning_rate();
+    let default_lr = default_learning_rate(&method);
     config.learning_rate = match (a.learning_rate, a.learning_rate_multiplier) {
         (Some(_), Some(_)) => bail!("give --learning-rate or --learning-rate-multiplier, not both"),
         (Some(lr), None) => lr,
@@ -206,18 +181,15 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     config.eval_every = a.eval_every;
     config.checkpoint_every = a.checkpoint_every;
     config.early_stopping_patience = a.early_stopping_patience;
-    let init_ids: Vec<u32> = match &method {
-        Method::PromptTuning(PromptTuningConfig {
-            init: PromptInit::Text(t),
-            ..
-        }) => loaded
+    let init_ids: Vec<u32> = match method.init_text() {
+        Some(t) => loaded
             .text
             .tokenizer
-            .encode(t.as_str(), false)
+            .encode(t, false)
             .map_err(|e| anyhow::anyhow!("tokenizing --prompt-init-text: {e}"))?
             .get_ids()
             .to_vec(),
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     let mut trainer = Trainer::new(
         &loaded.model,

@@ -332,10 +332,9 @@ pub fn build_lora(dir: &Path) -> PeftFiles {
     let loaded = itamae::model::load(&model_path(), &device).expect("load the test model");
     let cfg = loaded.model.cfg.clone();
     let lora_cfg = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        target_modules: LoraConfig::parse_targets(&["q_proj".into(), "v_proj".into()])
-            .expect("targets"),
+        r: Some(4),
+        alpha: Some(8.0),
+        target_modules: Some(vec!["q_proj".into(), "v_proj".into()]),
         ..Default::default()
     };
     let lora = Lora::init(&cfg, lora_cfg, 7, &device).expect("init LoRA");
@@ -357,8 +356,9 @@ pub fn build_prompt(dir: &Path, name: &str, text: &str) -> PeftFiles {
         .get_ids()
         .to_vec();
     let config = PromptTuningConfig {
-        num_virtual_tokens: ids.len(),
-        init: PromptInit::Text(text.to_string()),
+        num_virtual_tokens: Some(ids.len()),
+        init: Some(PromptInit::Text),
+        init_text: Some(text.to_string()),
     };
     let p = SoftPrompt::init(&loaded.model, config, &ids, 7).expect("init the soft prompt");
     peft_files(&dir.join(name), &Adapter::Prompt(p), &loaded)

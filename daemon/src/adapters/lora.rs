@@ -1,71 +1,55 @@
 //! LoRA: `y = W·x + s · B·A·dropout(x)` on chosen projections, with `s = alpha / r`
 //! (`alpha / √r` with rsLoRA). A starts Kaiming-uniform, B at zero, as in PEFT, so a fresh adapter
 //! leaves the model unchanged.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Result, Tensor};
-use serde::{Deserialize, Serialize};
 
-use super::{rng, seeded_uniform};
-use crate::model::llama::{LowRank, Proj};
+use serde_json::{json, Value};
+
+use super::peft::{get_usize, PeftError};
+use super::{rng, seeded_uniform, AdapterMethod};
+use crate::model::llama::{ForwardHooks, LowRank, Proj};
 use crate::model::ModelConfig;
 use crate::ops;
 use crate::ops::lora_rows::{DecodeElem, PackedPair, RowTerm};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LoraConfig {
-    pub r: usize,
-    pub alpha: f64,
-    pub dropout: f32,
-    pub target_modules: Vec<Proj>,
-    pub use_rslora: bool,
+/// The config (the API's `{"type": "lora"}` object) is defined once, with the API types.
+pub use itamae_client::methods::LoraConfig;
+
+/// `target_modules` as users and PEFT write them: `all-linear`, or module names.
+pub fn parse_targets(names: &[String]) -> std::result::Result<Vec<Proj>, String> {
+    if names.len() == 1 && names[0] == "all-linear" {
+        return Ok(Proj::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for n in names {
+        let p = Proj::ALL
+            .into_iter()
+            .find(|p| p.hf_name() == n)
+            .ok_or_else(|| {
+                format!(
+                    "unknown target module `{n}` (expected all-linear or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                )
+            })?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        return Err("target_modules must not be empty".into());
+    }
+    Ok(out)
 }
 
-impl Default for LoraConfig {
-    fn default() -> Self {
-        Self {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            target_modules: Proj::ALL.to_vec(),
-            use_rslora: false,
-        }
-    }
+/// [`parse_targets`] as the check a config's validation takes.
+pub fn check_targets(names: &[String]) -> std::result::Result<(), String> {
+    parse_targets(names).map(|_| ())
 }
 
-impl LoraConfig {
-    /// `target_modules` as users and PEFT write them: `all-linear`, or module names.
-    pub fn parse_targets(names: &[String]) -> std::result::Result<Vec<Proj>, String> {
-        if names.len() == 1 && names[0] == "all-linear" {
-            return Ok(Proj::ALL.to_vec());
-        }
-        let mut out = Vec::new();
-        for n in names {
-            let p = Proj::ALL
-                .into_iter()
-                .find(|p| p.hf_name() == n)
-                .ok_or_else(|| {
-                    format!(
-                        "unknown target module `{n}` (expected all-linear or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
-                    )
-                })?;
-            if !out.contains(&p) {
-                out.push(p);
-            }
-        }
-        if out.is_empty() {
-            return Err("target_modules must not be empty".into());
-        }
-        Ok(out)
-    }
-
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
-    }
+/// `names` of `targets` as PEFT writes them.
+fn target_names(targets: &[Proj]) -> Vec<String> {
+    targets.iter().map(|p| p.hf_name().to_string()).collect()
 }
 
 /// The A and B matrices of one projection.
@@ -99,24 +83,28 @@ pub fn peft_prefix(layer: usize, proj: Proj) -> String {
 impl Lora {
     /// A fresh adapter: A Kaiming-uniform (PEFT's `kaiming_uniform_(a=√5)`, bound `1/√in`),
     /// B zero.
+    /// `config.target_modules` comes back resolved (`all-linear` spelled out).
     pub fn init(
         model: &ModelConfig,
         config: LoraConfig,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        let targets = parse_targets(config.target_modules()).map_err(candle_core::Error::msg)?;
+        let config = LoraConfig {
+            target_modules: Some(target_names(&targets)),
+            ..config.with_defaults()
+        };
+        let rank = config.r();
         let mut r = rng(seed);
         let mut pairs = BTreeMap::new();
         for layer in 0..model.num_layers {
-            for &proj in &config.target_modules {
+            for &proj in &targets {
                 let (i, o) = proj.dims(model);
                 let bound = 1.0 / (i as f32).sqrt();
-                let a = Tensor::from_vec(
-                    seeded_uniform(config.r * i, bound, &mut r),
-                    (config.r, i),
-                    device,
-                )?;
-                let b = Tensor::zeros((o, config.r), candle_core::DType::F32, device)?;
+                let a =
+                    Tensor::from_vec(seeded_uniform(rank * i, bound, &mut r), (rank, i), device)?;
+                let b = Tensor::zeros((o, rank), candle_core::DType::F32, device)?;
                 pairs.insert((layer, proj), LoraPair { a, b });
             }
         }
@@ -139,10 +127,10 @@ impl Lora {
         shape: &candle_core::Shape,
     ) -> Result<Option<Tensor>> {
         use rand::{Rng, SeedableRng};
-        if !(self.training && self.config.dropout > 0.0) {
+        if !(self.training && self.config.dropout() > 0.0) {
             return Ok(None);
         }
-        let p = self.config.dropout;
+        let p = self.config.dropout();
         let seed = self.dropout_seed.load(std::sync::atomic::Ordering::Relaxed)
             ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
@@ -246,6 +234,7 @@ impl Lora {
         mut config: LoraConfig,
         tensors: &std::collections::HashMap<String, Tensor>,
     ) -> std::result::Result<Self, String> {
+        let rank = config.r();
         let mut pairs = BTreeMap::new();
         let mut targets = Vec::new();
         for layer in 0..model.num_layers {
@@ -256,12 +245,12 @@ impl Lora {
                 match (a, b) {
                     (Some(a), Some(b)) => {
                         let (i, o) = proj.dims(model);
-                        if a.dims() != [config.r, i] || b.dims() != [o, config.r] {
+                        if a.dims() != [rank, i] || b.dims() != [o, rank] {
                             return Err(format!(
                                 "{pre}: lora_A {:?} / lora_B {:?} do not match r={} and the base model ({o}x{i})",
                                 a.dims(),
                                 b.dims(),
-                                config.r
+                                rank
                             ));
                         }
                         let a = a
@@ -289,7 +278,7 @@ impl Lora {
                 "the adapter holds LoRA tensors for modules this model does not have".into(),
             );
         }
-        config.target_modules = targets;
+        config.target_modules = Some(target_names(&targets));
         Ok(Self {
             config,
             pairs,
@@ -297,6 +286,160 @@ impl Lora {
             dropout_seed: Default::default(),
             decode: None,
         })
+    }
+}
+
+impl ForwardHooks for Lora {
+    fn linear_delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        self.delta(layer, proj, x)
+    }
+
+    fn low_rank(
+        &self,
+        layer: usize,
+        proj: Proj,
+        input: &candle_core::Shape,
+    ) -> Result<Option<LowRank>> {
+        Lora::low_rank(self, layer, proj, input)
+    }
+
+    fn only_low_rank(&self) -> bool {
+        true
+    }
+
+    fn has_decode_terms(&self) -> bool {
+        self.decode.is_some()
+    }
+
+    fn decode_term(&self, layer: usize, proj: Proj) -> Option<RowTerm<'_, DecodeElem>> {
+        Lora::decode_term(self, layer, proj)
+    }
+}
+
+impl AdapterMethod for Lora {
+    type Config = LoraConfig;
+    const NAME: &'static str = itamae_client::methods::lora::NAME;
+    const PEFT_TYPE: &'static str = "LORA";
+    const DEFAULT_LEARNING_RATE: f64 = 2e-4;
+
+    fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        Lora::tensors(self)
+    }
+
+    fn peft_config(&self, _model: &ModelConfig, _base_name: &str) -> Value {
+        let c = &self.config;
+        let targets = parse_targets(c.target_modules())
+            .map(|t| target_names(&t))
+            .unwrap_or_else(|_| c.target_modules().to_vec());
+        json!({
+            "peft_type": Self::PEFT_TYPE,
+            "r": c.r(),
+            "lora_alpha": c.alpha(),
+            "lora_dropout": c.dropout(),
+            "target_modules": targets,
+            "bias": "none",
+            "use_rslora": c.use_rslora(),
+            "use_dora": false,
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        })
+    }
+
+    fn from_peft(
+        c: &Value,
+        tensors: &HashMap<String, Tensor>,
+        model: &ModelConfig,
+    ) -> std::result::Result<Self, PeftError> {
+        let r = get_usize(c, "r")?;
+        if r == 0 {
+            return Err(PeftError::Config("`r` must be positive".into()));
+        }
+        let alpha = c.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        if c.get("use_dora").and_then(Value::as_bool) == Some(true) {
+            return Err(PeftError::Config("DoRA adapters are not supported".into()));
+        }
+        if c.get("bias")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b != "none")
+        {
+            return Err(PeftError::Config(
+                "LoRA bias training is not supported (bias must be \"none\")".into(),
+            ));
+        }
+        for key in ["alpha_pattern", "rank_pattern"] {
+            if c.get(key)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
+                return Err(PeftError::Config(format!(
+                    "per-module `{key}` is not supported (one r and lora_alpha for every module)"
+                )));
+            }
+        }
+        if let Some(name) = tensors
+            .keys()
+            .find(|k| !k.contains(".lora_A.") && !k.contains(".lora_B."))
+        {
+            return Err(PeftError::Config(format!(
+                "tensor `{name}` is not a LoRA A/B matrix (modules_to_save and trained biases are not supported)"
+            )));
+        }
+        if c.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+            return Err(PeftError::Config(
+                "fan_in_fan_out is not supported for Llama-family models".into(),
+            ));
+        }
+        let config = LoraConfig {
+            r: Some(r),
+            alpha: Some(alpha),
+            dropout: Some(c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32),
+            target_modules: None,
+            use_rslora: Some(
+                c.get("use_rslora")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            ),
+        };
+        Lora::from_tensors(model, config, tensors).map_err(PeftError::Mismatch)
+    }
+
+    fn detached(&self, _model: &ModelConfig) -> Result<Self> {
+        Ok(Lora {
+            config: self.config.clone(),
+            pairs: self
+                .pairs
+                .iter()
+                .map(|(k, p)| {
+                    (
+                        *k,
+                        LoraPair {
+                            a: p.a.detach(),
+                            b: p.b.detach(),
+                        },
+                    )
+                })
+                .collect(),
+            training: false,
+            dropout_seed: Default::default(),
+            decode: None,
+        })
+    }
+
+    fn extra_bytes(&self) -> usize {
+        self.decode_bytes()
+    }
+
+    fn prepare_for_serving(&mut self) -> Result<()> {
+        self.pack_for_decode()
     }
 }
 
@@ -344,8 +487,8 @@ mod tests {
                     let cfg = tiny_config(arch);
                     let m = Llama::random(cfg.clone(), dev).unwrap();
                     let config = LoraConfig {
-                        r: 4,
-                        dropout,
+                        r: Some(4),
+                        dropout: Some(dropout),
                         ..Default::default()
                     };
                     let mut lora = Lora::init(&cfg, config, 3, dev).unwrap();
@@ -466,11 +609,11 @@ mod tests {
     fn delta_matches_formula() {
         let cfg = tiny_config(Arch::Llama);
         let config = LoraConfig {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            target_modules: vec![Proj::V],
-            use_rslora: true,
+            r: Some(4),
+            alpha: Some(8.0),
+            dropout: Some(0.0),
+            target_modules: Some(vec!["v_proj".into()]),
+            use_rslora: Some(true),
         };
         let mut lora = Lora::init(&cfg, config, 3, &Device::Cpu).unwrap();
         let p = lora.pairs.get_mut(&(1, Proj::V)).unwrap();
@@ -503,17 +646,12 @@ mod tests {
 
     #[test]
     fn targets_parse() {
+        assert_eq!(parse_targets(&["all-linear".into()]).unwrap().len(), 7);
         assert_eq!(
-            LoraConfig::parse_targets(&["all-linear".into()])
-                .unwrap()
-                .len(),
-            7
-        );
-        assert_eq!(
-            LoraConfig::parse_targets(&["q_proj".into(), "v_proj".into()]).unwrap(),
+            parse_targets(&["q_proj".into(), "v_proj".into()]).unwrap(),
             vec![Proj::Q, Proj::V]
         );
-        assert!(LoraConfig::parse_targets(&["lm_head".into()])
+        assert!(parse_targets(&["lm_head".into()])
             .unwrap_err()
             .contains("lm_head"));
     }
@@ -526,8 +664,8 @@ mod tests {
         let m = Llama::random(cfg.clone(), &Device::Cpu).unwrap();
         let make = |seed: u64, r: usize| {
             let c = LoraConfig {
-                r,
-                alpha: 8.0,
+                r: Some(r),
+                alpha: Some(8.0),
                 ..Default::default()
             };
             let mut l = Lora::init(&cfg, c, seed, &Device::Cpu).unwrap();

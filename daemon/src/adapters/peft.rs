@@ -9,11 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-use super::lora::{Lora, LoraConfig};
-use super::prefix::{Prefix, PrefixConfig};
-use super::prompt::{PromptInit, PromptTuningConfig, SoftPrompt};
 use super::Adapter;
-use crate::model::llama::Proj;
 use crate::model::ModelConfig;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -53,58 +49,7 @@ pub fn config_json(adapter: &Adapter, model: &ModelConfig, base_name: &str) -> V
         "inference_mode": true,
         "revision": null,
     });
-    let mut v = match adapter {
-        Adapter::Lora(l) => {
-            let c = &l.config;
-            json!({
-                "peft_type": "LORA",
-                "r": c.r,
-                "lora_alpha": c.alpha,
-                "lora_dropout": c.dropout,
-                "target_modules": c.target_modules.iter().map(|p| p.hf_name()).collect::<Vec<_>>(),
-                "bias": "none",
-                "use_rslora": c.use_rslora,
-                "use_dora": false,
-                "fan_in_fan_out": false,
-                "init_lora_weights": true,
-                "modules_to_save": null,
-                "layers_to_transform": null,
-                "layers_pattern": null,
-                "rank_pattern": {},
-                "alpha_pattern": {},
-            })
-        }
-        Adapter::Prompt(p) => {
-            let (init, text) = match &p.config.init {
-                PromptInit::Random => ("RANDOM", Value::Null),
-                PromptInit::Text(t) => ("TEXT", Value::String(t.clone())),
-                PromptInit::SampleVocab => ("SAMPLE_VOCAB", Value::Null),
-            };
-            json!({
-                "peft_type": "PROMPT_TUNING",
-                "num_virtual_tokens": p.config.num_virtual_tokens,
-                "token_dim": model.hidden_size,
-                "num_transformer_submodules": 1,
-                "num_attention_heads": model.num_heads,
-                "num_layers": model.num_layers,
-                "prompt_tuning_init": init,
-                "prompt_tuning_init_text": text,
-                "tokenizer_name_or_path": if text.is_null() { Value::Null } else { Value::String(base_name.into()) },
-                "tokenizer_kwargs": null,
-            })
-        }
-        Adapter::Prefix(p) => json!({
-            // PEFT sizes prefixes of GQA models by their KV heads (token_dim = kv_dim).
-            "peft_type": "PREFIX_TUNING",
-            "num_virtual_tokens": p.config.num_virtual_tokens,
-            "token_dim": model.kv_dim(),
-            "num_transformer_submodules": 1,
-            "num_attention_heads": model.num_kv_heads,
-            "num_layers": model.num_layers,
-            "encoder_hidden_size": p.config.encoder_hidden_size,
-            "prefix_projection": p.config.prefix_projection,
-        }),
-    };
+    let mut v = adapter.peft_config(model, base_name);
     if let (Some(obj), Some(c)) = (v.as_object_mut(), common.as_object()) {
         for (k, val) in c {
             obj.insert(k.clone(), val.clone());
@@ -153,7 +98,8 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     })
 }
 
-fn get_usize(c: &Value, key: &str) -> Result<usize> {
+/// A non-negative integer of an adapter_config.json.
+pub(crate) fn get_usize(c: &Value, key: &str) -> Result<usize> {
     c.get(key)
         .and_then(Value::as_u64)
         .map(|v| v as usize)
@@ -189,123 +135,23 @@ pub fn from_parts(
         .get("peft_type")
         .and_then(Value::as_str)
         .ok_or_else(|| PeftError::Config("`peft_type` is missing".into()))?;
-    let f32_tensor = |name: &str| -> Result<Tensor> {
-        tensors
-            .get(name)
-            .ok_or_else(|| PeftError::Weights(format!("tensor `{name}` is missing")))?
-            .to_dtype(candle_core::DType::F32)
-            .map_err(|e| PeftError::Weights(e.to_string()))
-    };
-    match kind {
-        "LORA" => {
-            let r = get_usize(c, "r")?;
-            if r == 0 {
-                return Err(PeftError::Config("`r` must be positive".into()));
-            }
-            let alpha = c.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-            if c.get("use_dora").and_then(Value::as_bool) == Some(true) {
-                return Err(PeftError::Config("DoRA adapters are not supported".into()));
-            }
-            if c.get("bias")
-                .and_then(Value::as_str)
-                .is_some_and(|b| b != "none")
-            {
-                return Err(PeftError::Config(
-                    "LoRA bias training is not supported (bias must be \"none\")".into(),
-                ));
-            }
-            for key in ["alpha_pattern", "rank_pattern"] {
-                if c.get(key)
-                    .and_then(Value::as_object)
-                    .is_some_and(|m| !m.is_empty())
-                {
-                    return Err(PeftError::Config(format!(
-                        "per-module `{key}` is not supported (one r and lora_alpha for every module)"
-                    )));
-                }
-            }
-            if let Some(name) = tensors
-                .keys()
-                .find(|k| !k.contains(".lora_A.") && !k.contains(".lora_B."))
-            {
-                return Err(PeftError::Config(format!(
-                    "tensor `{name}` is not a LoRA A/B matrix (modules_to_save and trained biases are not supported)"
-                )));
-            }
-            if c.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-                return Err(PeftError::Config(
-                    "fan_in_fan_out is not supported for Llama-family models".into(),
-                ));
-            }
-            let config = LoraConfig {
-                r,
-                alpha,
-                dropout: c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
-                target_modules: Proj::ALL.to_vec(),
-                use_rslora: c
-                    .get("use_rslora")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-            };
-            Lora::from_tensors(model, config, &tensors)
-                .map(Adapter::Lora)
-                .map_err(PeftError::Mismatch)
-        }
-        "PROMPT_TUNING" => {
-            let n = get_usize(c, "num_virtual_tokens")?;
-            let emb = f32_tensor("prompt_embeddings")?;
-            if emb.dims() != [n, model.hidden_size] {
-                return Err(PeftError::Mismatch(format!(
-                    "prompt_embeddings has shape {:?}, expected [{n}, {}]",
-                    emb.dims(),
-                    model.hidden_size
-                )));
-            }
-            let init = match c.get("prompt_tuning_init").and_then(Value::as_str) {
-                Some("TEXT") => PromptInit::Text(
-                    c.get("prompt_tuning_init_text")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                ),
-                Some("SAMPLE_VOCAB") => PromptInit::SampleVocab,
-                _ => PromptInit::Random,
-            };
-            Ok(Adapter::Prompt(SoftPrompt {
-                config: PromptTuningConfig {
-                    num_virtual_tokens: n,
-                    init,
-                },
-                embeddings: emb,
-            }))
-        }
-        "PREFIX_TUNING" => {
-            let n = get_usize(c, "num_virtual_tokens")?;
-            let config = PrefixConfig {
-                num_virtual_tokens: n,
-                prefix_projection: c
-                    .get("prefix_projection")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                encoder_hidden_size: c
-                    .get("encoder_hidden_size")
-                    .and_then(Value::as_u64)
-                    .map(|v| v as usize)
-                    .unwrap_or(model.kv_dim()),
-            };
-            let flat = f32_tensor("prompt_embeddings")?;
-            Prefix::from_flat(model, config, flat)
-                .map(Adapter::Prefix)
-                .map_err(|e| PeftError::Mismatch(e.to_string()))
-        }
-        other => Err(PeftError::UnsupportedType(other.to_string())),
-    }
+    super::from_peft(kind, c, &tensors, model)
+}
+
+/// Tensor `name` of an adapter's safetensors, as f32.
+pub(crate) fn f32_tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    tensors
+        .get(name)
+        .ok_or_else(|| PeftError::Weights(format!("tensor `{name}` is missing")))?
+        .to_dtype(candle_core::DType::F32)
+        .map_err(|e| PeftError::Weights(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::lora::LoraConfig;
+    use crate::adapters::{Lora, LoraConfig, Prefix, PrefixTuningConfig, PromptInit};
+    use crate::adapters::{PromptTuningConfig, SoftPrompt};
     use crate::model::config::Arch;
     use crate::model::llama::tests::tiny_config;
     use crate::model::Llama;
@@ -338,7 +184,7 @@ mod tests {
             Lora::init(
                 &cfg,
                 LoraConfig {
-                    target_modules: vec![Proj::Q, Proj::Down],
+                    target_modules: Some(vec!["q_proj".into(), "down_proj".into()]),
                     ..Default::default()
                 },
                 1,
@@ -350,18 +196,19 @@ mod tests {
             SoftPrompt::init(
                 &m,
                 PromptTuningConfig {
-                    num_virtual_tokens: 4,
-                    init: PromptInit::Text("hi".into()),
+                    num_virtual_tokens: Some(4),
+                    init: Some(PromptInit::Text),
+                    init_text: Some("hi".into()),
                 },
                 &[1, 2],
                 0,
             )
             .unwrap(),
         );
-        let pcfg = PrefixConfig {
-            num_virtual_tokens: 3,
-            prefix_projection: false,
-            encoder_hidden_size: cfg.kv_dim(),
+        let pcfg = PrefixTuningConfig {
+            num_virtual_tokens: Some(3),
+            prefix_projection: Some(false),
+            encoder_hidden_size: Some(cfg.kv_dim()),
         };
         let flat = Tensor::randn(
             0f32,

@@ -5,23 +5,25 @@
 //! permuted to `(2·L, n_kv, P, head_dim)`: entry `2i` is layer i's keys, `2i + 1` its values,
 //! used as is (no RoPE), exactly like PEFT's `past_key_values`. `kv_dim = n_kv · head_dim`, so
 //! GQA models get prefixes for their KV heads only.
-use candle_core::{Device, Module, Result, Tensor};
-use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
-use super::{rng, seeded_normal, seeded_uniform};
+use candle_core::{Device, Module, Result, Tensor};
+use serde_json::{json, Value};
+
+use super::peft::{f32_tensor, get_usize, PeftError};
+use super::{rng, seeded_normal, seeded_uniform, AdapterMethod};
+use crate::model::llama::ForwardHooks;
 use crate::model::ModelConfig;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PrefixConfig {
-    pub num_virtual_tokens: usize,
-    /// Train through `Linear(kv_dim → encoder_hidden) → tanh → Linear(→ L·2·kv_dim)` (PEFT's
-    /// `PrefixEncoder`, whose token_dim is kv_dim on GQA models).
-    pub prefix_projection: bool,
-    pub encoder_hidden_size: usize,
-}
+/// The config (the API's `{"type": "prefix_tuning"}` object) is defined once, with the API
+/// types. With `prefix_projection` it trains through `Linear(kv_dim → encoder_hidden) → tanh →
+/// Linear(→ L·2·kv_dim)` (PEFT's `PrefixEncoder`, whose token_dim is kv_dim on GQA models).
+pub use itamae_client::methods::PrefixTuningConfig;
+/// Transitional: the name this config had before it moved to the API types.
+pub use itamae_client::methods::PrefixTuningConfig as PrefixConfig;
 
 pub struct Prefix {
-    pub config: PrefixConfig,
+    pub config: PrefixTuningConfig,
     /// `(P, L · 2 · kv_dim)`
     pub flat: Tensor,
     /// `(2L, n_kv, P, head_dim)` view of `flat`, split per layer on use.
@@ -29,8 +31,12 @@ pub struct Prefix {
 }
 
 impl Prefix {
-    pub fn from_flat(model: &ModelConfig, config: PrefixConfig, flat: Tensor) -> Result<Self> {
-        let p = config.num_virtual_tokens;
+    pub fn from_flat(
+        model: &ModelConfig,
+        config: PrefixTuningConfig,
+        flat: Tensor,
+    ) -> Result<Self> {
+        let p = config.num_virtual_tokens();
         let want = (p, model.num_layers * 2 * model.kv_dim());
         if flat.dims2()? != want {
             candle_core::bail!(
@@ -50,7 +56,7 @@ impl Prefix {
     }
 
     pub fn len(&self) -> usize {
-        self.config.num_virtual_tokens
+        self.config.num_virtual_tokens()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -76,15 +82,15 @@ pub struct PrefixParams {
 impl PrefixParams {
     pub fn init(
         model: &ModelConfig,
-        config: &PrefixConfig,
+        config: &PrefixTuningConfig,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
         let mut r = rng(seed);
-        let p = config.num_virtual_tokens;
+        let p = config.num_virtual_tokens();
         let out = model.num_layers * 2 * model.kv_dim();
-        if config.prefix_projection {
-            let (h, e) = (model.kv_dim(), config.encoder_hidden_size);
+        if config.prefix_projection() {
+            let (h, e) = (model.kv_dim(), config.encoder_hidden_size(model.kv_dim()));
             let lin =
                 |o: usize, i: usize, r: &mut rand::rngs::StdRng| -> Result<(Tensor, Tensor)> {
                     let bound = 1.0 / (i as f32).sqrt();
@@ -132,6 +138,79 @@ impl PrefixParams {
     }
 }
 
+impl ForwardHooks for Prefix {
+    fn has_decode_terms(&self) -> bool {
+        // no projection deltas at all
+        true
+    }
+
+    fn prefix_len(&self) -> usize {
+        self.len()
+    }
+
+    fn kv_prefix(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        self.layer_kv(layer).map(Some)
+    }
+}
+
+impl AdapterMethod for Prefix {
+    type Config = PrefixTuningConfig;
+    const NAME: &'static str = itamae_client::methods::prefix_tuning::NAME;
+    const PEFT_TYPE: &'static str = "PREFIX_TUNING";
+    const DEFAULT_LEARNING_RATE: f64 = 1e-2;
+
+    fn config(&self) -> &PrefixTuningConfig {
+        &self.config
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        vec![("prompt_embeddings".into(), self.flat.clone())]
+    }
+
+    fn peft_config(&self, model: &ModelConfig, _base_name: &str) -> Value {
+        let c = &self.config;
+        json!({
+            // PEFT sizes prefixes of GQA models by their KV heads (token_dim = kv_dim).
+            "peft_type": Self::PEFT_TYPE,
+            "num_virtual_tokens": c.num_virtual_tokens(),
+            "token_dim": model.kv_dim(),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": model.num_kv_heads,
+            "num_layers": model.num_layers,
+            "encoder_hidden_size": c.encoder_hidden_size(model.kv_dim()),
+            "prefix_projection": c.prefix_projection(),
+        })
+    }
+
+    fn from_peft(
+        c: &Value,
+        tensors: &HashMap<String, Tensor>,
+        model: &ModelConfig,
+    ) -> std::result::Result<Self, PeftError> {
+        let n = get_usize(c, "num_virtual_tokens")?;
+        let config = PrefixTuningConfig {
+            num_virtual_tokens: Some(n),
+            prefix_projection: Some(
+                c.get("prefix_projection")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            ),
+            encoder_hidden_size: Some(
+                c.get("encoder_hidden_size")
+                    .and_then(Value::as_u64)
+                    .map(|v| v as usize)
+                    .unwrap_or(model.kv_dim()),
+            ),
+        };
+        let flat = f32_tensor(tensors, "prompt_embeddings")?;
+        Prefix::from_flat(model, config, flat).map_err(|e| PeftError::Mismatch(e.to_string()))
+    }
+
+    fn detached(&self, model: &ModelConfig) -> Result<Self> {
+        Prefix::from_flat(model, self.config.clone(), self.flat.detach())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,10 +226,10 @@ mod tests {
             .unwrap()
             .reshape((p, n / p))
             .unwrap();
-        let conf = PrefixConfig {
-            num_virtual_tokens: p,
-            prefix_projection: false,
-            encoder_hidden_size: 0,
+        let conf = PrefixTuningConfig {
+            num_virtual_tokens: Some(p),
+            prefix_projection: Some(false),
+            encoder_hidden_size: Some(0),
         };
         let pre = Prefix::from_flat(&cfg, conf, flat.clone()).unwrap();
         let (k, v) = pre.layer_kv(1).unwrap();
@@ -167,10 +246,10 @@ mod tests {
     #[test]
     fn projection_gives_the_saved_shape() {
         let cfg = tiny_config(Arch::Qwen2);
-        let conf = PrefixConfig {
-            num_virtual_tokens: 4,
-            prefix_projection: true,
-            encoder_hidden_size: 16,
+        let conf = PrefixTuningConfig {
+            num_virtual_tokens: Some(4),
+            prefix_projection: Some(true),
+            encoder_hidden_size: Some(16),
         };
         let params = PrefixParams::init(&cfg, &conf, 0, &Device::Cpu).unwrap();
         let flat = params.project().unwrap();

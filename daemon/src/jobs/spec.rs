@@ -2,21 +2,22 @@
 //! OpenAI's fields, hyperparameters given top-level (legacy) or in `method.supervised`, and the
 //! adapter extension `method.supervised.adapter`. Every error names the request field at fault.
 //!
+//! The adapter object is parsed and checked by its method's config
+//! ([`AdapterConfig::parse`], shared with the trainer, `itamaed train` and the client); target
+//! names are checked against the model's projections here.
+//!
 //! The spec is stored with the job (as JSON) and turned into a trainer [`Method`] and
 //! [`TrainConfig`] when the job runs, once the dataset size is known and "auto" can be resolved.
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::storage::{valid_id, FILE_PREFIX};
-use crate::adapters::{LoraConfig, PrefixConfig, PromptInit, PromptTuningConfig};
+use crate::adapters::{lora, AdapterConfig, PrefixTuningConfig};
+use crate::train::trainer::default_learning_rate;
 use crate::train::{Method, TrainConfig};
 
 /// A request value that is not acceptable; `param` is its path in the request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpecError {
-    pub param: String,
-    pub message: String,
-}
+pub use crate::adapters::FieldError as SpecError;
 
 fn bad<T>(param: &str, message: impl Into<String>) -> Result<T, SpecError> {
     Err(SpecError {
@@ -25,43 +26,8 @@ fn bad<T>(param: &str, message: impl Into<String>) -> Result<T, SpecError> {
     })
 }
 
-/// `method.supervised.adapter`; LoRA r=16 all-linear when absent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AdapterSpec {
-    Lora {
-        r: usize,
-        alpha: f64,
-        dropout: f32,
-        /// `["all-linear"]` or projection names.
-        target_modules: Vec<String>,
-        use_rslora: bool,
-    },
-    PromptTuning {
-        num_virtual_tokens: usize,
-        /// `text`, `random` or `sample_vocab`.
-        init: String,
-        init_text: Option<String>,
-    },
-    PrefixTuning {
-        num_virtual_tokens: usize,
-        prefix_projection: bool,
-        /// The model's kv width when absent.
-        encoder_hidden_size: Option<usize>,
-    },
-}
-
-impl Default for AdapterSpec {
-    fn default() -> Self {
-        Self::Lora {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            target_modules: vec!["all-linear".into()],
-            use_rslora: false,
-        }
-    }
-}
+/// `method.supervised.adapter`; LoRA r=16 all-linear when absent. Never `full` once parsed.
+pub type AdapterSpec = AdapterConfig;
 
 /// Hyperparameters; `None` is "auto".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -103,7 +69,6 @@ pub struct CreateJob {
 }
 
 pub const DEFAULT_MAX_SEQ_LEN: usize = 1024;
-const DEFAULT_INIT_TEXT: &str = "You are a helpful assistant.";
 
 /// Parses `POST /v1/fine_tuning/jobs`. `default_seed` is used when the request has none.
 pub fn parse_create(body: &Value, default_seed: u64) -> Result<CreateJob, SpecError> {
@@ -237,7 +202,7 @@ fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterSpec), SpecError> {
     };
     let adapter = match sup.get("adapter") {
         None | Some(Value::Null) => AdapterSpec::default(),
-        Some(a) => parse_adapter(a, "method.supervised.adapter")?,
+        Some(a) => AdapterConfig::parse(a, "method.supervised.adapter", &lora::check_targets)?,
     };
     Ok((hyper, adapter))
 }
@@ -312,276 +277,30 @@ fn parse_hyper(h: &Value, prefix: &str) -> Result<Hyper, SpecError> {
     })
 }
 
-fn get_usize(
-    a: &Map<String, Value>,
-    key: &str,
-    prefix: &str,
-    default: usize,
-    range: std::ops::RangeInclusive<u64>,
-) -> Result<usize, SpecError> {
-    match a.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => match v.as_u64() {
-            Some(n) if range.contains(&n) => Ok(n as usize),
-            _ => bad(
-                &format!("{prefix}.{key}"),
-                format!(
-                    "{prefix}.{key} must be an integer from {} to {}, got {v}",
-                    range.start(),
-                    range.end()
-                ),
-            ),
-        },
-    }
-}
-
-fn get_bool(a: &Map<String, Value>, key: &str, prefix: &str) -> Result<bool, SpecError> {
-    match a.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => bad(
-            &format!("{prefix}.{key}"),
-            format!("{prefix}.{key} must be a boolean"),
-        ),
-    }
-}
-
-fn parse_adapter(a: &Value, prefix: &str) -> Result<AdapterSpec, SpecError> {
-    let Some(a) = a.as_object() else {
-        return bad(prefix, format!("{prefix} must be an object"));
-    };
-    let ty = a.get("type").and_then(Value::as_str).unwrap_or("lora");
-    let known: &[&str] =
-        match ty {
-            "lora" => &[
-                "type",
-                "r",
-                "alpha",
-                "dropout",
-                "target_modules",
-                "use_rslora",
-            ],
-            "prompt_tuning" => &["type", "num_virtual_tokens", "init", "init_text"],
-            "prefix_tuning" => &[
-                "type",
-                "num_virtual_tokens",
-                "prefix_projection",
-                "encoder_hidden_size",
-            ],
-            "full" => return bad(
-                &format!("{prefix}.type"),
-                "Full fine-tuning is not available through the jobs API yet (its result could not \
-                 be served as a variant of the resident model); use `lora`, `prompt_tuning` or \
-                 `prefix_tuning`, or `itamaed train --method full`",
-            ),
-            other => {
-                return bad(
-                    &format!("{prefix}.type"),
-                    format!(
-                    "Unknown adapter type `{other}` (expected lora, prompt_tuning or prefix_tuning)"
-                ),
-                )
-            }
-        };
-    if let Some(k) = a.keys().find(|k| !known.contains(&k.as_str())) {
-        return bad(
-            &format!("{prefix}.{k}"),
-            format!("Unknown field `{k}` for a `{ty}` adapter"),
-        );
-    }
-    Ok(match ty {
-        "lora" => {
-            let r = get_usize(a, "r", prefix, 16, 1..=1024)?;
-            let alpha = match a.get("alpha") {
-                None | Some(Value::Null) => 32.0,
-                Some(v) => match v.as_f64() {
-                    Some(x) if x.is_finite() && x > 0.0 => x,
-                    _ => {
-                        return bad(
-                            &format!("{prefix}.alpha"),
-                            "alpha must be a positive number",
-                        )
-                    }
-                },
-            };
-            let dropout = match a.get("dropout") {
-                None | Some(Value::Null) => 0.0,
-                Some(v) => match v.as_f64() {
-                    Some(x) if (0.0..1.0).contains(&x) => x as f32,
-                    _ => return bad(&format!("{prefix}.dropout"), "dropout must be in [0, 1)"),
-                },
-            };
-            let tm_param = format!("{prefix}.target_modules");
-            let target_modules: Vec<String> =
-                match a.get("target_modules") {
-                    None | Some(Value::Null) => vec!["all-linear".into()],
-                    Some(Value::String(s)) => vec![s.clone()],
-                    Some(Value::Array(xs)) if !xs.is_empty() => xs
-                        .iter()
-                        .map(|x| x.as_str().map(str::to_owned))
-                        .collect::<Option<_>>()
-                        .map_or_else(|| bad(&tm_param, "target_modules must hold strings"), Ok)?,
-                    Some(_) => return bad(
-                        &tm_param,
-                        "target_modules must be \"all-linear\" or a non-empty list of module names",
-                    ),
-                };
-            if let Err(e) = LoraConfig::parse_targets(&target_modules) {
-                return bad(&tm_param, e);
-            }
-            AdapterSpec::Lora {
-                r,
-                alpha,
-                dropout,
-                target_modules,
-                use_rslora: get_bool(a, "use_rslora", prefix)?,
-            }
-        }
-        "prompt_tuning" => {
-            let init = match a.get("init") {
-                None | Some(Value::Null) => "text".to_string(),
-                Some(Value::String(s))
-                    if ["text", "random", "sample_vocab"].contains(&s.as_str()) =>
-                {
-                    s.clone()
-                }
-                Some(v) => {
-                    return bad(
-                        &format!("{prefix}.init"),
-                        format!("init must be \"text\", \"random\" or \"sample_vocab\", got {v}"),
-                    )
-                }
-            };
-            let init_text = match a.get("init_text") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if !s.is_empty() && s.len() <= 4096 => Some(s.clone()),
-                Some(_) => {
-                    return bad(
-                        &format!("{prefix}.init_text"),
-                        "init_text must be a non-empty string of at most 4096 bytes",
-                    )
-                }
-            };
-            AdapterSpec::PromptTuning {
-                num_virtual_tokens: get_usize(a, "num_virtual_tokens", prefix, 20, 1..=512)?,
-                init,
-                init_text,
-            }
-        }
-        _ => AdapterSpec::PrefixTuning {
-            num_virtual_tokens: get_usize(a, "num_virtual_tokens", prefix, 20, 1..=512)?,
-            prefix_projection: get_bool(a, "prefix_projection", prefix)?,
-            encoder_hidden_size: match a.get("encoder_hidden_size") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(get_usize(a, "encoder_hidden_size", prefix, 0, 1..=65_536)?),
-            },
-        },
-    })
-}
-
-impl AdapterSpec {
-    /// The adapter object as echoed in the job's `method`.
-    pub fn to_json(&self) -> Value {
-        match self {
-            Self::Lora {
-                r,
-                alpha,
-                dropout,
-                target_modules,
-                use_rslora,
-            } => json!({
-                "type": "lora", "r": r, "alpha": alpha, "dropout": dropout,
-                "target_modules": if target_modules.len() == 1 && target_modules[0] == "all-linear" {
-                    json!("all-linear")
-                } else {
-                    json!(target_modules)
-                },
-                "use_rslora": use_rslora,
-            }),
-            Self::PromptTuning {
-                num_virtual_tokens,
-                init,
-                init_text,
-            } => {
-                let mut v = json!({"type": "prompt_tuning", "num_virtual_tokens": num_virtual_tokens, "init": init});
-                if init == "text" {
-                    v["init_text"] = json!(init_text.as_deref().unwrap_or(DEFAULT_INIT_TEXT));
-                }
-                v
-            }
-            Self::PrefixTuning {
-                num_virtual_tokens,
-                prefix_projection,
-                encoder_hidden_size,
-            } => json!({
-                "type": "prefix_tuning", "num_virtual_tokens": num_virtual_tokens,
-                "prefix_projection": prefix_projection, "encoder_hidden_size": encoder_hidden_size,
-            }),
-        }
-    }
-
-    /// The text a `text`-initialised soft prompt starts from.
-    pub fn init_text(&self) -> Option<&str> {
-        match self {
-            Self::PromptTuning {
-                init, init_text, ..
-            } if init == "text" => Some(init_text.as_deref().unwrap_or(DEFAULT_INIT_TEXT)),
-            _ => None,
-        }
-    }
-
-    /// The trainer's method; `kv_dim` is the default prefix encoder width.
-    pub fn method(&self, kv_dim: usize) -> Result<Method, SpecError> {
-        Ok(match self {
-            Self::Lora {
-                r,
-                alpha,
-                dropout,
-                target_modules,
-                use_rslora,
-            } => Method::Lora(LoraConfig {
-                r: *r,
-                alpha: *alpha,
-                dropout: *dropout,
-                target_modules: LoraConfig::parse_targets(target_modules).map_err(|e| {
-                    SpecError {
-                        param: "method.supervised.adapter.target_modules".into(),
-                        message: e,
-                    }
-                })?,
-                use_rslora: *use_rslora,
-            }),
-            Self::PromptTuning {
-                num_virtual_tokens,
-                init,
-                ..
-            } => Method::PromptTuning(PromptTuningConfig {
-                num_virtual_tokens: *num_virtual_tokens,
-                init: match init.as_str() {
-                    "random" => PromptInit::Random,
-                    "sample_vocab" => PromptInit::SampleVocab,
-                    _ => PromptInit::Text(self.init_text().unwrap_or(DEFAULT_INIT_TEXT).into()),
-                },
-            }),
-            Self::PrefixTuning {
-                num_virtual_tokens,
-                prefix_projection,
-                encoder_hidden_size,
-            } => Method::PrefixTuning(PrefixConfig {
-                num_virtual_tokens: *num_virtual_tokens,
-                prefix_projection: *prefix_projection,
-                encoder_hidden_size: encoder_hidden_size.unwrap_or(kv_dim),
-            }),
-        })
-    }
-}
-
 /// JSON of a hyperparameter: the number, or "auto".
 fn auto<T: Serialize>(v: Option<T>) -> Value {
     v.map_or_else(|| json!("auto"), |x| json!(x))
 }
 
 impl JobSpec {
+    /// The trainer's method; `kv_dim` (the model's key/value width) is the default prefix
+    /// encoder width.
+    pub fn method(&self, kv_dim: usize) -> Result<Method, SpecError> {
+        Ok(match &self.adapter {
+            AdapterConfig::PrefixTuning(c) => AdapterConfig::PrefixTuning(PrefixTuningConfig {
+                encoder_hidden_size: Some(c.encoder_hidden_size(kv_dim)),
+                ..c.clone()
+            }),
+            AdapterConfig::Full => {
+                return bad(
+                    "method.supervised.adapter.type",
+                    "Full fine-tuning is not available through the jobs API",
+                )
+            }
+            other => other.clone(),
+        })
+    }
+
     /// "auto" resolved for a dataset of `n_train` examples.
     pub fn resolve(&self, n_train: usize) -> Resolved {
         Resolved {
@@ -628,10 +347,10 @@ impl JobSpec {
 
     /// The trainer configuration for `n_train` examples of a model with kv width `kv_dim`.
     pub fn train_config(&self, n_train: usize, kv_dim: usize) -> Result<TrainConfig, SpecError> {
-        let method = self.adapter.method(kv_dim)?;
+        let method = self.method(kv_dim)?;
         let r = self.resolve(n_train);
         let mut c = TrainConfig::new(method.clone());
-        c.learning_rate = method.default_learning_rate() * r.learning_rate_multiplier;
+        c.learning_rate = default_learning_rate(&method) * r.learning_rate_multiplier;
         c.epochs = r.n_epochs;
         c.batch_size = r.batch_size;
         c.max_steps = self.hyper.max_steps;
@@ -709,8 +428,8 @@ mod tests {
         // prefix tuning takes the model's kv width by default
         let j = ok(json!({"model": "m", "training_file": "file-abc",
             "method": {"type": "supervised", "supervised": {"adapter": {"type": "prefix_tuning"}}}}));
-        match j.spec.adapter.method(64).unwrap() {
-            Method::PrefixTuning(c) => assert_eq!(c.encoder_hidden_size, 64),
+        match j.spec.method(64).unwrap() {
+            Method::PrefixTuning(c) => assert_eq!(c.encoder_hidden_size, Some(64)),
             m => panic!("{m:?}"),
         }
     }
@@ -800,7 +519,10 @@ mod tests {
         let v = serde_json::to_value(&j.spec).unwrap();
         let back: JobSpec = serde_json::from_value(v).unwrap();
         assert_eq!(back, j.spec);
-        assert_eq!(back.adapter.init_text(), Some(DEFAULT_INIT_TEXT));
+        assert_eq!(
+            back.adapter.init_text(),
+            Some(itamae_client::methods::prompt_tuning::DEFAULT_INIT_TEXT)
+        );
         assert_eq!(back.checkpoint_every(6), 2);
         assert_eq!(back.checkpoint_every(1), 1);
     }

@@ -17,40 +17,27 @@ use super::data::{Batch, BatchCursor, BatchOptions, Batcher, DataError, Example}
 use super::optim::{lr_at, AdamW, AdamWConfig, Param, Schedule};
 use crate::adapters::lora::LoraPair;
 use crate::adapters::prefix::PrefixParams;
-use crate::adapters::{
-    peft, Adapter, Lora, LoraConfig, Prefix, PrefixConfig, PromptTuningConfig, SoftPrompt,
-};
+use crate::adapters::{lora, peft, Adapter, AdapterMethod, Lora, Prefix, SoftPrompt};
+use crate::adapters::{FieldError, PrefixTuningConfig};
 use crate::model::llama::{Ctx, Llama};
 use crate::model::TextSpec;
 use crate::ops;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Method {
-    Lora(LoraConfig),
-    PromptTuning(PromptTuningConfig),
-    PrefixTuning(PrefixConfig),
-    Full,
-}
+/// What a run trains: an adapter method's config (the API's adapter object, defined once with
+/// the API types), or `full` (every weight).
+pub use itamae_client::methods::AdapterConfig as Method;
 
-impl Method {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Lora(_) => "lora",
-            Method::PromptTuning(_) => "prompt_tuning",
-            Method::PrefixTuning(_) => "prefix_tuning",
-            Method::Full => "full",
-        }
-    }
+/// Full SFT's learning rate "auto" stands for; the adapter methods' are theirs
+/// ([`AdapterMethod::DEFAULT_LEARNING_RATE`]).
+const FULL_LEARNING_RATE: f64 = 2e-5;
 
-    /// The learning rate "auto" stands for (and that `learning_rate_multiplier` scales).
-    pub fn default_learning_rate(&self) -> f64 {
-        match self {
-            Method::Lora(_) => 2e-4,
-            Method::PromptTuning(_) => 3e-2,
-            Method::PrefixTuning(_) => 1e-2,
-            Method::Full => 2e-5,
-        }
+/// The learning rate "auto" stands for (and that `learning_rate_multiplier` scales).
+pub fn default_learning_rate(method: &Method) -> f64 {
+    match method {
+        Method::Lora(_) => Lora::DEFAULT_LEARNING_RATE,
+        Method::PromptTuning(_) => SoftPrompt::DEFAULT_LEARNING_RATE,
+        Method::PrefixTuning(_) => Prefix::DEFAULT_LEARNING_RATE,
+        Method::Full => FULL_LEARNING_RATE,
     }
 }
 
@@ -79,7 +66,7 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     pub fn new(method: Method) -> Self {
-        let learning_rate = method.default_learning_rate();
+        let learning_rate = default_learning_rate(&method);
         Self {
             method,
             epochs: 3,
@@ -127,44 +114,12 @@ impl TrainConfig {
         if self.max_seq_len < 2 {
             return bad("max_seq_len", "max_seq_len must be at least 2".into());
         }
-        match &self.method {
-            Method::Lora(c) => {
-                if c.r == 0 {
-                    return bad("r", "r must be at least 1".into());
-                }
-                if !(0.0..1.0).contains(&c.dropout) {
-                    return bad("dropout", "dropout must be in [0, 1)".into());
-                }
-                if !(c.alpha.is_finite() && c.alpha > 0.0) {
-                    return bad("alpha", "alpha must be positive".into());
-                }
-            }
-            Method::PromptTuning(c) => {
-                if c.num_virtual_tokens == 0 {
-                    return bad(
-                        "num_virtual_tokens",
-                        "num_virtual_tokens must be at least 1".into(),
-                    );
-                }
-                if self.pack {
-                    return bad("pack", "packing is not supported with prompt tuning (the soft prompt belongs to each example)".into());
-                }
-            }
-            Method::PrefixTuning(c) => {
-                if c.num_virtual_tokens == 0 {
-                    return bad(
-                        "num_virtual_tokens",
-                        "num_virtual_tokens must be at least 1".into(),
-                    );
-                }
-                if c.prefix_projection && c.encoder_hidden_size == 0 {
-                    return bad(
-                        "encoder_hidden_size",
-                        "encoder_hidden_size must be at least 1".into(),
-                    );
-                }
-            }
-            Method::Full => {}
+        // The method's own rules, as the jobs API applies them.
+        if let Err(FieldError { param, message }) = self.method.validate("", &lora::check_targets) {
+            return bad(&param, message);
+        }
+        if self.pack && matches!(self.method, Method::PromptTuning(_)) {
+            return bad("pack", "packing is not supported with prompt tuning (the soft prompt belongs to each example)".into());
         }
         Ok(())
     }
@@ -253,7 +208,7 @@ pub struct TrainOutcome {
 /// What the optimizer updates, per method.
 enum Trainable {
     Adapter(Adapter),
-    Prefix(PrefixConfig, PrefixParams),
+    Prefix(PrefixTuningConfig, PrefixParams),
     Full(Llama),
 }
 
@@ -673,7 +628,7 @@ impl<'m> Trainer<'m> {
     /// None for full SFT, whose result is a model directory.
     pub fn adapter(&self) -> Result<Option<Adapter>, TrainError> {
         Ok(match &self.trainable {
-            Trainable::Adapter(a) => Some(detached_adapter(a, &self.base.cfg)?),
+            Trainable::Adapter(a) => Some(a.detached(&self.base.cfg)?),
             Trainable::Prefix(c, p) => Some(Adapter::Prefix(Prefix::from_flat(
                 &self.base.cfg,
                 c.clone(),
@@ -797,37 +752,6 @@ fn batch_options(c: &TrainConfig, pack: bool) -> BatchOptions {
     }
 }
 
-fn detached_adapter(a: &Adapter, cfg: &crate::model::ModelConfig) -> candle_core::Result<Adapter> {
-    Ok(match a {
-        Adapter::Lora(l) => Adapter::Lora(Lora {
-            config: l.config.clone(),
-            pairs: l
-                .pairs
-                .iter()
-                .map(|(k, p)| {
-                    (
-                        *k,
-                        LoraPair {
-                            a: p.a.detach(),
-                            b: p.b.detach(),
-                        },
-                    )
-                })
-                .collect(),
-            training: false,
-            dropout_seed: Default::default(),
-            decode: None,
-        }),
-        Adapter::Prompt(p) => Adapter::Prompt(SoftPrompt {
-            config: p.config.clone(),
-            embeddings: p.embeddings.detach(),
-        }),
-        Adapter::Prefix(p) => {
-            Adapter::Prefix(Prefix::from_flat(cfg, p.config.clone(), p.flat.detach())?)
-        }
-    })
-}
-
 /// LM-head cross-entropy without materialising the logits: weighted NLL sum (a scalar tensor
 /// carrying the gradient), weight sum, correct argmax predictions among weighted tokens.
 fn lm_loss(
@@ -843,10 +767,9 @@ fn lm_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::{PromptInit, PromptTuningConfig};
+    use crate::adapters::{LoraConfig, PromptInit, PromptTuningConfig};
     use crate::model::config::Arch;
     use crate::model::llama::tests::tiny_config;
-    use crate::model::llama::Proj;
     use candle_core::Device;
 
     fn examples(n: usize, seed: u32) -> Vec<Example> {
@@ -882,20 +805,21 @@ mod tests {
     fn methods() -> Vec<Method> {
         vec![
             Method::Lora(LoraConfig {
-                r: 4,
-                alpha: 8.0,
-                dropout: 0.1,
-                target_modules: Proj::ALL.to_vec(),
-                use_rslora: false,
+                r: Some(4),
+                alpha: Some(8.0),
+                dropout: Some(0.1),
+                target_modules: Some(vec!["all-linear".into()]),
+                use_rslora: Some(false),
             }),
             Method::PromptTuning(PromptTuningConfig {
-                num_virtual_tokens: 4,
-                init: PromptInit::SampleVocab,
+                num_virtual_tokens: Some(4),
+                init: Some(PromptInit::SampleVocab),
+                init_text: None,
             }),
-            Method::PrefixTuning(PrefixConfig {
-                num_virtual_tokens: 3,
-                prefix_projection: true,
-                encoder_hidden_size: 16,
+            Method::PrefixTuning(PrefixTuningConfig {
+                num_virtual_tokens: Some(3),
+                prefix_projection: Some(true),
+                encoder_hidden_size: Some(16),
             }),
             Method::Full,
         ]
