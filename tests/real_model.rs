@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use itamae::engine::{
     EngineHandle, FinishReason, GenEvent, GenerationRequest, PromptInput, SamplingParams,
 };
+use itamae::model::chat::{self, ChatMessage, Dialect, Role};
 use itamae::model::{self, LoadedModel};
 use serde_json::json;
 
@@ -46,7 +47,7 @@ fn generate(
         .prepare(GenerationRequest {
             model: id,
             input: PromptInput::Chat {
-                messages: messages.as_array().unwrap().clone(),
+                messages: chat::parse_messages(Some(&messages), Dialect::Api).unwrap(),
             },
             sampling: SamplingParams {
                 temperature: 0.0,
@@ -241,7 +242,7 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
             e.prepare(GenerationRequest {
                 model: id.clone(),
                 input: PromptInput::Chat {
-                    messages: vec![json!({"role": "user", "content": q})],
+                    messages: vec![ChatMessage::new(Role::User, *q)],
                 },
                 sampling: SamplingParams {
                     temperature: 0.0,

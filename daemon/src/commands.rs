@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use crate::adapters::{peft, LoraConfig, PrefixTuningConfig, PromptTuningConfig};
 use crate::engine::{EngineHandle, GenEvent, GenerationRequest, PromptInput, SamplingParams};
+use crate::model::chat::{ChatMessage, Role};
 use crate::model::{self, LoadedModel};
 use crate::train::data::{self, DataOptions};
 use crate::train::optim::Schedule;
@@ -288,12 +289,12 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
         }
         None => base,
     };
-    let mut history: Vec<serde_json::Value> = Vec::new();
+    let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
-        history.push(serde_json::json!({"role": "system", "content": s}));
+        history.push(ChatMessage::new(Role::System, s.as_str()));
     }
-    let ask = |prompt: &str, history: &mut Vec<serde_json::Value>| -> anyhow::Result<()> {
-        history.push(serde_json::json!({"role": "user", "content": prompt}));
+    let ask = |prompt: &str, history: &mut Vec<ChatMessage>| -> anyhow::Result<()> {
+        history.push(ChatMessage::new(Role::User, prompt));
         let p = engine.prepare(GenerationRequest {
             model: model_id.clone(),
             input: PromptInput::Chat {
@@ -321,7 +322,7 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             }
         }
         println!();
-        history.push(serde_json::json!({"role": "assistant", "content": answer}));
+        history.push(ChatMessage::new(Role::Assistant, answer));
         Ok(())
     };
     match &a.prompt {

@@ -1,17 +1,16 @@
 //! Parsing and validation of request bodies. Bodies arrive as untyped JSON so that every error can
 //! name the exact field at fault (`messages[1].content[0].type`); unknown fields are ignored, and
 //! `null` counts as absent, as OpenAI SDKs expect.
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::engine::{GenerationRequest, PromptInput, SamplingParams};
+use crate::model::chat::{self, ChatMessage, Dialect};
 
 /// At most this many stop sequences (as OpenAI).
 pub const MAX_STOP: usize = 4;
 /// `max_tokens` of `/v1/completions` when the request has none (as OpenAI).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
-
-const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 /// Options shared by both generation endpoints.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,8 +29,8 @@ pub struct Common {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
     pub common: Common,
-    /// Normalised messages: `{"role", "content": string}`, `developer` mapped to `system`.
-    pub messages: Vec<Value>,
+    /// Normalised messages (`developer` read as `system`, content parts joined).
+    pub messages: Vec<ChatMessage>,
 }
 
 /// A validated `POST /v1/completions` body.
@@ -261,114 +260,10 @@ fn parse_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
     }
 }
 
-fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<Value>, ApiError> {
-    let list = match field(obj, "messages") {
-        None => {
-            return Err(ApiError::invalid(
-                "messages",
-                "You must provide a messages parameter",
-            ))
-        }
-        Some(Value::Array(list)) => list,
-        Some(v) => return Err(wrong_type("messages", "an array", v)),
-    };
-    if list.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must contain at least one message",
-        ));
-    }
-    list.iter()
-        .enumerate()
-        .map(|(i, m)| parse_message(i, m))
-        .collect()
-}
-
-fn parse_message(i: usize, m: &Value) -> Result<Value, ApiError> {
-    let at = format!("messages[{i}]");
-    let Some(obj) = m.as_object() else {
-        return Err(wrong_type(&at, "an object", m));
-    };
-    let role_param = format!("{at}.role");
-    let role = match field(obj, "role") {
-        None => {
-            return Err(ApiError::invalid(
-                role_param,
-                format!("`{at}.role` is missing"),
-            ))
-        }
-        Some(Value::String(r)) => r.as_str(),
-        Some(v) => return Err(wrong_type(&role_param, "a string", v)),
-    };
-    if !ROLES.contains(&role) {
-        return Err(ApiError::invalid(
-            role_param,
-            format!(
-                "`{at}.role` must be one of {}, got `{role}`",
-                ROLES.join(", ")
-            ),
-        ));
-    }
-    let role = if role == "developer" { "system" } else { role };
-    let content_param = format!("{at}.content");
-    let content = match field(obj, "content") {
-        // An assistant turn that only called tools carries no content.
-        None if role == "assistant" && field(obj, "tool_calls").is_some() => String::new(),
-        None => {
-            return Err(ApiError::invalid(
-                content_param,
-                format!("`{at}.content` is missing"),
-            ))
-        }
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => join_parts(&content_param, parts)?,
-        Some(v) => {
-            return Err(wrong_type(
-                &content_param,
-                "a string or an array of content parts",
-                v,
-            ))
-        }
-    };
-    Ok(json!({ "role": role, "content": content }))
-}
-
-/// Joins `[{"type":"text","text":...}]` parts with newlines (as vLLM does).
-fn join_parts(param: &str, parts: &[Value]) -> Result<String, ApiError> {
-    let mut texts = Vec::with_capacity(parts.len());
-    for (j, part) in parts.iter().enumerate() {
-        let at = format!("{param}[{j}]");
-        let Some(obj) = part.as_object() else {
-            return Err(wrong_type(&at, "an object", part));
-        };
-        match field(obj, "type") {
-            Some(Value::String(t)) if t == "text" => {}
-            Some(Value::String(t)) => {
-                return Err(ApiError::invalid(
-                    format!("{at}.type"),
-                    format!("only `text` content parts are supported, got `{t}`"),
-                ))
-            }
-            Some(v) => return Err(wrong_type(&format!("{at}.type"), "a string", v)),
-            None => {
-                return Err(ApiError::invalid(
-                    format!("{at}.type"),
-                    format!("`{at}.type` is missing"),
-                ))
-            }
-        }
-        match field(obj, "text") {
-            Some(Value::String(s)) => texts.push(s.as_str()),
-            Some(v) => return Err(wrong_type(&format!("{at}.text"), "a string", v)),
-            None => {
-                return Err(ApiError::invalid(
-                    format!("{at}.text"),
-                    format!("`{at}.text` is missing"),
-                ))
-            }
-        }
-    }
-    Ok(texts.join("\n"))
+/// The one chat-message parser, its errors mapped to this request's `param`.
+fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    chat::parse_messages(obj.get("messages"), Dialect::Api)
+        .map_err(|e| ApiError::invalid(e.path, e.message))
 }
 
 fn parse_prompt(obj: &Map<String, Value>) -> Result<String, ApiError> {
@@ -507,6 +402,8 @@ fn parse_common(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::chat::Role;
+    use serde_json::json;
 
     fn chat_err(body: Value) -> ApiError {
         parse_chat(&body).expect_err("should fail")
@@ -524,7 +421,7 @@ mod tests {
     fn minimal_chat_gets_defaults() {
         let r = parse_chat(&json!({"model": "m", "messages": [user("hi")]})).unwrap();
         assert_eq!(r.common.model, "m");
-        assert_eq!(r.messages, vec![user("hi")]);
+        assert_eq!(r.messages, vec![ChatMessage::new(Role::User, "hi")]);
         assert_eq!(r.common.sampling, SamplingParams::default());
         assert_eq!(r.common.max_tokens, None);
         assert_eq!(r.common.max_tokens_param, "max_tokens");
@@ -566,11 +463,27 @@ mod tests {
         assert_eq!(
             r.messages,
             vec![
-                json!({"role": "system", "content": "be brief"}),
-                json!({"role": "user", "content": "a\nb"}),
-                json!({"role": "assistant", "content": ""}),
-                json!({"role": "tool", "content": "42"}),
+                ChatMessage::new(Role::System, "be brief"),
+                ChatMessage::new(Role::User, "a\nb"),
+                ChatMessage {
+                    tool_calls: Some(vec![json!({"id": "x"})]),
+                    ..ChatMessage::new(Role::Assistant, "")
+                },
+                ChatMessage {
+                    tool_call_id: Some("x".into()),
+                    ..ChatMessage::new(Role::Tool, "42")
+                },
             ]
+        );
+        // What the chat template sees.
+        assert_eq!(
+            serde_json::to_value(&r.messages).expect("serialize"),
+            json!([
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "a\nb"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]},
+                {"role": "tool", "content": "42", "tool_call_id": "x"},
+            ])
         );
         let c = &r.common;
         assert_eq!(c.max_tokens, Some(7));

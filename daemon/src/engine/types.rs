@@ -4,9 +4,10 @@ use serde::{Deserialize, Serialize};
 /// What to generate from.
 #[derive(Debug, Clone)]
 pub enum PromptInput {
-    /// OpenAI-style chat messages, rendered with the model's chat template
-    /// (generation prompt added).
-    Chat { messages: Vec<serde_json::Value> },
+    /// Chat messages, rendered with the model's chat template (generation prompt added).
+    Chat {
+        messages: Vec<crate::model::chat::ChatMessage>,
+    },
     /// Raw text, tokenized as is (BOS added when the model asks for it).
     Text(String),
 }

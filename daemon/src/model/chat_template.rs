@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{context, Environment, Error, ErrorKind};
+use serde::Serialize;
 
 use super::{ModelError, Result};
 
@@ -40,10 +41,12 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders OpenAI-style messages (`{"role","content",...}` objects).
-    pub fn render(
+    /// Renders OpenAI-style messages (`{"role","content",...}` objects): parsed
+    /// [`ChatMessage`](super::chat::ChatMessage)s, which is how both serving and training call it
+    /// so that a conversation renders identically for both, or raw JSON values.
+    pub fn render<M: Serialize>(
         &self,
-        messages: &[serde_json::Value],
+        messages: &[M],
         add_generation_prompt: bool,
     ) -> Result<String> {
         self.render_with_tools(messages, None, add_generation_prompt)
@@ -51,9 +54,9 @@ impl ChatTemplate {
 
     /// As [`render`](Self::render), with OpenAI-style tool definitions exposed to the template as
     /// `tools` (`none` when absent, as `transformers` passes it).
-    pub fn render_with_tools(
+    pub fn render_with_tools<M: Serialize>(
         &self,
-        messages: &[serde_json::Value],
+        messages: &[M],
         tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String> {
@@ -577,7 +580,7 @@ mod tests {
         assert_eq!(format_utc("%Y-%m-%d %a", 0), "1970-01-01 Thu");
         assert_eq!(format_utc("%Y-%m-%d", 951_782_400), "2000-02-29");
         let t = ChatTemplate::new("{{ strftime_now('%Y') }}", "", "").expect("compile");
-        let year = t.render(&[], false).expect("render");
+        let year = t.render::<serde_json::Value>(&[], false).expect("render");
         assert!(year.len() == 4 && year.starts_with('2'), "{year}");
     }
 

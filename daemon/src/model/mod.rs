@@ -1,5 +1,6 @@
 //! The model layer: one Llama-family transformer (Llama/SmolLM, Mistral, Qwen2), its config, the
 //! loaders for GGUF files and HF directories, the tokenizer and the chat template.
+pub mod chat;
 pub mod chat_template;
 pub mod config;
 pub mod gguf;
