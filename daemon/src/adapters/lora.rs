@@ -98,6 +98,11 @@ impl Lora {
         let rank = config.r();
         let mut r = rng(seed);
         let mut pairs = BTreeMap::new();
+        let mut config = config;
+        config.target_modules = model.arch.family().targets(&config.target_modules);
+        if config.target_modules.is_empty() {
+            candle_core::bail!("none of the target modules is a projection of this model");
+        }
         for layer in 0..model.num_layers {
             for &proj in &targets {
                 let (i, o) = proj.dims(model);
@@ -238,7 +243,7 @@ impl Lora {
         let mut pairs = BTreeMap::new();
         let mut targets = Vec::new();
         for layer in 0..model.num_layers {
-            for proj in Proj::ALL {
+            for &proj in model.arch.family().projections() {
                 let pre = peft_prefix(layer, proj);
                 let a = tensors.get(&format!("{pre}.lora_A.weight"));
                 let b = tensors.get(&format!("{pre}.lora_B.weight"));

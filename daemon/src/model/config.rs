@@ -1,37 +1,14 @@
-//! Architecture hyper-parameters of a Llama-family model, read from an HF `config.json` or from
-//! GGUF metadata (`{arch}.*` keys).
+//! Architecture hyper-parameters of a model, read from an HF `config.json` or from GGUF metadata
+//! (`{arch}.*` keys). The keys are the ones every registered family shares; what a family
+//! defaults differently (q/k/v biases) or names differently (its HF class) it declares in its
+//! own file ([`super::arch`]).
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::Value;
 use serde::Deserialize;
 
+pub use super::arch::Arch;
 use super::{ModelError, Result};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    Llama,
-    Mistral,
-    Qwen2,
-}
-
-impl Arch {
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "llama" | "LlamaForCausalLM" => Ok(Arch::Llama),
-            "mistral" | "MistralForCausalLM" => Ok(Arch::Mistral),
-            "qwen2" | "Qwen2ForCausalLM" => Ok(Arch::Qwen2),
-            other => Err(ModelError::UnsupportedArch(other.to_string())),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Mistral => "mistral",
-            Arch::Qwen2 => "qwen2",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -98,11 +75,7 @@ impl ModelConfig {
 
     /// The HF `config.json` for this config (what [`Self::from_hf_json`] reads back).
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let (arch_class, model_type) = match self.arch {
-            Arch::Llama => ("LlamaForCausalLM", "llama"),
-            Arch::Mistral => ("MistralForCausalLM", "mistral"),
-            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
-        };
+        let (arch_class, model_type) = (self.arch.family().hf_class(), self.arch.name());
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => serde_json::Value::Null,
             RopeScaling::Linear { factor } => {
@@ -174,7 +147,7 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-            qkv_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
+            qkv_bias: c.attention_bias.unwrap_or(arch.family().default_qkv_bias()),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -239,7 +212,7 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: get_u("context_length").unwrap_or(4096),
             tie_word_embeddings: !has_output,
-            qkv_bias: arch == Arch::Qwen2,
+            qkv_bias: arch.family().default_qkv_bias(),
         };
         cfg.validate()?;
         Ok(cfg)

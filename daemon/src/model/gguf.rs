@@ -1,17 +1,19 @@
 //! Loading a single GGUF file: metadata → [`ModelConfig`], tensors dequantized to f32 and renamed
-//! to HF names (undoing llama.cpp's Q/K row permutation for the llama arch), text side through
-//! [`super::tokenizer::from_gguf`].
+//! to HF names with the per-weight fix-ups the architecture declares (e.g. undoing llama.cpp's
+//! Q/K row permutation for the llama arch), text side through [`super::tokenizer::from_gguf`].
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
-use super::config::{Arch, ModelConfig};
+use super::arch::Architecture;
+use super::config::ModelConfig;
 use super::{ModelError, Result};
 
-/// GGUF tensor name → HF name, or None for tensors we do not use.
-fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name → HF name, or None for tensors we do not use. Block tensors are named by
+/// the architecture.
+fn hf_name(family: &dyn Architecture, gguf: &str) -> Option<String> {
     let map_global = |s: &str| match s {
         "token_embd.weight" => Some("model.embed_tokens.weight".to_string()),
         "output_norm.weight" => Some("model.norm.weight".to_string()),
@@ -25,18 +27,7 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (idx, tail) = rest.split_once('.')?;
     let idx: usize = idx.parse().ok()?;
     let (module, kind) = tail.rsplit_once('.')?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
+    let hf = family.gguf_module(module)?;
     Some(format!("model.layers.{idx}.{hf}.{kind}"))
 }
 
@@ -89,11 +80,20 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
     })?;
     let has_output = content.tensor_infos.contains_key("output.weight");
     let config = ModelConfig::from_gguf(&content.metadata, has_output)?;
+    let family = config.arch.family();
+    if !family.loads_gguf() {
+        return Err(ModelError::Config(format!(
+            "architecture `{}` loads from HF directories only",
+            config.arch.name()
+        )));
+    }
     let mut weights = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = hf_name(name) else { continue };
+        let Some(hf) = hf_name(family, name) else {
+            continue;
+        };
         let info = &content.tensor_infos[name];
         let q = content
             .tensor(&mut file, name, device)
@@ -105,13 +105,7 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
                 dtype: format!("{:?}", info.ggml_dtype),
             })?;
         let t = t.to_dtype(candle_core::DType::F32)?;
-        let t = if config.arch == Arch::Llama && name.ends_with("attn_q.weight") {
-            unpermute_qk(&t, config.num_heads)?
-        } else if config.arch == Arch::Llama && name.ends_with("attn_k.weight") {
-            unpermute_qk(&t, config.num_kv_heads)?
-        } else {
-            t
-        };
+        let t = family.fix_gguf_tensor(name, t, &config)?;
         weights.insert(hf, t);
     }
     Ok(GgufParts {
@@ -155,6 +149,7 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
+        let hf_name = |n| hf_name(crate::model::config::Arch::Llama.family(), n);
         assert_eq!(
             hf_name("blk.3.attn_q.weight").unwrap(),
             "model.layers.3.self_attn.q_proj.weight"

@@ -86,7 +86,11 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 /// Writes an HF model directory (config.json, model.safetensors, tokenizer.json,
 /// tokenizer_config.json, generation_config.json) atomically: what full SFT produces and what
 /// HF `transformers` (and PEFT, for interop checks) load as a base model.
-pub fn save_model_dir(dir: &Path, model: &super::Llama, text: &super::TextSpec) -> Result<()> {
+pub fn save_model_dir(
+    dir: &Path,
+    model: &super::Transformer,
+    text: &super::TextSpec,
+) -> Result<()> {
     let config = serde_json::to_vec_pretty(&model.cfg.to_hf_json())
         .map_err(|e| ModelError::Config(e.to_string()))?;
     let weights: HashMap<String, Tensor> = model

@@ -1,19 +1,31 @@
-//! The model layer: one Llama-family transformer (Llama/SmolLM, Mistral, Qwen2), its config, the
-//! loaders for GGUF files and HF directories, the tokenizer and the chat template.
+//! The model layer: the decoder-only transformer ([`Transformer`]) and the architectures it runs
+//! (one file per family: `llama.rs` for Llama/SmolLM, Mistral and Qwen2, `phi3.rs` for Phi-3,
+//! registered in [`arch`]), the shared layers they are built from ([`layers`]), their config,
+//! the loaders for GGUF files and HF directories, the tokenizer and the chat template.
+//!
+//! A new model family goes into `model/<family>.rs` and is registered in `arch.rs`: the steps
+//! are in [`arch`]'s module doc.
+pub mod arch;
 pub mod chat;
 pub mod chat_template;
 pub mod config;
 pub mod gguf;
 pub mod hf;
+pub mod layers;
 pub mod llama;
+pub mod phi3;
 pub mod tokenizer;
+pub mod transformer;
 
 use std::path::PathBuf;
 
 pub use chat_template::ChatTemplate;
 pub use config::{ModelConfig, RopeScaling};
-pub use llama::{KvCache, Llama};
+pub use layers::KvCache;
 pub use tokenizer::TextSpec;
+/// The model's former name, kept importable while callers move to [`Transformer`].
+pub use transformer::Transformer as Llama;
+pub use transformer::Transformer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -22,7 +34,7 @@ pub enum ModelError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2)")]
+    #[error("unsupported architecture `{0}` (supported: {list})", list = supported_archs())]
     UnsupportedArch(String),
     #[error("unsupported tensor type {dtype} for tensor `{tensor}`")]
     UnsupportedQuant { tensor: String, dtype: String },
@@ -48,9 +60,14 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+/// The registered architectures' names, as error messages list them.
+fn supported_archs() -> String {
+    arch::Arch::ALL.map(arch::Arch::name).join(", ")
+}
+
 /// A model ready to serve or train: weights, text side and chat template.
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Transformer,
     pub text: TextSpec,
     pub template: Option<ChatTemplate>,
     /// Served id of the base model (the file or directory name).
@@ -78,7 +95,7 @@ pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<Load
         let hub_id = gguf::hub_id(&parts.metadata);
         (parts.config, parts.weights, text, hub_id)
     };
-    let model = Llama::from_weights(config, weights, device)?;
+    let model = Transformer::from_weights(config, weights, device)?;
     let template = match &text.chat_template {
         Some(src) => Some(ChatTemplate::new(
             src,

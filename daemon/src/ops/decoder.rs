@@ -12,8 +12,13 @@
 //!
 //! The LoRA factors travel as one flat tensor (`A` then `B` per targeted projection, in
 //! [`PROJS`] order) so that candle's autograd routes their gradients; base weights, biases and
-//! norms are captured frozen. The per-op path in `model::llama` stays the reference this op is
-//! tested against (and the path for full fine-tuning, prefixes and other devices).
+//! norms are captured frozen. The per-op path in `model::transformer` stays the reference this op
+//! is tested against (and the path for full fine-tuning, prefixes and other devices).
+//!
+//! The op's wiring is fixed, so it is a capability an architecture declares (`Architecture::
+//! fused_block` in the model layer hands over its block's weights in [`LayerWeights`] layout);
+//! families wired otherwise (fused `qkv_proj`, other norms or MLPs) train through the per-op
+//! path.
 use std::any::Any;
 use std::sync::Mutex;
 
