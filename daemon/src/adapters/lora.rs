@@ -24,8 +24,11 @@ pub fn parse_targets(names: &[String]) -> std::result::Result<Vec<Proj>, String>
     }
     let mut out = Vec::new();
     for n in names {
+        // Fused projections (`qkv_proj`) are named only by the architectures that have them;
+        // the error lists the usual names.
         let p = Proj::ALL
             .into_iter()
+            .chain([Proj::Qkv, Proj::GateUp])
             .find(|p| p.hf_name() == n)
             .ok_or_else(|| {
                 format!(
@@ -90,7 +93,11 @@ impl Lora {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let targets = parse_targets(config.target_modules()).map_err(candle_core::Error::msg)?;
+        let wanted = parse_targets(config.target_modules()).map_err(candle_core::Error::msg)?;
+        let targets = model.arch.family().targets(&wanted);
+        if targets.is_empty() {
+            candle_core::bail!("none of the target modules is a projection of this model");
+        }
         let config = LoraConfig {
             target_modules: Some(target_names(&targets)),
             ..config.with_defaults()
@@ -98,11 +105,6 @@ impl Lora {
         let rank = config.r();
         let mut r = rng(seed);
         let mut pairs = BTreeMap::new();
-        let mut config = config;
-        config.target_modules = model.arch.family().targets(&config.target_modules);
-        if config.target_modules.is_empty() {
-            candle_core::bail!("none of the target modules is a projection of this model");
-        }
         for layer in 0..model.num_layers {
             for &proj in &targets {
                 let (i, o) = proj.dims(model);
