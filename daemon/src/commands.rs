@@ -388,3 +388,78 @@ pub fn logits(model_path: &Path, adapter: Option<&Path>, prompt: &str) -> anyhow
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+    use crate::adapters::PromptInit;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(extra: &[&str]) -> TrainArgs {
+        let args = ["train", "--data", "d.jsonl", "--out", "o"];
+        T::try_parse_from(args.iter().chain(extra))
+            .unwrap_or_else(|e| panic!("{extra:?}: {e}"))
+            .args
+    }
+
+    #[test]
+    fn method_flags_fill_the_method_configs() {
+        // The flattened configs and the shared flags form one valid command.
+        T::command().debug_assert();
+        let a = parse(&[]);
+        assert_eq!(a.lora, LoraConfig::default().with_defaults());
+        assert_eq!(a.num_virtual_tokens, 20);
+        assert_eq!(a.prompt_tuning.init, Some(PromptInit::Text));
+        assert_eq!(
+            a.prompt_tuning.init_text.as_deref(),
+            Some("You are a helpful assistant.")
+        );
+        assert_eq!(a.prefix_tuning.prefix_projection, Some(false));
+        assert_eq!(a.prefix_tuning.encoder_hidden_size, None);
+
+        let a = parse(&[
+            "--r",
+            "4",
+            "--alpha",
+            "8",
+            "--dropout",
+            "0.1",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--use-rslora",
+        ]);
+        assert_eq!(
+            a.lora,
+            LoraConfig {
+                r: Some(4),
+                alpha: Some(8.0),
+                dropout: Some(0.1),
+                target_modules: Some(vec!["q_proj".into(), "v_proj".into()]),
+                use_rslora: Some(true),
+            }
+        );
+        let a = parse(&[
+            "--num-virtual-tokens",
+            "8",
+            "--prompt-init",
+            "sample-vocab",
+            "--prompt-init-text",
+            "Hi.",
+            "--prefix-projection",
+            "--encoder-hidden-size",
+            "64",
+        ]);
+        assert_eq!(a.num_virtual_tokens, 8);
+        assert_eq!(a.prompt_tuning.init, Some(PromptInit::SampleVocab));
+        assert_eq!(a.prompt_tuning.init_text.as_deref(), Some("Hi."));
+        assert_eq!(a.prefix_tuning.prefix_projection, Some(true));
+        assert_eq!(a.prefix_tuning.encoder_hidden_size, Some(64));
+    }
+}

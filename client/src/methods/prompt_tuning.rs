@@ -42,11 +42,16 @@ pub struct PromptTuningConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_virtual_tokens: Option<usize>,
     /// How the virtual tokens start (default text).
-    #[arg(long = "prompt-init", value_enum, default_value = "text")]
+    #[arg(
+        long = "prompt-init",
+        value_name = "PROMPT_INIT",
+        value_enum,
+        default_value = "text"
+    )]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PromptInit>,
     /// The text of `init: text`, at most 4096 bytes (default "You are a helpful assistant.").
-    #[arg(long = "prompt-init-text", default_value = DEFAULT_INIT_TEXT)]
+    #[arg(long = "prompt-init-text", value_name = "PROMPT_INIT_TEXT", default_value = DEFAULT_INIT_TEXT)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_text: Option<String>,
 }
