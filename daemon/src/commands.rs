@@ -350,7 +350,7 @@ pub fn export_hf(model_path: &Path, out: &Path) -> anyhow::Result<()> {
 /// `itamaed logits`: JSON `{"input_ids", "logits"}` (every position) for a raw-text prompt, with an
 /// optional adapter; the interop check compares it with PEFT's.
 pub fn logits(model_path: &Path, adapter: Option<&Path>, prompt: &str) -> anyhow::Result<()> {
-    use crate::model::llama::{Ctx, ForwardHooks};
+    use crate::model::layers::{Ctx, ForwardHooks};
     use candle_core::Tensor;
     let loaded = load_model(model_path)?;
     let m = &loaded.model;

@@ -14,7 +14,8 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::adapters::{peft, Adapter};
-use crate::model::llama::{Ctx, ForwardHooks, Llama};
+use crate::model::layers::{Ctx, ForwardHooks};
+use crate::model::Transformer;
 use crate::ops::loss::lm_head_cross_entropy;
 use crate::train::data::{self, BatchOptions, Batcher, DataOptions, Example};
 
@@ -52,7 +53,7 @@ pub struct EvalResult {
 
 /// Loss and token accuracy of `model` (with `adapter` applied) over every example once.
 pub fn score(
-    model: &Llama,
+    model: &Transformer,
     adapter: Option<&Adapter>,
     examples: &[Example],
     batch_size: usize,

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::peft::{get_usize, PeftError};
 use super::{rng, seeded_uniform, AdapterMethod};
-use crate::model::llama::{ForwardHooks, LowRank, Proj};
+use crate::model::layers::{ForwardHooks, LowRank, Proj};
 use crate::model::ModelConfig;
 use crate::ops;
 use crate::ops::lora_rows::{DecodeElem, PackedPair, RowTerm};
@@ -453,8 +453,10 @@ impl AdapterMethod for Lora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Arch;
-    use crate::model::llama::{tests::tiny_config, Ctx, ForwardHooks, Llama};
+    use crate::model::arch::Arch;
+    use crate::model::layers::{Ctx, ForwardHooks};
+    use crate::model::llama::tests::tiny_config;
+    use crate::model::Transformer;
 
     use crate::ops::gradcheck::max_diff;
 
@@ -483,7 +485,7 @@ mod tests {
 
     #[test]
     fn fused_training_blocks_match_the_per_op_forward_and_gradients() {
-        use crate::model::llama::Packed;
+        use crate::model::layers::Packed;
         use crate::ops::decoder::FUSED_RUNS;
         use candle_core::Var;
         use std::sync::atomic::Ordering::Relaxed;
@@ -492,7 +494,7 @@ mod tests {
             for dropout in [0.0, 0.3] {
                 for packed in [false, true] {
                     let cfg = tiny_config(arch);
-                    let m = Llama::random(cfg.clone(), dev).unwrap();
+                    let m = Transformer::random(cfg.clone(), dev).unwrap();
                     let config = LoraConfig {
                         r: Some(4),
                         dropout: Some(dropout),
@@ -579,7 +581,7 @@ mod tests {
     #[test]
     fn fresh_adapter_is_identity_and_trained_one_is_not() {
         let cfg = tiny_config(Arch::Llama);
-        let m = Llama::random(cfg.clone(), &Device::Cpu).unwrap();
+        let m = Transformer::random(cfg.clone(), &Device::Cpu).unwrap();
         let mut lora = Lora::init(&cfg, LoraConfig::default(), 1, &Device::Cpu).unwrap();
         let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
         let run = |l: &Lora| {
@@ -668,7 +670,7 @@ mod tests {
         use crate::adapters::Adapter;
         use crate::model::llama::tests::assert_batched_decode_matches_solo;
         let cfg = tiny_config(Arch::Llama);
-        let m = Llama::random(cfg.clone(), &Device::Cpu).unwrap();
+        let m = Transformer::random(cfg.clone(), &Device::Cpu).unwrap();
         let make = |seed: u64, r: usize| {
             let c = LoraConfig {
                 r: Some(r),

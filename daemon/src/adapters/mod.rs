@@ -30,7 +30,7 @@ pub use lora::{Lora, LoraConfig};
 pub use prefix::{Prefix, PrefixConfig, PrefixTuningConfig};
 pub use prompt::{PromptInit, PromptTuningConfig, SoftPrompt};
 
-use crate::model::llama::{ForwardHooks, LowRank, Proj};
+use crate::model::layers::{ForwardHooks, LowRank, Proj};
 use crate::model::ModelConfig;
 use crate::ops::lora_rows::{DecodeElem, RowTerm};
 

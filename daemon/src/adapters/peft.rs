@@ -152,9 +152,9 @@ mod tests {
     use super::*;
     use crate::adapters::{Lora, LoraConfig, Prefix, PrefixTuningConfig, PromptInit};
     use crate::adapters::{PromptTuningConfig, SoftPrompt};
-    use crate::model::config::Arch;
+    use crate::model::arch::Arch;
     use crate::model::llama::tests::tiny_config;
-    use crate::model::Llama;
+    use crate::model::Transformer;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("itamae-peft-{tag}-{}", rand::random::<u64>()));
@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn round_trips_every_kind_and_replaces_atomically() {
         let cfg = tiny_config(Arch::Llama);
-        let m = Llama::random(cfg.clone(), &Device::Cpu).unwrap();
+        let m = Transformer::random(cfg.clone(), &Device::Cpu).unwrap();
         let dir = tmpdir("rt");
         let lora = Adapter::Lora(
             Lora::init(

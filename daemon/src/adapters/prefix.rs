@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::peft::{f32_tensor, get_usize, PeftError};
 use super::{rng, seeded_normal, seeded_uniform, AdapterMethod};
-use crate::model::llama::ForwardHooks;
+use crate::model::layers::ForwardHooks;
 use crate::model::ModelConfig;
 
 /// The config (the API's `{"type": "prefix_tuning"}` object) is defined once, with the API
@@ -214,7 +214,7 @@ impl AdapterMethod for Prefix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Arch;
+    use crate::model::arch::Arch;
     use crate::model::llama::tests::tiny_config;
 
     #[test]

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use super::peft::{f32_tensor, get_usize, PeftError};
 use super::{rng, seeded_normal, AdapterMethod};
-use crate::model::llama::ForwardHooks;
-use crate::model::{Llama, ModelConfig};
+use crate::model::layers::ForwardHooks;
+use crate::model::{ModelConfig, Transformer};
 
 /// The config (the API's `{"type": "prompt_tuning"}` object) is defined once, with the API types.
 pub use itamae_client::methods::{PromptInit, PromptTuningConfig};
@@ -22,7 +22,7 @@ pub struct SoftPrompt {
 impl SoftPrompt {
     /// `init_ids`: the tokenized init text (`config.init_text()`), for [`PromptInit::Text`].
     pub fn init(
-        model: &Llama,
+        model: &Transformer,
         config: PromptTuningConfig,
         init_ids: &[u32],
         seed: u64,
@@ -177,12 +177,12 @@ impl AdapterMethod for SoftPrompt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Arch;
+    use crate::model::arch::Arch;
     use crate::model::llama::tests::tiny_config;
 
     #[test]
     fn inits_have_the_right_shape_and_text_repeats() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         for init in [
             PromptInit::Random,
             PromptInit::Text,

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::engine::{GenerationRequest, PromptInput, SamplingParams};
-use crate::model::chat::{self, ChatMessage, Dialect};
+use crate::model::chat::{self, type_name, ChatMessage, Dialect};
 
 /// At most this many stop sequences (as OpenAI).
 pub const MAX_STOP: usize = 4;
@@ -146,17 +146,6 @@ fn as_object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
 /// A present, non-null field.
 fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn wrong_type(param: &str, expected: &str, got: &Value) -> ApiError {

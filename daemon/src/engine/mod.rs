@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::model::{self, ChatTemplate, Llama, LoadedModel};
+use crate::model::{self, ChatTemplate, LoadedModel, Transformer};
 pub use handle::{EngineHandle, Prepared};
 use registry::Variant;
 pub use scheduler::{MAX_BATCH, MAX_WAITING};
@@ -60,7 +60,7 @@ struct Shared {
 /// The resident base model and its text side, shared (not copied) with whoever trains on it.
 #[derive(Clone)]
 pub struct BaseModel {
-    pub model: Arc<Llama>,
+    pub model: Arc<Transformer>,
     pub text: Arc<model::TextSpec>,
     pub template: Option<Arc<ChatTemplate>>,
     pub name: String,
@@ -75,7 +75,7 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn split(l: LoadedModel) -> (Arc<Llama>, Shared) {
+fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
     let model = Arc::new(l.model);
     let sh = Shared {
         id: l.name.clone(),

@@ -12,8 +12,8 @@ use super::sampling::Sampler;
 use super::Shared;
 use super::{FinishReason, GenEvent, Usage};
 use crate::adapters::Adapter;
-use crate::model::llama::{Ctx, ForwardHooks};
-use crate::model::{KvCache, Llama};
+use crate::model::layers::{Ctx, ForwardHooks};
+use crate::model::{KvCache, Transformer};
 
 /// One sequence being generated.
 struct Seq {
@@ -53,7 +53,7 @@ pub const MAX_WAITING: usize = 64;
 /// Continuous batching: between two decode steps, at most one waiting sequence is prefilled
 /// (so new requests start within one step while running streams keep their pace), then every
 /// running sequence advances by one token in a single batched forward.
-pub(super) fn run(model: Arc<Llama>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
+pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
     struct Stopped<'a>(&'a Shared);
     impl Drop for Stopped<'_> {
         fn drop(&mut self) {
@@ -195,7 +195,7 @@ fn hooks_of(adapters: &[Option<Arc<Adapter>>]) -> Vec<Option<&dyn ForwardHooks>>
 }
 
 /// Prefills sequences (see [`Seq::joins_prefill`]) in one forward; returns each one's logits.
-fn prefill_group(model: &Llama, group: &mut [Seq]) -> candle_core::Result<Vec<Vec<f32>>> {
+fn prefill_group(model: &Transformer, group: &mut [Seq]) -> candle_core::Result<Vec<Vec<f32>>> {
     let xs = group
         .iter()
         .map(|s| s.prompt_embeddings(model))
@@ -204,11 +204,15 @@ fn prefill_group(model: &Llama, group: &mut [Seq]) -> candle_core::Result<Vec<Ve
     let hooks = hooks_of(&adapters);
     let mut caches: Vec<&mut KvCache> = group.iter_mut().map(|s| &mut s.cache).collect();
     let logits = rayon::scope(|_| model.prefill_batch(&xs, &mut caches, &hooks))?;
-    crate::model::llama::rows_f32(&logits)
+    crate::model::layers::rows_f32(&logits)
 }
 
 /// One token for every running sequence.
-fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_core::Result<()> {
+fn decode_step(
+    model: &Transformer,
+    sh: &Shared,
+    running: &mut Vec<Seq>,
+) -> candle_core::Result<()> {
     let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
     let adapters = adapters_of(running);
     let hooks = hooks_of(&adapters);
@@ -216,7 +220,7 @@ fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_cor
     // On a pool thread: the kernels of the step fork onto the pool many times, and from
     // outside it every fork also parks and wakes this thread.
     let logits = rayon::scope(|_| model.decode_batch(&tokens, &mut caches, &hooks))?;
-    let rows = crate::model::llama::rows_f32(&logits)?;
+    let rows = crate::model::layers::rows_f32(&logits)?;
     let mut keep = Vec::with_capacity(running.len());
     for (mut seq, row) in running.drain(..).zip(rows) {
         if let Step::Continue = seq.accept(row, sh) {
@@ -228,7 +232,7 @@ fn decode_step(model: &Llama, sh: &Shared, running: &mut Vec<Seq>) -> candle_cor
 }
 
 impl Seq {
-    fn new(job: Job, model: &Llama) -> Self {
+    fn new(job: Job, model: &Transformer) -> Self {
         let cache = KvCache::new(&model.cfg, Self::capacity_for(&job));
         Self {
             ids: job.p.tokens.clone(),
@@ -270,7 +274,7 @@ impl Seq {
 
     /// The prompt's embeddings `(1, l, hidden)`, after the soft prompt of a prompt-tuned
     /// variant.
-    fn prompt_embeddings(&self, model: &Llama) -> candle_core::Result<Tensor> {
+    fn prompt_embeddings(&self, model: &Transformer) -> candle_core::Result<Tensor> {
         let input = Tensor::new(self.job.p.tokens.as_slice(), model.device())?.unsqueeze(0)?;
         let x = model.embed(&input)?;
         match self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt) {
@@ -293,7 +297,7 @@ impl Seq {
 
     /// Runs the prompt (after the soft prompt of a prompt-tuned variant; a prefix-tuned
     /// variant's prefix is written into the cache by the model) and takes the first token.
-    fn prefill(&mut self, model: &Llama, sh: &Shared) -> candle_core::Result<Step> {
+    fn prefill(&mut self, model: &Transformer, sh: &Shared) -> candle_core::Result<Step> {
         let x = self.prompt_embeddings(model)?;
         let ctx = Ctx {
             cache: Some(&mut self.cache),

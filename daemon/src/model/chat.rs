@@ -125,7 +125,9 @@ enum Fault<'a> {
     BadWeight(&'a Value),
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How errors name a JSON value's type ("a string", "an array"), here and wherever requests
+/// and datasets are checked.
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value;
 use serde::Deserialize;
 
-pub use super::arch::Arch;
+use super::arch::Arch;
 use super::{ModelError, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -133,6 +133,13 @@ impl ModelConfig {
             None => RopeScaling::None,
             Some(s) => parse_hf_rope_scaling(s)?,
         };
+        // Rotating only part of each head (some Phi and NeoX-style models) would need its own
+        // RoPE path; refusing it beats loading a model that runs with the wrong positions.
+        if let Some(f) = c.partial_rotary_factor.filter(|&f| f != 1.0) {
+            return Err(ModelError::Config(format!(
+                "partial_rotary_factor {f} is not supported (RoPE over the whole head only)"
+            )));
+        }
         let cfg = Self {
             arch,
             vocab_size: c.vocab_size,
@@ -284,6 +291,7 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    partial_rotary_factor: Option<f64>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -355,6 +363,19 @@ mod tests {
         .unwrap();
         let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
         assert_eq!(format!("{c:?}"), format!("{back:?}"));
+    }
+
+    #[test]
+    fn partial_rotary_factor_is_refused() {
+        let json = |f: &str| {
+            format!(
+                r#"{{"model_type":"phi3","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+                "num_hidden_layers":1,"num_attention_heads":2,"partial_rotary_factor":{f}}}"#
+            )
+        };
+        let e = ModelConfig::from_hf_json(&json("0.5")).unwrap_err();
+        assert!(e.to_string().contains("partial_rotary_factor 0.5"), "{e}");
+        assert!(ModelConfig::from_hf_json(&json("1.0")).is_ok());
     }
 
     #[test]

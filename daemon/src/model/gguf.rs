@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
-        let hf_name = |n| hf_name(crate::model::config::Arch::Llama.family(), n);
+        let hf_name = |n| hf_name(crate::model::arch::Arch::Llama.family(), n);
         assert_eq!(
             hf_name("blk.3.attn_q.weight").unwrap(),
             "model.layers.3.self_attn.q_proj.weight"

@@ -6,19 +6,14 @@
 //! What the three members differ in is data ([`LlamaFamily`]): the HF class, whether q/k/v
 //! carry biases by default, and whether GGUF files store Q/K rows permuted by llama.cpp.
 //!
-//! This file is also where the names the rest of the daemon uses for the model and its hooks
-//! stay importable (`crate::model::llama::{Llama, ForwardHooks, Proj, Ctx, …}`); they are
-//! defined in [`super::layers`] and [`super::transformer`]. A new family goes into its own file
-//! (see [`super::arch`], and `phi3.rs` for a worked example), not here.
+//! A new family goes into its own file (see [`super::arch`], and `phi3.rs` for a worked
+//! example), not here.
 use candle_core::{Result, Tensor};
-
-pub use super::layers::{rows_f32, Ctx, ForwardHooks, KvCache, LowRank, Packed, Proj};
-pub use super::transformer::Transformer as Llama;
 
 use super::arch::{Architecture, ProjectFn};
 use super::config::ModelConfig;
 use super::gguf::unpermute_qk;
-use super::layers::{separate_qkv, swiglu, Block};
+use super::layers::{separate_qkv, swiglu, Block, Proj};
 use crate::ops::decoder::LayerWeights;
 
 /// One member of the Llama family.
@@ -123,7 +118,10 @@ impl Architecture for LlamaFamily {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::config::{Arch, RopeScaling};
+    use crate::model::arch::Arch;
+    use crate::model::config::RopeScaling;
+    use crate::model::layers::{Ctx, ForwardHooks, KvCache, Packed};
+    use crate::model::Transformer;
     use candle_core::{DType, Device, D};
 
     pub fn tiny_config(arch: Arch) -> ModelConfig {
@@ -145,22 +143,14 @@ pub(crate) mod tests {
         }
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+    /// Max abs difference, as the f32 the tests compare against.
+    pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        crate::ops::gradcheck::max_diff(a, b) as f32
     }
 
     #[test]
     fn shapes() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let t = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &Device::Cpu).unwrap();
         assert_eq!(m.forward(&t, None).unwrap().dims(), &[2, 5, 61]);
         assert_eq!(m.forward_last(&t, None).unwrap().dims(), &[2, 61]);
@@ -169,7 +159,7 @@ pub(crate) mod tests {
     #[test]
     fn kv_cache_decode_equals_full_forward() {
         for arch in [Arch::Llama, Arch::Qwen2] {
-            let m = Llama::random(tiny_config(arch), &Device::Cpu).unwrap();
+            let m = Transformer::random(tiny_config(arch), &Device::Cpu).unwrap();
             let ids = [3u32, 14, 15, 9, 26, 5, 35, 8, 9, 7];
             let full = m
                 .forward(
@@ -201,7 +191,7 @@ pub(crate) mod tests {
 
     #[test]
     fn positions_beyond_context_are_an_error() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let t = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).unwrap();
         assert!(m.forward(&t, None).is_err());
     }
@@ -210,7 +200,7 @@ pub(crate) mod tests {
     fn training_path_reaches_every_weight() {
         // The composed path must carry a gradient to every weight kind of the model.
         let cfg = tiny_config(Arch::Qwen2);
-        let mut m = Llama::random(cfg, &Device::Cpu).unwrap();
+        let mut m = Transformer::random(cfg, &Device::Cpu).unwrap();
         let q_proj = m.layers[0].linear_mut(Proj::Q).unwrap();
         let var = candle_core::Var::from_tensor(&q_proj.w).unwrap();
         q_proj.w = var.as_tensor().clone();
@@ -240,7 +230,7 @@ pub(crate) mod tests {
 
     #[test]
     fn packed_rows_equal_separate_sequences() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let a = [5u32, 6, 7];
         let b = [9u32, 10, 11, 12];
         let solo = |ids: &[u32]| {
@@ -306,7 +296,7 @@ pub(crate) mod tests {
 
     #[test]
     fn hooks_apply_identically_with_and_without_cache() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let hooks = TestHooks {
             k: Tensor::randn(0f32, 1., (1, 2, 3, 8), &Device::Cpu).unwrap(),
             v: Tensor::randn(0f32, 1., (1, 2, 3, 8), &Device::Cpu).unwrap(),
@@ -373,7 +363,7 @@ pub(crate) mod tests {
     /// `next` gives the logits each sequence gets when decoded alone, within `tol` (absolute).
     /// Returns the caches' lengths.
     pub(crate) fn assert_batched_decode_matches_solo(
-        m: &Llama,
+        m: &Transformer,
         hooks: &[Option<&dyn ForwardHooks>],
         prompts: &[&[u32]],
         next: &[u32],
@@ -415,7 +405,7 @@ pub(crate) mod tests {
     #[test]
     fn batched_prefill_equals_one_prompt_at_a_time() {
         for arch in [Arch::Llama, Arch::Qwen2] {
-            let m = Llama::random(tiny_config(arch), &Device::Cpu).unwrap();
+            let m = Transformer::random(tiny_config(arch), &Device::Cpu).unwrap();
             let delta = TestHooks {
                 k: Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu).unwrap(),
                 v: Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu).unwrap(),
@@ -472,7 +462,7 @@ pub(crate) mod tests {
 
     #[test]
     fn batched_decode_equals_one_sequence_at_a_time() {
-        let m = Llama::random(tiny_config(Arch::Qwen2), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Qwen2), &Device::Cpu).unwrap();
         let with_prefix = TestHooks {
             k: Tensor::randn(0f32, 1., (1, 2, 2, 8), &Device::Cpu).unwrap(),
             v: Tensor::randn(0f32, 1., (1, 2, 2, 8), &Device::Cpu).unwrap(),

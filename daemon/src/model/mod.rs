@@ -24,7 +24,6 @@ pub use config::{ModelConfig, RopeScaling};
 pub use layers::KvCache;
 pub use tokenizer::TextSpec;
 /// The model's former name, kept importable while callers move to [`Transformer`].
-pub use transformer::Transformer as Llama;
 pub use transformer::Transformer;
 
 #[derive(Debug, thiserror::Error)]

@@ -52,23 +52,10 @@ mod tests {
     use candle_core::{Device, Shape, Var};
 
     use super::*;
-    use crate::model::config::Arch;
+    use crate::model::arch::Arch;
     use crate::model::layers::{Ctx, ForwardHooks, KvCache, LowRank};
-    use crate::model::llama::tests::tiny_config;
+    use crate::model::llama::tests::{max_abs, tiny_config};
     use crate::model::Transformer;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// A Llama model and the Phi-3 model whose fused weights are its q/k/v and gate/up weights
     /// concatenated (the rest shared).

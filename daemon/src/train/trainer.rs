@@ -19,8 +19,9 @@ use crate::adapters::lora::LoraPair;
 use crate::adapters::prefix::PrefixParams;
 use crate::adapters::{lora, peft, Adapter, AdapterMethod, Lora, Prefix, SoftPrompt};
 use crate::adapters::{FieldError, PrefixTuningConfig};
-use crate::model::llama::{Ctx, Llama};
+use crate::model::layers::Ctx;
 use crate::model::TextSpec;
+use crate::model::Transformer;
 use crate::ops;
 
 /// What a run trains: an adapter method's config (the API's adapter object, defined once with
@@ -209,7 +210,7 @@ pub struct TrainOutcome {
 enum Trainable {
     Adapter(Adapter),
     Prefix(PrefixTuningConfig, PrefixParams),
-    Full(Llama),
+    Full(Transformer),
 }
 
 /// Saved beside each checkpoint's weights.
@@ -225,7 +226,7 @@ struct TrainerState {
 }
 
 pub struct Trainer<'m> {
-    base: &'m Llama,
+    base: &'m Transformer,
     /// Needed to write full-SFT results as a complete model directory.
     text: Option<&'m TextSpec>,
     base_name: String,
@@ -248,7 +249,7 @@ fn var_of(t: &Tensor) -> candle_core::Result<(Var, Tensor)> {
 impl<'m> Trainer<'m> {
     /// `init_ids`: the tokenized init text for prompt tuning with `init: text`.
     pub fn new(
-        base: &'m Llama,
+        base: &'m Transformer,
         text: Option<&'m TextSpec>,
         base_name: &str,
         config: TrainConfig,
@@ -376,7 +377,7 @@ impl<'m> Trainer<'m> {
     /// `model` with `adapter` applied (a soft prompt is prepended, other kinds hook the forward).
     fn loss(
         &self,
-        model: &Llama,
+        model: &Transformer,
         adapter: Option<&Adapter>,
         batch: &Batch,
     ) -> candle_core::Result<(Tensor, f64, usize)> {
@@ -391,7 +392,7 @@ impl<'m> Trainer<'m> {
             hooks => model.forward_hidden(
                 &x,
                 Ctx {
-                    hooks: hooks.map(|a| a as &dyn crate::model::llama::ForwardHooks),
+                    hooks: hooks.map(|a| a as &dyn crate::model::layers::ForwardHooks),
                     packed: packed.as_ref(),
                     ..Default::default()
                 },
@@ -768,7 +769,7 @@ fn lm_loss(
 mod tests {
     use super::*;
     use crate::adapters::{LoraConfig, PromptInit, PromptTuningConfig};
-    use crate::model::config::Arch;
+    use crate::model::arch::Arch;
     use crate::model::llama::tests::tiny_config;
     use candle_core::Device;
 
@@ -844,7 +845,7 @@ mod tests {
 
     #[test]
     fn every_method_overfits_a_batch_and_leaves_the_base_untouched() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let before: Vec<Vec<f32>> = m
             .named_weights()
             .iter()
@@ -901,7 +902,7 @@ mod tests {
 
     #[test]
     fn gradients_reach_every_trainable_tensor() {
-        let m = Llama::random(tiny_config(Arch::Qwen2), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Qwen2), &Device::Cpu).unwrap();
         for method in methods() {
             let name = method.name();
             let mut cfg = config(method);
@@ -935,7 +936,7 @@ mod tests {
 
     #[test]
     fn resume_matches_an_uninterrupted_run() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let dir = std::env::temp_dir().join(format!("itamae-resume-{}", rand::random::<u64>()));
         for method in methods() {
             let name = method.name();
@@ -1002,7 +1003,7 @@ mod tests {
 
     #[test]
     fn evaluation_and_saved_adapter_agree() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let dir = std::env::temp_dir().join(format!("itamae-save-{}", rand::random::<u64>()));
         for method in methods().into_iter().take(3) {
             let mut cfg = config(method);
@@ -1028,7 +1029,7 @@ mod tests {
 
     #[test]
     fn bad_configs_name_the_field() {
-        let m = Llama::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
+        let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let mut c = config(methods().remove(1));
         c.pack = true;
         let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[])

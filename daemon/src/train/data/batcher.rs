@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::jsonl::{DataError, DataOptions};
 use super::masks::Example;
-use crate::model::llama::Packed;
+use crate::model::layers::Packed;
 
 /// Shaping of the batches a [`Batcher`] produces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

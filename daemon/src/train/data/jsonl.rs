@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::masks::{Example, Tokenize};
-use crate::model::chat::{self, ChatMessage, Dialect, Role};
+use crate::model::chat::{self, type_name, ChatMessage, Dialect, Role};
 use crate::model::{ChatTemplate, TextSpec};
 
 /// How many bad lines [`DataError::Invalid`]'s message spells out before "and N more".
@@ -295,7 +295,7 @@ pub(super) fn parse_line(bytes: &[u8]) -> Parsed {
     let Value::Object(obj) = value else {
         return fail(
             None,
-            format!("expected a JSON object, found {}", kind(&value)),
+            format!("expected a JSON object, found {}", type_name(&value)),
         );
     };
     let format = if obj.contains_key("messages") {
@@ -322,17 +322,6 @@ pub(super) fn parse_line(bytes: &[u8]) -> Parsed {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn string_field<'a>(
     obj: &'a Map<String, Value>,
     key: &str,
@@ -344,7 +333,10 @@ fn string_field<'a>(
             Err(format!("empty `{key}`"))
         }
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("`{key}` must be a string, found {}", kind(other))),
+        Some(other) => Err(format!(
+            "`{key}` must be a string, found {}",
+            type_name(other)
+        )),
     }
 }
 
@@ -363,7 +355,12 @@ fn parse_chat(obj: &Map<String, Value>) -> Result<Record, String> {
     let tools = match obj.get("tools") {
         None | Some(Value::Null) => None,
         Some(Value::Array(t)) => Some(t.clone()),
-        Some(other) => return Err(format!("`tools` must be an array, found {}", kind(other))),
+        Some(other) => {
+            return Err(format!(
+                "`tools` must be an array, found {}",
+                type_name(other)
+            ))
+        }
     };
 
     let mut messages = Vec::with_capacity(list.len());
