@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 #[allow(dead_code)]
 mod common;
 
-use itamae::adapters::{LoraConfig, PrefixConfig, PromptInit, PromptTuningConfig};
+use itamae::adapters::{LoraConfig, PrefixTuningConfig, PromptInit, PromptTuningConfig};
 use itamae::model::LoadedModel;
 use itamae::train::data::{load_jsonl, DataFormat, DataOptions, Example};
 use itamae::train::{Method, TrainConfig, Trainer};
@@ -152,7 +152,7 @@ fn eval_command_measures_what_the_trainer_reports() {
             init: Some(PromptInit::SampleVocab),
             init_text: None,
         }),
-        Method::PrefixTuning(PrefixConfig {
+        Method::PrefixTuning(PrefixTuningConfig {
             num_virtual_tokens: Some(4),
             prefix_projection: Some(false),
             encoder_hidden_size: Some(m.model.cfg.kv_dim()),

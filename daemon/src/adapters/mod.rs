@@ -27,7 +27,7 @@ use serde_json::Value;
 
 pub use itamae_client::methods::{AdapterConfig, FieldError};
 pub use lora::{Lora, LoraConfig};
-pub use prefix::{Prefix, PrefixConfig, PrefixTuningConfig};
+pub use prefix::{Prefix, PrefixTuningConfig};
 pub use prompt::{PromptInit, PromptTuningConfig, SoftPrompt};
 
 use crate::model::layers::{ForwardHooks, LowRank, Proj};

@@ -20,7 +20,6 @@ use crate::model::ModelConfig;
 /// Linear(→ L·2·kv_dim)` (PEFT's `PrefixEncoder`, whose token_dim is kv_dim on GQA models).
 pub use itamae_client::methods::PrefixTuningConfig;
 /// Transitional: the name this config had before it moved to the API types.
-pub use itamae_client::methods::PrefixTuningConfig as PrefixConfig;
 
 pub struct Prefix {
     pub config: PrefixTuningConfig,

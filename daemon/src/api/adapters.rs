@@ -12,9 +12,7 @@ use super::error::ApiError;
 use super::handlers::method_not_allowed;
 use crate::adapters::peft;
 use crate::jobs::adapter_store::{valid_name, AdapterInfo, Import, JOB_PREFIX, MAX_CONFIG_BYTES};
-/// Transitional: the store moved to `crate::jobs::adapter_store`; `main.rs` and `bench.rs`
-/// still name it here.
-pub use crate::jobs::adapter_store::{AdapterStore, DEFAULT_MAX_WEIGHTS_BYTES};
+use crate::jobs::AdapterStore;
 use crate::jobs::Jobs;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -14,8 +14,7 @@ use super::jobs::{jobs_of, limit_param, query_map};
 use crate::jobs::backend::{BlobWriter, FileQuery};
 use crate::jobs::storage::{valid_id, FILE_PREFIX};
 use crate::jobs::store::FileRow;
-/// The one purpose this server accepts.
-pub use crate::jobs::FINE_TUNE;
+use crate::jobs::FINE_TUNE;
 /// Bytes gathered before each write to disk.
 const WRITE_CHUNK: usize = 1 << 20;
 /// Longest accepted `purpose` field.

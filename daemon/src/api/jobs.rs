@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::handlers::method_not_allowed;
-use crate::jobs::spec::{parse_create, SpecError};
+use crate::jobs::spec::{parse_create, FieldError};
 use crate::jobs::storage::{valid_id, JOB_PREFIX};
 use crate::jobs::store::{CheckpointRow, EventRow, JobRow};
 use crate::jobs::Jobs;
@@ -64,7 +64,7 @@ pub(crate) fn limit_param(
     }
 }
 
-fn spec_error(e: SpecError) -> ApiError {
+fn spec_error(e: FieldError) -> ApiError {
     if e.param.is_empty() {
         ApiError::bad_request(e.message)
     } else {

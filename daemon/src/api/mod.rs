@@ -88,7 +88,7 @@ pub async fn serve(
     host: String,
     port: u16,
     jobs: Option<crate::jobs::Jobs>,
-    adapters: Option<adapters::AdapterStore>,
+    adapters: Option<crate::jobs::AdapterStore>,
     auth: auth::Auth,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {

@@ -16,7 +16,7 @@ use super::store::{status, CheckpointRow, EventRow, FileRow, JobRow, Page};
 use super::{Jobs, ServiceError, ServiceResult};
 
 /// The one purpose of uploaded files this server accepts.
-pub const FINE_TUNE: &str = "fine-tune";
+pub use itamae_client::FINE_TUNE;
 
 /// A live event stream is woken by every event or status the store writes; it also looks
 /// this often regardless (a missed wake-up costs at most this much).

@@ -17,17 +17,14 @@ use crate::train::trainer::default_learning_rate;
 use crate::train::{Method, TrainConfig};
 
 /// A request value that is not acceptable; `param` is its path in the request.
-pub use crate::adapters::FieldError as SpecError;
+pub use crate::adapters::FieldError;
 
-fn bad<T>(param: &str, message: impl Into<String>) -> Result<T, SpecError> {
-    Err(SpecError {
+fn bad<T>(param: &str, message: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
         param: param.into(),
         message: message.into(),
     })
 }
-
-/// `method.supervised.adapter`; LoRA r=16 all-linear when absent. Never `full` once parsed.
-pub type AdapterSpec = AdapterConfig;
 
 /// Hyperparameters; `None` is "auto".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -52,7 +49,7 @@ pub struct Resolved {
 /// What the runner needs to train a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
-    pub adapter: AdapterSpec,
+    pub adapter: AdapterConfig,
     pub hyper: Hyper,
     pub seed: u64,
 }
@@ -71,7 +68,7 @@ pub struct CreateJob {
 pub const DEFAULT_MAX_SEQ_LEN: usize = 1024;
 
 /// Parses `POST /v1/fine_tuning/jobs`. `default_seed` is used when the request has none.
-pub fn parse_create(body: &Value, default_seed: u64) -> Result<CreateJob, SpecError> {
+pub fn parse_create(body: &Value, default_seed: u64) -> Result<CreateJob, FieldError> {
     let Some(obj) = body.as_object() else {
         return bad("", "The request body must be a JSON object");
     };
@@ -139,7 +136,7 @@ pub fn parse_create(body: &Value, default_seed: u64) -> Result<CreateJob, SpecEr
                 Some(h) => parse_hyper(h, "hyperparameters")?,
                 None => Hyper::default(),
             },
-            AdapterSpec::default(),
+            AdapterConfig::default(),
         ),
         Some(m) => {
             let (h, a) = parse_method(m)?;
@@ -169,7 +166,7 @@ pub fn parse_create(body: &Value, default_seed: u64) -> Result<CreateJob, SpecEr
     })
 }
 
-fn required_str(obj: &Map<String, Value>, key: &str) -> Result<String, SpecError> {
+fn required_str(obj: &Map<String, Value>, key: &str) -> Result<String, FieldError> {
     match obj.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         None | Some(Value::Null) => bad(key, format!("Missing required parameter: `{key}`")),
@@ -177,7 +174,7 @@ fn required_str(obj: &Map<String, Value>, key: &str) -> Result<String, SpecError
     }
 }
 
-fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterSpec), SpecError> {
+fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterConfig), FieldError> {
     let Some(m) = m.as_object() else {
         return bad("method", "method must be an object");
     };
@@ -192,7 +189,7 @@ fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterSpec), SpecError> {
         None => return bad("method.type", "method.type is required (`supervised`)"),
     }
     let sup = match m.get("supervised") {
-        None | Some(Value::Null) => return Ok((None, AdapterSpec::default())),
+        None | Some(Value::Null) => return Ok((None, AdapterConfig::default())),
         Some(Value::Object(s)) => s,
         Some(_) => return bad("method.supervised", "method.supervised must be an object"),
     };
@@ -201,7 +198,7 @@ fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterSpec), SpecError> {
         Some(h) => Some(parse_hyper(h, "method.supervised.hyperparameters")?),
     };
     let adapter = match sup.get("adapter") {
-        None | Some(Value::Null) => AdapterSpec::default(),
+        None | Some(Value::Null) => AdapterConfig::default(),
         Some(a) => AdapterConfig::parse(a, "method.supervised.adapter", &lora::check_targets)?,
     };
     Ok((hyper, adapter))
@@ -212,7 +209,7 @@ fn auto_or_int(
     v: Option<&Value>,
     param: &str,
     range: std::ops::RangeInclusive<u64>,
-) -> Result<Option<usize>, SpecError> {
+) -> Result<Option<usize>, FieldError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s == "auto" => Ok(None),
@@ -230,7 +227,7 @@ fn auto_or_int(
     }
 }
 
-fn parse_hyper(h: &Value, prefix: &str) -> Result<Hyper, SpecError> {
+fn parse_hyper(h: &Value, prefix: &str) -> Result<Hyper, FieldError> {
     let Some(h) = h.as_object() else {
         return bad(prefix, format!("{prefix} must be an object"));
     };
@@ -285,7 +282,7 @@ fn auto<T: Serialize>(v: Option<T>) -> Value {
 impl JobSpec {
     /// The trainer's method; `kv_dim` (the model's key/value width) is the default prefix
     /// encoder width.
-    pub fn method(&self, kv_dim: usize) -> Result<Method, SpecError> {
+    pub fn method(&self, kv_dim: usize) -> Result<Method, FieldError> {
         Ok(match &self.adapter {
             AdapterConfig::PrefixTuning(c) => AdapterConfig::PrefixTuning(PrefixTuningConfig {
                 encoder_hidden_size: Some(c.encoder_hidden_size(kv_dim)),
@@ -346,7 +343,7 @@ impl JobSpec {
     }
 
     /// The trainer configuration for `n_train` examples of a model with kv width `kv_dim`.
-    pub fn train_config(&self, n_train: usize, kv_dim: usize) -> Result<TrainConfig, SpecError> {
+    pub fn train_config(&self, n_train: usize, kv_dim: usize) -> Result<TrainConfig, FieldError> {
         let method = self.method(kv_dim)?;
         let r = self.resolve(n_train);
         let mut c = TrainConfig::new(method.clone());
@@ -380,14 +377,14 @@ mod tests {
         parse_create(&body, 7).unwrap_or_else(|e| panic!("{body}: {e:?}"))
     }
 
-    fn err(body: Value) -> SpecError {
+    fn err(body: Value) -> FieldError {
         parse_create(&body, 7).expect_err(&body.to_string())
     }
 
     #[test]
     fn plain_openai_request_gets_lora_defaults() {
         let j = ok(json!({"model": "m", "training_file": "file-abc"}));
-        assert_eq!(j.spec.adapter, AdapterSpec::default());
+        assert_eq!(j.spec.adapter, AdapterConfig::default());
         assert_eq!(j.spec.seed, 7);
         assert_eq!(j.spec.hyper, Hyper::default());
         let m = j.spec.method_json(None);

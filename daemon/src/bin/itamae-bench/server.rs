@@ -10,7 +10,7 @@ use itamae_client::{ChatRequest, Client, Message};
 pub(crate) fn start_server(
     engine: itamae::engine::EngineHandle,
     jobs: Option<itamae::jobs::Jobs>,
-    store: itamae::api::adapters::AdapterStore,
+    store: itamae::jobs::AdapterStore,
 ) -> anyhow::Result<Client> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -46,7 +46,7 @@ pub(crate) fn swap(
     }
     let engine = itamae::engine::EngineHandle::from_loaded(loaded);
     let store =
-        itamae::api::adapters::AdapterStore::open(&dir.join("data"), engine.clone(), 1 << 30)?;
+        itamae::jobs::AdapterStore::open(&dir.join("data"), engine.clone(), 1 << 30)?;
     let client = start_server(engine.clone(), None, store)?;
     let name = "swapped";
     client
