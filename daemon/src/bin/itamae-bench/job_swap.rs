@@ -118,8 +118,7 @@ pub(crate) fn job_swap(
         let max_upload = jobs_cfg.max_upload_bytes;
         let training_share = jobs_cfg.training_max_share;
         let job_service = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
-        let store =
-            itamae::jobs::AdapterStore::open(&data_dir, engine.clone(), max_upload)?;
+        let store = itamae::jobs::AdapterStore::open(&data_dir, engine.clone(), max_upload)?;
         let client = start_server(engine.clone(), Some(job_service.clone()), store)?;
 
         let jsonl: String = JOB_SWAP_EXAMPLES

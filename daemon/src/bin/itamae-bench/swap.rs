@@ -45,8 +45,7 @@ pub(crate) fn swap(
         dirs.push(out);
     }
     let engine = itamae::engine::EngineHandle::from_loaded(loaded);
-    let store =
-        itamae::jobs::AdapterStore::open(&dir.join("data"), engine.clone(), 1 << 30)?;
+    let store = itamae::jobs::AdapterStore::open(&dir.join("data"), engine.clone(), 1 << 30)?;
     let client = start_server(engine.clone(), None, store)?;
     let name = "swapped";
     client
