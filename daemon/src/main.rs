@@ -178,8 +178,7 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     // Imported adapters (`/v1/adapters`) are served again once the model is loaded.
-    let adapters =
-        itamae::api::adapters::AdapterStore::open(&cfg.data_dir, engine.clone(), max_upload)?;
+    let adapters = itamae::jobs::AdapterStore::open(&cfg.data_dir, engine.clone(), max_upload)?;
     {
         let adapters = adapters.clone();
         std::thread::Builder::new()

@@ -19,8 +19,8 @@ use crate::model::ModelConfig;
 /// types. With `prefix_projection` it trains through `Linear(kv_dim → encoder_hidden) → tanh →
 /// Linear(→ L·2·kv_dim)` (PEFT's `PrefixEncoder`, whose token_dim is kv_dim on GQA models).
 pub use itamae_client::methods::PrefixTuningConfig;
-/// Transitional: the name this config had before it moved to the API types.
 
+/// A prefix-tuning adapter: per-layer key/value prefixes ahead of every sequence.
 pub struct Prefix {
     pub config: PrefixTuningConfig,
     /// `(P, L · 2 · kv_dim)`
