@@ -399,7 +399,8 @@ impl ServeConfig {
 
 /// Process-wide settings every entry point applies first thing in `main`, before any BLAS call
 /// or thread start: the OpenBLAS core type (which may re-execute the process), the thread-pool
-/// defaults candle and rayon read from the environment, and the kernel switches for `ops`.
+/// defaults candle and rayon read from the environment, the kernel switches for `ops`, and the
+/// log (`RUST_LOG`, default `info`, on stderr so stdout stays the command's own output).
 pub fn start_process(kernels: &KernelConfig) {
     // OpenBLAS reads its CPU core type only when it loads: re-exec with it set when this CPU
     // would be misdetected (docs/candle-notes.md).
@@ -418,6 +419,13 @@ pub fn start_process(kernels: &KernelConfig) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     crate::ops::blas::configure(kernels.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,actix_server=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// The compute device named in the config. CUDA needs a build with the `cuda` feature; without

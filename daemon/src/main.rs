@@ -78,13 +78,6 @@ fn main() {
         None => kernel_args.resolve(&Default::default()),
     };
     config::start_process(&kernels);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,actix_server=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let result = match (command, serve_cfg) {
         (Command::Serve(_), Some(cfg)) => serve(cfg),
         (Command::Serve(_), None) => unreachable!("serve's configuration is resolved above"),

@@ -109,13 +109,6 @@ fn main() {
     let cli = Cli::parse();
     // The daemon's start-up, so that figures are those of `itamaed` on this machine.
     config::start_process(&cli.kernels.resolve(&Default::default()));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,actix_server=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     print_machine();
     let result = match cli.which {
         BenchCommand::Decode {
