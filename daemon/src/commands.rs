@@ -94,7 +94,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub lora: LoraConfig,
     /// Virtual tokens of prompt and prefix tuning.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = itamae_client::methods::DEFAULT_NUM_VIRTUAL_TOKENS)]
     pub num_virtual_tokens: usize,
     #[command(flatten)]
     pub prompt_tuning: PromptTuningConfig,

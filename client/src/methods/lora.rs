@@ -11,6 +11,11 @@ pub const NAME: &str = "lora";
 pub const FIELDS: &[&str] = &["r", "alpha", "dropout", "target_modules", "use_rslora"];
 /// Every linear projection of the model.
 pub const ALL_LINEAR: &str = "all-linear";
+/// Defaults of the fields. clap needs its defaults as text on these `Option` fields; a test
+/// checks they parse to these.
+pub const DEFAULT_R: usize = 16;
+pub const DEFAULT_ALPHA: f64 = 32.0;
+pub const DEFAULT_DROPOUT: f32 = 0.0;
 
 /// `{"type": "lora", ...}`. As flags (`itamaed train`): `--r`, `--alpha`, `--dropout`,
 /// `--target-modules`, `--use-rslora`.
@@ -40,15 +45,15 @@ pub struct LoraConfig {
 
 impl LoraConfig {
     pub fn r(&self) -> usize {
-        self.r.unwrap_or(16)
+        self.r.unwrap_or(DEFAULT_R)
     }
 
     pub fn alpha(&self) -> f64 {
-        self.alpha.unwrap_or(32.0)
+        self.alpha.unwrap_or(DEFAULT_ALPHA)
     }
 
     pub fn dropout(&self) -> f32 {
-        self.dropout.unwrap_or(0.0)
+        self.dropout.unwrap_or(DEFAULT_DROPOUT)
     }
 
     /// `["all-linear"]` or projection names.
@@ -153,4 +158,25 @@ impl LoraConfig {
 fn all_linear() -> &'static String {
     static ALL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ALL.get_or_init(|| ALL_LINEAR.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        lora: LoraConfig,
+    }
+
+    #[test]
+    fn flag_defaults_are_the_config_defaults() {
+        let parsed = Flags::parse_from(["t"]).lora;
+        assert_eq!(parsed, LoraConfig::default().with_defaults());
+        assert_eq!(parsed.r, Some(DEFAULT_R));
+        assert_eq!(parsed.alpha, Some(DEFAULT_ALPHA));
+        assert_eq!(parsed.dropout, Some(DEFAULT_DROPOUT));
+    }
 }

@@ -81,6 +81,9 @@ impl Default for AdapterConfig {
 /// The `type`s an adapter object may have, for messages.
 const ADAPTER_TYPES: &str = "lora, prompt_tuning or prefix_tuning";
 
+/// Virtual tokens of prompt and prefix tuning when not given.
+pub const DEFAULT_NUM_VIRTUAL_TOKENS: usize = 20;
+
 impl AdapterConfig {
     /// The method's name: its `type` in the API, the kind of a served adapter.
     pub fn name(&self) -> &'static str {

@@ -2,7 +2,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::{get_bool, get_usize, FieldError};
+use super::{get_bool, get_usize, FieldError, DEFAULT_NUM_VIRTUAL_TOKENS};
 
 /// The method's name (its `type`).
 pub const NAME: &str = "prefix_tuning";
@@ -33,7 +33,8 @@ pub struct PrefixTuningConfig {
 
 impl PrefixTuningConfig {
     pub fn num_virtual_tokens(&self) -> usize {
-        self.num_virtual_tokens.unwrap_or(20)
+        self.num_virtual_tokens
+            .unwrap_or(DEFAULT_NUM_VIRTUAL_TOKENS)
     }
 
     pub fn prefix_projection(&self) -> bool {
@@ -50,7 +51,8 @@ impl PrefixTuningConfig {
     pub fn parse(a: &Map<String, Value>, prefix: &str) -> Result<Self, FieldError> {
         Ok(Self {
             num_virtual_tokens: Some(
-                get_usize(a, "num_virtual_tokens", prefix, 1..=512)?.unwrap_or(20),
+                get_usize(a, "num_virtual_tokens", prefix, 1..=512)?
+                    .unwrap_or(DEFAULT_NUM_VIRTUAL_TOKENS),
             ),
             prefix_projection: Some(get_bool(a, "prefix_projection", prefix)?),
             encoder_hidden_size: get_usize(a, "encoder_hidden_size", prefix, 1..=65_536)?,

@@ -2,7 +2,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::{bad, get_usize, join, FieldError};
+use super::{bad, get_usize, join, FieldError, DEFAULT_NUM_VIRTUAL_TOKENS};
 
 /// The method's name (its `type`).
 pub const NAME: &str = "prompt_tuning";
@@ -58,7 +58,8 @@ pub struct PromptTuningConfig {
 
 impl PromptTuningConfig {
     pub fn num_virtual_tokens(&self) -> usize {
-        self.num_virtual_tokens.unwrap_or(20)
+        self.num_virtual_tokens
+            .unwrap_or(DEFAULT_NUM_VIRTUAL_TOKENS)
     }
 
     pub fn init(&self) -> PromptInit {
@@ -98,7 +99,8 @@ impl PromptTuningConfig {
         };
         Ok(Self {
             num_virtual_tokens: Some(
-                get_usize(a, "num_virtual_tokens", prefix, 1..=512)?.unwrap_or(20),
+                get_usize(a, "num_virtual_tokens", prefix, 1..=512)?
+                    .unwrap_or(DEFAULT_NUM_VIRTUAL_TOKENS),
             ),
             init: Some(init),
             init_text,
