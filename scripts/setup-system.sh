@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the build links against: the system OpenBLAS (`libopenblas-dev`,
-# used by daemon/src/ops/blas.rs through the `openblas-src` crate's `system` feature).
+# Installs the Debian packages the build links against and the tests use: the system OpenBLAS
+# (`libopenblas-dev`, linked by daemon/src/ops/blas.rs) and `chromium`, the headless browser that
+# tests/console_browser.rs drives over the DevTools protocol to test the web console.
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
-packages=(libopenblas-dev)
+packages=(libopenblas-dev chromium)
 
 installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -26,7 +27,7 @@ fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "error: missing ${missing[*]} and apt-get is not available here." >&2
-  echo "       Install OpenBLAS (library and headers, e.g. libopenblas-dev) with your package manager." >&2
+  echo "       Install OpenBLAS (library and headers, e.g. libopenblas-dev) and Chromium with your package manager." >&2
   exit 1
 fi
 

@@ -823,7 +823,8 @@ fn scripted_session_conforms_to_the_spec() {
             .replace("{file_id}", "file-doesnotexist")
             .replace("{fine_tuning_job_id}", "ftjob-doesnotexist")
             .replace("{adapter_id}", "no-such-adapter")
-            .replace("{file_name}", "adapter_config.json");
+            .replace("{file_name}", "adapter_config.json")
+            .replace("{asset_name}", "app.js");
         for m in METHODS {
             if item.get(m).is_none() {
                 continue;

@@ -2,10 +2,11 @@
 //!
 //! Keys come from the config (`[auth] keys = [{ key, scope }]`) and the environment
 //! (`ITAMAE_API_KEYS="scope:key,scope:key"`), each with a scope: `inference` (chat, completions,
-//! models) or `admin` (everything: files, jobs, adapters, metrics). `/healthz` and `/readyz` are
-//! always open; `/metrics` needs admin unless `metrics_public`. Clients send
-//! `Authorization: Bearer <key>`. A missing or unknown key is 401 (`invalid_api_key`), a key
-//! without the needed scope 403 (`permission_denied`).
+//! models) or `admin` (everything: files, jobs, adapters, metrics). `/healthz`, `/readyz` and the
+//! web console's page and files (`console::PUBLIC_ROUTES`) are always open; `/metrics` needs
+//! admin unless `metrics_public`. Clients send `Authorization: Bearer <key>`. A missing or
+//! unknown key is 401 (`invalid_api_key`), a key without the needed scope 403
+//! (`permission_denied`).
 //!
 //! Only SHA-256 digests of the keys are kept, and a presented key is compared against every one
 //! of them in constant time (no early exit), so timing tells nothing about which bytes matched.
@@ -172,6 +173,8 @@ impl Auth {
     pub fn required(&self, pattern: Option<&str>) -> Required {
         match pattern {
             Some("/healthz") | Some("/readyz") => Required::Open,
+            // The console's page and files: it calls the API with the key the user enters.
+            Some(p) if super::console::PUBLIC_ROUTES.contains(&p) => Required::Open,
             Some("/metrics") if self.metrics_public => Required::Open,
             None
             | Some("/v1/models")
@@ -283,6 +286,8 @@ mod tests {
             // (pattern, no key, inference key, admin key)
             (Some("/healthz"), 200, 200, 200),
             (Some("/readyz"), 200, 200, 200),
+            (Some("/"), 200, 200, 200),
+            (Some("/console/assets/{name}"), 200, 200, 200),
             (Some("/metrics"), 401, 403, 200),
             (Some("/v1/models"), 401, 200, 200),
             (Some("/v1/models/{id:.+}"), 401, 200, 200),

@@ -8,6 +8,7 @@
 //!   `crate::jobs::Jobs`, registered as app data when the server has a data directory)
 //! - `/v1/adapters…` ([`adapters`]: imported PEFT adapters, load/unload, downloads)
 //! - `GET /metrics` ([`metrics`], Prometheus text)
+//! - `GET /`, `GET /console`, `GET /console/assets/{name}` ([`console`]: the embedded web console)
 //!
 //! [`serve`] wraps every route in one middleware that checks the API key ([`auth`]) and records
 //! `itamae_http_*` metrics by matched route pattern.
@@ -15,6 +16,7 @@
 //! Every error is `{"error":{"message","type","param","code"}}`, built by [`ApiError`].
 pub mod adapters;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod files;
 pub mod handlers;
@@ -64,6 +66,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .configure(jobs::configure)
         .configure(adapters::configure)
         .configure(metrics::configure)
+        .configure(console::configure)
         .default_service(web::to(handlers::not_found));
 }
 
