@@ -5,7 +5,8 @@
 //! Compare; with the admin key, a dataset with bad lines is refused with its line numbers, a
 //! dataset is uploaded and a tiny LoRA job started, its loss curve grows while it trains, the
 //! tuned variant and the base answer one prompt side by side (streamed), the Serving page shows
-//! their latency percentiles from /metrics, and the Adapters page unloads the variant.
+//! their latency percentiles from /metrics, and the Adapters page unloads and reloads the
+//! variant.
 //! Screenshots go to `target/console-screenshots/` and must not be blank. A JavaScript exception
 //! anywhere fails the test.
 //!
@@ -111,6 +112,8 @@ fn type_into(tab: &Tab, selector: &str, text: &str) {
 }
 
 fn set_files(tab: &Tab, selector: &str, path: &Path) {
+    // Chromium cannot read a file chosen through a path holding `..`.
+    let path = path.canonicalize().expect("the file exists");
     let p = path.to_str().expect("UTF-8 path");
     tab.wait_for_element(selector)
         .and_then(|e| e.set_input_files(&[p]).map(|_| ()))
@@ -439,6 +442,14 @@ fn console_drives_a_job_and_compares_answers() {
     wait_js(
         &tab,
         &format!("document.querySelector('{row} td:nth-child(3)')?.textContent === 'evicted'"),
+        STEP_TIMEOUT,
+        &d,
+    );
+    // Unloaded, a job's variant stays listed (from the jobs API) and loads again.
+    click(&tab, &format!("{row} button[data-action=load]"));
+    wait_js(
+        &tab,
+        &format!("document.querySelector('{row} td:nth-child(3)')?.textContent === 'resident'"),
         STEP_TIMEOUT,
         &d,
     );

@@ -1,13 +1,39 @@
 // The Adapters page (/v1/adapters): every stored or served variant — imported PEFT adapters,
 // fine-tuning results and their checkpoints — with residency, generation and size, and the
-// load, unload and delete actions the API offers.
+// load, unload and delete actions the API offers. The list answers imported adapters and the
+// variants being served; a job's variant that was unloaded is found through the jobs API, so it
+// stays on the page (evicted) and can be loaded again.
 import { api, h, fmtBytes, fmtTime } from './api.js';
+
+// The results and checkpoints of succeeded jobs, as evicted adapter rows.
+async function jobVariants(signal) {
+  let jobs;
+  try {
+    jobs = await api('GET', '/v1/fine_tuning/jobs?limit=100', undefined, signal);
+  } catch (e) {
+    if (e.status === 503) return []; // no fine-tuning on this server
+    throw e;
+  }
+  const out = [];
+  for (const j of jobs.data.filter((j) => j.status === 'succeeded' && j.fine_tuned_model)) {
+    const ad = (j.method && j.method.supervised && j.method.supervised.adapter) || {};
+    const row = (id) => ({ id, type: ad.type, resident: false, source: 'fine_tuning_job', fine_tuning_job_id: j.id });
+    out.push(row(j.fine_tuned_model));
+    const ck = await api('GET', `/v1/fine_tuning/jobs/${j.id}/checkpoints?limit=100`, undefined, signal);
+    for (const c of ck.data) out.push(row(c.fine_tuned_model_checkpoint));
+  }
+  return out;
+}
 
 export async function adaptersPage(ctx) {
   const tbody = h('tbody', { id: 'adapters-body' });
   const status = h('p', { id: 'adapters-status', role: 'status' });
   const refresh = async () => {
     const list = await api('GET', '/v1/adapters', undefined, ctx.signal);
+    const known = new Set(list.data.map((a) => a.id));
+    for (const a of await jobVariants(ctx.signal)) {
+      if (!known.has(a.id)) list.data.push(a);
+    }
     const act = (a, verb, cls) => h('button', { type: 'button', class: cls, 'data-action': verb, 'aria-label': `${verb} ${a.id}`, onclick: async () => {
       if (verb === 'delete' && !confirm(`Delete ${a.id}? Its files are removed.`)) return;
       try {
