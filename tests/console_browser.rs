@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, TempDir, WORKSPACE};
-use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::protocol::cdp::types::Event;
+use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::{Browser, LaunchOptions, Tab};
 
 const ADMIN: &str = "console-admin-key-0123456789";
@@ -143,7 +143,11 @@ fn screenshot(tab: &Tab, name: &str) -> PathBuf {
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).expect("a PNG frame");
     let channels = info.color_type.samples();
-    assert!(channels >= 3, "unexpected colour type {:?}", info.color_type);
+    assert!(
+        channels >= 3,
+        "unexpected colour type {:?}",
+        info.color_type
+    );
     let lum: Vec<f64> = buf[..info.buffer_size()]
         .chunks(channels)
         .map(|p| 0.2126 * p[0] as f64 + 0.7152 * p[1] as f64 + 0.0722 * p[2] as f64)
@@ -232,7 +236,12 @@ fn console_drives_a_job_and_compares_answers() {
     );
     type_into(&tab, "#key-input", INFER);
     click(&tab, "#key-form button[type=submit]");
-    wait_js(&tab, "!!document.getElementById('compare-form')", STEP_TIMEOUT, &d);
+    wait_js(
+        &tab,
+        "!!document.getElementById('compare-form')",
+        STEP_TIMEOUT,
+        &d,
+    );
     let visible = js(
         &tab,
         "[...document.querySelectorAll('#nav li')].filter(l => !l.hidden).map(l => l.textContent).join(',')",
@@ -250,7 +259,12 @@ fn console_drives_a_job_and_compares_answers() {
     type_into(&tab, "#key-input", ADMIN);
     click(&tab, "#key-form button[type=submit]");
     js(&tab, "location.hash = '#/jobs'");
-    wait_js(&tab, "!!document.getElementById('create-job')", STEP_TIMEOUT, &d);
+    wait_js(
+        &tab,
+        "!!document.getElementById('create-job')",
+        STEP_TIMEOUT,
+        &d,
+    );
     let visible = js(
         &tab,
         "[...document.querySelectorAll('#nav li')].filter(l => !l.hidden).length",
@@ -299,7 +313,10 @@ fn console_drives_a_job_and_compares_answers() {
         "{listed}"
     );
     assert_eq!(
-        js(&tab, "document.getElementById('f-train').getAttribute('aria-invalid')"),
+        js(
+            &tab,
+            "document.getElementById('f-train').getAttribute('aria-invalid')"
+        ),
         "true"
     );
     screenshot(&tab, "dataset-errors");
@@ -386,7 +403,12 @@ fn console_drives_a_job_and_compares_answers() {
 
     // ---- Compare: the base and the tuned variant, streamed side by side ----
     click(&tab, "#job-head [data-chat]");
-    wait_js(&tab, "!!document.getElementById('c-send')", STEP_TIMEOUT, &d);
+    wait_js(
+        &tab,
+        "!!document.getElementById('c-send')",
+        STEP_TIMEOUT,
+        &d,
+    );
     let variant = js(&tab, "document.getElementById('c-model-1').value");
     assert!(
         variant.as_str().is_some_and(|v| v.ends_with(&job_id)),
@@ -412,7 +434,9 @@ fn console_drives_a_job_and_compares_answers() {
     eprintln!("compare: {answers:#?}");
     let stats = js(&tab, "document.querySelector('.answer .stats').textContent");
     assert!(
-        stats.as_str().is_some_and(|s| s.contains("answer") && s.contains("first token")),
+        stats
+            .as_str()
+            .is_some_and(|s| s.contains("answer") && s.contains("first token")),
         "{stats}"
     );
     screenshot(&tab, "compare");

@@ -73,7 +73,7 @@ export async function comparePage(ctx) {
   const settingsNote = h('p', { id: 'c-settings', class: 'muted' });
   const send = h('button', { type: 'submit', id: 'c-send' }, 'Send to all');
   const form = h('form', { id: 'compare-form' },
-    h('div', { class: 'row' }, selects.map((s, i) => h('div', { class: 'field' },
+    h('div', { class: 'models' }, selects.map((s, i) => h('div', { class: 'field' },
       h('label', { for: s.id }, i === 0 ? 'Base model' : `Variant ${i}`), s))),
     h('div', { class: 'field' }, h('label', { for: 'c-system' }, 'System message'), system),
     h('div', { class: 'field' }, h('label', { for: 'c-prompt' }, 'Prompt'), prompt),

@@ -55,7 +55,8 @@ export async function jobPage(ctx, id) {
       try { await api('POST', `/v1/fine_tuning/jobs/${id}/${verb}`, {}); } catch (e) { progress.textContent = e.message; }
       showJob();
     } }, verb[0].toUpperCase() + verb.slice(1));
-    head.replaceChildren(
+    // replaceChildren would show a null as the text "null": wrap in h() which skips them.
+    head.replaceChildren(h('div', {},
       h('h1', {}, 'Job ', h('span', { class: 'mono' }, job.id), ' ', statusBadge(job.status)),
       h('p', { class: 'muted' }, `${ad.type || ''} on ${job.model}`, job.user_provided_suffix ? ` · suffix ${job.user_provided_suffix}` : '',
         ` · created ${fmtTime(job.created_at)}`, job.trained_tokens ? ` · ${job.trained_tokens} tokens trained` : ''),
@@ -64,7 +65,7 @@ export async function jobPage(ctx, id) {
         job.status === 'running' ? act('pause') : null,
         job.status === 'paused' ? act('resume') : null,
         DONE.includes(job.status) ? null : act('cancel'),
-        job.fine_tuned_model ? chatButton(job.model, job.fine_tuned_model, 'Chat with the result') : null));
+        job.fine_tuned_model ? chatButton(job.model, job.fine_tuned_model, 'Chat with the result') : null)));
     const ck = await api('GET', `/v1/fine_tuning/jobs/${id}/checkpoints?limit=100`, undefined, signal);
     ckBody.replaceChildren(...(ck.data.length ? ck.data.map((c) => h('tr', { 'data-step': c.step_number },
       h('td', {}, c.step_number),

@@ -250,7 +250,10 @@ mod tests {
     #[test]
     fn console_routes_are_public() {
         let a = super::super::auth::Auth::new(
-            vec![("admin-key-0123456789".into(), super::super::auth::Scope::Admin)],
+            vec![(
+                "admin-key-0123456789".into(),
+                super::super::auth::Scope::Admin,
+            )],
             false,
         )
         .unwrap();
