@@ -14,7 +14,7 @@ test: system model
 model:
 	@scripts/fetch-model.sh
 
-# Debian packages the build links against (OpenBLAS); idempotent.
+# Debian packages the build links against (OpenBLAS) and the console test drives (chromium); idempotent.
 system:
 	@scripts/setup-system.sh
 
