@@ -17,6 +17,7 @@ pub mod adapters;
 pub mod auth;
 pub mod error;
 pub mod files;
+pub mod guided;
 pub mod handlers;
 pub mod jobs;
 pub mod metrics;
