@@ -138,9 +138,14 @@ fn schema_choice_and_regex_hold_in_a_mixed_batch() {
     let rx = regex::Regex::new(r"^20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]$").expect("regex");
     assert!(rx.is_match(&out[4].0), "{:?}", out[4]);
     assert!(!out[5].0.is_empty());
-    let obj: Value =
-        serde_json::from_str(&out[6].0).unwrap_or_else(|e| panic!("{e}: {}", out[6].0));
-    assert!(obj.is_object());
+    // Free-form JSON may ramble past max_tokens: cut there, it is an object's start; ended by
+    // the model, it is a whole object.
+    let (text, reason) = &out[6];
+    assert!(text.starts_with('{'), "{text}");
+    if *reason == FinishReason::Stop {
+        let obj: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(obj.is_object());
+    }
 }
 
 #[test]
