@@ -609,6 +609,66 @@ fn scripted_session_conforms_to_the_spec() {
     );
     assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
 
+    // Structured outputs: the output validates; an invalid schema names the path at fault.
+    let schema = json!({"type": "object", "properties": {"dish": {"type": "string", "maxLength": 12},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["dish", "stars"],
+        "additionalProperties": false});
+    let mut structured = chat.clone();
+    structured["max_tokens"] = json!(60);
+    structured["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "review", "strict": true, "schema": schema}});
+    let r = s.expect(
+        200,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&structured),
+    );
+    let content = r["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    if r["choices"][0]["finish_reason"] == "stop" {
+        let v: Value = serde_json::from_str(content).expect("JSON output");
+        assert!(jsonschema::is_valid(&schema, &v), "{content}");
+    }
+    let mut choice = cmpl.clone();
+    choice["guided_choice"] = json!(["yes", "no"]);
+    let r = s.expect(
+        200,
+        "POST",
+        "/v1/completions",
+        "/v1/completions",
+        Some(&choice),
+    );
+    assert!(["yes", "no"].contains(&r["choices"][0]["text"].as_str().expect("text")));
+    let mut bad_schema = structured.clone();
+    bad_schema["response_format"]["json_schema"]["schema"]["properties"]["stars"]["type"] =
+        json!("integr");
+    let e = s.expect(
+        400,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&bad_schema),
+    );
+    assert_eq!(
+        e["error"]["param"],
+        "response_format.json_schema.schema.properties.stars.type"
+    );
+    // SmolLM2's chat template does not print tools: refused, naming `tools`.
+    let mut tools = chat.clone();
+    tools["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    tools["tool_choice"] = json!("auto");
+    tools["parallel_tool_calls"] = json!(true);
+    let e = s.expect(
+        400,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&tools),
+    );
+    assert_eq!(e["error"]["param"], "tools");
+
     // Errors: 400, 401, 403, 404.
     let mut bad = chat.clone();
     bad["temperature"] = json!(9);
@@ -861,4 +921,83 @@ fn scripted_session_conforms_to_the_spec() {
         .collect();
     let missed: Vec<_> = spec_routes(&spec).difference(&seen).cloned().collect();
     assert!(missed.is_empty(), "operations never exercised: {missed:?}");
+}
+
+/// The tool-call shapes against the spec: the whole response (`message.tool_calls`, content
+/// null, `finish_reason: "tool_calls"`) and the streamed chunks (two `tool_calls` deltas per
+/// call), as the response builders produce them from the engine's events.
+#[test]
+fn tool_call_shapes_conform_to_the_spec() {
+    use futures::StreamExt;
+    use itamae::api::response::{full_response, sse_stream, Generated, Kind, Meta};
+    use itamae::engine::tools::ToolCall;
+    use itamae::engine::{FinishReason, GenEvent, Usage};
+    let spec = load_spec();
+    let call = |i: usize| ToolCall {
+        id: format!("call_{i:024}"),
+        name: "get_weather".into(),
+        arguments: r#"{"city": "Kyoto"}"#.into(),
+    };
+    let usage = Usage {
+        prompt_tokens: 5,
+        completion_tokens: 9,
+        total_tokens: 14,
+    };
+    let meta = Meta::new(Kind::Chat, "m".into(), true);
+    let whole = full_response(
+        &meta,
+        &Generated {
+            text: "\n".into(),
+            tool_calls: vec![call(0), call(1)],
+            reason: FinishReason::ToolCalls,
+            usage,
+        },
+    );
+    validate(&spec, "#/components/schemas/ChatCompletion", &whole).expect("response");
+    assert_eq!(whole["choices"][0]["message"]["content"], Value::Null);
+    assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        whole["choices"][0]["message"]["tool_calls"][1]["function"]["arguments"],
+        r#"{"city": "Kyoto"}"#
+    );
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for e in [
+        GenEvent::Text("Checking.".into()),
+        GenEvent::ToolCall(call(0)),
+        GenEvent::ToolCall(call(1)),
+        GenEvent::Finished {
+            reason: FinishReason::ToolCalls,
+            usage,
+        },
+    ] {
+        tx.send(e).expect("send");
+    }
+    let frames: Vec<String> = futures::executor::block_on(
+        sse_stream(rx, meta)
+            .map(|b| String::from_utf8(b.expect("frame").to_vec()).expect("utf-8"))
+            .collect(),
+    );
+    let events: Vec<Value> = frames
+        .iter()
+        .filter_map(|f| f.strip_prefix("data: "))
+        .map(str::trim)
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("JSON event"))
+        .collect();
+    for e in &events {
+        validate(&spec, "#/components/schemas/ChatCompletionChunk", e).expect("chunk");
+    }
+    let deltas: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(deltas.len(), 4, "{events:?}");
+    assert_eq!(deltas[0]["index"], 0);
+    assert_eq!(deltas[0]["id"], "call_000000000000000000000000");
+    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+    assert_eq!(deltas[1]["function"]["arguments"], r#"{"city": "Kyoto"}"#);
+    assert_eq!(deltas[2]["index"], 1);
+    assert!(events
+        .iter()
+        .any(|e| e["choices"][0]["finish_reason"] == "tool_calls"));
 }

@@ -55,6 +55,7 @@ fn generate(
             },
             max_tokens: Some(max_tokens),
             stop,
+            guided: Default::default(),
         })
         .unwrap();
     let mut rx = e.submit(p).unwrap();
@@ -71,6 +72,7 @@ fn generate(
                 return (pieces, reason);
             }
             GenEvent::Failed(e) => panic!("generation failed: {e}"),
+            GenEvent::ToolCall(c) => panic!("no tools were given, yet a call came: {c:?}"),
         }
     }
 }
@@ -250,6 +252,7 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
                 },
                 max_tokens: Some(24),
                 stop: vec![],
+                guided: Default::default(),
             })
             .unwrap()
         })
@@ -262,6 +265,7 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
                 GenEvent::Text(t) => text.push_str(&t),
                 GenEvent::Finished { .. } => break,
                 GenEvent::Failed(e) => panic!("{e}"),
+                GenEvent::ToolCall(c) => panic!("no tools were given, yet a call came: {c:?}"),
             }
         }
         assert_eq!(text, solo[i], "request {i} differs when batched");

@@ -306,6 +306,7 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             },
             max_tokens: Some(a.max_tokens),
             stop: vec![],
+            guided: Default::default(),
         })?;
         let mut rx = engine.submit(p)?;
         let mut answer = String::new();
@@ -319,6 +320,8 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
                 }
                 GenEvent::Finished { .. } => break,
                 GenEvent::Failed(e) => bail!("generation failed: {e}"),
+                // This chat sends no tools, so no call is ever parsed.
+                GenEvent::ToolCall(_) => {}
             }
         }
         println!();

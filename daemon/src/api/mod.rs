@@ -19,6 +19,7 @@ pub mod auth;
 pub mod console;
 pub mod error;
 pub mod files;
+pub mod guided;
 pub mod handlers;
 pub mod jobs;
 pub mod metrics;

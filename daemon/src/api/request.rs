@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::engine::{GenerationRequest, PromptInput, SamplingParams};
+use crate::engine::{GenerationRequest, Guided, PromptInput, SamplingParams};
 use crate::model::chat::{self, type_name, ChatMessage, Dialect};
 
 /// At most this many stop sequences (as OpenAI).
@@ -23,6 +23,8 @@ pub struct Common {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Output constraint and (chat) tools: [`super::guided`].
+    pub guided: Guided,
 }
 
 /// A validated `POST /v1/chat/completions` body.
@@ -63,6 +65,7 @@ impl Common {
             sampling: self.sampling.clone(),
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
+            guided: self.guided.clone(),
         }
     }
 }
@@ -93,6 +96,7 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
     }
     let mut common = parse_common(obj, model, max_tokens)?;
     common.max_tokens_param = max_tokens_param;
+    common.guided = super::guided::parse(obj, true)?;
     Ok(ChatRequest { common, messages })
 }
 
@@ -134,7 +138,8 @@ pub fn parse_completion(body: &Value) -> Result<CompletionRequest, ApiError> {
             "logprobs are not supported by this server",
         ));
     }
-    let common = parse_common(obj, model, Some(max_tokens))?;
+    let mut common = parse_common(obj, model, Some(max_tokens))?;
+    common.guided = super::guided::parse(obj, false)?;
     Ok(CompletionRequest { common, prompt })
 }
 
@@ -385,6 +390,7 @@ fn parse_common(
         stop,
         stream,
         include_usage,
+        guided: Guided::default(),
     })
 }
 

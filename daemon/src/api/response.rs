@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
+use crate::engine::tools::ToolCall;
 use crate::engine::{FinishReason, GenEvent, Usage};
 
 /// Which endpoint the response belongs to.
@@ -85,6 +86,8 @@ pub fn unix_now() -> u64 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generated {
     pub text: String,
+    /// Tool calls parsed out of the output (requests with tools).
+    pub tool_calls: Vec<ToolCall>,
     pub reason: FinishReason,
     pub usage: Usage,
 }
@@ -119,13 +122,16 @@ pub async fn collect(
 
 async fn gather(rx: &mut UnboundedReceiver<GenEvent>, meta: &Meta) -> Result<Generated, ApiError> {
     let mut text = String::new();
+    let mut tool_calls = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
             GenEvent::Text(t) => text.push_str(&t),
+            GenEvent::ToolCall(c) => tool_calls.push(c),
             GenEvent::Finished { reason, usage } => {
                 meta.log_done(reason, &usage);
                 return Ok(Generated {
                     text,
+                    tool_calls,
                     reason,
                     usage,
                 });
@@ -146,7 +152,7 @@ pub fn full_response(meta: &Meta, g: &Generated) -> Value {
     let choice = match meta.kind {
         Kind::Chat => json!({
             "index": 0,
-            "message": {"role": "assistant", "content": g.text},
+            "message": message(g),
             "finish_reason": g.reason,
             "logprobs": null,
         }),
@@ -165,6 +171,38 @@ pub fn full_response(meta: &Meta, g: &Generated) -> Value {
         "choices": [choice],
         "usage": g.usage,
     })
+}
+
+/// The assistant message: with tool calls, `content` is null unless the model also wrote text.
+fn message(g: &Generated) -> Value {
+    if g.tool_calls.is_empty() {
+        return json!({"role": "assistant", "content": g.text});
+    }
+    let calls: Vec<Value> = g
+        .tool_calls
+        .iter()
+        .map(|c| {
+            json!({"id": c.id, "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments}})
+        })
+        .collect();
+    let content = (!g.text.trim().is_empty()).then_some(g.text.as_str());
+    json!({"role": "assistant", "content": content, "tool_calls": calls})
+}
+
+/// A tool call streamed as OpenAI does: a delta with its index, id, type and name (arguments
+/// empty), then a delta with the arguments.
+fn tool_call_chunks(meta: &Meta, index: usize, c: &ToolCall, out: &mut VecDeque<Bytes>) {
+    let deltas = [
+        json!({"index": index, "id": c.id, "type": "function",
+               "function": {"name": c.name, "arguments": ""}}),
+        json!({"index": index, "function": {"arguments": c.arguments}}),
+    ];
+    for d in deltas {
+        let choice = json!({"index": 0, "delta": {"tool_calls": [d]}, "logprobs": null,
+                            "finish_reason": null});
+        out.push_back(frame(&chunk(meta, json!([choice]), None)));
+    }
 }
 
 fn chunk(meta: &Meta, choices: Value, usage: Option<&Usage>) -> Value {
@@ -217,8 +255,18 @@ fn frame(v: &Value) -> Bytes {
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
 /// Maps one engine event to the SSE frames it produces; true when the stream is complete.
-fn event_frames(meta: &Meta, event: Option<GenEvent>, out: &mut VecDeque<Bytes>) -> bool {
+fn event_frames(
+    meta: &Meta,
+    event: Option<GenEvent>,
+    out: &mut VecDeque<Bytes>,
+    calls: &mut usize,
+) -> bool {
     match event {
+        Some(GenEvent::ToolCall(c)) => {
+            tool_call_chunks(meta, *calls, &c, out);
+            *calls += 1;
+            false
+        }
         Some(GenEvent::Text(t)) => {
             if !t.is_empty() {
                 out.push_back(frame(&choice_chunk(meta, Some(&t), false, None)));
@@ -264,6 +312,8 @@ pub fn sse_stream(
         meta: Meta,
         queue: VecDeque<Bytes>,
         done: bool,
+        /// Tool calls streamed so far (the next one's index).
+        calls: usize,
     }
     impl Drop for State {
         fn drop(&mut self) {
@@ -281,6 +331,7 @@ pub fn sse_stream(
         meta,
         queue,
         done: false,
+        calls: 0,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -291,7 +342,7 @@ pub fn sse_stream(
                 return None;
             }
             let event = st.rx.recv().await;
-            st.done = event_frames(&st.meta, event, &mut st.queue);
+            st.done = event_frames(&st.meta, event, &mut st.queue, &mut st.calls);
         }
     })
 }

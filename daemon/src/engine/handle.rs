@@ -24,6 +24,10 @@ pub struct Prepared {
     pub(super) tokens: Vec<u32>,
     pub(super) sampling: SamplingParams,
     pub(super) stop: Vec<String>,
+    /// The output grammar, its first mask already under way.
+    pub(super) guide: Option<super::constraint::Guide>,
+    /// Set when tool calls are parsed out of the output.
+    pub(super) tool_calls: bool,
 }
 
 /// A prepared request queued to the engine thread, with the channel its events go to.
@@ -290,8 +294,15 @@ impl EngineHandle {
                         "this model has no chat template; use /v1/completions".into(),
                     )
                 })?;
+                let tools = req.guided.tools.as_ref().map(|t| t.defs.as_slice());
+                if tools.is_some() && !tpl.supports_tools() {
+                    return Err(invalid(
+                        "tools",
+                        "this model's chat template does not support tools".into(),
+                    ));
+                }
                 let text = tpl
-                    .render(messages, true)
+                    .render_with_tools(messages, tools, true)
                     .map_err(|e| invalid("messages", e.to_string()))?;
                 // The template writes BOS itself when the model wants one.
                 ("messages", text, false)
@@ -336,7 +347,15 @@ impl EngineHandle {
             }
             Some(m) => m,
         };
+        let tools = req.guided.tools.as_ref();
+        let forced = tools.and_then(|t| t.forced());
+        let guide = match forced.as_ref().or(req.guided.constraint.as_ref()) {
+            Some(c) => Some(sh.grammars.compile(c)?),
+            None => None,
+        };
         Ok(Prepared {
+            guide,
+            tool_calls: tools.is_some_and(|t| t.parses_calls()),
             prompt_tokens: n,
             max_tokens,
             model: req.model,

@@ -8,11 +8,15 @@
 //! - `handle`: [`EngineHandle`], what HTTP workers and the jobs runner hold.
 //! - `registry`: the served variants and the LRU memory budget that evicts and reloads them.
 //! - `scheduler`: the engine thread's loop (continuous batching, prefill groups, sampling).
+//! - `constraint`: structured outputs (grammar masks over the vocabulary); `tools`: tool
+//!   definitions, forced calls and the parser of calls in the output.
+pub mod constraint;
 pub mod detok;
 mod handle;
 mod registry;
 pub mod sampling;
 mod scheduler;
+pub mod tools;
 pub mod types;
 
 use std::collections::HashMap;
@@ -55,6 +59,8 @@ struct Shared {
     stop: std::sync::atomic::AtomicBool,
     /// True once the engine thread has returned.
     stopped: (std::sync::Mutex<bool>, std::sync::Condvar),
+    /// Structured outputs: the vocabulary trie and compiled grammars.
+    grammars: constraint::GrammarCache,
 }
 
 /// The resident base model and its text side, shared (not copied) with whoever trains on it.
@@ -77,7 +83,9 @@ fn now() -> u64 {
 
 fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
     let model = Arc::new(l.model);
+    let text = Arc::new(l.text);
     let sh = Shared {
+        grammars: constraint::GrammarCache::new(text.clone(), model.cfg.vocab_size),
         id: l.name.clone(),
         created: now(),
         config: model.cfg.clone(),
@@ -94,7 +102,7 @@ fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
         context: model.cfg.max_position_embeddings,
         base: BaseModel {
             model: model.clone(),
-            text: Arc::new(l.text),
+            text,
             template: l.template.map(Arc::new),
             name: l.name,
             hub_id: l.hub_id,

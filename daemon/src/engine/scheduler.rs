@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use super::constraint::Guide;
 use super::detok::{Detokenizer, Filtered, StopFilter};
 use super::handle::Job;
 use super::sampling::Sampler;
+use super::tools::{Piece, ToolCallParser};
 use super::Shared;
 use super::{FinishReason, GenEvent, Usage};
 use crate::adapters::Adapter;
@@ -30,6 +32,10 @@ struct Seq {
     sampler: Sampler,
     detok: Detokenizer,
     stop: StopFilter,
+    /// The output grammar (structured outputs, forced tool calls).
+    guide: Option<Guide>,
+    /// Lifts tool calls out of the text (requests with tools).
+    tool_calls: Option<ToolCallParser>,
 }
 
 enum Step {
@@ -232,9 +238,11 @@ fn decode_step(
 }
 
 impl Seq {
-    fn new(job: Job, model: &Transformer) -> Self {
+    fn new(mut job: Job, model: &Transformer) -> Self {
         let cache = KvCache::new(&model.cfg, Self::capacity_for(&job));
         Self {
+            guide: job.p.guide.take(),
+            tool_calls: job.p.tool_calls.then(ToolCallParser::new),
             ids: job.p.tokens.clone(),
             next: 0,
             last_token: None,
@@ -315,7 +323,14 @@ impl Seq {
         Ok(self.accept(logits, sh))
     }
 
-    fn finish(&mut self, reason: FinishReason) -> Step {
+    fn finish(&mut self, mut reason: FinishReason) -> Step {
+        if let Some(mut parser) = self.tool_calls.take() {
+            let pieces = parser.finish();
+            self.send(pieces);
+            if parser.calls() > 0 && reason == FinishReason::Stop {
+                reason = FinishReason::ToolCalls;
+            }
+        }
         let usage = Usage {
             prompt_tokens: self.job.p.prompt_tokens,
             completion_tokens: self.generated,
@@ -326,7 +341,32 @@ impl Seq {
     }
 
     fn emit(&mut self, text: String) -> bool {
-        text.is_empty() || self.job.events.send(GenEvent::Text(text)).is_ok()
+        if text.is_empty() {
+            return true;
+        }
+        match &mut self.tool_calls {
+            None => self.job.events.send(GenEvent::Text(text)).is_ok(),
+            Some(parser) => {
+                let pieces = parser.push(&text);
+                self.send(pieces)
+            }
+        }
+    }
+
+    fn send(&self, pieces: Vec<Piece>) -> bool {
+        pieces.into_iter().all(|p| {
+            let event = match p {
+                Piece::Text(t) => GenEvent::Text(t),
+                Piece::Call(c) => GenEvent::ToolCall(c),
+            };
+            self.job.events.send(event).is_ok()
+        })
+    }
+
+    /// Fails the sequence on a grammar error.
+    fn fail_guided(&mut self, e: String) -> Step {
+        self.fail(&candle_core::Error::Msg(e));
+        Step::Done
     }
 
     /// Samples the next token from `logits` and streams what it completes.
@@ -334,17 +374,29 @@ impl Seq {
         if self.client_gone() {
             return Step::Done;
         }
+        if let Some(guide) = &mut self.guide {
+            if let Err(e) = guide.apply(&mut logits) {
+                return self.fail_guided(e);
+            }
+        }
         let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
         self.next = id;
         let now = std::time::Instant::now();
         if let Some(prev) = self.last_token.replace(now) {
             crate::metrics::global().observe_itl(&self.job.p.model, (now - prev).as_secs_f64());
         }
-        if sh.base.text.eos_ids.contains(&id) && !self.job.p.sampling.ignore_eos {
+        // A grammar allows EOS only where the output may end: there it always ends.
+        let eos = sh.base.text.eos_ids.contains(&id);
+        if eos && (!self.job.p.sampling.ignore_eos || self.guide.is_some()) {
             let rest = self.detok.flush(&sh.base.text.tokenizer) + &self.stop.flush();
             self.emit(rest);
             return self.finish(FinishReason::Stop);
         }
+        let complete = match self.guide.as_mut().map(|g| g.commit(id)) {
+            Some(Err(e)) => return self.fail_guided(e),
+            Some(Ok(done)) => done,
+            None => false,
+        };
         self.generated += 1;
         self.ids.push(id);
         *self.counts.entry(id).or_default() += 1;
@@ -361,7 +413,7 @@ impl Seq {
                 }
             }
         }
-        if self.generated >= self.job.p.max_tokens {
+        if complete || self.generated >= self.job.p.max_tokens {
             let rest = self.detok.flush(&sh.base.text.tokenizer);
             let rest = match self.stop.push(&rest) {
                 Filtered::Stop(t) => {
@@ -371,7 +423,12 @@ impl Seq {
                 Filtered::Emit(t) => t + &self.stop.flush(),
             };
             self.emit(rest);
-            return self.finish(FinishReason::Length);
+            let reason = if complete {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            return self.finish(reason);
         }
         Step::Continue
     }

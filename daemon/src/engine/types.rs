@@ -57,6 +57,16 @@ pub struct GenerationRequest {
     pub max_tokens: Option<usize>,
     /// Stop strings: generation ends before the first occurrence, which is not returned.
     pub stop: Vec<String>,
+    /// Structured output and tools (both optional).
+    pub guided: Guided,
+}
+
+/// What shapes a request's output beyond sampling: a grammar the text must match
+/// (`response_format`, `guided_*`) and the tools it may call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Guided {
+    pub constraint: Option<super::constraint::Constraint>,
+    pub tools: Option<super::tools::Tools>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,6 +74,8 @@ pub struct GenerationRequest {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The turn ended with tool calls.
+    ToolCalls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -78,6 +90,8 @@ pub struct Usage {
 pub enum GenEvent {
     /// New text (never a split UTF-8 character, never part of a stop string).
     Text(String),
+    /// A complete tool call parsed out of the output (only with tools).
+    ToolCall(super::tools::ToolCall),
     Finished {
         reason: FinishReason,
         usage: Usage,

@@ -297,7 +297,7 @@ pub fn parse_message(index: usize, m: &Value, dialect: Dialect) -> Result<ChatMe
     };
     let tool_calls = match obj.get("tool_calls").filter(|v| !v.is_null()) {
         None => None,
-        Some(Value::Array(calls)) => Some(calls.clone()),
+        Some(Value::Array(calls)) => Some(calls.iter().map(arguments_as_json).collect()),
         Some(v) => {
             return fail(
                 Some("tool_calls"),
@@ -347,6 +347,23 @@ pub fn parse_message(index: usize, m: &Value, dialect: Dialect) -> Result<ChatMe
         };
     }
     Ok(message)
+}
+
+/// OpenAI sends a call's `arguments` as a JSON string; chat templates print them as an object
+/// (`tool_call.arguments | tojson`), which is how tool-calling models were trained. As vLLM does,
+/// a string that holds a JSON object is read as that object; anything else stays as sent.
+fn arguments_as_json(call: &Value) -> Value {
+    let mut call = call.clone();
+    if let Some(args) = call.pointer_mut("/function/arguments") {
+        if let Some(parsed) = args
+            .as_str()
+            .and_then(|s| serde_json::from_str::<Value>(s).ok())
+            .filter(Value::is_object)
+        {
+            *args = parsed;
+        }
+    }
+    call
 }
 
 fn optional_string(

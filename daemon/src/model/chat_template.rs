@@ -19,6 +19,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template refers to `tools` at all: one that does not would drop them
+    /// silently, so serving refuses tools for it.
+    supports_tools: bool,
 }
 
 impl ChatTemplate {
@@ -35,10 +38,16 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| ModelError::Template(describe(&e)))?;
         Ok(Self {
+            supports_tools: source.contains("tools"),
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    /// Whether the template prints tool definitions (it refers to `tools`).
+    pub fn supports_tools(&self) -> bool {
+        self.supports_tools
     }
 
     /// Renders OpenAI-style messages (`{"role","content",...}` objects): parsed

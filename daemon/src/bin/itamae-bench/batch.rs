@@ -45,6 +45,7 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
                 },
                 max_tokens: Some(tokens),
                 stop: vec![],
+                guided: Default::default(),
             })?;
             rxs.push(engine.submit(p)?);
         }
@@ -57,7 +58,7 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
                         break;
                     }
                     GenEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
-                    GenEvent::Text(_) => {}
+                    GenEvent::Text(_) | GenEvent::ToolCall(_) => {}
                 }
             }
         }

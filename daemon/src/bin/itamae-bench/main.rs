@@ -11,6 +11,7 @@ mod batch;
 mod decode;
 mod job_swap;
 mod server;
+mod structured;
 mod swap;
 mod train;
 
@@ -31,6 +32,16 @@ struct Cli {
 enum BenchCommand {
     /// Aggregate decode tok/s: N concurrent streams on the base vs on N different LoRA variants.
     Batch {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
+    /// Structured outputs: aggregate decode tok/s of N streams under a JSON schema vs the same
+    /// N streams unconstrained, same run.
+    Structured {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
         model: PathBuf,
         #[arg(long, default_value_t = 8)]
@@ -122,6 +133,11 @@ fn main() {
             streams,
             tokens,
         } => batch::batch(&model, streams, tokens),
+        BenchCommand::Structured {
+            model,
+            streams,
+            tokens,
+        } => structured::structured(&model, streams, tokens),
         BenchCommand::Swap {
             model,
             clients,

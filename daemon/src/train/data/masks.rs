@@ -346,6 +346,55 @@ mod tests {
         );
     }
 
+    /// The same with tools, through the real Qwen2.5 template: the request's `tools` and its
+    /// history of calls and results render as the dataset line with those `tools` does (the
+    /// engine's `render_with_tools(messages, tools, true)`), calls printed in Qwen's format.
+    #[test]
+    fn serving_with_tools_renders_the_training_conversation_plus_the_generation_prompt() {
+        let qwen25 = ChatTemplate::new(
+            include_str!("../../../../tests/fixtures/qwen2.5-chat-template.jinja"),
+            "",
+            "<|im_end|>",
+        )
+        .expect("template");
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Weather of a city", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        let messages = json!([
+            {"role": "user", "content": "Weather in Kyoto?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                "type": "function", "function": {"name": "get_weather",
+                "arguments": "{\"city\": \"Kyoto\"}"}}]},
+            {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_1"},
+            {"role": "assistant", "content": "It is sunny in Kyoto."},
+            {"role": "user", "content": "And tomorrow?"},
+        ]);
+        let served = chat::parse_messages(Some(&messages), Dialect::Api).expect("request");
+        let served_tools = tools.as_array().expect("array").clone();
+        let prompt = qwen25
+            .render_with_tools(&served, Some(&served_tools), true)
+            .expect("serving render");
+        let line = json!({"messages": messages, "tools": tools}).to_string();
+        let Record::Chat {
+            messages: trained,
+            tools: trained_tools,
+        } = parse_line(line.as_bytes()).record.expect("dataset line")
+        else {
+            panic!("not a chat line");
+        };
+        let (full, spans) =
+            render_chat(&qwen25, &trained, trained_tools.as_deref()).expect("training render");
+        assert_eq!(prompt, format!("{full}<|im_start|>assistant\n"));
+        assert_eq!(spans.len(), 2);
+        for part in [
+            "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\"",
+            "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Kyoto\"}}\n</tool_call><|im_end|>",
+            "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>",
+        ] {
+            assert!(full.contains(part), "{part} not in {full}");
+        }
+    }
+
     #[test]
     fn template_that_is_not_prefix_stable_is_reported() {
         let t = ChatTemplate::new(
