@@ -379,6 +379,50 @@ fn errors(ctx: &Ctx) {
     let body = json!({"model": ctx.model, "prompt": "hello ".repeat(10000)});
     ctx.post_err("/v1/completions", &body, 400, Some("prompt"));
 
+    unsupported_fields(ctx);
+
     let res = ctx.get("/v1/no-such-route");
     ctx.check_err(res, 404, None, "unknown route");
+}
+
+/// Fields we do not act on are refused by name, never dropped; their defaults pass.
+fn unsupported_fields(ctx: &Ctx) {
+    let chat = "/v1/chat/completions";
+    for (extra, param) in [
+        (
+            json!({"audio": {"voice": "alloy", "format": "wav"}}),
+            "audio",
+        ),
+        (json!({"modalities": ["text", "audio"]}), "modalities"),
+        (
+            json!({"prediction": {"type": "content", "content": "x"}}),
+            "prediction",
+        ),
+        (json!({"web_search_options": {}}), "web_search_options"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"colour": "red"}), "colour"),
+    ] {
+        let body = ctx.chat_body("hi", extra);
+        let v = ctx.post_err(chat, &body, 400, Some(param));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("`{param}`")), "{v}");
+    }
+    let body = ctx.chat_body(
+        "hi",
+        json!({"max_tokens": 2, "store": false, "tools": [], "n": 1, "service_tier": "auto",
+               "response_format": {"type": "text"}, "user": "u", "audio": null}),
+    );
+    ctx.post_ok(chat, &body);
+    let res = ctx.get("/v1/fine_tuning/jobs?metadata[team]=a");
+    ctx.check_err(res, 400, Some("metadata"), "job list by metadata");
+    let res = ctx.get("/v1/files?colour=red");
+    ctx.check_err(
+        res,
+        400,
+        Some("colour"),
+        "file list with an unknown parameter",
+    );
 }

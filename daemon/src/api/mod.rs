@@ -16,6 +16,7 @@
 pub mod adapters;
 pub mod auth;
 pub mod error;
+pub mod fields;
 pub mod files;
 pub mod handlers;
 pub mod jobs;

@@ -1,9 +1,10 @@
 //! Parsing and validation of request bodies. Bodies arrive as untyped JSON so that every error can
-//! name the exact field at fault (`messages[1].content[0].type`); unknown fields are ignored, and
-//! `null` counts as absent, as OpenAI SDKs expect.
+//! name the exact field at fault (`messages[1].content[0].type`); fields the parsers do not read
+//! are refused first, by `super::fields`, and `null` counts as absent, as OpenAI SDKs expect.
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::fields::{CHAT_REQUEST, COMPLETION_REQUEST};
 use crate::engine::{GenerationRequest, PromptInput, SamplingParams};
 use crate::model::chat::{self, type_name, ChatMessage, Dialect};
 
@@ -70,6 +71,7 @@ impl Common {
 /// Parses and validates a chat completion request body.
 pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
     let obj = as_object(body)?;
+    CHAT_REQUEST.check_object(obj)?;
     let model = parse_model(obj)?;
     let messages = parse_messages(obj)?;
     let (max_tokens, max_tokens_param) = match opt_uint(obj, "max_completion_tokens")? {
@@ -84,13 +86,6 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
             "max_tokens",
         ),
     };
-    check_n(obj)?;
-    if opt_bool(obj, "logprobs")? == Some(true) {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs are not supported by this server",
-        ));
-    }
     let mut common = parse_common(obj, model, max_tokens)?;
     common.max_tokens_param = max_tokens_param;
     Ok(ChatRequest { common, messages })
@@ -99,41 +94,13 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
 /// Parses and validates a (legacy) text completion request body.
 pub fn parse_completion(body: &Value) -> Result<CompletionRequest, ApiError> {
     let obj = as_object(body)?;
+    COMPLETION_REQUEST.check_object(obj)?;
     let model = parse_model(obj)?;
     let prompt = parse_prompt(obj)?;
     let max_tokens = match opt_uint(obj, "max_tokens")? {
         Some(n) => check_max_tokens("max_tokens", n)?,
         None => DEFAULT_COMPLETION_MAX_TOKENS,
     };
-    check_n(obj)?;
-    if opt_bool(obj, "echo")? == Some(true) {
-        return Err(ApiError::invalid(
-            "echo",
-            "echo is not supported by this server",
-        ));
-    }
-    if let Some(best_of) = opt_uint(obj, "best_of")? {
-        if best_of != 1 {
-            return Err(ApiError::invalid(
-                "best_of",
-                format!("only best_of=1 is supported, got {best_of}"),
-            ));
-        }
-    }
-    if let Some(suffix) = opt_str(obj, "suffix")? {
-        if !suffix.is_empty() {
-            return Err(ApiError::invalid(
-                "suffix",
-                "suffix is not supported by this server",
-            ));
-        }
-    }
-    if field(obj, "logprobs").is_some() {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs are not supported by this server",
-        ));
-    }
     let common = parse_common(obj, model, Some(max_tokens))?;
     Ok(CompletionRequest { common, prompt })
 }
@@ -227,16 +194,6 @@ fn check_max_tokens(param: &str, n: u64) -> Result<usize, ApiError> {
         ));
     }
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
-}
-
-fn check_n(obj: &Map<String, Value>) -> Result<(), ApiError> {
-    match opt_int(obj, "n")? {
-        None | Some(1) => Ok(()),
-        Some(n) => Err(ApiError::invalid(
-            "n",
-            format!("only n=1 is supported, got {n}"),
-        )),
-    }
 }
 
 fn parse_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
@@ -446,7 +403,6 @@ mod tests {
             "n": 1,
             "user": "someone",
             "logprobs": false,
-            "some_future_field": {"x": 1},
         }))
         .unwrap();
         assert_eq!(
