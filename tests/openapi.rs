@@ -708,6 +708,34 @@ fn scripted_session_conforms_to_the_spec() {
     );
     assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
 
+    // Logprobs and bias, plain and streamed; echo with logprobs.
+    let mut lp = chat.clone();
+    lp["logprobs"] = json!(true);
+    lp["top_logprobs"] = json!(2);
+    lp["logit_bias"] = json!({"1000": -5});
+    s.expect(
+        200,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&lp),
+    );
+    lp["stream"] = json!(true);
+    let a = s.call(
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&lp),
+    );
+    assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
+    let mut lp = cmpl.clone();
+    lp["logprobs"] = json!(2);
+    lp["echo"] = json!(true);
+    s.expect(200, "POST", "/v1/completions", "/v1/completions", Some(&lp));
+    lp["stream"] = json!(true);
+    let a = s.call("POST", "/v1/completions", "/v1/completions", Some(&lp));
+    assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
+
     // Errors: 400, 401, 403, 404.
     let mut bad = chat.clone();
     bad["temperature"] = json!(9);

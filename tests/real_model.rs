@@ -71,6 +71,7 @@ fn generate(
                 return (pieces, reason);
             }
             GenEvent::Failed(e) => panic!("generation failed: {e}"),
+            GenEvent::Echo { .. } | GenEvent::Token(_) => panic!("not asked for"),
         }
     }
 }
@@ -262,6 +263,7 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
                 GenEvent::Text(t) => text.push_str(&t),
                 GenEvent::Finished { .. } => break,
                 GenEvent::Failed(e) => panic!("{e}"),
+                GenEvent::Echo { .. } | GenEvent::Token(_) => panic!("not asked for"),
             }
         }
         assert_eq!(text, solo[i], "request {i} differs when batched");

@@ -319,6 +319,8 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
                 }
                 GenEvent::Finished { .. } => break,
                 GenEvent::Failed(e) => bail!("generation failed: {e}"),
+                // Not asked for (no echo, no logprobs).
+                GenEvent::Echo { .. } | GenEvent::Token(_) => {}
             }
         }
         println!();

@@ -152,23 +152,10 @@ pub const GRAMMAR: &[Unsupported] = &[
 ];
 
 /// Features of the generation endpoints this server does not offer.
-const GENERATION: &[Unsupported] = &[
-    u(
-        "logit_bias",
-        &[EmptyObject],
-        "logit_bias is not available yet",
-    ),
-    u("n", &[Num(1.0)], "only n=1 is supported"),
-];
+const GENERATION: &[Unsupported] = &[u("n", &[Num(1.0)], "only n=1 is supported")];
 
 /// Chat features this server does not offer.
 const CHAT: &[Unsupported] = &[
-    u("logprobs", &[Bool(false)], "logprobs are not available yet"),
-    u(
-        "top_logprobs",
-        &[Num(0.0)],
-        "logprobs are not available yet",
-    ),
     u(
         "audio",
         &[],
@@ -202,8 +189,6 @@ const CHAT: &[Unsupported] = &[
 
 /// Legacy completion features this server does not offer.
 const COMPLETION: &[Unsupported] = &[
-    u("logprobs", &[], "logprobs are not available yet"),
-    u("echo", &[Bool(false)], "echo is not available yet"),
     u("best_of", &[Num(1.0)], "only best_of=1 is supported"),
     u("suffix", &[Str("")], "suffix (insertion) is not supported"),
 ];
@@ -224,6 +209,7 @@ const SAMPLING: &[&str] = &[
     "stop",
     "stream",
     "stream_options",
+    "logit_bias",
 ];
 
 /// Identify the caller or hint at caching; they change nothing we return.
@@ -243,9 +229,17 @@ const fn concat<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'st
     out
 }
 
-const CHAT_ACCEPTED: [&str; SAMPLING.len() + 2] =
-    concat(SAMPLING, &["messages", "max_completion_tokens"]);
-const COMPLETION_ACCEPTED: [&str; SAMPLING.len() + 1] = concat(SAMPLING, &["prompt"]);
+const CHAT_ACCEPTED: [&str; SAMPLING.len() + 4] = concat(
+    SAMPLING,
+    &[
+        "messages",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+    ],
+);
+const COMPLETION_ACCEPTED: [&str; SAMPLING.len() + 3] =
+    concat(SAMPLING, &["prompt", "logprobs", "echo"]);
 
 /// `POST /v1/chat/completions`.
 pub const CHAT_REQUEST: Fields = Fields {
@@ -461,8 +455,6 @@ mod tests {
             json!({"metadata": {"k": "v"}}),
             json!({"service_tier": "flex"}),
             json!({"n": 2}),
-            json!({"logit_bias": {"50256": -100}}),
-            json!({"logprobs": true}),
         ];
         for body in cases {
             let key = body
@@ -474,10 +466,8 @@ mod tests {
             assert!(e.message.contains(&format!("`{key}`")), "{}", e.message);
         }
         for body in [
-            json!({"echo": true}),
             json!({"best_of": 2}),
             json!({"suffix": "end"}),
-            json!({"logprobs": 0}),
             json!({"messages": []}),
         ] {
             let key = body

@@ -10,6 +10,8 @@ use crate::model::chat::{self, type_name, ChatMessage, Dialect};
 
 /// At most this many stop sequences (as OpenAI).
 pub const MAX_STOP: usize = 4;
+/// Most alternatives per token of `/v1/completions` `logprobs` (as OpenAI).
+pub const MAX_COMPLETION_LOGPROBS: usize = 5;
 /// `max_tokens` of `/v1/completions` when the request has none (as OpenAI).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
@@ -88,6 +90,18 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
     };
     let mut common = parse_common(obj, model, max_tokens)?;
     common.max_tokens_param = max_tokens_param;
+    let top = opt_uint(obj, "top_logprobs")?;
+    common.sampling.logprobs = match (opt_bool(obj, "logprobs")?, top) {
+        (Some(true), top) => Some(usize::try_from(top.unwrap_or(0)).unwrap_or(usize::MAX)),
+        (_, None) => None,
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+    };
+    common.sampling.validate()?;
     Ok(ChatRequest { common, messages })
 }
 
@@ -101,7 +115,17 @@ pub fn parse_completion(body: &Value) -> Result<CompletionRequest, ApiError> {
         Some(n) => check_max_tokens("max_tokens", n)?,
         None => DEFAULT_COMPLETION_MAX_TOKENS,
     };
-    let common = parse_common(obj, model, Some(max_tokens))?;
+    let mut common = parse_common(obj, model, Some(max_tokens))?;
+    common.sampling.logprobs = match opt_uint(obj, "logprobs")? {
+        Some(k) if k > MAX_COMPLETION_LOGPROBS as u64 => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {k}"),
+            ))
+        }
+        k => k.map(|k| k as usize),
+    };
+    common.sampling.echo = opt_bool(obj, "echo")?.unwrap_or(false);
     Ok(CompletionRequest { common, prompt })
 }
 
@@ -312,8 +336,36 @@ fn parse_sampling(obj: &Map<String, Value>) -> Result<SamplingParams, ApiError> 
     // OpenAI seeds are signed 64-bit integers: keep their bits.
     s.seed = opt_int(obj, "seed")?.map(|i| i as u64);
     s.ignore_eos = opt_bool(obj, "ignore_eos")?.unwrap_or(false);
+    s.logit_bias = parse_logit_bias(obj)?;
     s.validate()?;
     Ok(s)
+}
+
+/// `{"token id": bias}`; the ids are checked against the vocabulary when the request is
+/// prepared, the values (−100..100) by [`SamplingParams::validate`].
+fn parse_logit_bias(obj: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match field(obj, "logit_bias") {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(v) => return Err(wrong_type("logit_bias", "an object", v)),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias keys must be token ids (non-negative integers), got `{k}`"),
+            )
+        })?;
+        let bias = v.as_f64().ok_or_else(|| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias[{k}] must be a number, got {}", type_name(v)),
+            )
+        })?;
+        out.push((id, bias as f32));
+    }
+    Ok(out)
 }
 
 fn parse_common(
@@ -619,8 +671,36 @@ mod tests {
             (json!({"model": "m", "messages": [user("x")], "n": 2}), "n"),
             (json!({"model": "m", "messages": [user("x")], "n": 0}), "n"),
             (
-                json!({"model": "m", "messages": [user("x")], "logprobs": true}),
+                json!({"model": "m", "messages": [user("x")], "logprobs": 1}),
                 "logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "top_logprobs": 2}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": [1]}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"a": 1}}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"-3": 1}}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"3": 100.5}}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"3": "up"}}),
+                "logit_bias",
             ),
         ];
         for (body, want) in cases {
@@ -629,6 +709,37 @@ mod tests {
             assert_eq!(e.status.as_u16(), 400, "body {body}");
             assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn logprobs_and_bias_are_read() {
+        let r = parse_chat(
+            &json!({"model": "m", "messages": [user("x")], "logprobs": true,
+            "top_logprobs": 20, "logit_bias": {"7": -100, "12": 2.5}}),
+        )
+        .unwrap();
+        assert_eq!(r.common.sampling.logprobs, Some(20));
+        let mut bias = r.common.sampling.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, -100.0), (12, 2.5)]);
+        let r =
+            parse_chat(&json!({"model": "m", "messages": [user("x")], "logprobs": true})).unwrap();
+        assert_eq!(r.common.sampling.logprobs, Some(0));
+        let r =
+            parse_chat(&json!({"model": "m", "messages": [user("x")], "logprobs": false})).unwrap();
+        assert_eq!(r.common.sampling.logprobs, None);
+        let r =
+            parse_completion(&json!({"model": "m", "prompt": "x", "logprobs": 0, "echo": true}))
+                .unwrap();
+        assert_eq!(r.common.sampling.logprobs, Some(0));
+        assert!(r.common.sampling.echo);
+        let e = parse_chat(&json!({"model": "m", "messages": [user("x")],
+            "logit_bias": {"3": -101}}))
+        .expect_err("out of range");
+        assert_eq!(
+            e.message,
+            "logit_bias values must be between -100 and 100, got -101 for token 3"
+        );
     }
 
     #[test]
@@ -683,7 +794,7 @@ mod tests {
             (json!({"model": "m", "prompt": ["a", "b"]}), "prompt"),
             (json!({"model": "m", "prompt": [1, 2, 3]}), "prompt"),
             (json!({"model": "m", "prompt": [[1, 2]]}), "prompt"),
-            (json!({"model": "m", "prompt": "x", "echo": true}), "echo"),
+            (json!({"model": "m", "prompt": "x", "echo": "yes"}), "echo"),
             (
                 json!({"model": "m", "prompt": "x", "best_of": 3}),
                 "best_of",
@@ -693,7 +804,7 @@ mod tests {
                 "suffix",
             ),
             (
-                json!({"model": "m", "prompt": "x", "logprobs": 2}),
+                json!({"model": "m", "prompt": "x", "logprobs": 6}),
                 "logprobs",
             ),
             (json!({"model": "m", "prompt": "x", "n": 3}), "n"),

@@ -24,6 +24,8 @@ pub struct Prepared {
     pub(super) tokens: Vec<u32>,
     pub(super) sampling: SamplingParams,
     pub(super) stop: Vec<String>,
+    /// The prompt as given, when it is to be echoed back (completions `echo`).
+    pub(super) echo: Option<String>,
 }
 
 /// A prepared request queued to the engine thread, with the channel its events go to.
@@ -322,6 +324,18 @@ impl EngineHandle {
                 ),
             ));
         }
+        let vocab = sh.config.vocab_size;
+        if let Some(&(id, _)) = req
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|b| b.0 as usize >= vocab)
+        {
+            return Err(invalid(
+                "logit_bias",
+                format!("logit_bias names token {id}, but the vocabulary has {vocab} tokens (ids 0 to {})", vocab - 1),
+            ));
+        }
         let room = context - n;
         let max_tokens = match req.max_tokens {
             None => room,
@@ -336,7 +350,12 @@ impl EngineHandle {
             }
             Some(m) => m,
         };
+        let echo = match &req.input {
+            PromptInput::Text(t) if req.sampling.echo => Some(t.clone()),
+            _ => None,
+        };
         Ok(Prepared {
+            echo,
             prompt_tokens: n,
             max_tokens,
             model: req.model,

@@ -8,8 +8,10 @@
 //! - `handle`: [`EngineHandle`], what HTTP workers and the jobs runner hold.
 //! - `registry`: the served variants and the LRU memory budget that evicts and reloads them.
 //! - `scheduler`: the engine thread's loop (continuous batching, prefill groups, sampling).
+//! - `logprobs`: the logprobs reported with tokens (and with an echoed prompt).
 pub mod detok;
 mod handle;
+pub mod logprobs;
 mod registry;
 pub mod sampling;
 mod scheduler;

@@ -57,7 +57,7 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
                         break;
                     }
                     GenEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
-                    GenEvent::Text(_) => {}
+                    GenEvent::Text(_) | GenEvent::Echo { .. } | GenEvent::Token(_) => {}
                 }
             }
         }
