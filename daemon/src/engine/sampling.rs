@@ -208,7 +208,7 @@ mod tests {
             ..params()
         });
         for _ in 0..200 {
-            assert_ne!(s.sample(&mut vec![5.0, 0.0, 0.0], &[], &HashMap::new()), 0);
+            assert_ne!(s.sample(&mut [5.0, 0.0, 0.0], &[], &HashMap::new()), 0);
         }
     }
 
