@@ -2,7 +2,8 @@
 # OpenAI SDK check: the unmodified `openai` Python SDK (from PyPI, in a venv of its own) drives
 # the fine-tuning flow against itamaed: files.create, fine_tuning.jobs.create, list_events,
 # retrieve, checkpoints.list, then chat.completions.create(model=job.fine_tuned_model), streamed
-# and not, plus models.list. Exit status: 0 = every step passed.
+# and not, plus models.list; logprobs (chat and completions, with echo), logit_bias, and fields
+# the server refuses by name. Exit status: 0 = every step passed.
 #
 # Environment:
 #   ITAMAE_URL        target this running daemon (e.g. http://127.0.0.1:8080) instead of
@@ -123,5 +124,55 @@ assert streamed == r.choices[0].message.content, "streamed and whole answers dif
 ck = client.chat.completions.create(model=cks.data[-1].fine_tuned_model_checkpoint,
                                     messages=msgs, max_tokens=8)
 print("checkpoint served:", cks.data[-1].fine_tuned_model_checkpoint, repr(ck.choices[0].message.content))
+# --- logprobs, logit_bias, echo and refused fields (apibasics) ---
+def check_logprobs(client, model):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model=model, messages=msgs, max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3 and bytes(t.bytes).decode(errors="replace") == t.token
+        assert t.top_logprobs[0].token == t.token  # greedy picks the most likely token
+    print("chat logprobs:", [(t.token, round(t.logprob, 3)) for t in content])
+    streamed = []
+    for chunk in client.chat.completions.create(model=model, messages=msgs, max_tokens=5,
+                                                temperature=0, logprobs=True, top_logprobs=3,
+                                                stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [t.token for t in streamed] == [t.token for t in content], "streamed logprobs differ"
+    biased = client.chat.completions.create(model=model, messages=msgs, max_tokens=3,
+                                            logit_bias={"1000": 100}, logprobs=True,
+                                            extra_body={"ignore_eos": True})
+    toks = [t.token for t in biased.choices[0].logprobs.content]
+    assert len(set(toks)) == 1, toks
+    print("logit_bias +100 on token 1000:", toks)
+    c = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3,
+                                  temperature=0, logprobs=2, echo=True)
+    lp = c.choices[0].logprobs
+    assert c.choices[0].text.startswith("The capital of France is")
+    assert lp.token_logprobs[0] is None and "".join(lp.tokens) == c.choices[0].text
+    print("completions echo+logprobs:", list(zip(lp.tokens, lp.token_logprobs))[-3:])
+
+def check_refused(client, model):
+    import openai
+    msgs = [{"role": "user", "content": "hi"}]
+    for kwargs, param in [({"modalities": ["text", "audio"]}, "modalities"),
+                          ({"web_search_options": {}}, "web_search_options"),
+                          ({"extra_body": {"colour": "red"}}, "colour")]:
+        try:
+            client.chat.completions.create(model=model, messages=msgs, max_tokens=2, **kwargs)
+        except openai.BadRequestError as e:
+            assert e.body["param"] == param, e.body
+            print("refused as expected:", param, "-", e.body["message"])
+        else:
+            sys.exit(f"{param} was accepted")
+
+check_logprobs(client, base)
+check_logprobs(client, job.fine_tuned_model)
+check_refused(client, base)
+# --- end apibasics ---
+
 print("OK: the openai SDK flow passed")
 PY

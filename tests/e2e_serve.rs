@@ -153,6 +153,9 @@ fn e2e_serve() {
     let answer = chat(&ctx);
     chat_stream(&ctx, &answer);
     completions(&ctx);
+    chat_logprobs(&ctx);
+    logit_bias(&ctx);
+    completion_logprobs(&ctx);
     errors(&ctx);
     // Still alive and serving after all of that.
     health(&ctx);
@@ -373,12 +376,247 @@ fn errors(ctx: &Ctx) {
     let body = ctx.chat_body("hi", json!({"n": 2}));
     ctx.post_err(chat, &body, 400, Some("n"));
 
-    let body = json!({"model": ctx.model, "prompt": "x", "echo": true});
-    ctx.post_err("/v1/completions", &body, 400, Some("echo"));
+    let body = json!({"model": ctx.model, "prompt": "x", "best_of": 2});
+    ctx.post_err("/v1/completions", &body, 400, Some("best_of"));
 
     let body = json!({"model": ctx.model, "prompt": "hello ".repeat(10000)});
     ctx.post_err("/v1/completions", &body, 400, Some("prompt"));
 
+    unsupported_fields(ctx);
+
     let res = ctx.get("/v1/no-such-route");
     ctx.check_err(res, 404, None, "unknown route");
+}
+
+/// Fields we do not act on are refused by name, never dropped; their defaults pass.
+fn unsupported_fields(ctx: &Ctx) {
+    let chat = "/v1/chat/completions";
+    for (extra, param) in [
+        (
+            json!({"audio": {"voice": "alloy", "format": "wav"}}),
+            "audio",
+        ),
+        (json!({"modalities": ["text", "audio"]}), "modalities"),
+        (
+            json!({"prediction": {"type": "content", "content": "x"}}),
+            "prediction",
+        ),
+        (json!({"web_search_options": {}}), "web_search_options"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"colour": "red"}), "colour"),
+    ] {
+        let body = ctx.chat_body("hi", extra);
+        let v = ctx.post_err(chat, &body, 400, Some(param));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("`{param}`")), "{v}");
+    }
+    let body = ctx.chat_body(
+        "hi",
+        json!({"max_tokens": 2, "store": false, "tools": [], "n": 1, "service_tier": "auto",
+               "response_format": {"type": "text"}, "user": "u", "audio": null}),
+    );
+    ctx.post_ok(chat, &body);
+    let res = ctx.get("/v1/fine_tuning/jobs?metadata[team]=a");
+    ctx.check_err(res, 400, Some("metadata"), "job list by metadata");
+    let res = ctx.get("/v1/files?colour=red");
+    ctx.check_err(
+        res,
+        400,
+        Some("colour"),
+        "file list with an unknown parameter",
+    );
+}
+
+/// The tokens of a chat `logprobs.content`, each checked for shape and range.
+fn content_tokens(lps: &Value, top: usize) -> Vec<(String, f64)> {
+    let content = lps["content"].as_array().expect("logprobs.content");
+    assert_eq!(lps["refusal"], Value::Null, "{lps}");
+    content
+        .iter()
+        .map(|t| {
+            let token = t["token"].as_str().expect("token").to_string();
+            let lp = t["logprob"].as_f64().expect("logprob");
+            assert!(lp <= 0.0, "{t}");
+            let bytes: Vec<u8> = t["bytes"]
+                .as_array()
+                .expect("bytes")
+                .iter()
+                .map(|b| b.as_u64().expect("byte") as u8)
+                .collect();
+            assert_eq!(String::from_utf8_lossy(&bytes), token, "{t}");
+            let alts = t["top_logprobs"].as_array().expect("top_logprobs");
+            assert_eq!(alts.len(), top, "{t}");
+            let mut prev = 0.0;
+            let mut mass = 0.0;
+            for (i, a) in alts.iter().enumerate() {
+                let alp = a["logprob"].as_f64().expect("alternative logprob");
+                assert!(alp <= prev + 1e-6, "alternatives best first: {t}");
+                assert!(a["bytes"].is_array() && a["token"].is_string(), "{t}");
+                if i == 0 {
+                    assert!(
+                        alp >= lp - 1e-5,
+                        "the best alternative is at least as likely: {t}"
+                    );
+                }
+                prev = alp;
+                mass += alp.exp();
+            }
+            assert!(mass <= 1.0 + 1e-3, "{t}");
+            (token, lp)
+        })
+        .collect()
+}
+
+/// Greedy chat with logprobs: one entry per generated token, the chosen token is the most
+/// likely one, the tokens spell the answer, and streaming reports the same numbers.
+fn chat_logprobs(ctx: &Ctx) {
+    let chat = "/v1/chat/completions";
+    let extra = json!({"temperature": 0, "max_tokens": 6, "logprobs": true, "top_logprobs": 3,
+                       "ignore_eos": true});
+    let v = ctx.post_ok(chat, &ctx.chat_body(QUESTION, extra.clone()));
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "length", "{v}");
+    let tokens = content_tokens(&choice["logprobs"], 3);
+    assert_eq!(tokens.len(), 6, "{v}");
+    let spelled: String = tokens.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        spelled,
+        choice["message"]["content"].as_str().expect("content")
+    );
+    for t in choice["logprobs"]["content"].as_array().expect("content") {
+        // Greedy: the chosen token is the top alternative.
+        assert_eq!(t["top_logprobs"][0]["token"], t["token"], "{t}");
+    }
+
+    let mut body = ctx.chat_body(QUESTION, extra);
+    body["stream"] = json!(true);
+    let chunks = ctx.post_stream(chat, &body);
+    let mut streamed = Vec::new();
+    for c in &chunks {
+        let lps = &c["choices"][0]["logprobs"];
+        if !lps.is_null() {
+            streamed.extend(content_tokens(lps, 3));
+        }
+    }
+    assert_eq!(streamed.len(), tokens.len(), "{chunks:?}");
+    for (a, b) in streamed.iter().zip(&tokens) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
+
+    // Without the flag: `logprobs` is null.
+    let v = ctx.post_ok(chat, &ctx.chat_body(QUESTION, json!({"max_tokens": 2})));
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null, "{v}");
+}
+
+/// A +100 bias makes one token certain; logprobs describe the biased distribution.
+fn logit_bias(ctx: &Ctx) {
+    let chat = "/v1/chat/completions";
+    let extra = json!({"max_tokens": 4, "logprobs": true, "ignore_eos": true,
+                       "logit_bias": {"1000": 100}, "seed": 1});
+    let v = ctx.post_ok(chat, &ctx.chat_body(QUESTION, extra));
+    let tokens = content_tokens(&v["choices"][0]["logprobs"], 0);
+    assert_eq!(tokens.len(), 4, "{v}");
+    for t in &tokens {
+        assert_eq!(t.0, tokens[0].0, "every token is the biased one: {v}");
+        assert!(t.1 > -1e-3, "after a +100 bias the token is certain: {v}");
+    }
+    // −100 on the greedy answer's first token changes the answer's start.
+    let greedy_body = |bias: Value| {
+        ctx.chat_body(
+            QUESTION,
+            json!({"temperature": 0, "max_tokens": 1, "logprobs": true, "top_logprobs": 2,
+                   "logit_bias": bias}),
+        )
+    };
+    let v = ctx.post_ok(chat, &greedy_body(json!({})));
+    let first = content_tokens(&v["choices"][0]["logprobs"], 2);
+    let v = ctx.post_ok(chat, &greedy_body(json!({"1000": 0})));
+    assert_eq!(
+        content_tokens(&v["choices"][0]["logprobs"], 2)[0].0,
+        first[0].0
+    );
+
+    for bias in [json!({"99999999": 1}), json!({"5": 101}), json!({"x": 1})] {
+        let body = ctx.chat_body("hi", json!({"logit_bias": bias}));
+        ctx.post_err(chat, &body, 400, Some("logit_bias"));
+    }
+}
+
+/// Legacy completions: `logprobs` = n alternatives (+ the chosen token), `echo` returns the
+/// prompt with its tokens' logprobs (the first one null), and the numbers of a generated token
+/// and of the same token read back as prompt agree.
+fn completion_logprobs(ctx: &Ctx) {
+    let url = "/v1/completions";
+    let prompt = "The capital of France is";
+    let v = ctx.post_ok(
+        url,
+        &json!({"model": ctx.model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                "logprobs": 2}),
+    );
+    let lps = &v["choices"][0]["logprobs"];
+    let generated = lps["tokens"][0].as_str().expect("token").to_string();
+    let generated_lp = lps["token_logprobs"][0].as_f64().expect("logprob");
+    let top = lps["top_logprobs"][0].as_object().expect("top_logprobs");
+    assert!(top.len() <= 3 && top.contains_key(&generated), "{v}");
+    assert_eq!(lps["text_offset"], json!([0]), "{v}");
+
+    let echoed = format!("{prompt}{generated}");
+    let v = ctx.post_ok(
+        url,
+        &json!({"model": ctx.model, "prompt": echoed, "max_tokens": 2, "temperature": 0,
+                "logprobs": 1, "echo": true, "ignore_eos": true}),
+    );
+    let (p, c) = check_usage(&v["usage"], 2);
+    let choice = &v["choices"][0];
+    let text = choice["text"].as_str().expect("text");
+    assert!(text.starts_with(&echoed), "{v}");
+    let lps = &choice["logprobs"];
+    let tokens: Vec<&str> = lps["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_str().expect("token"))
+        .collect();
+    assert_eq!(tokens.len() as u64, p + c, "{v}");
+    assert_eq!(tokens.concat(), text, "{v}");
+    let lp = lps["token_logprobs"].as_array().expect("token_logprobs");
+    assert!(lp[0].is_null() && lps["top_logprobs"][0].is_null(), "{v}");
+    let offsets: Vec<u64> = lps["text_offset"]
+        .as_array()
+        .expect("text_offset")
+        .iter()
+        .map(|o| o.as_u64().expect("offset"))
+        .collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[0] == 0,
+        "{v}"
+    );
+    // The prompt's last token is the one generated above: same context, same logprob.
+    let last = p as usize - 1;
+    assert_eq!(tokens[last], generated, "{v}");
+    let read_back = lp[last].as_f64().expect("prompt token logprob");
+    assert!(
+        (read_back - generated_lp).abs() < 0.05,
+        "generated {generated_lp}, read back {read_back}"
+    );
+
+    // Echo alone: the prompt comes back first, streamed too; logprobs stay null.
+    let body = json!({"model": ctx.model, "prompt": prompt, "max_tokens": 2, "echo": true});
+    let v = ctx.post_ok(url, &body);
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .expect("text")
+            .starts_with(prompt),
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+    let mut body = body;
+    body["stream"] = json!(true);
+    let chunks = ctx.post_stream(url, &body);
+    assert_eq!(chunks[0]["choices"][0]["text"], prompt, "{chunks:?}");
 }

@@ -409,6 +409,105 @@ fn spec_schemas_compile_and_refs_resolve() {
     }
 }
 
+/// Property names of a request schema, through `allOf` and `$ref`s.
+fn property_names(spec: &Value, schema: &Value) -> BTreeSet<String> {
+    let schema = deref(spec, schema);
+    let mut out: BTreeSet<String> = schema["properties"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        out.extend(property_names(spec, part));
+    }
+    out
+}
+
+fn names(list: &Value) -> BTreeSet<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v.as_str().expect("a field name").to_string())
+        .collect()
+}
+
+/// The fields each request type takes (`itamae::api::fields`) are the ones the spec documents,
+/// and the fields refused unless at their default are the spec's `x-unsupported-fields`.
+#[test]
+fn spec_request_fields_are_the_parsed_fields() {
+    use itamae::api::fields::{self, Fields};
+    let spec = load_spec();
+    let schemas = &spec["components"]["schemas"];
+    let upload = &spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]
+        ["multipart/form-data"]["schema"];
+    let op_params = |path: &str| -> (BTreeSet<String>, BTreeSet<String>) {
+        let op = &spec["paths"][path]["get"];
+        let params = op["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| deref(&spec, p))
+            .filter(|p| p["in"] == "query")
+            .map(|p| p["name"].as_str().expect("name").to_string())
+            .collect();
+        (params, names(&op["x-unsupported-fields"]))
+    };
+    let bodies: [(&str, &Value, Fields); 4] = [
+        (
+            "ChatCompletionRequest",
+            &schemas["ChatCompletionRequest"],
+            fields::CHAT_REQUEST,
+        ),
+        (
+            "CompletionRequest",
+            &schemas["CompletionRequest"],
+            fields::COMPLETION_REQUEST,
+        ),
+        (
+            "FineTuningJobRequest",
+            &schemas["FineTuningJobRequest"],
+            fields::JOB_CREATE,
+        ),
+        ("POST /v1/files", upload, fields::FILE_UPLOAD),
+    ];
+    let mut checked = Vec::new();
+    for (name, schema, f) in bodies {
+        let documented = (
+            property_names(&spec, schema),
+            names(&deref(&spec, schema)["x-unsupported-fields"]),
+        );
+        checked.push((name.to_string(), documented, f));
+    }
+    for (path, f) in [
+        ("/v1/files", fields::FILE_LIST),
+        ("/v1/fine_tuning/jobs", fields::JOB_LIST),
+        (
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+            fields::JOB_EVENTS,
+        ),
+        (
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+            fields::JOB_CHECKPOINTS,
+        ),
+    ] {
+        checked.push((format!("GET {path}"), op_params(path), f));
+    }
+    for (name, (documented, unsupported), f) in checked {
+        let taken: BTreeSet<String> = f
+            .accepted
+            .iter()
+            .chain(f.inert)
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(documented, taken, "{name}: spec properties vs fields taken");
+        let refused: BTreeSet<String> = f
+            .unsupported
+            .iter()
+            .flat_map(|l| l.iter().map(|u| u.name.to_string()))
+            .collect();
+        assert_eq!(unsupported, refused, "{name}: x-unsupported-fields");
+    }
+}
+
 /// The `Adapter` schema's variant for adapter `type` `name`.
 fn adapter_variant<'a>(spec: &'a Value, name: &str) -> &'a Value {
     spec["components"]["schemas"]["Adapter"]["oneOf"]
@@ -668,6 +767,33 @@ fn scripted_session_conforms_to_the_spec() {
         Some(&tools),
     );
     assert_eq!(e["error"]["param"], "tools");
+    // Logprobs and bias, plain and streamed; echo with logprobs.
+    let mut lp = chat.clone();
+    lp["logprobs"] = json!(true);
+    lp["top_logprobs"] = json!(2);
+    lp["logit_bias"] = json!({"1000": -5});
+    s.expect(
+        200,
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&lp),
+    );
+    lp["stream"] = json!(true);
+    let a = s.call(
+        "POST",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        Some(&lp),
+    );
+    assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
+    let mut lp = cmpl.clone();
+    lp["logprobs"] = json!(2);
+    lp["echo"] = json!(true);
+    s.expect(200, "POST", "/v1/completions", "/v1/completions", Some(&lp));
+    lp["stream"] = json!(true);
+    let a = s.call("POST", "/v1/completions", "/v1/completions", Some(&lp));
+    assert_eq!((a.status, a.media.as_str()), (200, "text/event-stream"));
 
     // Errors: 400, 401, 403, 404.
     let mut bad = chat.clone();

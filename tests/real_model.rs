@@ -73,6 +73,7 @@ fn generate(
             }
             GenEvent::Failed(e) => panic!("generation failed: {e}"),
             GenEvent::ToolCall(c) => panic!("no tools were given, yet a call came: {c:?}"),
+            GenEvent::Echo { .. } | GenEvent::Token(_) => panic!("not asked for"),
         }
     }
 }
@@ -266,6 +267,7 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
                 GenEvent::Finished { .. } => break,
                 GenEvent::Failed(e) => panic!("{e}"),
                 GenEvent::ToolCall(c) => panic!("no tools were given, yet a call came: {c:?}"),
+                GenEvent::Echo { .. } | GenEvent::Token(_) => panic!("not asked for"),
             }
         }
         assert_eq!(text, solo[i], "request {i} differs when batched");

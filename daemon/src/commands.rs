@@ -322,6 +322,8 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
                 GenEvent::Failed(e) => bail!("generation failed: {e}"),
                 // This chat sends no tools, so no call is ever parsed.
                 GenEvent::ToolCall(_) => {}
+                // Not asked for (no echo, no logprobs).
+                GenEvent::Echo { .. } | GenEvent::Token(_) => {}
             }
         }
         println!();

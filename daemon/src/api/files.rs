@@ -9,6 +9,7 @@ use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::fields;
 use super::handlers::method_not_allowed;
 use super::jobs::{jobs_of, limit_param, query_map};
 use crate::jobs::backend::{BlobWriter, FileQuery};
@@ -143,8 +144,20 @@ pub async fn upload(req: HttpRequest, mut payload: Multipart) -> Result<HttpResp
                 }
                 upload = Some((f, bytes, filename));
             }
-            // Other fields (e.g. an SDK's extras) are read and ignored.
-            _ => while field.try_next().await.map_err(multipart_error)?.is_some() {},
+            // Anything else is named in a 400 unless it is empty (SDKs send unset extras so).
+            other => {
+                let name = other.unwrap_or("").to_string();
+                let mut v = Vec::new();
+                while let Some(chunk) = field.try_next().await.map_err(multipart_error)? {
+                    if v.len() < MAX_PURPOSE {
+                        v.extend_from_slice(&chunk);
+                    }
+                }
+                if !v.is_empty() {
+                    let value = Value::String(String::from_utf8_lossy(&v).into_owned());
+                    fields::FILE_UPLOAD.check(&name, &value)?;
+                }
+            }
         }
     }
     let purpose = purpose
@@ -167,8 +180,8 @@ pub async fn upload(req: HttpRequest, mut payload: Multipart) -> Result<HttpResp
 
 /// `GET /v1/files` (`purpose`, `after`, `limit` up to 10000, `order` asc|desc).
 pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let q = query_map(&req, &fields::FILE_LIST)?;
     let jobs = jobs_of(&req)?;
-    let q = query_map(&req)?;
     let limit = limit_param(&q, 10_000, 10_000)?;
     let after = match q.get("after") {
         Some(a) => Some(file_id(a).map_err(|_| ApiError::invalid("after", "Invalid file id"))?),

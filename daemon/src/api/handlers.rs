@@ -103,7 +103,8 @@ async fn generate(
     };
     let rx = engine.submit(prepared)?;
     let mut rx = instrument(rx, common.model.clone(), started);
-    let meta = Meta::new(kind, common.model.clone(), common.include_usage);
+    let mut meta = Meta::new(kind, common.model.clone(), common.include_usage);
+    meta.logprobs = common.sampling.logprobs.is_some();
     if common.stream {
         Ok(HttpResponse::Ok()
             .content_type("text/event-stream")

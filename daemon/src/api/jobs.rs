@@ -10,6 +10,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::fields::{self, check_query, Fields};
 use super::handlers::method_not_allowed;
 use crate::jobs::spec::{parse_create, FieldError};
 use crate::jobs::storage::{valid_id, JOB_PREFIX};
@@ -40,10 +41,16 @@ pub(crate) fn jobs_of(req: &HttpRequest) -> Result<Jobs, ApiError> {
         .ok_or_else(|| ApiError::unavailable("Fine-tuning is not enabled on this server"))
 }
 
-pub(crate) fn query_map(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
-    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+/// The query string, every parameter checked against what the route takes.
+pub(crate) fn query_map(
+    req: &HttpRequest,
+    fields: &Fields,
+) -> Result<HashMap<String, String>, ApiError> {
+    let q = web::Query::<HashMap<String, String>>::from_query(req.query_string())
         .map(|q| q.into_inner())
-        .map_err(|e| ApiError::bad_request(format!("Invalid query string: {e}")))
+        .map_err(|e| ApiError::bad_request(format!("Invalid query string: {e}")))?;
+    check_query(fields, &q)?;
+    Ok(q)
 }
 
 /// `limit` from the query: `default` when absent, 1..=`max`.
@@ -143,6 +150,9 @@ fn ok_job(jobs: &Jobs, j: &JobRow) -> HttpResponse {
 /// `POST /v1/fine_tuning/jobs`.
 pub async fn create(req: HttpRequest, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
     let jobs = jobs_of(&req)?;
+    if let Some(obj) = body.as_object() {
+        fields::JOB_CREATE.check_object(obj)?;
+    }
     let default_seed = rand::random_range(0..(1u64 << 31));
     let c = parse_create(&body, default_seed).map_err(spec_error)?;
     let row = jobs.create_job(c).await?;
@@ -151,8 +161,8 @@ pub async fn create(req: HttpRequest, body: web::Json<Value>) -> Result<HttpResp
 
 /// `GET /v1/fine_tuning/jobs` (`after`, `limit` = 20).
 pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let q = query_map(&req, &fields::JOB_LIST)?;
     let jobs = jobs_of(&req)?;
-    let q = query_map(&req)?;
     let limit = limit_param(&q, 20, 100)?;
     let after = match q.get("after") {
         Some(a) if valid_id(JOB_PREFIX, a) => Some(a.as_str()),
@@ -205,7 +215,7 @@ async fn pause_or_resume(
 /// ends (`data: [DONE]`).
 pub async fn events(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let jobs = jobs_of(&req)?;
-    let q = query_map(&req)?;
+    let q = query_map(&req, &fields::JOB_EVENTS)?;
     let j = find(&jobs, &id).await?;
     let stream = match q.get("stream").map(String::as_str) {
         None | Some("false") => false,
@@ -248,7 +258,7 @@ pub async fn checkpoints(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let jobs = jobs_of(&req)?;
-    let q = query_map(&req)?;
+    let q = query_map(&req, &fields::JOB_CHECKPOINTS)?;
     let j = find(&jobs, &id).await?;
     let limit = limit_param(&q, 10, 100)?;
     let all = jobs.job_checkpoints(&j.id).await?;

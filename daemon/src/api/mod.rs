@@ -18,10 +18,12 @@ pub mod adapters;
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod fields;
 pub mod files;
 pub mod guided;
 pub mod handlers;
 pub mod jobs;
+pub mod logprobs;
 pub mod metrics;
 pub mod request;
 pub mod response;
@@ -274,10 +276,10 @@ mod tests {
         let req = test::TestRequest::post()
             .uri("/v1/completions")
             .insert_header(("content-type", "application/x-www-form-urlencoded"))
-            .set_payload("{\"model\": \"m\", \"prompt\": \"x\", \"echo\": true}");
+            .set_payload("{\"model\": \"m\", \"prompt\": \"x\", \"best_of\": 2}");
         let (s, v) = call(req).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
-        assert_eq!(v["error"]["param"], "echo");
+        assert_eq!(v["error"]["param"], "best_of");
     }
 
     #[actix_web::test]

@@ -1,14 +1,17 @@
 //! Parsing and validation of request bodies. Bodies arrive as untyped JSON so that every error can
-//! name the exact field at fault (`messages[1].content[0].type`); unknown fields are ignored, and
-//! `null` counts as absent, as OpenAI SDKs expect.
+//! name the exact field at fault (`messages[1].content[0].type`); fields the parsers do not read
+//! are refused first, by `super::fields`, and `null` counts as absent, as OpenAI SDKs expect.
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::fields::{CHAT_REQUEST, COMPLETION_REQUEST};
 use crate::engine::{GenerationRequest, Guided, PromptInput, SamplingParams};
 use crate::model::chat::{self, type_name, ChatMessage, Dialect};
 
 /// At most this many stop sequences (as OpenAI).
 pub const MAX_STOP: usize = 4;
+/// Most alternatives per token of `/v1/completions` `logprobs` (as OpenAI).
+pub const MAX_COMPLETION_LOGPROBS: usize = 5;
 /// `max_tokens` of `/v1/completions` when the request has none (as OpenAI).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
@@ -73,6 +76,7 @@ impl Common {
 /// Parses and validates a chat completion request body.
 pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
     let obj = as_object(body)?;
+    CHAT_REQUEST.check_object(obj)?;
     let model = parse_model(obj)?;
     let messages = parse_messages(obj)?;
     let (max_tokens, max_tokens_param) = match opt_uint(obj, "max_completion_tokens")? {
@@ -87,15 +91,20 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
             "max_tokens",
         ),
     };
-    check_n(obj)?;
-    if opt_bool(obj, "logprobs")? == Some(true) {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs are not supported by this server",
-        ));
-    }
     let mut common = parse_common(obj, model, max_tokens)?;
     common.max_tokens_param = max_tokens_param;
+    let top = opt_uint(obj, "top_logprobs")?;
+    common.sampling.logprobs = match (opt_bool(obj, "logprobs")?, top) {
+        (Some(true), top) => Some(usize::try_from(top.unwrap_or(0)).unwrap_or(usize::MAX)),
+        (_, None) => None,
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+    };
+    common.sampling.validate()?;
     common.guided = super::guided::parse(obj, true)?;
     Ok(ChatRequest { common, messages })
 }
@@ -103,42 +112,24 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
 /// Parses and validates a (legacy) text completion request body.
 pub fn parse_completion(body: &Value) -> Result<CompletionRequest, ApiError> {
     let obj = as_object(body)?;
+    COMPLETION_REQUEST.check_object(obj)?;
     let model = parse_model(obj)?;
     let prompt = parse_prompt(obj)?;
     let max_tokens = match opt_uint(obj, "max_tokens")? {
         Some(n) => check_max_tokens("max_tokens", n)?,
         None => DEFAULT_COMPLETION_MAX_TOKENS,
     };
-    check_n(obj)?;
-    if opt_bool(obj, "echo")? == Some(true) {
-        return Err(ApiError::invalid(
-            "echo",
-            "echo is not supported by this server",
-        ));
-    }
-    if let Some(best_of) = opt_uint(obj, "best_of")? {
-        if best_of != 1 {
-            return Err(ApiError::invalid(
-                "best_of",
-                format!("only best_of=1 is supported, got {best_of}"),
-            ));
-        }
-    }
-    if let Some(suffix) = opt_str(obj, "suffix")? {
-        if !suffix.is_empty() {
-            return Err(ApiError::invalid(
-                "suffix",
-                "suffix is not supported by this server",
-            ));
-        }
-    }
-    if field(obj, "logprobs").is_some() {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs are not supported by this server",
-        ));
-    }
     let mut common = parse_common(obj, model, Some(max_tokens))?;
+    common.sampling.logprobs = match opt_uint(obj, "logprobs")? {
+        Some(k) if k > MAX_COMPLETION_LOGPROBS as u64 => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {k}"),
+            ))
+        }
+        k => k.map(|k| k as usize),
+    };
+    common.sampling.echo = opt_bool(obj, "echo")?.unwrap_or(false);
     common.guided = super::guided::parse(obj, false)?;
     Ok(CompletionRequest { common, prompt })
 }
@@ -232,16 +223,6 @@ fn check_max_tokens(param: &str, n: u64) -> Result<usize, ApiError> {
         ));
     }
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
-}
-
-fn check_n(obj: &Map<String, Value>) -> Result<(), ApiError> {
-    match opt_int(obj, "n")? {
-        None | Some(1) => Ok(()),
-        Some(n) => Err(ApiError::invalid(
-            "n",
-            format!("only n=1 is supported, got {n}"),
-        )),
-    }
 }
 
 fn parse_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
@@ -360,8 +341,36 @@ fn parse_sampling(obj: &Map<String, Value>) -> Result<SamplingParams, ApiError> 
     // OpenAI seeds are signed 64-bit integers: keep their bits.
     s.seed = opt_int(obj, "seed")?.map(|i| i as u64);
     s.ignore_eos = opt_bool(obj, "ignore_eos")?.unwrap_or(false);
+    s.logit_bias = parse_logit_bias(obj)?;
     s.validate()?;
     Ok(s)
+}
+
+/// `{"token id": bias}`; the ids are checked against the vocabulary when the request is
+/// prepared, the values (−100..100) by [`SamplingParams::validate`].
+fn parse_logit_bias(obj: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match field(obj, "logit_bias") {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(v) => return Err(wrong_type("logit_bias", "an object", v)),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias keys must be token ids (non-negative integers), got `{k}`"),
+            )
+        })?;
+        let bias = v.as_f64().ok_or_else(|| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias[{k}] must be a number, got {}", type_name(v)),
+            )
+        })?;
+        out.push((id, bias as f32));
+    }
+    Ok(out)
 }
 
 fn parse_common(
@@ -452,7 +461,6 @@ mod tests {
             "n": 1,
             "user": "someone",
             "logprobs": false,
-            "some_future_field": {"x": 1},
         }))
         .unwrap();
         assert_eq!(
@@ -669,8 +677,36 @@ mod tests {
             (json!({"model": "m", "messages": [user("x")], "n": 2}), "n"),
             (json!({"model": "m", "messages": [user("x")], "n": 0}), "n"),
             (
-                json!({"model": "m", "messages": [user("x")], "logprobs": true}),
+                json!({"model": "m", "messages": [user("x")], "logprobs": 1}),
                 "logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "top_logprobs": 2}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": [1]}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"a": 1}}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"-3": 1}}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"3": 100.5}}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "m", "messages": [user("x")], "logit_bias": {"3": "up"}}),
+                "logit_bias",
             ),
         ];
         for (body, want) in cases {
@@ -679,6 +715,37 @@ mod tests {
             assert_eq!(e.status.as_u16(), 400, "body {body}");
             assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn logprobs_and_bias_are_read() {
+        let r = parse_chat(
+            &json!({"model": "m", "messages": [user("x")], "logprobs": true,
+            "top_logprobs": 20, "logit_bias": {"7": -100, "12": 2.5}}),
+        )
+        .unwrap();
+        assert_eq!(r.common.sampling.logprobs, Some(20));
+        let mut bias = r.common.sampling.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, -100.0), (12, 2.5)]);
+        let r =
+            parse_chat(&json!({"model": "m", "messages": [user("x")], "logprobs": true})).unwrap();
+        assert_eq!(r.common.sampling.logprobs, Some(0));
+        let r =
+            parse_chat(&json!({"model": "m", "messages": [user("x")], "logprobs": false})).unwrap();
+        assert_eq!(r.common.sampling.logprobs, None);
+        let r =
+            parse_completion(&json!({"model": "m", "prompt": "x", "logprobs": 0, "echo": true}))
+                .unwrap();
+        assert_eq!(r.common.sampling.logprobs, Some(0));
+        assert!(r.common.sampling.echo);
+        let e = parse_chat(&json!({"model": "m", "messages": [user("x")],
+            "logit_bias": {"3": -101}}))
+        .expect_err("out of range");
+        assert_eq!(
+            e.message,
+            "logit_bias values must be between -100 and 100, got -101 for token 3"
+        );
     }
 
     #[test]
@@ -733,7 +800,7 @@ mod tests {
             (json!({"model": "m", "prompt": ["a", "b"]}), "prompt"),
             (json!({"model": "m", "prompt": [1, 2, 3]}), "prompt"),
             (json!({"model": "m", "prompt": [[1, 2]]}), "prompt"),
-            (json!({"model": "m", "prompt": "x", "echo": true}), "echo"),
+            (json!({"model": "m", "prompt": "x", "echo": "yes"}), "echo"),
             (
                 json!({"model": "m", "prompt": "x", "best_of": 3}),
                 "best_of",
@@ -743,7 +810,7 @@ mod tests {
                 "suffix",
             ),
             (
-                json!({"model": "m", "prompt": "x", "logprobs": 2}),
+                json!({"model": "m", "prompt": "x", "logprobs": 6}),
                 "logprobs",
             ),
             (json!({"model": "m", "prompt": "x", "n": 3}), "n"),

@@ -11,6 +11,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
 use crate::engine::tools::ToolCall;
+use super::logprobs;
+use crate::engine::logprobs::TokenLogprob;
 use crate::engine::{FinishReason, GenEvent, Usage};
 
 /// Which endpoint the response belongs to.
@@ -30,6 +32,8 @@ pub struct Meta {
     /// Streaming only: send a final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
     pub started: Instant,
+    /// The request asked for logprobs: choices carry a `logprobs` object instead of `null`.
+    pub logprobs: bool,
 }
 
 impl Meta {
@@ -45,6 +49,7 @@ impl Meta {
             model,
             include_usage,
             started: Instant::now(),
+            logprobs: false,
         }
     }
 
@@ -90,6 +95,8 @@ pub struct Generated {
     pub tool_calls: Vec<ToolCall>,
     pub reason: FinishReason,
     pub usage: Usage,
+    /// Per token of `text` (echoed prompt first), when asked for.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Logs a generation abandoned by its client (the future or stream dropped before the end).
@@ -123,10 +130,16 @@ pub async fn collect(
 async fn gather(rx: &mut UnboundedReceiver<GenEvent>, meta: &Meta) -> Result<Generated, ApiError> {
     let mut text = String::new();
     let mut tool_calls = Vec::new();
+    let mut lps = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
             GenEvent::Text(t) => text.push_str(&t),
             GenEvent::ToolCall(c) => tool_calls.push(c),
+            GenEvent::Echo { text: t, logprobs } => {
+                text.insert_str(0, &t);
+                lps.splice(0..0, logprobs.unwrap_or_default());
+            }
+            GenEvent::Token(t) => lps.push(t),
             GenEvent::Finished { reason, usage } => {
                 meta.log_done(reason, &usage);
                 return Ok(Generated {
@@ -134,6 +147,7 @@ async fn gather(rx: &mut UnboundedReceiver<GenEvent>, meta: &Meta) -> Result<Gen
                     tool_calls,
                     reason,
                     usage,
+                    logprobs: lps,
                 });
             }
             GenEvent::Failed(msg) => {
@@ -149,18 +163,19 @@ const ENDED_EARLY: &str = "The engine stopped before the generation finished";
 
 /// The whole response object of a non-streamed request.
 pub fn full_response(meta: &Meta, g: &Generated) -> Value {
+    let lps = Pending::default().render(meta, &g.logprobs);
     let choice = match meta.kind {
         Kind::Chat => json!({
             "index": 0,
             "message": message(g),
             "finish_reason": g.reason,
-            "logprobs": null,
+            "logprobs": lps,
         }),
         Kind::Text => json!({
             "index": 0,
             "text": g.text,
             "finish_reason": g.reason,
-            "logprobs": null,
+            "logprobs": lps,
         }),
     };
     json!({
@@ -220,12 +235,41 @@ fn chunk(meta: &Meta, choices: Value, usage: Option<&Usage>) -> Value {
     c
 }
 
+/// Streaming: token logprobs waiting for the chunk that carries their text, and where the
+/// next token starts in the whole text (legacy `text_offset`).
+#[derive(Default)]
+struct Pending {
+    tokens: Vec<TokenLogprob>,
+    offset: usize,
+}
+
+impl Pending {
+    /// The `logprobs` value for `tokens` (`null` when the request did not ask).
+    fn render(&mut self, meta: &Meta, tokens: &[TokenLogprob]) -> Value {
+        match (meta.logprobs, meta.kind) {
+            (false, _) => Value::Null,
+            (true, Kind::Chat) => logprobs::chat(tokens),
+            (true, Kind::Text) => logprobs::legacy(tokens, &mut self.offset),
+        }
+    }
+
+    /// The `logprobs` of the next chunk: every token seen since the last one.
+    fn take(&mut self, meta: &Meta) -> Value {
+        let tokens = std::mem::take(&mut self.tokens);
+        if tokens.is_empty() {
+            return Value::Null;
+        }
+        self.render(meta, &tokens)
+    }
+}
+
 /// A chunk with one choice: a delta (`text` for completions) and maybe the finish reason.
 fn choice_chunk(
     meta: &Meta,
     text: Option<&str>,
     role: bool,
     reason: Option<FinishReason>,
+    lps: Value,
 ) -> Value {
     let choice = match meta.kind {
         Kind::Chat => {
@@ -236,12 +280,12 @@ fn choice_chunk(
             if let Some(t) = text {
                 delta["content"] = json!(t);
             }
-            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+            json!({"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason})
         }
         Kind::Text => json!({
             "index": 0,
             "text": text.unwrap_or(""),
-            "logprobs": null,
+            "logprobs": lps,
             "finish_reason": reason,
         }),
     };
@@ -258,6 +302,7 @@ const DONE: &[u8] = b"data: [DONE]\n\n";
 fn event_frames(
     meta: &Meta,
     event: Option<GenEvent>,
+    pending: &mut Pending,
     out: &mut VecDeque<Bytes>,
     calls: &mut usize,
 ) -> bool {
@@ -269,8 +314,19 @@ fn event_frames(
         }
         Some(GenEvent::Text(t)) => {
             if !t.is_empty() {
-                out.push_back(frame(&choice_chunk(meta, Some(&t), false, None)));
+                let lps = pending.take(meta);
+                out.push_back(frame(&choice_chunk(meta, Some(&t), false, None, lps)));
             }
+            false
+        }
+        Some(GenEvent::Token(t)) => {
+            pending.tokens.push(t);
+            false
+        }
+        Some(GenEvent::Echo { text, logprobs }) => {
+            pending.tokens.extend(logprobs.unwrap_or_default());
+            let lps = pending.take(meta);
+            out.push_back(frame(&choice_chunk(meta, Some(&text), false, None, lps)));
             false
         }
         Some(GenEvent::Finished { reason, usage }) => {
@@ -279,7 +335,8 @@ fn event_frames(
                 Kind::Chat => None,
                 Kind::Text => Some(""),
             };
-            out.push_back(frame(&choice_chunk(meta, text, false, Some(reason))));
+            let lps = pending.take(meta);
+            out.push_back(frame(&choice_chunk(meta, text, false, Some(reason), lps)));
             if meta.include_usage {
                 out.push_back(frame(&chunk(meta, json!([]), Some(&usage))));
             }
@@ -311,6 +368,7 @@ pub fn sse_stream(
         rx: UnboundedReceiver<GenEvent>,
         meta: Meta,
         queue: VecDeque<Bytes>,
+        pending: Pending,
         done: bool,
         /// Tool calls streamed so far (the next one's index).
         calls: usize,
@@ -324,12 +382,19 @@ pub fn sse_stream(
     }
     let mut queue = VecDeque::new();
     if meta.kind == Kind::Chat {
-        queue.push_back(frame(&choice_chunk(&meta, Some(""), true, None)));
+        queue.push_back(frame(&choice_chunk(
+            &meta,
+            Some(""),
+            true,
+            None,
+            Value::Null,
+        )));
     }
     let state = State {
         rx,
         meta,
         queue,
+        pending: Pending::default(),
         done: false,
         calls: 0,
     };
@@ -342,7 +407,7 @@ pub fn sse_stream(
                 return None;
             }
             let event = st.rx.recv().await;
-            st.done = event_frames(&st.meta, event, &mut st.queue, &mut st.calls);
+            st.done = event_frames(&st.meta, event, &mut st.pending, &mut st.queue, &mut st.calls);
         }
     })
 }

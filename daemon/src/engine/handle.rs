@@ -28,6 +28,8 @@ pub struct Prepared {
     pub(super) guide: Option<super::constraint::Guide>,
     /// Set when tool calls are parsed out of the output.
     pub(super) tool_calls: bool,
+    /// The prompt as given, when it is to be echoed back (completions `echo`).
+    pub(super) echo: Option<String>,
 }
 
 /// A prepared request queued to the engine thread, with the channel its events go to.
@@ -333,6 +335,18 @@ impl EngineHandle {
                 ),
             ));
         }
+        let vocab = sh.config.vocab_size;
+        if let Some(&(id, _)) = req
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|b| b.0 as usize >= vocab)
+        {
+            return Err(invalid(
+                "logit_bias",
+                format!("logit_bias names token {id}, but the vocabulary has {vocab} tokens (ids 0 to {})", vocab - 1),
+            ));
+        }
         let room = context - n;
         let max_tokens = match req.max_tokens {
             None => room,
@@ -353,9 +367,14 @@ impl EngineHandle {
             Some(c) => Some(sh.grammars.compile(c)?),
             None => None,
         };
+        let echo = match &req.input {
+            PromptInput::Text(t) if req.sampling.echo => Some(t.clone()),
+            _ => None,
+        };
         Ok(Prepared {
             guide,
             tool_calls: tools.is_some_and(|t| t.parses_calls()),
+            echo,
             prompt_tokens: n,
             max_tokens,
             model: req.model,

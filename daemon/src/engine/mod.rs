@@ -11,8 +11,10 @@
 //! - `constraint`: structured outputs (grammar masks over the vocabulary); `tools`: tool
 //!   definitions, forced calls and the parser of calls in the output.
 pub mod constraint;
+//! - `logprobs`: the logprobs reported with tokens (and with an echoed prompt).
 pub mod detok;
 mod handle;
+pub mod logprobs;
 mod registry;
 pub mod sampling;
 mod scheduler;

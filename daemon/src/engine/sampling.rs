@@ -1,5 +1,7 @@
 //! Next-token choice: penalties (repetition as in HF transformers, presence/frequency as in the
-//! OpenAI API), then greedy or temperature sampling restricted by top-k, top-p and min-p.
+//! OpenAI API) and `logit_bias`, then greedy or temperature sampling restricted by top-k, top-p
+//! and min-p. The two halves are separate ([`Sampler::adjust`], [`Sampler::choose`]) because
+//! reported logprobs are read between them (see `super::logprobs`).
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;
@@ -29,6 +31,12 @@ impl Sampler {
         context: &[u32],
         generated: &HashMap<u32, usize>,
     ) -> u32 {
+        self.adjust(logits, context, generated);
+        self.choose(logits)
+    }
+
+    /// The penalties and the bias: the distribution the model offers for this request.
+    pub fn adjust(&self, logits: &mut [f32], context: &[u32], generated: &HashMap<u32, usize>) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
@@ -53,6 +61,17 @@ impl Sampler {
                 }
             }
         }
+        // Ids were checked against the vocabulary when the request was prepared.
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+    }
+
+    /// Draws from `logits` (as left by [`Self::adjust`]); may overwrite them.
+    pub fn choose(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
         if p.temperature == 0.0 {
             return argmax(logits);
         }
@@ -168,6 +187,29 @@ mod tests {
         });
         let mut l = vec![0.1, 3.0, -1.0, 2.9];
         assert_eq!(s.sample(&mut l, &[], &HashMap::new()), 1);
+    }
+
+    #[test]
+    fn logit_bias_is_added_before_the_choice() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(1, -100.0), (2, 2.5)],
+            ..params()
+        });
+        let mut l = vec![0.1, 3.0, -1.0, 2.9];
+        assert_eq!(s.sample(&mut l, &[], &HashMap::new()), 3);
+        let mut l = vec![0.1, 3.0, 1.0, 2.9];
+        s.adjust(&mut l, &[], &HashMap::new());
+        assert_eq!(l, vec![0.1, -97.0, 3.5, 2.9]);
+        // -100 bans a token even when sampling.
+        let mut s = Sampler::new(SamplingParams {
+            seed: Some(5),
+            logit_bias: vec![(0, -100.0)],
+            ..params()
+        });
+        for _ in 0..200 {
+            assert_ne!(s.sample(&mut [5.0, 0.0, 0.0], &[], &HashMap::new()), 0);
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use super::constraint::Guide;
 use super::detok::{Detokenizer, Filtered, StopFilter};
 use super::handle::Job;
+use super::logprobs::{self, TokenLogprob};
 use super::sampling::Sampler;
 use super::tools::{Piece, ToolCallParser};
 use super::Shared;
@@ -36,6 +37,8 @@ struct Seq {
     guide: Option<Guide>,
     /// Lifts tool calls out of the text (requests with tools).
     tool_calls: Option<ToolCallParser>,
+    /// The prompt's tokens with their logprobs (echo with logprobs), taken by the prefill.
+    prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 enum Step {
@@ -251,6 +254,7 @@ impl Seq {
             sampler: Sampler::new(job.p.sampling.clone()),
             detok: Detokenizer::new(),
             stop: StopFilter::new(job.p.stop.clone()),
+            prompt_logprobs: None,
             cache,
             job,
         }
@@ -294,7 +298,8 @@ impl Seq {
     /// Whether this sequence can be prefilled in one forward with others: any mix of the base
     /// model and variants, except prefix-tuned ones (their prefix goes into the cache first).
     fn joins_prefill(&self) -> bool {
-        self.cache.is_empty()
+        !self.wants_prompt_logprobs()
+            && self.cache.is_empty()
             && self
                 .job
                 .p
@@ -303,10 +308,19 @@ impl Seq {
                 .is_none_or(|a| a.prefix_len() == 0)
     }
 
+    /// Echo with logprobs needs the logits of every prompt position, not just the last.
+    fn wants_prompt_logprobs(&self) -> bool {
+        self.job.p.echo.is_some() && self.job.p.sampling.logprobs.is_some()
+    }
+
     /// Runs the prompt (after the soft prompt of a prompt-tuned variant; a prefix-tuned
     /// variant's prefix is written into the cache by the model) and takes the first token.
     fn prefill(&mut self, model: &Transformer, sh: &Shared) -> candle_core::Result<Step> {
         let x = self.prompt_embeddings(model)?;
+        if self.wants_prompt_logprobs() {
+            let last = self.prefill_all_positions(model, sh, &x)?;
+            return Ok(self.accept(last, sh));
+        }
         let ctx = Ctx {
             cache: Some(&mut self.cache),
             hooks: self
@@ -321,6 +335,50 @@ impl Seq {
             .squeeze(0)?
             .to_vec1::<f32>()?;
         Ok(self.accept(logits, sh))
+    }
+
+    /// A prefill that keeps every position's logits: the prompt's logprobs are stored for the
+    /// echo and the last position's logits returned. The LM head runs on slices of positions,
+    /// so a long prompt never holds `length × vocabulary` floats at once.
+    fn prefill_all_positions(
+        &mut self,
+        model: &Transformer,
+        sh: &Shared,
+        x: &Tensor,
+    ) -> candle_core::Result<Vec<f32>> {
+        const SLICE: usize = 64;
+        let ctx = Ctx {
+            cache: Some(&mut self.cache),
+            hooks: self
+                .job
+                .p
+                .adapter
+                .as_deref()
+                .map(|a| a as &dyn ForwardHooks),
+            packed: None,
+        };
+        let h = rayon::scope(|_| model.forward_hidden(x, ctx))?.squeeze(0)?;
+        let total = h.dim(0)?;
+        let n = self.job.p.tokens.len();
+        // A soft prompt's virtual tokens come first; the prompt's own rows follow.
+        let first = total - n;
+        let mut rows = Vec::with_capacity(n);
+        let mut start = first;
+        while start < total {
+            let len = SLICE.min(total - start);
+            let logits = model.logits(&h.narrow(0, start, len)?)?;
+            rows.extend(crate::model::layers::rows_f32(&logits)?);
+            start += len;
+        }
+        let last = rows.pop().unwrap_or_default();
+        let k = self.job.p.sampling.logprobs.unwrap_or(0);
+        self.prompt_logprobs = Some(logprobs::prompt_logprobs(
+            &sh.base.text.tokenizer,
+            &self.job.p.tokens,
+            &rows,
+            k,
+        ));
+        Ok(last)
     }
 
     fn finish(&mut self, mut reason: FinishReason) -> Step {
@@ -374,12 +432,19 @@ impl Seq {
         if self.client_gone() {
             return Step::Done;
         }
+        if let Some(text) = self.job.p.echo.take() {
+            let logprobs = self.prompt_logprobs.take();
+            let _ = self.job.events.send(GenEvent::Echo { text, logprobs });
+        }
         if let Some(guide) = &mut self.guide {
             if let Err(e) = guide.apply(&mut logits) {
                 return self.fail_guided(e);
             }
         }
-        let id = self.sampler.sample(&mut logits, &self.ids, &self.counts);
+        self.sampler.adjust(&mut logits, &self.ids, &self.counts);
+        // The distribution before the sampler reshapes it (or overwrites it) is what's reported.
+        let offered = self.job.p.sampling.logprobs.map(|k| (k, logits.clone()));
+        let id = self.sampler.choose(&mut logits);
         self.next = id;
         let now = std::time::Instant::now();
         if let Some(prev) = self.last_token.replace(now) {
@@ -397,6 +462,10 @@ impl Seq {
             Some(Ok(done)) => done,
             None => false,
         };
+        if let Some((k, offered)) = offered {
+            let lp = logprobs::describe(&sh.base.text.tokenizer, &offered, id, k);
+            let _ = self.job.events.send(GenEvent::Token(lp));
+        }
         self.generated += 1;
         self.ids.push(id);
         *self.counts.entry(id).or_default() += 1;

@@ -29,6 +29,15 @@ pub struct SamplingParams {
     /// vLLM): fixed-length generations for load tests and benchmarks.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Added to the logits of these token ids before sampling (OpenAI `logit_bias`, −100..100).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each generated token's logprob with this many alternatives (None: no logprobs).
+    #[serde(default)]
+    pub logprobs: Option<usize>,
+    /// Completions `echo`: the prompt comes back before the output (with logprobs, per token).
+    #[serde(default)]
+    pub echo: bool,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +52,9 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             ignore_eos: false,
+            logit_bias: Vec::new(),
+            logprobs: None,
+            echo: false,
         }
     }
 }
@@ -96,6 +108,14 @@ pub enum GenEvent {
         reason: FinishReason,
         usage: Usage,
     },
+    /// The prompt, echoed before the output (completions `echo`), with its tokens' logprobs
+    /// when the request asked for logprobs.
+    Echo {
+        text: String,
+        logprobs: Option<Vec<super::logprobs::TokenLogprob>>,
+    },
+    /// A generated token's logprob (only when asked for), sent before the text it adds.
+    Token(super::logprobs::TokenLogprob),
     /// Generation failed after it started; no further events follow.
     Failed(String),
 }
@@ -170,6 +190,27 @@ impl SamplingParams {
         ] {
             if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
                 return bad(name, format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        if let Some(k) = self.logprobs {
+            if k > super::logprobs::MAX_TOP_LOGPROBS {
+                return bad(
+                    "top_logprobs",
+                    format!(
+                        "top_logprobs must be between 0 and {}, got {k}",
+                        super::logprobs::MAX_TOP_LOGPROBS
+                    ),
+                );
+            }
+        }
+        for &(id, b) in &self.logit_bias {
+            if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
+                return bad(
+                    "logit_bias",
+                    format!(
+                        "logit_bias values must be between -100 and 100, got {b} for token {id}"
+                    ),
+                );
             }
         }
         Ok(())
