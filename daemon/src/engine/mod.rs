@@ -10,8 +10,8 @@
 //! - `scheduler`: the engine thread's loop (continuous batching, prefill groups, sampling).
 //! - `constraint`: structured outputs (grammar masks over the vocabulary); `tools`: tool
 //!   definitions, forced calls and the parser of calls in the output.
-pub mod constraint;
 //! - `logprobs`: the logprobs reported with tokens (and with an echoed prompt).
+pub mod constraint;
 pub mod detok;
 mod handle;
 pub mod logprobs;
