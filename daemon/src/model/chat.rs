@@ -59,8 +59,9 @@ pub struct ChatMessage {
     pub content: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// OpenAI-style tool calls of an assistant turn, as sent: the template decides how to print
-    /// them.
+    /// OpenAI-style tool calls of an assistant turn, as sent except that an `arguments` string
+    /// holding a JSON object becomes that object (see `arguments_as_json`): the template decides
+    /// how to print them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -633,6 +634,28 @@ mod tests {
         for (messages, message) in cases {
             assert_eq!(training_err(messages.clone()), message, "{messages}");
         }
+    }
+
+    #[test]
+    fn call_arguments_holding_an_object_reach_the_template_as_that_object() {
+        let calls = |args: Value| {
+            let m = json!([{"role": "assistant", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": args}}]}]);
+            let api = parse_messages(Some(&m), Dialect::Api).expect("api");
+            assert_eq!(
+                api,
+                parse_messages(Some(&m), Dialect::Training).expect("training")
+            );
+            api[0].tool_calls.clone().expect("calls")[0]["function"]["arguments"].clone()
+        };
+        assert_eq!(
+            calls(json!(r#"{"city": "Kyoto"}"#)),
+            json!({"city": "Kyoto"})
+        );
+        // Not an object, or not JSON: kept as sent.
+        assert_eq!(calls(json!("[1, 2]")), json!("[1, 2]"));
+        assert_eq!(calls(json!("city=Kyoto")), json!("city=Kyoto"));
+        assert_eq!(calls(json!({"city": "Kyoto"})), json!({"city": "Kyoto"}));
     }
 
     #[test]
