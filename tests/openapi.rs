@@ -1077,6 +1077,7 @@ fn tool_call_shapes_conform_to_the_spec() {
             tool_calls: vec![call(0), call(1)],
             reason: FinishReason::ToolCalls,
             usage,
+            logprobs: Vec::new(),
         },
     );
     validate(&spec, "#/components/schemas/ChatCompletion", &whole).expect("response");

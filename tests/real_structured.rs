@@ -69,6 +69,7 @@ fn run(reqs: Vec<GenerationRequest>) -> Vec<(String, FinishReason)> {
                     GenEvent::Finished { reason, .. } => return (text, reason),
                     GenEvent::Failed(e) => panic!("generation failed: {e}"),
                     GenEvent::ToolCall(c) => panic!("no tools were given: {c:?}"),
+                    GenEvent::Echo { .. } | GenEvent::Token(_) => panic!("not asked for"),
                 }
             }
         })
@@ -226,6 +227,7 @@ fn required_and_named_tool_choices_force_a_parsed_call() {
                 GenEvent::ToolCall(c) => calls.push(c),
                 GenEvent::Finished { reason, .. } => break reason,
                 GenEvent::Failed(e) => panic!("{e}"),
+                GenEvent::Echo { .. } | GenEvent::Token(_) => panic!("not asked for"),
             }
         };
         assert_eq!(reason, FinishReason::ToolCalls, "{choice:?}");

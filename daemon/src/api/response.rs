@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
-use crate::engine::tools::ToolCall;
 use super::logprobs;
 use crate::engine::logprobs::TokenLogprob;
+use crate::engine::tools::ToolCall;
 use crate::engine::{FinishReason, GenEvent, Usage};
 
 /// Which endpoint the response belongs to.
@@ -407,7 +407,13 @@ pub fn sse_stream(
                 return None;
             }
             let event = st.rx.recv().await;
-            st.done = event_frames(&st.meta, event, &mut st.pending, &mut st.queue, &mut st.calls);
+            st.done = event_frames(
+                &st.meta,
+                event,
+                &mut st.pending,
+                &mut st.queue,
+                &mut st.calls,
+            );
         }
     })
 }

@@ -58,7 +58,10 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
                         break;
                     }
                     GenEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
-                    GenEvent::Text(_) | GenEvent::ToolCall(_) | GenEvent::Echo { .. } | GenEvent::Token(_) => {}
+                    GenEvent::Text(_)
+                    | GenEvent::ToolCall(_)
+                    | GenEvent::Echo { .. }
+                    | GenEvent::Token(_) => {}
                 }
             }
         }

@@ -74,7 +74,10 @@ pub(crate) fn structured(model_path: &Path, streams: usize, tokens: usize) -> an
                         break;
                     }
                     GenEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
-                    GenEvent::Text(_) | GenEvent::ToolCall(_) => {}
+                    GenEvent::Text(_)
+                    | GenEvent::ToolCall(_)
+                    | GenEvent::Echo { .. }
+                    | GenEvent::Token(_) => {}
                 }
             }
         }
