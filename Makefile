@@ -3,20 +3,24 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/itamae-target
 export CARGO_TARGET_DIR
 
-.PHONY: serve test model system bench bench-train bench-batch bench-job-swap lint check-prometheus schemathesis docker-steps peft-interop
+.PHONY: serve test model system system-test bench bench-train bench-batch bench-job-swap lint check-prometheus schemathesis docker-steps peft-interop
 
 serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
 
-test: system model
+test: system-test model
 	cargo test --release --workspace
 
 model:
 	@scripts/fetch-model.sh
 
-# Debian packages the build links against (OpenBLAS) and the console test drives (chromium); idempotent.
+# Debian packages the build links against (OpenBLAS); idempotent.
 system:
 	@scripts/setup-system.sh
+
+# The same plus what the tests drive (chromium, for the console's browser test).
+system-test:
+	@scripts/setup-system.sh test
 
 # Benchmarks let OpenBLAS pick the kernels this CPU supports even where the environment pins an
 # older core type (blas::ensure_coretype_env; the result is self-checked before use).

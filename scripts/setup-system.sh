@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the build links against and the tests use: the system OpenBLAS
-# (`libopenblas-dev`, linked by daemon/src/ops/blas.rs) and `chromium`, the headless browser that
-# tests/console_browser.rs drives over the DevTools protocol to test the web console.
+# Installs the Debian packages the build links against: the system OpenBLAS (`libopenblas-dev`,
+# linked by daemon/src/ops/blas.rs). With the argument `test` it also installs what the tests use:
+# `chromium`, the headless browser that tests/console_browser.rs drives over the DevTools protocol
+# to test the web console (serving never needs it, so `make serve` does not install it).
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
-packages=(libopenblas-dev chromium)
+packages=(libopenblas-dev)
+if [ "${1:-}" = test ]; then
+  packages+=(chromium)
+fi
 
 installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"

@@ -53,7 +53,10 @@ fn chromium() -> Option<PathBuf> {
         return Some(p);
     }
     let script = Path::new(WORKSPACE).join("scripts/setup-system.sh");
-    let ran = std::process::Command::new("bash").arg(&script).status();
+    let ran = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("test")
+        .status();
     if let Some(p) = find_chromium() {
         return Some(p);
     }
