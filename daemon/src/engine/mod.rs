@@ -66,6 +66,8 @@ pub struct BaseModel {
     pub name: String,
     /// The hub id the model files name, if any ([`model::LoadedModel::hub_id`]).
     pub hub_id: Option<String>,
+    /// How the weights are held (`model.weights`).
+    pub weights: model::WeightsMode,
 }
 
 fn now() -> u64 {
@@ -98,6 +100,7 @@ fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
             template: l.template.map(Arc::new),
             name: l.name,
             hub_id: l.hub_id,
+            weights: l.weights,
         },
     };
     (model, sh)

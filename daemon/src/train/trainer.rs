@@ -321,7 +321,7 @@ impl<'m> Trainer<'m> {
             }
             Method::Full => {
                 let mut weights = HashMap::new();
-                for (name, t) in base.named_weights() {
+                for (name, t) in base.named_weights()? {
                     let (v, t) = var_of(&t)?;
                     let decay = t.rank() == 2 && !name.contains("norm");
                     params.push(Param {
@@ -401,7 +401,7 @@ impl<'m> Trainer<'m> {
         let h = hidden.reshape((b * l, hidden.dim(2)?))?;
         lm_loss(
             &h,
-            &model.lm_head,
+            &model.lm_head.to_dense(h.dtype())?,
             &targets.flatten_all()?,
             &weights.flatten_all()?,
         )
@@ -439,7 +439,7 @@ impl<'m> Trainer<'m> {
         let (model, adapter) = match &self.trainable {
             Trainable::Full(m) => {
                 full = m.with_weights(
-                    m.named_weights()
+                    m.named_weights()?
                         .into_iter()
                         .map(|(n, t)| (n, t.detach()))
                         .collect(),
@@ -848,6 +848,7 @@ mod tests {
         let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let before: Vec<Vec<f32>> = m
             .named_weights()
+            .unwrap()
             .iter()
             .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect();
@@ -894,6 +895,7 @@ mod tests {
         }
         let after: Vec<Vec<f32>> = m
             .named_weights()
+            .unwrap()
             .iter()
             .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect();

@@ -28,7 +28,7 @@ pub(crate) fn decode(
 ) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
     let t0 = Instant::now();
-    let loaded = model::load(model_path, &device)?;
+    let loaded = model::load(model_path, &device, itamae::model::WeightsMode::default())?;
     println!(
         "model {} loaded in {:.1} s (f32, {} threads)",
         loaded.name,
