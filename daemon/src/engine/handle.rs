@@ -126,6 +126,7 @@ impl EngineHandle {
             context_length: s.context,
             parent: None,
             adapter_type: None,
+            weights: Some((s.base.weights, s.base.model.weight_bytes() as u64)),
             resident: true,
         }];
         let adapters = s.adapters.read().unwrap_or_else(|e| e.into_inner());
@@ -140,6 +141,7 @@ impl EngineHandle {
                 context_length: s.context,
                 parent: Some(s.id.clone()),
                 adapter_type: Some(v.kind.into()),
+                weights: None,
                 resident: v.adapter.is_some(),
             });
         }

@@ -79,6 +79,7 @@ fn now() -> u64 {
 
 fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
     let model = Arc::new(l.model);
+    crate::metrics::global().set_model_weight_bytes(model.weight_bytes() as u64);
     let sh = Shared {
         id: l.name.clone(),
         created: now(),

@@ -2,11 +2,14 @@
 //! (f32, the trainable/full-precision case) or a block-quantized or half-precision matrix held
 //! as candle's [`QTensor`] (GGUF Q4_0…Q8_0, the K-quants, f16, bf16).
 //!
-//! Why candle's kernels and no hand-written one: measured on the target hosts, candle 0.11's
-//! CPU `QTensor` matmul already quantizes the activations to 8 bits once per call, reads each
-//! weight block once for all rows (row tiles × column quads), runs its AVX2 integer dot
-//! products on a thread pool, and repacks Q4_0/Q8_0 for a faster GEMV. A kernel of our own would
-//! have to beat that; until a benchmark shows one does, every type goes through it.
+//! Which kernel runs, by measurement (`itamae-bench quant`, a 1536 × 576 projection on a 2-thread
+//! AMD EPYC Zen 3 under load): candle 0.11's CPU `QTensor` matmul quantizes the activations to
+//! 8 bits once per call and runs integer dot products on its thread pool; for one row (decode)
+//! of Q4_0/Q8_0/K-quants that beats dequantizing the weight (Q4_0: 0.12 ms vs 1.2 ms). From a
+//! few rows on, and at every row count for the types candle has no SIMD dot product for
+//! (Q4_1, Q5_0, Q5_1: 0.6–0.7 ms for one row, 18 ms for 16), dequantizing the matrix once and
+//! running the f32 BLAS GEMM wins by 3–20× ([`quant_rows_max`]). So decode rows go to candle,
+//! prefill and training rows to dequantize + BLAS, inside one op ([`QLinear`]).
 //!
 //! Training never makes a whole f32 copy of a quantized base: [`linear`] on a gradient-tracking
 //! input runs [`QLinear`], whose backward computes `dX = dY · W` from the weight dequantized for
@@ -192,7 +195,7 @@ pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
         .to_dtype(DType::F32)?
         .contiguous()?;
     let op = QLinear(q.clone());
-    let y = if x2.track_op() {
+    let y = if x2.track_op() && x2.device().is_cpu() {
         x2.apply_op1(op)?
     } else {
         x2.apply_op1_no_bwd(&op)?
@@ -226,6 +229,15 @@ pub fn linear_lora(
     linear(x, w, b)? + (d * lora.scale)?
 }
 
+/// The most rows candle's quantized matmul takes for `dtype`; more go to dequantize + BLAS.
+pub fn quant_rows_max(dtype: GgmlDType) -> usize {
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => 4,
+        // No SIMD dot product in candle for these (or half rows): one row only.
+        _ => 1,
+    }
+}
+
 /// The quantized product as an op with a backward for its input only: the weight is frozen,
 /// and `dX = dY · W` is computed from a dequantized copy that lives for that call alone.
 struct QLinear(Arc<QTensor>);
@@ -236,7 +248,22 @@ impl CustomOp1 for QLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.0.cpu_fwd(s, l)
+        let (rows, k) = l.shape().dims2()?;
+        if rows <= quant_rows_max(self.0.dtype()) {
+            return self.0.cpu_fwd(s, l);
+        }
+        let x = super::cpu_slice::<f32>(s, l, "quant-linear")?;
+        // One transient f32 copy of this matrix, dropped when the call returns.
+        let w = self.0.dequantize(&candle_core::Device::Cpu)?;
+        let n = w.dim(0)?;
+        let (ws, wl) = w.storage_and_layout();
+        let wv = match &*ws {
+            candle_core::Storage::Cpu(c) => super::cpu_slice::<f32>(c, wl, "quant-linear")?,
+            _ => bail!("quant-linear: dequantized weight is not on the CPU"),
+        };
+        use super::blas::Mat;
+        let y = super::blas::matmul(Mat::new(x, rows, k), Mat::new(wv, n, k).t())?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 
     #[cfg(feature = "cuda")]

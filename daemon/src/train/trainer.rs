@@ -320,6 +320,16 @@ impl<'m> Trainer<'m> {
                 Trainable::Prefix(c.clone(), p)
             }
             Method::Full => {
+                // Full fine-tuning updates the base itself: it needs every weight in f32, not a
+                // dequantized copy of a quantized or half base made behind the user's back.
+                if !base.is_dense() {
+                    return Err(TrainError::Config {
+                        field: "model.weights".into(),
+                        message: "full fine-tuning needs the base in f32: start with \
+                                  --weights f32 (ITAMAE_WEIGHTS=f32)"
+                            .into(),
+                    });
+                }
                 let mut weights = HashMap::new();
                 for (name, t) in base.named_weights()? {
                     let (v, t) = var_of(&t)?;
