@@ -646,6 +646,32 @@ mod tests {
         ServeConfig::resolve(toml::from_str(file).unwrap(), args).unwrap()
     }
 
+    /// `model.weights`: flag over file over the `f32` default; unknown modes are refused at
+    /// both levels, naming the accepted ones.
+    #[test]
+    fn weights_mode_resolves_and_unknown_modes_are_refused() {
+        if std::env::var_os("ITAMAE_WEIGHTS").is_some() {
+            return; // set by whoever runs the tests: env outranks the file here
+        }
+        assert_eq!(resolve(&["itamaed", "serve"], "").weights, WeightsMode::F32);
+        let file = "[model]\nweights = \"q8_0\"\n";
+        assert_eq!(
+            resolve(&["itamaed", "serve"], file).weights,
+            WeightsMode::Q8_0
+        );
+        let c = resolve(&["itamaed", "serve", "--weights", "auto"], file);
+        assert_eq!(c.weights, WeightsMode::Auto);
+        let e = Cli::try_parse_from(["itamaed", "serve", "--weights", "q3_k"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("q4_k"), "{e}");
+        let e = toml::from_str::<FileConfig>("[model]\nweights = \"q3_k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("weights") || e.contains("q3_k"), "{e}");
+    }
+
     /// Flag > env > file > default for a server key, a training key and kernel keys. The only
     /// test here that sets these variables (tests run in parallel threads of one process).
     #[test]
