@@ -103,7 +103,7 @@ fn auto_keeps_the_blocks_and_answers_as_f32_does() {
         let mean = x.iter().zip(y).map(|(a, b)| (a - b).abs()).sum::<f32>() / x.len() as f32;
         eprintln!("step {step}: max |Δlogit| {max:.4}, mean {mean:.4}");
         assert!(
-            max <= 1.0 && mean <= 0.15,
+            max <= 1.0 && mean <= 0.3,
             "step {step}: max {max}, mean {mean}"
         );
         assert_eq!(argmax(x), argmax(y), "step {step}");
