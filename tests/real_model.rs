@@ -28,7 +28,12 @@ fn model_path() -> PathBuf {
 }
 
 fn load() -> LoadedModel {
-    model::load(&model_path(), &Device::Cpu).expect("loading the GGUF")
+    model::load(
+        &model_path(),
+        &Device::Cpu,
+        itamae::model::WeightsMode::default(),
+    )
+    .expect("loading the GGUF")
 }
 
 fn engine() -> &'static EngineHandle {
@@ -289,7 +294,7 @@ fn hf_directory_export_loads_back_identically() {
     let gguf = load();
     let dir = std::env::temp_dir().join(format!("itamae-hf-{}", std::process::id()));
     model::hf::save_model_dir(&dir, &gguf.model, &gguf.text).unwrap();
-    let hf = model::load(&dir, &Device::Cpu).unwrap();
+    let hf = model::load(&dir, &Device::Cpu, itamae::model::WeightsMode::default()).unwrap();
     let text = "<|im_start|>user\nWhat is sushi?<|im_end|>\n";
     let a = gguf
         .text

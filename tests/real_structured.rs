@@ -28,7 +28,10 @@ fn engine() -> &'static EngineHandle {
             "{} is missing: run scripts/fetch-model.sh",
             p.display()
         );
-        EngineHandle::from_loaded(itamae::model::load(&p, &Device::Cpu).expect("loading the GGUF"))
+        EngineHandle::from_loaded(
+            itamae::model::load(&p, &Device::Cpu, itamae::model::WeightsMode::default())
+                .expect("loading the GGUF"),
+        )
     })
 }
 
@@ -181,7 +184,9 @@ fn qwen_templated() -> &'static EngineHandle {
             env!("CARGO_MANIFEST_DIR"),
             "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
         ));
-        let mut loaded = itamae::model::load(&p, &Device::Cpu).expect("loading the GGUF");
+        let mut loaded =
+            itamae::model::load(&p, &Device::Cpu, itamae::model::WeightsMode::default())
+                .expect("loading the GGUF");
         loaded.template = Some(
             itamae::model::ChatTemplate::new(
                 include_str!("fixtures/qwen2.5-chat-template.jinja"),

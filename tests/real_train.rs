@@ -22,7 +22,7 @@ fn load() -> LoadedModel {
         "{} is missing: run scripts/fetch-model.sh",
         p.display()
     );
-    model::load(&p, &Device::Cpu).unwrap()
+    model::load(&p, &Device::Cpu, itamae::model::WeightsMode::default()).unwrap()
 }
 
 fn run(method: Method, lr: f64, steps: usize) -> (f64, f64, PathBuf) {

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
 use crate::adapters::{peft, LoraConfig, PrefixTuningConfig, PromptTuningConfig};
+use crate::config::WeightsArg;
 use crate::engine::{EngineHandle, GenEvent, GenerationRequest, PromptInput, SamplingParams};
 use crate::model::chat::{ChatMessage, Role};
 use crate::model::{self, LoadedModel};
@@ -36,6 +37,8 @@ pub enum ScheduleArg {
 pub struct TrainArgs {
     #[arg(long, env = "ITAMAE_MODEL", default_value = crate::config::DEFAULT_MODEL)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub weights: WeightsArg,
     /// Training JSONL (chat `messages`, `prompt`/`completion`, or `text`).
     #[arg(long)]
     pub data: PathBuf,
@@ -102,8 +105,8 @@ pub struct TrainArgs {
     pub prefix_tuning: PrefixTuningConfig,
 }
 
-fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
-    model::load(path, &candle_core::Device::Cpu)
+fn load_model(path: &Path, weights: &WeightsArg) -> anyhow::Result<LoadedModel> {
+    model::load(path, &candle_core::Device::Cpu, weights.resolve(None))
         .with_context(|| format!("loading {}", path.display()))
 }
 
@@ -130,7 +133,7 @@ fn method_of(a: &TrainArgs, loaded: &LoadedModel) -> Method {
 
 /// `itamaed train`.
 pub fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let loaded = load_model(&a.model)?;
+    let loaded = load_model(&a.model, &a.weights)?;
     let method = method_of(&a, &loaded);
     let opts = DataOptions {
         max_seq_len: a.max_seq_len,
@@ -254,6 +257,8 @@ fn fmt_secs(s: f64) -> String {
 pub struct ChatArgs {
     #[arg(long, env = "ITAMAE_MODEL", default_value = crate::config::DEFAULT_MODEL)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub weights: WeightsArg,
     /// A PEFT adapter directory to chat with (LoRA, prompt or prefix tuning).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -270,7 +275,7 @@ pub struct ChatArgs {
 
 /// `itamaed chat`: in-process generation through the same engine the daemon serves with.
 pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
-    let loaded = load_model(&a.model)?;
+    let loaded = load_model(&a.model, &a.weights)?;
     let base = loaded.name.clone();
     let cfg = loaded.model.cfg.clone();
     let engine = EngineHandle::from_loaded(loaded);
@@ -346,7 +351,11 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
 
 /// `itamaed export-hf`: the base model as an HF directory (what PEFT and transformers load).
 pub fn export_hf(model_path: &Path, out: &Path) -> anyhow::Result<()> {
-    let loaded = load_model(model_path)?;
+    // An export is the full-precision model whatever the serving mode.
+    let f32 = WeightsArg {
+        weights: Some(model::WeightsMode::F32),
+    };
+    let loaded = load_model(model_path, &f32)?;
     model::hf::save_model_dir(out, &loaded.model, &loaded.text)?;
     println!("wrote {}", out.display());
     Ok(())
@@ -354,10 +363,15 @@ pub fn export_hf(model_path: &Path, out: &Path) -> anyhow::Result<()> {
 
 /// `itamaed logits`: JSON `{"input_ids", "logits"}` (every position) for a raw-text prompt, with an
 /// optional adapter; the interop check compares it with PEFT's.
-pub fn logits(model_path: &Path, adapter: Option<&Path>, prompt: &str) -> anyhow::Result<()> {
+pub fn logits(
+    model_path: &Path,
+    weights: &WeightsArg,
+    adapter: Option<&Path>,
+    prompt: &str,
+) -> anyhow::Result<()> {
     use crate::model::layers::{Ctx, ForwardHooks};
     use candle_core::Tensor;
-    let loaded = load_model(model_path)?;
+    let loaded = load_model(model_path, weights)?;
     let m = &loaded.model;
     let adapter = adapter
         .map(|d| {

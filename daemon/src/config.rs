@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::model::WeightsMode;
 use crate::ops::blas::KernelConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,8 @@ pub struct ModelSection {
     /// What saved adapters name as their base (`base_model_name_or_path`); default: the hub id
     /// the model files carry, else the served name.
     pub hub_id: Option<String>,
+    /// How the weights are held: `auto` (as stored), `f32`, `bf16`, `f16`, `q8_0`, `q4_k`.
+    pub weights: Option<WeightsMode>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -236,6 +239,23 @@ impl KernelArgs {
     }
 }
 
+/// `--weights` / `ITAMAE_WEIGHTS`: how the base model's weight matrices are held, for `serve`
+/// (where `[model] weights` fills it) and every command that loads the model.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct WeightsArg {
+    /// Base weights: auto (as stored: GGUF blocks stay quantized, safetensors keep bf16/f16),
+    /// or f32, bf16, f16, q8_0, q4_k (converted at load). Default f32.
+    #[arg(long = "weights", env = "ITAMAE_WEIGHTS", value_name = "MODE")]
+    pub weights: Option<WeightsMode>,
+}
+
+impl WeightsArg {
+    /// The mode given, else the file's, else the default.
+    pub fn resolve(&self, file: Option<WeightsMode>) -> WeightsMode {
+        self.weights.or(file).unwrap_or_default()
+    }
+}
+
 /// `itamaed serve`'s flags, each with its environment variable. (No `Debug`: it holds the
 /// API keys as given.)
 #[derive(Clone, Default, clap::Args)]
@@ -255,6 +275,8 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, env = "ITAMAE_DEVICE")]
     pub device: Option<String>,
+    #[command(flatten)]
+    pub weights: WeightsArg,
     /// Serve a PEFT adapter directory as a variant: `NAME=DIR` (repeatable).
     #[arg(long = "adapter", value_name = "NAME=DIR")]
     pub adapters: Vec<String>,
@@ -294,6 +316,8 @@ pub struct ServeConfig {
     pub port: u16,
     pub data_dir: PathBuf,
     pub device: String,
+    /// `model.weights`.
+    pub weights: WeightsMode,
     pub shutdown_grace: std::time::Duration,
     /// In (0, 1].
     pub training_max_share: f64,
@@ -376,6 +400,7 @@ impl ServeConfig {
                 .device
                 .or(file.model.device)
                 .unwrap_or_else(|| "cpu".into()),
+            weights: a.weights.resolve(file.model.weights),
             adapters,
             // A blank value counts as unset at every level, as it always has.
             hub_id: a
@@ -619,6 +644,32 @@ mod tests {
         let Sub::Serve(mut args) = cli.command;
         args.kernels = cli.kernels;
         ServeConfig::resolve(toml::from_str(file).unwrap(), args).unwrap()
+    }
+
+    /// `model.weights`: flag over file over the `f32` default; unknown modes are refused at
+    /// both levels, naming the accepted ones.
+    #[test]
+    fn weights_mode_resolves_and_unknown_modes_are_refused() {
+        if std::env::var_os("ITAMAE_WEIGHTS").is_some() {
+            return; // set by whoever runs the tests: env outranks the file here
+        }
+        assert_eq!(resolve(&["itamaed", "serve"], "").weights, WeightsMode::F32);
+        let file = "[model]\nweights = \"q8_0\"\n";
+        assert_eq!(
+            resolve(&["itamaed", "serve"], file).weights,
+            WeightsMode::Q8_0
+        );
+        let c = resolve(&["itamaed", "serve", "--weights", "auto"], file);
+        assert_eq!(c.weights, WeightsMode::Auto);
+        let e = Cli::try_parse_from(["itamaed", "serve", "--weights", "q3_k"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("q4_k"), "{e}");
+        let e = toml::from_str::<FileConfig>("[model]\nweights = \"q3_k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("weights") || e.contains("q3_k"), "{e}");
     }
 
     /// Flag > env > file > default for a server key, a training key and kernel keys. The only

@@ -24,6 +24,8 @@ use crate::train::data::{self, BatchOptions, Batcher, DataOptions, Example};
 pub struct EvalArgs {
     #[arg(long, env = "ITAMAE_MODEL", default_value = crate::config::DEFAULT_MODEL)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub weights: crate::config::WeightsArg,
     /// JSONL dataset to score (the formats training accepts).
     #[arg(long)]
     pub data: PathBuf,
@@ -97,7 +99,7 @@ pub fn score(
         let h = hidden.reshape((b * l, hidden.dim(2)?))?;
         let (loss, stats) = lm_head_cross_entropy(
             &h,
-            &model.lm_head,
+            &model.lm_head.to_dense(h.dtype())?,
             &targets.flatten_all()?,
             &weights.flatten_all()?,
         )?;
@@ -116,7 +118,7 @@ pub fn score(
 
 /// `itamaed eval`.
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let loaded = crate::model::load(&a.model, &candle_core::Device::Cpu)
+    let loaded = crate::model::load(&a.model, &candle_core::Device::Cpu, a.weights.resolve(None))
         .with_context(|| format!("loading {}", a.model.display()))?;
     let opts = DataOptions {
         max_seq_len: a.max_seq_len,

@@ -40,6 +40,8 @@ enum Command {
     Logits {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
         model: PathBuf,
+        #[command(flatten)]
+        weights: config::WeightsArg,
         #[arg(long)]
         adapter: Option<PathBuf>,
         #[arg(long)]
@@ -88,11 +90,12 @@ fn main() {
         (
             Command::Logits {
                 model,
+                weights,
                 adapter,
                 prompt,
             },
             _,
-        ) => itamae::commands::logits(&model, adapter.as_deref(), &prompt),
+        ) => itamae::commands::logits(&model, &weights, adapter.as_deref(), &prompt),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -122,7 +125,7 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     })?;
     let device = config::device(&cfg.device)?;
     tracing::info!(model = %cfg.model.display(), host = %cfg.host, port = cfg.port, "starting itamaed");
-    let engine = EngineHandle::start(cfg.model.clone(), device);
+    let engine = EngineHandle::start(cfg.model.clone(), device, cfg.weights);
     // The HTTP server is up (and /readyz says 503) while the model loads; a failed load ends
     // the process with the loader's message rather than serving nothing.
     let watcher = engine.clone();

@@ -47,6 +47,7 @@ struct Inner {
     prefill_batch_size: Histogram,
     adapters_resident: IntGauge,
     adapters_resident_bytes: IntGauge,
+    model_weight_bytes: IntGauge,
     adapter_loads: IntCounterVec,
     adapter_load_seconds: Histogram,
     adapter_evictions: IntCounter,
@@ -242,6 +243,11 @@ impl Metrics {
                 "itamae_adapters_resident_bytes",
                 "Bytes of adapter weights loaded in memory",
             ),
+            model_weight_bytes: int_gauge(
+                &r,
+                "itamae_model_weight_bytes",
+                "Bytes of the base model's weights as held (model.weights)",
+            ),
             adapter_loads: counter_vec(
                 &r,
                 "itamae_adapter_loads_total",
@@ -431,6 +437,10 @@ impl Metrics {
         self.inner.adapters_resident_bytes.set(n as i64);
     }
 
+    pub fn set_model_weight_bytes(&self, n: u64) {
+        self.inner.model_weight_bytes.set(n as i64);
+    }
+
     /// An adapter was read from disk into memory in `secs`.
     pub fn adapter_loaded(&self, model: &str, secs: f64) {
         self.inner.adapter_loads.with_label_values(&[model]).inc();
@@ -550,6 +560,7 @@ mod tests {
         m.observe_prefill_batch(3);
         m.set_adapters_resident(1);
         m.set_adapters_resident_bytes(4096);
+        m.set_model_weight_bytes(8192);
         m.adapter_loaded("ad", 0.02);
         m.adapter_evicted();
         m.adapter_swapped("ad");
@@ -574,6 +585,7 @@ mod tests {
             "itamae_prefill_batch_size_sum 3",
             "itamae_adapters_resident 1",
             "itamae_adapters_resident_bytes 4096",
+            "itamae_model_weight_bytes 8192",
             r#"itamae_adapter_loads_total{model="ad"} 1"#,
             "itamae_adapter_load_seconds_count 1",
             "itamae_adapter_evictions_total 1",

@@ -32,8 +32,12 @@ pub fn model_path() -> PathBuf {
 #[allow(dead_code)]
 pub fn load_model() -> itamae::model::LoadedModel {
     let path = model_path();
-    itamae::model::load(&path, &candle_core::Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    itamae::model::load(
+        &path,
+        &candle_core::Device::Cpu,
+        itamae::model::WeightsMode::default(),
+    )
+    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
 /// For each example of a chat JSONL file, the contents of its messages with `role`.
@@ -329,7 +333,12 @@ impl PeftFiles {
 pub fn build_lora(dir: &Path) -> PeftFiles {
     use itamae::adapters::{Adapter, Lora, LoraConfig};
     let device = candle_core::Device::Cpu;
-    let loaded = itamae::model::load(&model_path(), &device).expect("load the test model");
+    let loaded = itamae::model::load(
+        &model_path(),
+        &device,
+        itamae::model::WeightsMode::default(),
+    )
+    .expect("load the test model");
     let cfg = loaded.model.cfg.clone();
     let lora_cfg = LoraConfig {
         r: Some(4),
@@ -346,8 +355,12 @@ pub fn build_lora(dir: &Path) -> PeftFiles {
 #[allow(dead_code)]
 pub fn build_prompt(dir: &Path, name: &str, text: &str) -> PeftFiles {
     use itamae::adapters::{Adapter, PromptInit, PromptTuningConfig, SoftPrompt};
-    let loaded =
-        itamae::model::load(&model_path(), &candle_core::Device::Cpu).expect("load the test model");
+    let loaded = itamae::model::load(
+        &model_path(),
+        &candle_core::Device::Cpu,
+        itamae::model::WeightsMode::default(),
+    )
+    .expect("load the test model");
     let ids = loaded
         .text
         .tokenizer

@@ -30,7 +30,8 @@ impl SoftPrompt {
         let n = config.num_virtual_tokens();
         let h = model.cfg.hidden_size;
         let dev: &Device = model.device();
-        let table = &model.embed_tokens;
+        // A transient f32 copy when the base holds its embeddings in blocks.
+        let table = &model.embed_tokens.to_dense(DType::F32)?;
         let mut r = rng(seed);
         let embeddings = match config.init() {
             PromptInit::Random => {
@@ -213,7 +214,12 @@ mod tests {
         )
         .unwrap();
         let rows = p.embeddings.to_vec2::<f32>().unwrap();
-        let table = m.embed_tokens.to_vec2::<f32>().unwrap();
+        let table = m
+            .embed_tokens
+            .to_dense(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(rows[0], table[7]);
         assert_eq!(rows[2], table[7]);
         let x = Tensor::zeros((2, 4, 32), DType::F32, &Device::Cpu).unwrap();

@@ -48,6 +48,10 @@ fn model_object(card: &ModelCard) -> Value {
         obj.insert("parent".into(), json!(parent));
         obj.insert("adapter_type".into(), json!(card.adapter_type));
     }
+    if let (Some(obj), Some((mode, bytes))) = (v.as_object_mut(), card.weights) {
+        obj.insert("weights".into(), json!(mode));
+        obj.insert("weight_bytes".into(), json!(bytes));
+    }
     v
 }
 

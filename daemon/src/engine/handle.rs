@@ -48,19 +48,26 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts the engine thread, which loads the model from `path` (GGUF file or HF directory)
-    /// and then serves. [`Self::wait_loaded`] tells how the load went.
-    pub fn start(path: PathBuf, device: Device) -> Self {
+    /// and then serves, holding the weights as `weights` says. [`Self::wait_loaded`] tells how
+    /// the load went.
+    pub fn start(path: PathBuf, device: Device, weights: model::WeightsMode) -> Self {
         let shared = Arc::new(OnceLock::new());
         let (tx, rx) = std_mpsc::channel();
         let slot = shared.clone();
         std::thread::Builder::new()
             .name("itamae-engine".into())
-            .spawn(move || match model::load(&path, &device) {
+            .spawn(move || match model::load(&path, &device, weights) {
                 Ok(loaded) => {
                     let (model, sh) = split(loaded);
                     let sh = Arc::new(sh);
                     let _ = slot.set(Ok(sh.clone()));
-                    tracing::info!(model = %sh.id, context = sh.context, "model loaded");
+                    tracing::info!(
+                        model = %sh.id,
+                        context = sh.context,
+                        weights = %sh.base.weights,
+                        weight_bytes = sh.base.model.weight_bytes(),
+                        "model loaded"
+                    );
                     run(model, sh, rx);
                 }
                 Err(e) => {
@@ -125,6 +132,7 @@ impl EngineHandle {
             context_length: s.context,
             parent: None,
             adapter_type: None,
+            weights: Some((s.base.weights, s.base.model.weight_bytes() as u64)),
             resident: true,
         }];
         let adapters = s.adapters.read().unwrap_or_else(|e| e.into_inner());
@@ -139,6 +147,7 @@ impl EngineHandle {
                 context_length: s.context,
                 parent: Some(s.id.clone()),
                 adapter_type: Some(v.kind.into()),
+                weights: None,
                 resident: v.adapter.is_some(),
             });
         }

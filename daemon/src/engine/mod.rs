@@ -74,6 +74,8 @@ pub struct BaseModel {
     pub name: String,
     /// The hub id the model files name, if any ([`model::LoadedModel::hub_id`]).
     pub hub_id: Option<String>,
+    /// How the weights are held (`model.weights`).
+    pub weights: model::WeightsMode,
 }
 
 fn now() -> u64 {
@@ -86,6 +88,7 @@ fn now() -> u64 {
 fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
     let model = Arc::new(l.model);
     let text = Arc::new(l.text);
+    crate::metrics::global().set_model_weight_bytes(model.weight_bytes() as u64);
     let sh = Shared {
         grammars: constraint::GrammarCache::new(text.clone(), model.cfg.vocab_size),
         id: l.name.clone(),
@@ -108,6 +111,7 @@ fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
             template: l.template.map(Arc::new),
             name: l.name,
             hub_id: l.hub_id,
+            weights: l.weights,
         },
     };
     (model, sh)

@@ -131,6 +131,8 @@ pub struct ModelCard {
     pub parent: Option<String>,
     /// `lora`, `prompt_tuning` or `prefix_tuning` for variants.
     pub adapter_type: Option<String>,
+    /// The base only: how its weights are held (`model.weights`) and their bytes.
+    pub weights: Option<(crate::model::WeightsMode, u64)>,
     /// Loaded in memory (false: evicted by the memory budget, reloaded on first use).
     pub resident: bool,
 }

@@ -24,6 +24,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::ModelConfig;
 use super::layers::{Block, Proj};
+use super::weights::Weight;
 use super::{ModelError, Result as ModelResult};
 use crate::ops::decoder::LayerWeights;
 
@@ -106,9 +107,9 @@ pub trait Architecture: Sync {
         true
     }
 
-    /// Fix-up of a dequantized GGUF block tensor of module `module` (e.g. undoing llama.cpp's
+    /// Fix-up of a GGUF block tensor (dense or in blocks) of module `module` (e.g. undoing llama.cpp's
     /// Q/K row permutation).
-    fn fix_gguf_tensor(&self, _module: &str, t: Tensor, _cfg: &ModelConfig) -> Result<Tensor> {
+    fn fix_gguf_tensor(&self, _module: &str, t: Weight, _cfg: &ModelConfig) -> Result<Weight> {
         Ok(t)
     }
 

@@ -1,6 +1,7 @@
-//! Loading a single GGUF file: metadata → [`ModelConfig`], tensors dequantized to f32 and renamed
-//! to HF names with the per-weight fix-ups the architecture declares (e.g. undoing llama.cpp's
-//! Q/K row permutation for the llama arch), text side through [`super::tokenizer::from_gguf`].
+//! Loading a single GGUF file: metadata → [`ModelConfig`], tensors kept in their blocks or
+//! converted as the [`WeightsMode`] says and renamed to HF names with the per-weight fix-ups the
+//! architecture declares (e.g. undoing llama.cpp's Q/K row permutation for the llama arch, by
+//! whole rows of blocks), text side through [`super::tokenizer::from_gguf`].
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -9,6 +10,7 @@ use candle_core::{Device, Tensor};
 
 use super::arch::Architecture;
 use super::config::ModelConfig;
+use super::weights::{Weight, WeightsMode};
 use super::{ModelError, Result};
 
 /// GGUF tensor name → HF name, or None for tensors we do not use. Block tensors are named by
@@ -44,9 +46,22 @@ pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
+/// [`unpermute_qk`] as a row reordering of a weight in any storage: the rows of blocks move.
+pub fn unpermute_qk_rows(w: &Weight, n_head: usize) -> candle_core::Result<Weight> {
+    let rows = w.dim(0)?;
+    let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?;
+    let src: Vec<usize> = unpermute_qk(&idx, n_head)?
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    w.permute_rows(&src)
+}
+
 pub struct GgufParts {
     pub config: ModelConfig,
-    pub weights: HashMap<String, Tensor>,
+    pub weights: HashMap<String, Weight>,
     pub metadata: HashMap<String, gguf_file::Value>,
 }
 
@@ -66,7 +81,7 @@ pub fn hub_id(metadata: &HashMap<String, gguf_file::Value>) -> Option<String> {
     super::hf::looks_like_hub_id(id).then(|| id.to_string())
 }
 
-pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
+pub fn read(path: &Path, device: &Device, mode: WeightsMode) -> Result<GgufParts> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -98,13 +113,12 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufParts> {
         let q = content
             .tensor(&mut file, name, device)
             .map_err(|e| ModelError::Config(format!("reading tensor `{name}`: {e}")))?;
-        let t = q
-            .dequantize(device)
+        let t = mode
+            .convert_gguf(q)
             .map_err(|_| ModelError::UnsupportedQuant {
                 tensor: name.clone(),
                 dtype: format!("{:?}", info.ggml_dtype),
             })?;
-        let t = t.to_dtype(candle_core::DType::F32)?;
         let t = family.fix_gguf_tensor(name, t, &config)?;
         weights.insert(hf, t);
     }
@@ -188,5 +202,30 @@ mod tests {
             .unwrap();
         let back = unpermute_qk(&permuted, n_head).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        // The same on rows of quantized blocks: the rows move as bytes, unchanged.
+        let cols = 32;
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+        let permuted = w
+            .reshape((n_head, 2, rows / n_head / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap();
+        let q = |t: &Tensor| {
+            Weight::quantize(t, candle_core::quantized::GgmlDType::Q8_0)
+                .unwrap()
+                .to_dense(candle_core::DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let fixed = Weight::quantize(&permuted, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+        let back = unpermute_qk_rows(&fixed, n_head).unwrap();
+        assert_eq!(back.type_name(), "q8_0");
+        let back = back.to_dense(candle_core::DType::F32).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), q(&w));
     }
 }

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::config::ModelConfig;
+use super::weights::{Weight, WeightsMode};
 use super::{ModelError, Result};
 
 fn read_text(path: &Path) -> Result<String> {
@@ -39,8 +40,12 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     ModelConfig::from_hf_json(&read_text(&dir.join("config.json"))?)
 }
 
-/// All tensors of the checkpoint, converted to f32.
-pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// All tensors of the checkpoint, held as `mode` says (`f32`: every tensor converted to f32).
+pub fn read_weights(
+    dir: &Path,
+    device: &Device,
+    mode: WeightsMode,
+) -> Result<HashMap<String, Weight>> {
     let single = dir.join("model.safetensors");
     let files: Vec<std::path::PathBuf> = if single.exists() {
         vec![single]
@@ -77,7 +82,7 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
         let tensors = candle_core::safetensors::load(&f, device)
             .map_err(|e| ModelError::Config(format!("{}: {e}", f.display())))?;
         for (name, t) in tensors {
-            out.insert(name, t.to_dtype(DType::F32)?);
+            out.insert(name, mode.convert_dense(t)?);
         }
     }
     Ok(out)
@@ -94,7 +99,7 @@ pub fn save_model_dir(
     let config = serde_json::to_vec_pretty(&model.cfg.to_hf_json())
         .map_err(|e| ModelError::Config(e.to_string()))?;
     let weights: HashMap<String, Tensor> = model
-        .named_weights()
+        .named_weights()?
         .into_iter()
         .map(|(n, t)| t.detach().contiguous().map(|t| (n, t)))
         .collect::<candle_core::Result<_>>()?;

@@ -10,11 +10,13 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::arch::ProjectFn;
 use super::config::{rope_inv_freq, ModelConfig};
+use super::weights::Weight;
 use crate::ops;
 
-/// One projection's frozen weight `(out, in)` and optional bias `(out)`.
+/// One projection's frozen weight `(out, in)` (dense or in stored blocks) and optional f32
+/// bias `(out)`.
 pub struct Linear {
-    pub w: Tensor,
+    pub w: Weight,
     pub b: Option<Tensor>,
 }
 
@@ -45,15 +47,27 @@ impl Block {
             .ok_or_else(|| candle_core::Error::Msg(format!("block has no {}", p.hf_name())))
     }
 
-    /// Every tensor of the block: norms, weights, biases.
+    /// Every plain tensor of the block: norms, dense weights, biases (not quantized weights).
     pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
         [&self.input_layernorm, &self.post_attention_layernorm]
             .into_iter()
             .chain(
                 self.proj
                     .iter()
-                    .flat_map(|(_, l)| std::iter::once(&l.w).chain(l.b.as_ref())),
+                    .flat_map(|(_, l)| l.w.as_dense().into_iter().chain(l.b.as_ref())),
             )
+    }
+
+    /// Bytes of the block's norms, weights and biases as held.
+    pub fn bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        t(&self.input_layernorm)
+            + t(&self.post_attention_layernorm)
+            + self
+                .proj
+                .iter()
+                .map(|(_, l)| l.w.bytes() + l.b.as_ref().map_or(0, t))
+                .sum::<usize>()
     }
 }
 

@@ -12,8 +12,9 @@ use candle_core::{Result, Tensor};
 
 use super::arch::{Architecture, ProjectFn};
 use super::config::ModelConfig;
-use super::gguf::unpermute_qk;
+use super::gguf::unpermute_qk_rows;
 use super::layers::{separate_qkv, swiglu, Block, Proj};
+use super::weights::Weight;
 use crate::ops::decoder::LayerWeights;
 
 /// One member of the Llama family.
@@ -70,11 +71,11 @@ impl Architecture for LlamaFamily {
         })
     }
 
-    fn fix_gguf_tensor(&self, gguf_name: &str, t: Tensor, cfg: &ModelConfig) -> Result<Tensor> {
+    fn fix_gguf_tensor(&self, gguf_name: &str, t: Weight, cfg: &ModelConfig) -> Result<Weight> {
         if self.permuted_qk && gguf_name.ends_with("attn_q.weight") {
-            unpermute_qk(&t, cfg.num_heads)
+            unpermute_qk_rows(&t, cfg.num_heads)
         } else if self.permuted_qk && gguf_name.ends_with("attn_k.weight") {
-            unpermute_qk(&t, cfg.num_kv_heads)
+            unpermute_qk_rows(&t, cfg.num_kv_heads)
         } else {
             Ok(t)
         }
@@ -202,8 +203,8 @@ pub(crate) mod tests {
         let cfg = tiny_config(Arch::Qwen2);
         let mut m = Transformer::random(cfg, &Device::Cpu).unwrap();
         let q_proj = m.layers[0].linear_mut(Proj::Q).unwrap();
-        let var = candle_core::Var::from_tensor(&q_proj.w).unwrap();
-        q_proj.w = var.as_tensor().clone();
+        let var = candle_core::Var::from_tensor(q_proj.w.as_dense().unwrap()).unwrap();
+        q_proj.w = var.as_tensor().clone().into();
         let nvar = candle_core::Var::from_tensor(&m.layers[1].input_layernorm).unwrap();
         m.layers[1].input_layernorm = nvar.as_tensor().clone();
         let t = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();

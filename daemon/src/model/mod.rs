@@ -16,6 +16,7 @@ pub mod llama;
 pub mod phi3;
 pub mod tokenizer;
 pub mod transformer;
+pub mod weights;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,7 @@ pub use layers::KvCache;
 pub use tokenizer::TextSpec;
 /// The model's former name, kept importable while callers move to [`Transformer`].
 pub use transformer::Transformer;
+pub use weights::{Weight, WeightsMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -75,26 +77,32 @@ pub struct LoadedModel {
     /// huggingface.repository` or `general.base_model.0.repo_url`, HF `_name_or_path`): what
     /// saved adapters give PEFT as `base_model_name_or_path`.
     pub hub_id: Option<String>,
+    /// How the weights are held.
+    pub weights: WeightsMode,
 }
 
-/// Loads a GGUF file or an HF directory.
-pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<LoadedModel> {
+/// Loads a GGUF file or an HF directory, holding the weights as `mode` says.
+pub fn load(
+    path: &std::path::Path,
+    device: &candle_core::Device,
+    mode: WeightsMode,
+) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let (config, weights, text, hub_id) = if meta.is_dir() {
         let config = hf::read_config(path)?;
-        let weights = hf::read_weights(path, device)?;
+        let weights = hf::read_weights(path, device, mode)?;
         let hub_id = hf::hub_id(path);
         (config, weights, tokenizer::from_hf_dir(path)?, hub_id)
     } else {
-        let parts = gguf::read(path, device)?;
+        let parts = gguf::read(path, device, mode)?;
         let text = tokenizer::from_gguf(&parts.metadata)?;
         let hub_id = gguf::hub_id(&parts.metadata);
         (parts.config, parts.weights, text, hub_id)
     };
-    let model = Transformer::from_weights(config, weights, device)?;
+    let model = Transformer::from_stored(config, weights, device)?;
     let template = match &text.chat_template {
         Some(src) => Some(ChatTemplate::new(
             src,
@@ -116,5 +124,6 @@ pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<Load
         template,
         name,
         hub_id,
+        weights: mode,
     })
 }

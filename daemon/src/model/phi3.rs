@@ -62,7 +62,7 @@ mod tests {
     fn twins() -> (Transformer, Transformer) {
         let dev = &Device::Cpu;
         let llama = Transformer::random(tiny_config(Arch::Llama), dev).unwrap();
-        let mut w: HashMap<String, Tensor> = llama.named_weights().into_iter().collect();
+        let mut w: HashMap<String, Tensor> = llama.named_weights().unwrap().into_iter().collect();
         for i in 0..llama.cfg.num_layers {
             let p = format!("model.layers.{i}");
             let mut fuse = |parts: &[&str], into: &str| {
@@ -245,7 +245,7 @@ mod tests {
         let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
         assert_eq!(format!("{c:?}"), format!("{back:?}"));
         let m = Transformer::random(c, &Device::Cpu).unwrap();
-        let named: HashMap<String, Tensor> = m.named_weights().into_iter().collect();
+        let named: HashMap<String, Tensor> = m.named_weights().unwrap().into_iter().collect();
         assert_eq!(
             named["model.layers.1.self_attn.qkv_proj.weight"].dims(),
             [32 + 2 * 16, 32]

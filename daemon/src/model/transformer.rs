@@ -15,34 +15,43 @@
 //! | projections     | 2-D matmul (gemm)                   | same                             |
 //! | attention       | GQA folded into rows, one matmul per KV head, KV cache | same, no cache |
 //!
-//! Weights are plain f32 tensors named as in HF checkpoints; GGUF files are dequantized and
-//! renamed at load time, so both sources end up in the same structure.
+//! Weights are named as in HF checkpoints; GGUF tensors are renamed at load time, so both
+//! sources end up in the same structure. Weight matrices (projections, embeddings, LM head) are
+//! [`Weight`]s — f32 tensors, or blocks as stored ([`super::weights::WeightsMode`]); norms and
+//! biases are f32 tensors. Projections go through [`ops::quant::linear`], which sends each
+//! kind to its kernel.
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::arch::FUSED_PROJS;
 use super::config::ModelConfig;
 use super::layers::{
     expand_batch, rope_tables, Block, Ctx, ForwardHooks, KvCache, Linear, Packed, Proj, Rows,
 };
+use super::weights::Weight;
 use crate::ops;
 
 /// A loaded model of any registered architecture (`cfg.arch`).
 pub struct Transformer {
     pub cfg: ModelConfig,
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Weight,
     pub layers: Vec<Block>,
     pub norm: Tensor,
     /// Shares storage with `embed_tokens` when the embeddings are tied.
-    pub lm_head: Tensor,
+    pub lm_head: Weight,
     cos: Tensor,
     sin: Tensor,
     device: Device,
 }
 
-fn take(w: &mut HashMap<String, Tensor>, name: &str) -> std::result::Result<Tensor, String> {
+fn take(w: &mut HashMap<String, Weight>, name: &str) -> std::result::Result<Weight, String> {
     w.remove(name).ok_or_else(|| name.to_string())
+}
+
+/// A norm or bias: always a plain f32 tensor (the loaders never quantize vectors).
+fn vector(w: Weight) -> Result<Tensor> {
+    w.to_dense(DType::F32)
 }
 
 impl Transformer {
@@ -51,7 +60,17 @@ impl Transformer {
     /// Returns the name of the first missing tensor on error.
     pub fn from_weights(
         cfg: ModelConfig,
-        mut w: HashMap<String, Tensor>,
+        w: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> std::result::Result<Self, super::ModelError> {
+        let w = w.into_iter().map(|(k, t)| (k, Weight::Dense(t))).collect();
+        Self::from_stored(cfg, w, device)
+    }
+
+    /// [`Self::from_weights`] for weights as the loaders hold them (dense or in blocks).
+    pub fn from_stored(
+        cfg: ModelConfig,
+        mut w: HashMap<String, Weight>,
         device: &Device,
     ) -> std::result::Result<Self, super::ModelError> {
         let missing = super::ModelError::MissingTensor;
@@ -74,17 +93,17 @@ impl Transformer {
                 }
                 for (pr, lin) in &mut proj[start..] {
                     if family.has_bias(*pr, &cfg) {
-                        lin.b = Some(t(&format!("{}.bias", pr.hf_path()))?);
+                        lin.b = Some(vector(t(&format!("{}.bias", pr.hf_path()))?)?);
                     }
                 }
             }
             layers.push(Block {
-                input_layernorm: t("input_layernorm.weight")?,
-                post_attention_layernorm: t("post_attention_layernorm.weight")?,
+                input_layernorm: vector(t("input_layernorm.weight")?)?,
+                post_attention_layernorm: vector(t("post_attention_layernorm.weight")?)?,
                 proj,
             });
         }
-        let norm = take(&mut w, "model.norm.weight").map_err(missing)?;
+        let norm = vector(take(&mut w, "model.norm.weight").map_err(missing)?)?;
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
@@ -97,10 +116,10 @@ impl Transformer {
 
     fn assemble(
         cfg: ModelConfig,
-        embed_tokens: Tensor,
+        embed_tokens: Weight,
         layers: Vec<Block>,
         norm: Tensor,
-        lm_head: Tensor,
+        lm_head: Weight,
         device: &Device,
     ) -> Result<Self> {
         let (cos, sin) = rope_tables(&cfg, device)?;
@@ -118,7 +137,7 @@ impl Transformer {
 
     fn check_shapes(&self) -> std::result::Result<(), super::ModelError> {
         let c = &self.cfg;
-        let want = |name: String, t: &Tensor, dims: &[usize]| {
+        let want = |name: String, t: &Weight, dims: &[usize]| {
             if t.dims() == dims {
                 Ok(())
             } else {
@@ -148,11 +167,38 @@ impl Transformer {
         Ok(())
     }
 
-    /// Every weight with its HF name (the tied LM head is listed once, as the embeddings).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    /// Bytes of every weight, norm and bias as held (the tied LM head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let head = if self.cfg.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.bytes()
+        };
+        self.embed_tokens.bytes()
+            + head
+            + t(&self.norm)
+            + self.layers.iter().map(Block::bytes).sum::<usize>()
+    }
+
+    /// Whether every weight matrix is a plain tensor (nothing held in quantized or half blocks).
+    pub fn is_dense(&self) -> bool {
+        self.embed_tokens.as_dense().is_some()
+            && self.lm_head.as_dense().is_some()
+            && self
+                .layers
+                .iter()
+                .all(|l| l.proj.iter().all(|(_, lin)| lin.w.as_dense().is_some()))
+    }
+
+    /// Every weight with its HF name (the tied LM head is listed once, as the embeddings), as
+    /// plain tensors: a weight held in blocks is dequantized to f32 here, so this makes a full
+    /// copy of such a model (export, full fine-tuning).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let dense = |w: &Weight| w.to_dense(DType::F32);
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
+            dense(&self.embed_tokens)?,
         )];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -160,29 +206,36 @@ impl Transformer {
                 l.proj
                     .iter()
                     .filter(move |(pr, _)| pr.is_attention() == attention)
-                    .map(|(pr, lin)| (format!("{}.weight", pr.hf_path()), &lin.w))
+                    .map(|(pr, lin)| {
+                        Ok::<_, candle_core::Error>((
+                            format!("{}.weight", pr.hf_path()),
+                            dense(&lin.w)?,
+                        ))
+                    })
             };
-            let named = std::iter::once(("input_layernorm.weight".to_string(), &l.input_layernorm))
+            let one = |n: &str, t: &Tensor| Ok::<_, candle_core::Error>((n.to_string(), t.clone()));
+            let named = std::iter::once(one("input_layernorm.weight", &l.input_layernorm))
                 .chain(weights(true))
-                .chain(std::iter::once((
-                    "post_attention_layernorm.weight".to_string(),
+                .chain(std::iter::once(one(
+                    "post_attention_layernorm.weight",
                     &l.post_attention_layernorm,
                 )))
                 .chain(weights(false))
                 .chain(l.proj.iter().filter_map(|(pr, lin)| {
                     lin.b
                         .as_ref()
-                        .map(|b| (format!("{}.bias", pr.hf_path()), b))
+                        .map(|b| one(&format!("{}.bias", pr.hf_path()), b))
                 }));
-            for (n, t) in named {
-                out.push((format!("{p}.{n}"), t.clone()));
+            for item in named {
+                let (n, t): (String, Tensor) = item?;
+                out.push((format!("{p}.{n}"), t));
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if !self.cfg.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+            out.push(("lm_head.weight".to_string(), dense(&self.lm_head)?));
         }
-        out
+        Ok(out)
     }
 
     /// The same model built from other tensors of the same names (e.g. trainable copies).
@@ -217,7 +270,13 @@ impl Transformer {
                 } else {
                     None
                 };
-                proj.push((pr, Linear { w: r(out, inp)?, b }));
+                proj.push((
+                    pr,
+                    Linear {
+                        w: r(out, inp)?.into(),
+                        b,
+                    },
+                ));
             }
             layers.push(Block {
                 input_layernorm: norm_w(h)?,
@@ -232,7 +291,7 @@ impl Transformer {
             r(c.vocab_size, h)?
         };
         let norm = norm_w(h)?;
-        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+        Self::assemble(cfg, embed.into(), layers, norm, lm_head.into(), device)
     }
 
     pub fn device(&self) -> &Device {
@@ -241,7 +300,7 @@ impl Transformer {
 
     /// Token ids `(b, l)` → embeddings `(b, l, hidden)`.
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size).forward(tokens)
+        self.embed_tokens.embedding(tokens)
     }
 
     /// Runs the decoder stack on embeddings `(b, l, hidden)`. Returns the final-normed hidden
@@ -381,6 +440,7 @@ impl Transformer {
             return Ok(None);
         };
         let frozen = |t: &Tensor| !t.track_op() && t.dtype() == x.dtype();
+        // Weights held in blocks are frozen by nature; the op dequantizes one layer at a time.
         if !self.layers.iter().all(|blk| blk.tensors().all(frozen)) {
             return Ok(None);
         }
@@ -460,7 +520,7 @@ impl Transformer {
         let c = &self.cfg;
         let family = c.arch.family();
         let (b, l, _) = x.dims3()?;
-        let proj = |layer: usize, which: Proj, h: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
+        let proj = |layer: usize, which: Proj, h: &Tensor, w: &Weight, bias: Option<&Tensor>| {
             if let Rows::All(Some(hk)) = hooks {
                 if let Some(lr) = hk.low_rank(layer, which, h.shape())? {
                     let term = ops::linear::LoraTerm {
@@ -469,10 +529,10 @@ impl Transformer {
                         scale: lr.scale,
                         dropout_mask: lr.dropout_mask.as_ref(),
                     };
-                    return ops::linear::linear_lora(h, w, bias, &term);
+                    return ops::quant::linear_lora(h, w, bias, &term);
                 }
             }
-            let y = ops::linear(h, w, bias)?;
+            let y = ops::quant::linear(h, w, bias)?;
             hooks.add_deltas(layer, which, h, y)
         };
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -647,7 +707,7 @@ impl Transformer {
 
     /// Hidden states `(..., hidden)` → logits `(..., vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        ops::linear(hidden, &self.lm_head, None)
+        ops::quant::linear(hidden, &self.lm_head, None)
     }
 
     /// Full forward: tokens `(b, l)` → logits `(b, l, vocab)`.

@@ -27,14 +27,16 @@ use rayon::prelude::*;
 
 use super::attention::{AttentionDims, FusedAttention};
 use super::blas::{gemm, matmul, BlasFloat, Mat};
+use super::quant::Weight;
 use super::{cpu_slice as slice, to_flat_vec};
 
 /// Projection order of [`LayerWeights::proj`] and of the flat LoRA tensor.
 pub const PROJS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 
-/// The frozen weights of one block; `proj` in [`PROJS`] order, each `(out, in)`.
+/// The frozen weights of one block; `proj` in [`PROJS`] order, each `(out, in)`. A weight held
+/// in blocks is dequantized for the duration of one forward or backward of this layer only.
 pub struct LayerWeights {
-    pub proj: [Tensor; 7],
+    pub proj: [Weight; 7],
     /// q/k/v biases (Qwen2).
     pub bias: [Option<Tensor>; 3],
     pub norm1: Tensor,
@@ -346,7 +348,13 @@ impl DecoderLayer {
     ) -> Result<R> {
         let masks: [Option<&Tensor>; 7] =
             std::array::from_fn(|i| self.lora[i].as_ref().and_then(|s| s.mask.as_ref()));
-        let mut tensors: Vec<&Tensor> = self.w.proj.iter().collect();
+        let dense = self
+            .w
+            .proj
+            .iter()
+            .map(|w| w.to_dense(T::DTYPE))
+            .collect::<Result<Vec<_>>>()?;
+        let mut tensors: Vec<&Tensor> = dense.iter().collect();
         tensors.extend(self.w.bias.iter().flatten());
         tensors.extend(masks.iter().flatten());
         tensors.extend([&self.w.norm1, &self.w.norm2, &self.cos, &self.sin]);
@@ -752,7 +760,7 @@ mod tests {
             });
             DecoderLayer::new(
                 LayerWeights {
-                    proj: std::array::from_fn(|j| p[j].clone()),
+                    proj: std::array::from_fn(|j| p[j].clone().into()),
                     bias: std::array::from_fn(|j| Some(self.bias[j].clone())),
                     norm1: self.norms.0.clone(),
                     norm2: self.norms.1.clone(),

@@ -26,6 +26,7 @@ pub mod fused;
 pub mod linear;
 pub mod lora_rows;
 pub mod loss;
+pub mod quant;
 pub mod skinny;
 
 /// The contiguous data of a CPU storage as a slice, for our custom ops' `cpu_fwd`; `what` names

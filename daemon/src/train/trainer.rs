@@ -320,8 +320,18 @@ impl<'m> Trainer<'m> {
                 Trainable::Prefix(c.clone(), p)
             }
             Method::Full => {
+                // Full fine-tuning updates the base itself: it needs every weight in f32, not a
+                // dequantized copy of a quantized or half base made behind the user's back.
+                if !base.is_dense() {
+                    return Err(TrainError::Config {
+                        field: "model.weights".into(),
+                        message: "full fine-tuning needs the base in f32: start with \
+                                  --weights f32 (ITAMAE_WEIGHTS=f32)"
+                            .into(),
+                    });
+                }
                 let mut weights = HashMap::new();
-                for (name, t) in base.named_weights() {
+                for (name, t) in base.named_weights()? {
                     let (v, t) = var_of(&t)?;
                     let decay = t.rank() == 2 && !name.contains("norm");
                     params.push(Param {
@@ -401,7 +411,7 @@ impl<'m> Trainer<'m> {
         let h = hidden.reshape((b * l, hidden.dim(2)?))?;
         lm_loss(
             &h,
-            &model.lm_head,
+            &model.lm_head.to_dense(h.dtype())?,
             &targets.flatten_all()?,
             &weights.flatten_all()?,
         )
@@ -439,7 +449,7 @@ impl<'m> Trainer<'m> {
         let (model, adapter) = match &self.trainable {
             Trainable::Full(m) => {
                 full = m.with_weights(
-                    m.named_weights()
+                    m.named_weights()?
                         .into_iter()
                         .map(|(n, t)| (n, t.detach()))
                         .collect(),
@@ -848,6 +858,7 @@ mod tests {
         let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let before: Vec<Vec<f32>> = m
             .named_weights()
+            .unwrap()
             .iter()
             .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect();
@@ -894,6 +905,7 @@ mod tests {
         }
         let after: Vec<Vec<f32>> = m
             .named_weights()
+            .unwrap()
             .iter()
             .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect();

@@ -13,7 +13,11 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
     use itamae::adapters::{Adapter, Lora, LoraConfig};
     use itamae::engine::{EngineHandle, GenEvent, GenerationRequest, PromptInput, SamplingParams};
 
-    let loaded = model::load(model_path, &candle_core::Device::Cpu)?;
+    let loaded = model::load(
+        model_path,
+        &candle_core::Device::Cpu,
+        itamae::model::WeightsMode::default(),
+    )?;
     let cfg = loaded.model.cfg.clone();
     let base = loaded.name.clone();
     let engine = EngineHandle::from_loaded(loaded);

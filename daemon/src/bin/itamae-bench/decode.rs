@@ -22,17 +22,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// the same count), median of `runs`; then the same with llama-cpp-python on the same file.
 pub(crate) fn decode(
     model_path: &Path,
+    weights: model::WeightsMode,
     tokens: usize,
     runs: usize,
     peer_python: Option<&Path>,
 ) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
     let t0 = Instant::now();
-    let loaded = model::load(model_path, &device)?;
+    let loaded = model::load(model_path, &device, weights)?;
     println!(
-        "model {} loaded in {:.1} s (f32, {} threads)",
+        "model {} loaded in {:.1} s (weights {weights}, {} MB, {} threads)",
         loaded.name,
         t0.elapsed().as_secs_f64(),
+        loaded.model.weight_bytes() / 1_000_000,
         candle_core::utils::get_num_threads()
     );
     let prompt = loaded

@@ -102,7 +102,11 @@ pub(crate) fn job_swap(
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let loaded = model::load(model_path, &candle_core::Device::Cpu)?;
+    let loaded = model::load(
+        model_path,
+        &candle_core::Device::Cpu,
+        itamae::model::WeightsMode::default(),
+    )?;
     let base = loaded.name.clone();
     let dir = std::env::temp_dir().join(format!(
         "itamae-bench-job-swap-{:016x}",

@@ -10,6 +10,8 @@ use itamae::config::{self, KernelArgs};
 mod batch;
 mod decode;
 mod job_swap;
+mod memory;
+mod quant;
 mod server;
 mod structured;
 mod swap;
@@ -97,6 +99,28 @@ enum BenchCommand {
         #[arg(long, env = "ITAMAE_PEFT_PYTHON")]
         peer_python: Option<PathBuf>,
     },
+    /// Resident set after load in each weights mode (a child process each) vs the GGUF file
+    /// plus a KV cache.
+    Memory {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Positions of the KV cache counted in the target.
+        #[arg(long, default_value_t = 2048)]
+        kv_tokens: usize,
+        /// Measure this one mode in this process (what each child runs).
+        #[arg(long, hide = true)]
+        only: Option<itamae::model::WeightsMode>,
+    },
+    /// One projection's product in every block type (candle's quantized matmul vs dequantize
+    /// + BLAS vs the f32 weight) at decode and prefill row counts.
+    Quant {
+        #[arg(long, default_value_t = 1536)]
+        out: usize,
+        #[arg(long, default_value_t = 576)]
+        inp: usize,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
     /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
     Decode {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
@@ -110,6 +134,8 @@ enum BenchCommand {
         /// Python of a venv with llama-cpp-python installed (scripts/setup-bench-venv.sh).
         #[arg(long, env = "ITAMAE_BENCH_PYTHON")]
         peer_python: Option<PathBuf>,
+        #[command(flatten)]
+        weights: config::WeightsArg,
     },
 }
 
@@ -127,7 +153,14 @@ fn main() {
             tokens,
             runs,
             peer_python,
-        } => decode::decode(&model, tokens, runs, peer_python.as_deref()),
+            weights,
+        } => decode::decode(
+            &model,
+            weights.resolve(None),
+            tokens,
+            runs,
+            peer_python.as_deref(),
+        ),
         BenchCommand::Batch {
             model,
             streams,
@@ -138,6 +171,15 @@ fn main() {
             streams,
             tokens,
         } => structured::structured(&model, streams, tokens),
+        BenchCommand::Quant { out, inp, reps } => quant::quant(out, inp, reps),
+        BenchCommand::Memory {
+            model,
+            kv_tokens,
+            only,
+        } => match only {
+            Some(mode) => memory::measure_one(&model, mode),
+            None => memory::memory(&model, kv_tokens),
+        },
         BenchCommand::Swap {
             model,
             clients,

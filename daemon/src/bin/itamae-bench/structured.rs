@@ -29,7 +29,11 @@ fn schema() -> serde_json::Value {
 }
 
 pub(crate) fn structured(model_path: &Path, streams: usize, tokens: usize) -> anyhow::Result<()> {
-    let loaded = model::load(model_path, &candle_core::Device::Cpu)?;
+    let loaded = model::load(
+        model_path,
+        &candle_core::Device::Cpu,
+        model::WeightsMode::default(),
+    )?;
     let base = loaded.name.clone();
     let engine = EngineHandle::from_loaded(loaded);
     let request = |i: usize, constrained: bool| GenerationRequest {

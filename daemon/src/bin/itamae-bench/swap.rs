@@ -27,7 +27,7 @@ pub(crate) fn swap(
     use std::sync::{Arc, Mutex};
 
     let device = candle_core::Device::Cpu;
-    let loaded = model::load(model_path, &device)?;
+    let loaded = model::load(model_path, &device, itamae::model::WeightsMode::default())?;
     let cfg = loaded.model.cfg.clone();
     let base = loaded.name.clone();
     let dir =

@@ -37,7 +37,11 @@ pub(crate) fn train(
     use itamae::train::optim::Schedule;
     use itamae::train::{Method, TrainConfig, TrainControl, TrainEvent, Trainer};
 
-    let loaded = model::load(model_path, &candle_core::Device::Cpu)?;
+    let loaded = model::load(
+        model_path,
+        &candle_core::Device::Cpu,
+        itamae::model::WeightsMode::default(),
+    )?;
     let vocab = loaded.model.cfg.vocab_size;
     let rows: Vec<Example> = (0..batch)
         .map(|r| {
