@@ -257,9 +257,9 @@ impl AdapterMethod for Prefix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
     use crate::model::arch::Arch;
     use crate::model::llama::tests::tiny_config;
+    use candle_core::Device;
 
     #[test]
     fn layout_matches_peft_view_and_permute() {
@@ -323,7 +323,12 @@ mod tests {
         let prefix = Prefix::from_flat(&cfg, conf, params.project().unwrap()).unwrap();
         let tokens = [4u32, 9, 1, 6];
         let x = m
-            .embed(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+            .embed(
+                &Tensor::new(&tokens[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
             .unwrap();
         let got = m
             .forward_hidden(
@@ -336,7 +341,12 @@ mod tests {
             .unwrap();
         let all: Vec<u32> = [7, 2, 7, 2, 7].into_iter().chain(tokens).collect();
         let xa = m
-            .embed(&Tensor::new(all.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+            .embed(
+                &Tensor::new(all.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
             .unwrap();
         let want = m
             .forward_hidden(&xa, Ctx::default())

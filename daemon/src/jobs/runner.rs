@@ -358,8 +358,11 @@ fn train_job(
         &format!(
             "Hyperparameters for {} training examples: n_epochs {}, batch_size {}, \
              learning_rate_multiplier {} (learning rate {:.1e}), {total} steps",
-            train_len, resolved.n_epochs, resolved.batch_size,
-            resolved.learning_rate_multiplier, trainer.config.learning_rate
+            train_len,
+            resolved.n_epochs,
+            resolved.batch_size,
+            resolved.learning_rate_multiplier,
+            trainer.config.learning_rate
         ),
     );
     let out_dir = inner.blobs.local_result_dir(&job.id);

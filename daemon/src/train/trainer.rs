@@ -948,7 +948,8 @@ mod tests {
             let name = method.name();
             let mut cfg = config(method);
             cfg.max_steps = Some(2);
-            let mut t = Trainer::new(&m, None, "tiny", cfg, examples(4, 1), vec![], &[1, 2, 3]).unwrap();
+            let mut t =
+                Trainer::new(&m, None, "tiny", cfg, examples(4, 1), vec![], &[1, 2, 3]).unwrap();
             let start: Vec<Vec<f32>> = t
                 .params
                 .iter()
@@ -1049,8 +1050,16 @@ mod tests {
         for method in methods().into_iter().take(3) {
             let mut cfg = config(method);
             cfg.max_steps = Some(5);
-            let mut t =
-                Trainer::new(&m, None, "tiny", cfg, examples(4, 3), examples(3, 9), &[1, 2, 3]).unwrap();
+            let mut t = Trainer::new(
+                &m,
+                None,
+                "tiny",
+                cfg,
+                examples(4, 3),
+                examples(3, 9),
+                &[1, 2, 3],
+            )
+            .unwrap();
             let out = t
                 .run(Some(&dir), &TrainControl::default(), &mut |_| {})
                 .unwrap();
