@@ -420,6 +420,7 @@ fn fine_tuning_jobs_end_to_end() {
         "Validating training file",
         "Files validated, moving job to queued state",
         "Fine-tuning job started",
+        "Hyperparameters for",
         "The job has successfully completed",
     ] {
         assert!(

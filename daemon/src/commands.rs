@@ -93,6 +93,10 @@ pub struct TrainArgs {
     /// Continue from a checkpoint directory (`<out>/checkpoints/step-N`).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start from this PEFT adapter directory's weights instead of a fresh init (LoRA, prompt
+    /// tuning, prefix tuning without projection), e.g. to compare training curves with PEFT.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
     // The methods' own flags: each config is also the API's adapter object.
     #[command(flatten)]
     pub lora: LoraConfig,
@@ -204,6 +208,13 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         valid,
         &init_ids,
     )?;
+    if let Some(dir) = &a.init_adapter {
+        let file = dir.join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&file, loaded.model.device())
+            .with_context(|| format!("reading {}", file.display()))?;
+        trainer.init_from(&tensors)?;
+        eprintln!("initial weights from {}", dir.display());
+    }
     if let Some(ck) = &a.resume {
         trainer.resume_from(ck)?;
         eprintln!("resumed from {} at step {}", ck.display(), trainer.step());

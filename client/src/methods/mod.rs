@@ -159,10 +159,12 @@ impl AdapterConfig {
         }
     }
 
-    /// The text a `text`-initialised soft prompt starts from.
+    /// The text a `text`-initialised soft prompt starts from, or whose keys and values a prefix
+    /// starts as.
     pub fn init_text(&self) -> Option<&str> {
         match self {
             Self::PromptTuning(c) => c.init_text(),
+            Self::PrefixTuning(_) => Some(prefix_tuning::INIT_TEXT),
             _ => None,
         }
     }

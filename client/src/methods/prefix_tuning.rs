@@ -6,6 +6,8 @@ use super::{get_bool, get_usize, FieldError, DEFAULT_NUM_VIRTUAL_TOKENS};
 
 /// The method's name (its `type`).
 pub const NAME: &str = "prefix_tuning";
+/// The text whose keys and values (the model's own, after BOS) a fresh prefix starts as.
+pub const INIT_TEXT: &str = super::prompt_tuning::DEFAULT_INIT_TEXT;
 /// Its fields besides `type`, as the API spells them.
 pub const FIELDS: &[&str] = &[
     "num_virtual_tokens",

@@ -9,13 +9,15 @@
 //! - [`service`]: what the HTTP handlers call (create, list, cancel, upload, ...), with domain
 //!   errors ([`ServiceError`]); they never see a row store or a path.
 //! - [`adapter_store`]: the adapters imported over the API, with compare-and-set generations.
-//! - [`spec`]: a job request parsed and validated into what the trainer needs.
+//! - [`spec`]: a job request parsed and validated into what the trainer needs;
+//!   [`auto_hyper`]: what "auto" epochs and batch size are for a dataset's size.
 //! - [`runner`]: the one thread that trains jobs, one at a time in creation order, on the
 //!   engine's resident base model, and serves each result (and checkpoint) as a variant the
 //!   moment it exists; at start it brings back everything a crash or restart left behind.
 //!
 //! [`Jobs`] ties them together and is what the HTTP handlers hold.
 pub mod adapter_store;
+pub mod auto_hyper;
 pub mod backend;
 pub mod error;
 pub mod runner;

@@ -292,6 +292,7 @@ fn train_job(
         .train_config(train.len(), base.model.cfg.kv_dim())
         .map_err(|e| format!("{}: {}", e.param, e.message))?;
     let resolved = spec.resolve(train.len());
+    let train_len = train.len();
     logged(
         "store hyperparameters",
         inner.rt.block_on(inner.store().set_hyperparameters(
@@ -351,6 +352,19 @@ fn train_job(
     } else {
         inner.event(&job.id, "info", "Fine-tuning job started");
     }
+    inner.event(
+        &job.id,
+        "info",
+        &format!(
+            "Hyperparameters for {} training examples: n_epochs {}, batch_size {}, \
+             learning_rate_multiplier {} (learning rate {:.1e}), {total} steps",
+            train_len,
+            resolved.n_epochs,
+            resolved.batch_size,
+            resolved.learning_rate_multiplier,
+            trainer.config.learning_rate
+        ),
+    );
     let out_dir = inner.blobs.local_result_dir(&job.id);
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let cfg = base.model.cfg.clone();

@@ -298,11 +298,19 @@ impl JobSpec {
         })
     }
 
-    /// "auto" resolved for a dataset of `n_train` examples.
+    /// "auto" resolved for a dataset of `n_train` examples ([`super::auto_hyper`]); the
+    /// learning rate's "auto" is the method's own default (multiplier 1).
     pub fn resolve(&self, n_train: usize) -> Resolved {
+        let batch_size = self
+            .hyper
+            .batch_size
+            .unwrap_or_else(|| super::auto_hyper::batch_size(n_train));
         Resolved {
-            n_epochs: self.hyper.n_epochs.unwrap_or(3),
-            batch_size: self.hyper.batch_size.unwrap_or_else(|| n_train.clamp(1, 4)),
+            n_epochs: self
+                .hyper
+                .n_epochs
+                .unwrap_or_else(|| super::auto_hyper::n_epochs(n_train, batch_size)),
+            batch_size,
             learning_rate_multiplier: self.hyper.learning_rate_multiplier.unwrap_or(1.0),
         }
     }

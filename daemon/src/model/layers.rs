@@ -96,6 +96,14 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Layer `layer`'s cached keys (after RoPE) and values, `(b, n_kv, len, head_dim)` each.
+    pub fn layer_kv(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(c) = self.layers.get(layer) else {
+            return Ok(None);
+        };
+        Ok(c.k()?.zip(c.v()?))
+    }
 }
 
 /// The projections an adapter can add a delta to: the vocabulary every architecture picks its

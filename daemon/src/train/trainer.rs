@@ -247,7 +247,8 @@ fn var_of(t: &Tensor) -> candle_core::Result<(Var, Tensor)> {
 }
 
 impl<'m> Trainer<'m> {
-    /// `init_ids`: the tokenized init text for prompt tuning with `init: text`.
+    /// `init_ids`: the tokenized init text (`Method::init_text`): prompt tuning's with
+    /// `init: text`, and the text a prefix starts from (after BOS, taken from `text`).
     pub fn new(
         base: &'m Transformer,
         text: Option<&'m TextSpec>,
@@ -297,7 +298,9 @@ impl<'m> Trainer<'m> {
                 Trainable::Adapter(Adapter::Prompt(soft))
             }
             Method::PrefixTuning(c) => {
-                let mut p = PrefixParams::init(&base.cfg, c, config.seed, &dev)?;
+                let bos = text.and_then(|t| t.bos_id);
+                let ids: Vec<u32> = bos.into_iter().chain(init_ids.iter().copied()).collect();
+                let mut p = PrefixParams::init(base, c, &ids, config.seed)?;
                 let (v, t) = var_of(&p.embedding)?;
                 params.push(Param {
                     name: "prefix.embedding".into(),
@@ -718,6 +721,44 @@ impl<'m> Trainer<'m> {
     }
 
     /// Continues exactly where the checkpoint at `path` left off.
+    /// Starts from an adapter's weights (PEFT's `adapter_model.safetensors` keys) instead of
+    /// the method's fresh init, e.g. the very init PEFT drew, to compare training curves.
+    /// LoRA, prompt tuning and prefix tuning without projection (a saved prefix holds the MLP's
+    /// output, not the MLP).
+    pub fn init_from(&mut self, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+        let bad = |message: String| TrainError::Config {
+            field: "init_adapter".into(),
+            message,
+        };
+        if matches!(&self.trainable, Trainable::Full(_))
+            || matches!(&self.trainable, Trainable::Prefix(_, p) if p.mlp.is_some())
+        {
+            return Err(bad(format!(
+                "{} cannot start from a saved adapter",
+                self.config.method.name()
+            )));
+        }
+        for p in &self.params {
+            let key = if p.name == "prefix.embedding" {
+                "prompt_embeddings"
+            } else {
+                p.name.as_str()
+            };
+            let t = tensors
+                .get(key)
+                .ok_or_else(|| bad(format!("the adapter lacks `{key}`")))?;
+            if t.dims() != p.var.dims() {
+                return Err(bad(format!(
+                    "`{key}` has shape {:?}, the method needs {:?}",
+                    t.dims(),
+                    p.var.dims()
+                )));
+            }
+            p.var.set(&t.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
     pub fn resume_from(&mut self, path: &Path) -> Result<(), TrainError> {
         let ck = |message: String| TrainError::Checkpoint {
             path: path.to_path_buf(),
@@ -875,7 +916,7 @@ mod tests {
                 },
                 examples(4, 0),
                 vec![],
-                &[],
+                &[1, 2, 3],
             )
             .unwrap();
             let mut losses = Vec::new();
@@ -919,7 +960,8 @@ mod tests {
             let name = method.name();
             let mut cfg = config(method);
             cfg.max_steps = Some(2);
-            let mut t = Trainer::new(&m, None, "tiny", cfg, examples(4, 1), vec![], &[]).unwrap();
+            let mut t =
+                Trainer::new(&m, None, "tiny", cfg, examples(4, 1), vec![], &[1, 2, 3]).unwrap();
             let start: Vec<Vec<f32>> = t
                 .params
                 .iter()
@@ -983,7 +1025,7 @@ mod tests {
                     cfg.clone(),
                     data.clone(),
                     vec![],
-                    &[],
+                    &[1, 2, 3],
                 )
                 .unwrap()
             };
@@ -1020,8 +1062,16 @@ mod tests {
         for method in methods().into_iter().take(3) {
             let mut cfg = config(method);
             cfg.max_steps = Some(5);
-            let mut t =
-                Trainer::new(&m, None, "tiny", cfg, examples(4, 3), examples(3, 9), &[]).unwrap();
+            let mut t = Trainer::new(
+                &m,
+                None,
+                "tiny",
+                cfg,
+                examples(4, 3),
+                examples(3, 9),
+                &[1, 2, 3],
+            )
+            .unwrap();
             let out = t
                 .run(Some(&dir), &TrainControl::default(), &mut |_| {})
                 .unwrap();
@@ -1044,13 +1094,13 @@ mod tests {
         let m = Transformer::random(tiny_config(Arch::Llama), &Device::Cpu).unwrap();
         let mut c = config(methods().remove(1));
         c.pack = true;
-        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[])
+        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[1, 2, 3])
             .err()
             .unwrap();
         assert!(e.to_string().contains("`pack`"), "{e}");
         let mut c = config(methods().remove(0));
         c.batch_size = 0;
-        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[])
+        let e = Trainer::new(&m, None, "tiny", c, examples(2, 0), vec![], &[1, 2, 3])
             .err()
             .unwrap();
         assert!(e.to_string().contains("batch_size"), "{e}");
