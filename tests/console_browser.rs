@@ -102,10 +102,21 @@ fn wait_js(tab: &Tab, expr: &str, timeout: Duration, d: &Daemon) -> serde_json::
     }
 }
 
+/// Clicks the element `selector` names. Live pages re-render parts of themselves (a job's header
+/// on each event), so a node found can be replaced before the click lands: look it up again.
 fn click(tab: &Tab, selector: &str) {
-    tab.wait_for_element(selector)
-        .and_then(|e| e.click().map(|_| ()))
-        .unwrap_or_else(|e| panic!("click {selector}: {e}"));
+    let mut last = None;
+    for _ in 0..20 {
+        match tab
+            .wait_for_element(selector)
+            .and_then(|e| e.click().map(|_| ()))
+        {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("click {selector}: {last:?}");
 }
 
 fn type_into(tab: &Tab, selector: &str, text: &str) {

@@ -402,10 +402,7 @@ fn unsupported_fields(ctx: &Ctx) {
             "prediction",
         ),
         (json!({"web_search_options": {}}), "web_search_options"),
-        (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
-        ),
+        (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"colour": "red"}), "colour"),
     ] {
         let body = ctx.chat_body("hi", extra);
@@ -415,7 +412,7 @@ fn unsupported_fields(ctx: &Ctx) {
     }
     let body = ctx.chat_body(
         "hi",
-        json!({"max_tokens": 2, "store": false, "tools": [], "n": 1, "service_tier": "auto",
+        json!({"max_tokens": 2, "store": false, "functions": [], "n": 1, "service_tier": "auto",
                "response_format": {"type": "text"}, "user": "u", "audio": null}),
     );
     ctx.post_ok(chat, &body);

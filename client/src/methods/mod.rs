@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(p.to_json()["num_virtual_tokens"], 20);
         let x = parse(json!({"type": "prefix_tuning"})).unwrap();
         assert_eq!(x.to_json()["encoder_hidden_size"], Value::Null);
-        assert_eq!(x.init_text(), None);
+        assert_eq!(x.init_text(), Some(prefix_tuning::INIT_TEXT));
     }
 
     #[test]

@@ -97,7 +97,9 @@ mod tests {
         let toks = [3u32, 14, 15, 9, 26, 5, 35, 8];
         let want = llama.forward(&ids(&toks), None).unwrap();
         let got = phi.forward(&ids(&toks), None).unwrap();
-        assert!(max_abs(&want, &got) < 1e-5, "{}", max_abs(&want, &got));
+        // One fused GEMM and three separate ones sum in different orders, and the BLAS blocking
+        // depends on the threads free at that moment: 1e-5 was exceeded (1.1e-5) under load.
+        assert!(max_abs(&want, &got) < 5e-5, "{}", max_abs(&want, &got));
         // cached decode: prefill, then one token at a time
         let mut cache = KvCache::new(&phi.cfg, 4);
         let mut outs = Vec::new();
@@ -105,7 +107,7 @@ mod tests {
             outs.push(phi.forward(&ids(chunk), Some(&mut cache)).unwrap());
         }
         let inc = Tensor::cat(&outs, 1).unwrap();
-        assert!(max_abs(&want, &inc) < 1e-5, "{}", max_abs(&want, &inc));
+        assert!(max_abs(&want, &inc) < 5e-5, "{}", max_abs(&want, &inc));
         // a batched decode step over two sequences agrees with the Llama model's
         let step = |m: &Transformer| {
             let mut caches: Vec<KvCache> = [&toks[0..3], &toks[3..8]]
@@ -119,7 +121,7 @@ mod tests {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             m.decode_batch(&[7, 11], &mut refs, &[None, None]).unwrap()
         };
-        assert!(max_abs(&step(&llama), &step(&phi)) < 1e-5);
+        assert!(max_abs(&step(&llama), &step(&phi)) < 5e-5);
     }
 
     #[test]
