@@ -191,8 +191,8 @@ fn deleting_fine_tuned_models() {
     assert!(done, "the stream ended without [DONE]");
     let finish = events
         .iter()
-        .filter_map(|e| e["choices"][0]["finish_reason"].as_str())
-        .last();
+        .rev()
+        .find_map(|e| e["choices"][0]["finish_reason"].as_str());
     assert_eq!(
         finish,
         Some("length"),
