@@ -173,6 +173,29 @@ check_logprobs(client, base)
 check_logprobs(client, job.fine_tuned_model)
 check_refused(client, base)
 # --- end apibasics ---
+# --- model deletion (modeldel) ---
+import openai
+try:
+    client.models.delete(base)
+except openai.PermissionDeniedError as e:
+    print("models.delete(base) refused as expected:", e.body["message"])
+else:
+    sys.exit("the base model was deleted")
+ck_model = cks.data[-1].fine_tuned_model_checkpoint
+deleted = client.models.delete(ck_model)
+assert deleted.deleted and deleted.id == ck_model, deleted
+deleted = client.models.delete(job.fine_tuned_model)
+print("models.delete:", deleted)
+assert deleted.deleted and deleted.id == job.fine_tuned_model
+for gone in (job.fine_tuned_model, ck_model):
+    try:
+        client.models.retrieve(gone)
+    except openai.NotFoundError:
+        pass
+    else:
+        sys.exit(f"{gone} is still served after models.delete")
+assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == job.fine_tuned_model
+# --- end modeldel ---
 
 print("OK: the openai SDK flow passed")
 PY

@@ -675,6 +675,22 @@ fn scripted_session_conforms_to_the_spec() {
         &format!("/v1/models/{base}"),
         None,
     );
+    // The base model cannot be deleted; an unknown one is not found.
+    let refused = s.expect(
+        403,
+        "DELETE",
+        "/v1/models/{id}",
+        &format!("/v1/models/{base}"),
+        None,
+    );
+    assert_eq!(refused["error"]["code"], "permission_denied");
+    s.expect(
+        404,
+        "DELETE",
+        "/v1/models/{id}",
+        "/v1/models/ft:no-such-model",
+        None,
+    );
 
     // Generation, plain and streamed.
     let chat = json!({"model": base, "messages": [{"role": "user", "content": "Hi"}],

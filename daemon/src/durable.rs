@@ -104,6 +104,23 @@ pub fn install_dir(stage: &Path, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes the directory `dir` so that a crash leaves it either whole or gone: it is renamed to
+/// a hidden sibling (one atomic step), the rename is made durable, and only then is the sibling
+/// emptied. A crash after the rename leaves a dot-prefixed leftover, which owners may delete.
+/// False if `dir` did not exist.
+pub fn remove_dir(dir: &Path) -> std::io::Result<bool> {
+    let trash = sibling(dir, "deleted", rand::random());
+    match std::fs::rename(dir, &trash) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    // Best effort, as in [`write_file`]: some file systems cannot fsync a directory.
+    let _ = sync_dir(parent_of(dir));
+    std::fs::remove_dir_all(&trash)?;
+    Ok(true)
+}
+
 /// Replaces the directory `dir` atomically: `fill` writes the new content into a fresh
 /// temporary sibling (it should fsync what it writes), which is then swapped into place. The
 /// entries of the old directory named in `keep` (a run's checkpoints beside its result, say)
@@ -220,6 +237,19 @@ mod tests {
         // A missing stage fails and leaves the installed directory in place.
         assert!(install_dir(&root.join(".missing"), &dir).is_err());
         assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"new");
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn remove_dir_removes_whole_and_reports_a_missing_dir() {
+        let root = temp_root("remove");
+        let dir = root.join("step-3");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub").join("f"), "x").unwrap();
+        assert!(remove_dir(&dir).unwrap());
+        assert!(!dir.exists());
+        assert!(others(&root, &[]).is_empty(), "no leftover");
+        assert!(!remove_dir(&dir).unwrap());
         let _ = std::fs::remove_dir_all(root);
     }
 

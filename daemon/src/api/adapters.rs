@@ -263,6 +263,31 @@ pub async fn delete(req: HttpRequest, id: web::Path<String>) -> Result<HttpRespo
     Ok(HttpResponse::Ok().json(json!({"id": id, "object": "adapter", "deleted": true})))
 }
 
+/// `DELETE /v1/models/{id}` (OpenAI's model deletion): a fine-tuning job's result or checkpoint,
+/// or an imported adapter. New requests for it get 404 at once, running ones finish, then its
+/// files go; the job's record stays. The base model is refused with 403.
+pub async fn delete_model(
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let engine = req
+        .app_data::<web::Data<crate::engine::EngineHandle>>()
+        .ok_or_else(|| ApiError::internal("No engine is attached to this server"))?;
+    if engine
+        .models()
+        .iter()
+        .any(|c| c.id == id && c.parent.is_none())
+    {
+        return Err(ApiError::forbidden(format!(
+            "`{id}` is the base model this server runs; it cannot be deleted (only fine-tuned \
+             models, their checkpoints and imported adapters can)"
+        )));
+    }
+    store_of(&req)?.delete_model(jobs_of(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(json!({"id": id, "object": "model", "deleted": true})))
+}
+
 /// `GET /v1/adapters/{id}/files/{name}`: `adapter_config.json` or `adapter_model.safetensors`.
 pub async fn download(
     req: HttpRequest,

@@ -2,7 +2,7 @@
 //!
 //! Keys come from the config (`[auth] keys = [{ key, scope }]`) and the environment
 //! (`ITAMAE_API_KEYS="scope:key,scope:key"`), each with a scope: `inference` (chat, completions,
-//! models) or `admin` (everything: files, jobs, adapters, metrics). `/healthz`, `/readyz` and the
+//! models) or `admin` (everything: files, jobs, adapters, metrics, and deleting a model). `/healthz`, `/readyz` and the
 //! web console's page and files (`console::PUBLIC_ROUTES`) are always open; `/metrics` needs
 //! admin unless `metrics_public`. Clients send `Authorization: Bearer <key>`. A missing or
 //! unknown key is 401 (`invalid_api_key`), a key without the needed scope 403
@@ -15,7 +15,7 @@
 //! path, as the router sees it), never by a prefix of the raw path: an encoded path such as
 //! `/v1/%66iles` cannot slip past as an unknown route. Patterns not listed here need admin, so a
 //! new route is closed until someone opens it.
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -170,8 +170,10 @@ impl Auth {
 
     /// What the route with this pattern requires (`None`: no route matches, the request will be
     /// a 404, any valid key may learn that).
-    pub fn required(&self, pattern: Option<&str>) -> Required {
+    pub fn required(&self, method: &Method, pattern: Option<&str>) -> Required {
         match pattern {
+            // Deleting a model changes what is served: an admin's act.
+            Some("/v1/models/{id:.+}") if method == Method::DELETE => Required::Scope(Scope::Admin),
             Some("/healthz") | Some("/readyz") => Required::Open,
             // The console's page and files: it calls the API with the key the user enters.
             Some(p) if super::console::PUBLIC_ROUTES.contains(&p) => Required::Open,
@@ -187,11 +189,16 @@ impl Auth {
 
     /// Allows or refuses a request to the route `pattern` carrying the `Authorization` header
     /// value `header`.
-    pub fn check(&self, pattern: Option<&str>, header: Option<&[u8]>) -> Result<(), ApiError> {
+    pub fn check(
+        &self,
+        method: &Method,
+        pattern: Option<&str>,
+        header: Option<&[u8]>,
+    ) -> Result<(), ApiError> {
         if !self.enabled() {
             return Ok(());
         }
-        let Required::Scope(needed) = self.required(pattern) else {
+        let Required::Scope(needed) = self.required(method, pattern) else {
             return Ok(());
         };
         let token = header
@@ -256,7 +263,7 @@ mod tests {
     }
 
     fn status(a: &Auth, pattern: Option<&str>, header: Option<&str>) -> u16 {
-        match a.check(pattern, header.map(str::as_bytes)) {
+        match a.check(&Method::GET, pattern, header.map(str::as_bytes)) {
             Ok(()) => 200,
             Err(e) => e.status.as_u16(),
         }
@@ -310,16 +317,28 @@ mod tests {
         }
         let public = auth(true);
         assert_eq!(status(&public, Some("/metrics"), None), 200);
+        // Reading a model is inference; deleting one is admin.
+        let del = |h: &str| match a.check(
+            &Method::DELETE,
+            Some("/v1/models/{id:.+}"),
+            Some(h.as_bytes()),
+        ) {
+            Ok(()) => 200,
+            Err(e) => e.status.as_u16(),
+        };
+        assert_eq!((del(&b_infer), del(&b_admin)), (403, 200));
     }
 
     #[test]
     fn error_bodies_are_openai_shaped() {
         let a = auth(false);
-        let e = a.check(Some("/v1/files"), None).unwrap_err();
+        let e = a.check(&Method::GET, Some("/v1/files"), None).unwrap_err();
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
         assert_eq!(e.body()["error"]["code"], "invalid_api_key");
         let h = format!("Bearer {INFER}");
-        let e = a.check(Some("/v1/files"), Some(h.as_bytes())).unwrap_err();
+        let e = a
+            .check(&Method::GET, Some("/v1/files"), Some(h.as_bytes()))
+            .unwrap_err();
         assert_eq!(e.status, StatusCode::FORBIDDEN);
         assert_eq!(e.body()["error"]["type"], "permission_denied");
         // Other schemes, a bare key and non-UTF-8 are all "no key".
@@ -328,17 +347,21 @@ mod tests {
             ADMIN.to_string(),
             "Bearer ".into(),
         ] {
-            let e = a.check(Some("/v1/files"), Some(h.as_bytes())).unwrap_err();
+            let e = a
+                .check(&Method::GET, Some("/v1/files"), Some(h.as_bytes()))
+                .unwrap_err();
             assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{h}");
         }
-        assert!(a.check(Some("/v1/files"), Some(&[0xff, 0xfe])).is_err());
+        assert!(a
+            .check(&Method::GET, Some("/v1/files"), Some(&[0xff, 0xfe]))
+            .is_err());
     }
 
     #[test]
     fn no_keys_means_open_and_only_on_loopback() {
         let off = Auth::disabled();
         assert!(!off.enabled());
-        assert!(off.check(Some("/v1/files"), None).is_ok());
+        assert!(off.check(&Method::GET, Some("/v1/files"), None).is_ok());
         for h in ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"] {
             assert!(off.check_bind(h).is_ok(), "{h}");
         }

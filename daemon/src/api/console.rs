@@ -258,7 +258,11 @@ mod tests {
         )
         .unwrap();
         for p in PUBLIC_ROUTES {
-            assert!(a.check(Some(p), None).is_ok(), "{p}");
+            assert!(
+                a.check(&actix_web::http::Method::GET, Some(p), None)
+                    .is_ok(),
+                "{p}"
+            );
         }
     }
 }

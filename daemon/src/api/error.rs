@@ -62,6 +62,14 @@ impl ApiError {
         }
     }
 
+    /// 403: understood but refused (not a question of the key's scope: see `auth`).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("permission_denied"),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_denied", message)
+        }
+    }
+
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, INVALID_REQUEST, message)
     }
@@ -174,6 +182,7 @@ impl From<ServiceError> for ApiError {
                 code: Some("generation_mismatch"),
             },
             ServiceError::NotReady(message) => Self::not_ready(message),
+            ServiceError::Forbidden(message) => Self::forbidden(message),
             ServiceError::Storage(_) => {
                 tracing::error!("jobs database: {e}");
                 Self::internal(e.to_string())
@@ -319,6 +328,13 @@ mod tests {
                 Some("if_generation"),
                 Some("generation_mismatch"),
                 "at 2",
+            ),
+            (
+                ServiceError::Forbidden("not this one".into()),
+                403,
+                None,
+                Some("permission_denied"),
+                "not this one",
             ),
             (
                 ServiceError::NotReady("loading".into()),

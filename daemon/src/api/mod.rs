@@ -2,7 +2,7 @@
 //!
 //! Routes (see `openapi/openapi.yaml`):
 //! - `GET /healthz`, `GET /readyz`
-//! - `GET /v1/models`, `GET /v1/models/{id}`
+//! - `GET /v1/models`, `GET /v1/models/{id}`, `DELETE /v1/models/{id}` (tuned variants only)
 //! - `POST /v1/chat/completions`, `POST /v1/completions` (both stream with `"stream": true`)
 //! - `/v1/files…` and `/v1/fine_tuning/jobs…` ([`files`], [`jobs`]; the service behind them is
 //!   `crate::jobs::Jobs`, registered as app data when the server has a data directory)
@@ -62,7 +62,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/readyz").route(web::get().to(handlers::readyz)))
         .service(resource("/v1/models").route(web::get().to(handlers::list_models)))
         // Model ids may hold `/` and `:` (tuned variants).
-        .service(resource("/v1/models/{id:.+}").route(web::get().to(handlers::get_model)))
+        .service(
+            resource("/v1/models/{id:.+}")
+                .route(web::get().to(handlers::get_model))
+                .route(web::delete().to(adapters::delete_model)),
+        )
         .service(resource("/v1/chat/completions").route(web::post().to(handlers::chat_completions)))
         .service(resource("/v1/completions").route(web::post().to(handlers::completions)))
         .configure(files::configure)
@@ -126,6 +130,7 @@ pub async fn serve(
             // spelling a path differently.
             let pattern = req.resource_map().match_pattern(req.match_info().as_str());
             let verdict = auth.check(
+                &method,
                 pattern.as_deref(),
                 req.headers()
                     .get(header::AUTHORIZATION)

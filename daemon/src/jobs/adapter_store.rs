@@ -592,7 +592,8 @@ impl AdapterStore {
         }
     }
 
-    /// Unloads and deletes an imported adapter (a job's variant can only be unloaded).
+    /// Unloads and deletes an imported adapter (a job's variant is deleted through
+    /// [`Self::delete_model`]).
     pub async fn delete(&self, jobs: Option<&Jobs>, id: &str) -> ServiceResult<()> {
         let _guard = self.inner.ops.lock().await;
         match self.locate(jobs, id).await {
@@ -600,7 +601,10 @@ impl AdapterStore {
             Some((Source::Job { job_id, .. }, _)) => {
                 return Err(ServiceError::invalid(
                     "id",
-                    format!("`{id}` belongs to fine-tuning job {job_id}; unload it instead"),
+                    format!(
+                        "`{id}` belongs to fine-tuning job {job_id}: unload it, or delete it \
+                         with DELETE /v1/models/{id}"
+                    ),
                 ))
             }
             None => return Err(ServiceError::AdapterNotFound(id.into())),
@@ -627,6 +631,45 @@ impl AdapterStore {
         })
         .await?;
         tracing::info!(adapter = %id, "adapter deleted");
+        Ok(())
+    }
+
+    /// `DELETE /v1/models/{id}` for anything but the base model (the caller refuses that): an
+    /// imported adapter is deleted as [`Self::delete`] does; a fine-tuning job's result or
+    /// checkpoint stops being served at once (requests already running keep the weights they
+    /// started with, so they finish) and its directory is removed with
+    /// [`crate::durable::remove_dir`], so a crash leaves it served-and-whole or gone. The job's
+    /// record stays (its `fine_tuned_model` still names the deleted model).
+    pub async fn delete_model(&self, jobs: Option<&Jobs>, id: &str) -> ServiceResult<()> {
+        if self.record(id).is_some_and(|r| r.stored) {
+            return self.delete(jobs, id).await;
+        }
+        let _guard = self.inner.ops.lock().await;
+        let located = match jobs {
+            Some(j) if id.starts_with(JOB_PREFIX) => j.variant_files(id).await,
+            _ => None,
+        };
+        // A result whose directory is gone was deleted before: its job still names it.
+        let Some((job_id, dir)) = located.filter(|(_, dir)| dir.is_dir()) else {
+            if self.is_served(id) {
+                return Err(ServiceError::Forbidden(format!(
+                    "`{id}` is served from memory only (given on the command line), so there is \
+                     nothing to delete; stop serving it with POST /v1/adapters/{id}/unload"
+                )));
+            }
+            return Err(ServiceError::ModelNotFound {
+                model: id.into(),
+                message: format!("The model `{id}` does not exist"),
+            });
+        };
+        if self.inner.engine.remove_adapter(id)? {
+            crate::metrics::global().adapter_evicted();
+        }
+        let shown = dir.display().to_string();
+        blocking(move || crate::durable::remove_dir(&dir))
+            .await?
+            .map_err(|e| io_err(&format!("Cannot remove {shown}"), e))?;
+        tracing::info!(model = %id, job = %job_id, "fine-tuned model deleted");
         Ok(())
     }
 

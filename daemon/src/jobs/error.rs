@@ -21,6 +21,10 @@ pub enum ServiceError {
     /// The request names a model this server cannot act on.
     #[error("{message}")]
     ModelNotFound { model: String, message: String },
+    /// The request is understood but this server will not do it (deleting a variant that
+    /// only lives in memory, ...).
+    #[error("{0}")]
+    Forbidden(String),
     /// A compare-and-set on an adapter's generation failed.
     #[error("{0}")]
     GenerationMismatch(String),

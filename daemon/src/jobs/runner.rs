@@ -124,8 +124,11 @@ fn recover(inner: &Inner) {
             .block_on(inner.store().jobs_with_status(&[status::SUCCEEDED])),
     ) {
         for j in jobs {
-            if let Some(name) = &j.fine_tuned_model {
-                serve(name, &inner.blobs.local_result_dir(&j.id));
+            let dir = inner.blobs.local_result_dir(&j.id);
+            // No directory: the model was deleted (DELETE /v1/models); the job still names it.
+            match &j.fine_tuned_model {
+                Some(name) if dir.is_dir() => serve(name, &dir),
+                _ => {}
             }
         }
     }
