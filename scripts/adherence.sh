@@ -24,7 +24,8 @@ data="$(mktemp -d -t itamae-adherence.XXXXXX)"
 pid=$!
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
-  curl -fsS "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1 && break
+  # /v1/models answers (empty) while the model loads; /readyz only once it serves.
+  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
   kill -0 "$pid" 2>/dev/null || { cat "$data/serve.log" >&2; exit 1; }
   sleep 1
 done
