@@ -17,16 +17,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
-venv="${ITAMAE_SDK_VENV:-$HOME/.cache/itamae/sdkvenv}"
-py="$venv/bin/python"
-if [ ! -x "$py" ] || ! "$py" -c 'import openai' 2>/dev/null; then
-  echo "setting up the SDK venv at $venv (openai from PyPI) ..."
-  mkdir -p "$(dirname "$venv")"
-  python3 -m venv "$venv"
-  "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q openai
-fi
-"$py" -c 'import openai; print("openai SDK", openai.__version__)'
+. "$root/scripts/sdk-venv.sh"
 
 url="${ITAMAE_URL:-}"
 if [ -z "$url" ]; then

@@ -5,13 +5,14 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use itamae::engine::GenEvent;
 use itamae::model;
 
 /// Aggregate decode tokens/s of `streams` concurrent requests on the base model, then on
 /// `streams` different LoRA variants (one each, mixed in the same batches); prints the ratio.
 pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow::Result<()> {
     use itamae::adapters::{Adapter, Lora, LoraConfig};
-    use itamae::engine::{EngineHandle, GenEvent, GenerationRequest, PromptInput, SamplingParams};
+    use itamae::engine::{EngineHandle, GenerationRequest, PromptInput, SamplingParams};
 
     let loaded = model::load(
         model_path,
@@ -53,22 +54,7 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
             })?;
             rxs.push(engine.submit(p)?);
         }
-        let mut total = 0;
-        for mut rx in rxs {
-            while let Some(ev) = rx.blocking_recv() {
-                match ev {
-                    GenEvent::Finished { usage, .. } => {
-                        total += usage.completion_tokens;
-                        break;
-                    }
-                    GenEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
-                    GenEvent::Text(_)
-                    | GenEvent::ToolCall(_)
-                    | GenEvent::Echo { .. }
-                    | GenEvent::Token(_) => {}
-                }
-            }
-        }
+        let total = completion_tokens(rxs)?;
         Ok((total as f64 / started.elapsed().as_secs_f64(), total))
     };
     let (one, _) = run(vec![base.clone()])?;
@@ -83,4 +69,27 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
         base_tps / one
     );
     Ok(())
+}
+
+/// Waits for every stream to finish and sums the tokens they generated.
+pub(crate) fn completion_tokens(
+    rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
+) -> anyhow::Result<usize> {
+    let mut total = 0;
+    for mut rx in rxs {
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                GenEvent::Finished { usage, .. } => {
+                    total += usage.completion_tokens;
+                    break;
+                }
+                GenEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
+                GenEvent::Text(_)
+                | GenEvent::ToolCall(_)
+                | GenEvent::Echo { .. }
+                | GenEvent::Token(_) => {}
+            }
+        }
+    }
+    Ok(total)
 }

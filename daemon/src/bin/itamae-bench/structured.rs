@@ -5,9 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use itamae::engine::constraint::{Constraint, ConstraintKind};
-use itamae::engine::{
-    EngineHandle, GenEvent, GenerationRequest, Guided, PromptInput, SamplingParams,
-};
+use itamae::engine::{EngineHandle, GenerationRequest, Guided, PromptInput, SamplingParams};
 use itamae::model;
 use serde_json::json;
 
@@ -69,22 +67,7 @@ pub(crate) fn structured(model_path: &Path, streams: usize, tokens: usize) -> an
         for i in 0..streams {
             rxs.push(engine.submit(engine.prepare(request(i, constrained))?)?);
         }
-        let mut total = 0;
-        for mut rx in rxs {
-            while let Some(ev) = rx.blocking_recv() {
-                match ev {
-                    GenEvent::Finished { usage, .. } => {
-                        total += usage.completion_tokens;
-                        break;
-                    }
-                    GenEvent::Failed(e) => anyhow::bail!("generation failed: {e}"),
-                    GenEvent::Text(_)
-                    | GenEvent::ToolCall(_)
-                    | GenEvent::Echo { .. }
-                    | GenEvent::Token(_) => {}
-                }
-            }
-        }
+        let total = super::batch::completion_tokens(rxs)?;
         Ok((total as f64 / started.elapsed().as_secs_f64(), total))
     };
     let (free_tps, n1) = run(false)?;
