@@ -3,7 +3,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/itamae-target
 export CARGO_TARGET_DIR
 
-.PHONY: serve test model system system-test bench bench-train bench-batch bench-job-swap lint check-prometheus schemathesis docker-steps peft-interop
+.PHONY: serve test model system system-test validate-deploy bench bench-train bench-batch bench-job-swap lint check-prometheus schemathesis docker-steps peft-interop
 
 serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
@@ -36,9 +36,13 @@ bench-batch: system model
 bench-job-swap: system model
 	ITAMAE_OPENBLAS_CORETYPE=auto cargo run --release -p itamae-daemon --bin itamae-bench -- job-swap
 
+validate-deploy:
+	scripts/validate-deploy.sh
+
 lint: system
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+	scripts/validate-deploy.sh
 
 # Developer checks that need more than CI has (a venv from PyPI, a Debian package, a live daemon).
 check-prometheus: system model
