@@ -1094,13 +1094,13 @@ fn tool_call_shapes_conform_to_the_spec() {
     let meta = Meta::new(Kind::Chat, "m".into(), true);
     let whole = full_response(
         &meta,
-        &Generated {
+        &[Generated {
             text: "\n".into(),
             tool_calls: vec![call(0), call(1)],
             reason: FinishReason::ToolCalls,
             usage,
             logprobs: Vec::new(),
-        },
+        }],
     );
     validate(&spec, "#/components/schemas/ChatCompletion", &whole).expect("response");
     assert_eq!(whole["choices"][0]["message"]["content"], Value::Null);
@@ -1119,7 +1119,7 @@ fn tool_call_shapes_conform_to_the_spec() {
             usage,
         },
     ] {
-        tx.send(e).expect("send");
+        tx.send((0, e)).expect("send");
     }
     let frames: Vec<String> = futures::executor::block_on(
         sse_stream(rx, meta)

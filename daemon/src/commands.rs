@@ -323,6 +323,7 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             max_tokens: Some(a.max_tokens),
             stop: vec![],
             guided: Default::default(),
+            n: 1,
         })?;
         let mut rx = engine.submit(p)?;
         let mut answer = String::new();
