@@ -180,8 +180,14 @@ fn several_choices_from_one_prompt() {
         Duration::from_secs(5),
         |v| v >= before_gen + ca as f64,
     );
-    assert_eq!(after("itamae_generation_tokens_total") - before_gen, ca as f64);
-    assert_eq!(after("itamae_prompt_tokens_total") - before_prompt, pa as f64);
+    assert_eq!(
+        after("itamae_generation_tokens_total") - before_gen,
+        ca as f64
+    );
+    assert_eq!(
+        after("itamae_prompt_tokens_total") - before_prompt,
+        pa as f64
+    );
     assert_eq!(after("itamae_requests_total") - before_req, 1.0);
 
     // Completions, whole and streamed, with stop sequences and logprobs per choice.
@@ -219,8 +225,10 @@ fn several_choices_from_one_prompt() {
     let v = post_json(
         &d,
         "/v1/chat/completions",
-        &chat(json!({"temperature": 0.8, "seed": 5, "n": 3, "max_tokens": 60,
-                     "response_format": {"type": "json_object"}})),
+        &chat(
+            json!({"temperature": 0.8, "seed": 5, "n": 3, "max_tokens": 60,
+                     "response_format": {"type": "json_object"}}),
+        ),
     );
     for c in v["choices"].as_array().expect("choices") {
         if c["finish_reason"] == "stop" {

@@ -209,10 +209,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         &init_ids,
     )?;
     if let Some(dir) = &a.init_adapter {
-        let file = dir.join("adapter_model.safetensors");
-        let tensors = candle_core::safetensors::load(&file, loaded.model.device())
-            .with_context(|| format!("reading {}", file.display()))?;
-        trainer.init_from(&tensors)?;
+        trainer.init_from_dir(dir)?;
         eprintln!("initial weights from {}", dir.display());
     }
     if let Some(ck) = &a.resume {

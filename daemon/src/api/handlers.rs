@@ -55,17 +55,32 @@ fn model_object(card: &ModelCard) -> Value {
     v
 }
 
+/// The served models, each variant's `parent` being the model it was tuned from: the base,
+/// or for continued fine-tuning the fine-tuned model the job started from.
+async fn model_cards(req: &HttpRequest) -> Result<Vec<ModelCard>, ApiError> {
+    let mut cards = engine(req)?.models();
+    if let Some(jobs) = req.app_data::<web::Data<crate::jobs::Jobs>>() {
+        let parents = jobs.model_parents().await?;
+        for c in &mut cards {
+            if let Some(p) = parents.get(&c.id) {
+                c.parent = Some(p.clone());
+            }
+        }
+    }
+    Ok(cards)
+}
+
 /// `GET /v1/models`.
 pub async fn list_models(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let data: Vec<Value> = engine(&req)?.models().iter().map(model_object).collect();
+    let data: Vec<Value> = model_cards(&req).await?.iter().map(model_object).collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
 /// `GET /v1/models/{id}`.
 pub async fn get_model(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    engine(&req)?
-        .models()
+    model_cards(&req)
+        .await?
         .iter()
         .find(|c| c.id == id)
         .map(|c| HttpResponse::Ok().json(model_object(c)))

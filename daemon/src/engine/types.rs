@@ -147,7 +147,9 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: String,
     pub context_length: usize,
-    /// The base model a variant was tuned from; None for the base itself.
+    /// The model a variant was tuned from (None for the base itself): the base, or for
+    /// continued fine-tuning the fine-tuned model its job started from (the API fills that
+    /// in from the jobs).
     pub parent: Option<String>,
     /// `lora`, `prompt_tuning` or `prefix_tuning` for variants.
     pub adapter_type: Option<String>,
