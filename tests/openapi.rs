@@ -1094,13 +1094,13 @@ fn tool_call_shapes_conform_to_the_spec() {
     let meta = Meta::new(Kind::Chat, "m".into(), true);
     let whole = full_response(
         &meta,
-        &Generated {
+        &[Generated {
             text: "\n".into(),
             tool_calls: vec![call(0), call(1)],
             reason: FinishReason::ToolCalls,
             usage,
             logprobs: Vec::new(),
-        },
+        }],
     );
     validate(&spec, "#/components/schemas/ChatCompletion", &whole).expect("response");
     assert_eq!(whole["choices"][0]["message"]["content"], Value::Null);
@@ -1119,7 +1119,7 @@ fn tool_call_shapes_conform_to_the_spec() {
             usage,
         },
     ] {
-        tx.send(e).expect("send");
+        tx.send((0, e)).expect("send");
     }
     let frames: Vec<String> = futures::executor::block_on(
         sse_stream(rx, meta)
@@ -1149,4 +1149,95 @@ fn tool_call_shapes_conform_to_the_spec() {
     assert!(events
         .iter()
         .any(|e| e["choices"][0]["finish_reason"] == "tool_calls"));
+}
+
+/// `n` > 1 against the spec: whole chat and completion responses with several choices, the
+/// streamed chunks of each choice (its own `index`), and a continued fine-tuning model's
+/// object with its `parent`.
+#[test]
+fn several_choices_and_parents_conform_to_the_spec() {
+    use futures::StreamExt;
+    use itamae::api::response::{full_response, sse_stream, Generated, Kind, Meta};
+    use itamae::engine::{FinishReason, GenEvent, Usage};
+    let spec = load_spec();
+    let usage = |c: usize| Usage {
+        prompt_tokens: 5,
+        completion_tokens: c,
+        total_tokens: 5 + c,
+    };
+    let choice = |text: &str, c: usize| Generated {
+        text: text.into(),
+        tool_calls: Vec::new(),
+        reason: FinishReason::Length,
+        usage: usage(c),
+        logprobs: Vec::new(),
+    };
+    let generated = [choice("red", 1), choice("blue", 2), choice("green", 3)];
+    for (kind, schema) in [
+        (Kind::Chat, "#/components/schemas/ChatCompletion"),
+        (Kind::Text, "#/components/schemas/Completion"),
+    ] {
+        let mut meta = Meta::new(kind, "m".into(), false);
+        meta.n = 3;
+        let whole = full_response(&meta, &generated);
+        validate(&spec, schema, &whole).expect("response");
+        assert_eq!(whole["choices"][2]["index"], 2);
+        assert_eq!(whole["usage"]["prompt_tokens"], 5, "the prompt counts once");
+        assert_eq!(whole["usage"]["completion_tokens"], 6);
+    }
+    for (kind, schema) in [
+        (Kind::Chat, "#/components/schemas/ChatCompletionChunk"),
+        (Kind::Text, "#/components/schemas/CompletionChunk"),
+    ] {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for e in [
+            (1, GenEvent::Text("blue".into())),
+            (0, GenEvent::Text("red".into())),
+            (
+                0,
+                GenEvent::Finished {
+                    reason: FinishReason::Length,
+                    usage: usage(1),
+                },
+            ),
+            (
+                1,
+                GenEvent::Finished {
+                    reason: FinishReason::Stop,
+                    usage: usage(2),
+                },
+            ),
+        ] {
+            tx.send(e).expect("send");
+        }
+        let mut meta = Meta::new(kind, "m".into(), true);
+        meta.n = 2;
+        let frames: Vec<String> = futures::executor::block_on(
+            sse_stream(rx, meta)
+                .map(|b| String::from_utf8(b.expect("frame").to_vec()).expect("utf-8"))
+                .collect(),
+        );
+        let events: Vec<Value> = frames
+            .iter()
+            .filter_map(|f| f.strip_prefix("data: "))
+            .map(str::trim)
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).expect("JSON event"))
+            .collect();
+        for e in &events {
+            validate(&spec, schema, e).expect("chunk");
+        }
+        let indices: std::collections::BTreeSet<u64> = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["index"].as_u64())
+            .collect();
+        assert_eq!(indices, [0, 1].into());
+        let last = events.last().expect("events");
+        assert_eq!(last["usage"]["completion_tokens"], 3, "{last}");
+    }
+    let continued = json!({
+        "id": "ft:m:itamae:more:ftjob-b", "object": "model", "created": 1, "owned_by": "itamae",
+        "context_length": 8192, "parent": "ft:m:itamae::ftjob-a", "adapter_type": "lora",
+    });
+    validate(&spec, "#/components/schemas/Model", &continued).expect("model");
 }

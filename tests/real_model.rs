@@ -61,6 +61,7 @@ fn generate(
             max_tokens: Some(max_tokens),
             stop,
             guided: Default::default(),
+            n: 1,
         })
         .unwrap();
     let mut rx = e.submit(p).unwrap();
@@ -259,6 +260,7 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
                 max_tokens: Some(24),
                 stop: vec![],
                 guided: Default::default(),
+                n: 1,
             })
             .unwrap()
         })

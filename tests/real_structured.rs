@@ -53,6 +53,7 @@ fn request(prompt: &str, constraint: Option<Constraint>, seed: u64) -> Generatio
             constraint,
             tools: None,
         },
+        n: 1,
     }
 }
 

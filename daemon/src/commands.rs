@@ -209,10 +209,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         &init_ids,
     )?;
     if let Some(dir) = &a.init_adapter {
-        let file = dir.join("adapter_model.safetensors");
-        let tensors = candle_core::safetensors::load(&file, loaded.model.device())
-            .with_context(|| format!("reading {}", file.display()))?;
-        trainer.init_from(&tensors)?;
+        trainer.init_from_dir(dir)?;
         eprintln!("initial weights from {}", dir.display());
     }
     if let Some(ck) = &a.resume {
@@ -323,6 +320,7 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             max_tokens: Some(a.max_tokens),
             stop: vec![],
             guided: Default::default(),
+            n: 1,
         })?;
         let mut rx = engine.submit(p)?;
         let mut answer = String::new();

@@ -123,9 +123,6 @@ const GUIDED: &[&str] = &[
     "guided_grammar",
 ];
 
-/// Features of the generation endpoints this server does not offer.
-const GENERATION: &[Unsupported] = &[u("n", &[Num(1.0)], "only n=1 is supported")];
-
 /// Chat features this server does not offer.
 const CHAT: &[Unsupported] = &[
     u(
@@ -182,6 +179,7 @@ const SAMPLING: &[&str] = &[
     "stream",
     "stream_options",
     "logit_bias",
+    "n",
 ];
 
 /// Identify the caller or hint at caching; they change nothing we return.
@@ -222,7 +220,7 @@ pub const CHAT_REQUEST: Fields = Fields {
     what: "chat completion request",
     accepted: &CHAT_ACCEPTED,
     inert: INERT,
-    unsupported: &[DEPRECATED, GENERATION, CHAT],
+    unsupported: &[DEPRECATED, CHAT],
 };
 
 /// `POST /v1/completions`.
@@ -230,7 +228,7 @@ pub const COMPLETION_REQUEST: Fields = Fields {
     what: "completion request",
     accepted: &COMPLETION_ACCEPTED,
     inert: INERT,
-    unsupported: &[GENERATION, COMPLETION],
+    unsupported: &[COMPLETION],
 };
 
 /// `POST /v1/files` (multipart form fields).
@@ -427,7 +425,6 @@ mod tests {
             json!({"store": true}),
             json!({"metadata": {"k": "v"}}),
             json!({"service_tier": "flex"}),
-            json!({"n": 2}),
         ];
         for body in cases {
             let key = body

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::request::{parse_chat, parse_completion, Common};
-use super::response::{collect, full_response, sse_stream, Kind, Meta};
+use super::response::{collect, full_response, sse_stream, Kind, Meta, Tagged};
 use crate::engine::{EngineHandle, GenEvent, GenerationRequest, ModelCard};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -55,17 +55,32 @@ fn model_object(card: &ModelCard) -> Value {
     v
 }
 
+/// The served models, each variant's `parent` being the model it was tuned from: the base,
+/// or for continued fine-tuning the fine-tuned model the job started from.
+async fn model_cards(req: &HttpRequest) -> Result<Vec<ModelCard>, ApiError> {
+    let mut cards = engine(req)?.models();
+    if let Some(jobs) = req.app_data::<web::Data<crate::jobs::Jobs>>() {
+        let parents = jobs.model_parents().await?;
+        for c in &mut cards {
+            if let Some(p) = parents.get(&c.id) {
+                c.parent = Some(p.clone());
+            }
+        }
+    }
+    Ok(cards)
+}
+
 /// `GET /v1/models`.
 pub async fn list_models(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let data: Vec<Value> = engine(&req)?.models().iter().map(model_object).collect();
+    let data: Vec<Value> = model_cards(&req).await?.iter().map(model_object).collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
 /// `GET /v1/models/{id}`.
 pub async fn get_model(req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    engine(&req)?
-        .models()
+    model_cards(&req)
+        .await?
         .iter()
         .find(|c| c.id == id)
         .map(|c| HttpResponse::Ok().json(model_object(c)))
@@ -105,10 +120,12 @@ async fn generate(
             .await?
             .map_err(|e| name_max_tokens(e.into(), common))?
     };
-    let rx = engine.submit(prepared)?;
-    let mut rx = instrument(rx, common.model.clone(), started);
+    let n = prepared.n;
+    let rxs = engine.submit_choices(prepared)?;
+    let mut rx = instrument(rxs, common.model.clone(), started);
     let mut meta = Meta::new(kind, common.model.clone(), common.include_usage);
     meta.logprobs = common.sampling.logprobs.is_some();
+    meta.n = n;
     if common.stream {
         Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
@@ -121,27 +138,34 @@ async fn generate(
     }
 }
 
-/// Records per-variant metrics from the event stream the client sees: time to first token
-/// (from the handler's start), end-to-end latency, prompt and generated tokens (from `usage`).
-/// Events pass through unchanged; when the client goes away the forwarder drops the engine's
-/// receiver, which cancels the generation as before.
+/// Merges the choices' event streams into one, each event tagged with its choice's index, and
+/// records per-variant metrics from what the client sees: the request once (its start, time
+/// to first token of any choice, end-to-end latency when the last choice ends, the prompt's
+/// tokens), generated tokens for every choice. When the client goes away the forwarder drops
+/// the engine's receivers, which cancels every choice.
 fn instrument(
-    mut rx: UnboundedReceiver<GenEvent>,
+    rxs: Vec<UnboundedReceiver<GenEvent>>,
     model: String,
     started: std::time::Instant,
-) -> UnboundedReceiver<GenEvent> {
+) -> UnboundedReceiver<Tagged> {
+    use futures::StreamExt;
     let (tx, out) = unbounded_channel();
+    let n = rxs.len();
+    let mut merged = futures::stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))
+    }));
     actix_web::rt::spawn(async move {
         let m = crate::metrics::global();
         m.request_started(&model);
         let mut first = true;
+        let mut finished = 0;
         loop {
             let ev = tokio::select! {
-                ev = rx.recv() => ev,
+                ev = merged.next() => ev,
                 () = tx.closed() => None,
             };
             let Some(ev) = ev else { break };
-            match &ev {
+            match &ev.1 {
                 GenEvent::Text(t) if first && !t.is_empty() => {
                     first = false;
                     m.observe_ttft(&model, started.elapsed().as_secs_f64());
@@ -150,10 +174,16 @@ fn instrument(
                     let secs = started.elapsed().as_secs_f64();
                     if first {
                         // Stopped at its first token (e.g. EOS): that token still came first.
+                        first = false;
                         m.observe_ttft(&model, secs);
                     }
-                    m.observe_e2e(&model, secs);
-                    m.add_prompt_tokens(&model, usage.prompt_tokens as u64);
+                    if finished == 0 {
+                        m.add_prompt_tokens(&model, usage.prompt_tokens as u64);
+                    }
+                    finished += 1;
+                    if finished == n {
+                        m.observe_e2e(&model, secs);
+                    }
                     m.add_generation_tokens(&model, usage.completion_tokens as u64);
                 }
                 _ => {}

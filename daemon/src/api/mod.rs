@@ -315,7 +315,7 @@ mod tests {
             ),
             (
                 "/v1/chat/completions",
-                r#"{"model":"m","messages":[{"role":"user","content":"a"}],"n":2}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":"a"}],"n":17}"#,
                 "n",
             ),
             (

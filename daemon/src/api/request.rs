@@ -28,6 +28,8 @@ pub struct Common {
     pub include_usage: bool,
     /// Output constraint and (chat) tools: [`super::guided`].
     pub guided: Guided,
+    /// Choices to generate (`n`).
+    pub n: usize,
 }
 
 /// A validated `POST /v1/chat/completions` body.
@@ -69,6 +71,7 @@ impl Common {
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
             guided: self.guided.clone(),
+            n: self.n,
         }
     }
 }
@@ -381,6 +384,10 @@ fn parse_common(
     let sampling = parse_sampling(obj)?;
     let stop = parse_stop(obj)?;
     let stream = opt_bool(obj, "stream")?.unwrap_or(false);
+    let n = match opt_uint(obj, "n")? {
+        None => 1,
+        Some(n) => crate::engine::check_choices(n)?,
+    };
     let include_usage = match field(obj, "stream_options") {
         None => false,
         Some(Value::Object(o)) => opt_bool(o, "include_usage")
@@ -400,6 +407,7 @@ fn parse_common(
         stream,
         include_usage,
         guided: Guided::default(),
+        n,
     })
 }
 
@@ -458,7 +466,7 @@ mod tests {
             "stop": ["\n\n", "END"],
             "stream": true,
             "stream_options": {"include_usage": true},
-            "n": 1,
+            "n": 3,
             "user": "someone",
             "logprobs": false,
         }))
@@ -505,6 +513,7 @@ mod tests {
         let g = r.generation();
         assert_eq!(g.model, "m");
         assert_eq!(g.max_tokens, Some(7));
+        assert_eq!(g.n, 3);
         assert!(matches!(g.input, PromptInput::Chat { ref messages } if messages.len() == 4));
     }
 
@@ -674,8 +683,13 @@ mod tests {
                 json!({"model": "m", "messages": [user("x")], "stream_options": {"include_usage": 1}}),
                 "stream_options.include_usage",
             ),
-            (json!({"model": "m", "messages": [user("x")], "n": 2}), "n"),
+            (json!({"model": "m", "messages": [user("x")], "n": 17}), "n"),
             (json!({"model": "m", "messages": [user("x")], "n": 0}), "n"),
+            (json!({"model": "m", "messages": [user("x")], "n": -1}), "n"),
+            (
+                json!({"model": "m", "messages": [user("x")], "n": "2"}),
+                "n",
+            ),
             (
                 json!({"model": "m", "messages": [user("x")], "logprobs": 1}),
                 "logprobs",
@@ -813,7 +827,7 @@ mod tests {
                 json!({"model": "m", "prompt": "x", "logprobs": 6}),
                 "logprobs",
             ),
-            (json!({"model": "m", "prompt": "x", "n": 3}), "n"),
+            (json!({"model": "m", "prompt": "x", "n": 100}), "n"),
             (
                 json!({"model": "m", "prompt": "x", "max_tokens": 0}),
                 "max_tokens",

@@ -1,5 +1,7 @@
 //! Response bodies: whole `chat.completion` / `text_completion` objects, and the server-sent event
-//! stream of chunks built from the engine's [`GenEvent`]s.
+//! stream of chunks built from the engine's [`GenEvent`]s. A request of `n` choices arrives as
+//! one stream of events tagged with their choice's index ([`Tagged`]); the prompt counts once in
+//! `usage`, the completion tokens of every choice add up.
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -14,6 +16,9 @@ use super::logprobs;
 use crate::engine::logprobs::TokenLogprob;
 use crate::engine::tools::ToolCall;
 use crate::engine::{FinishReason, GenEvent, Usage};
+
+/// An engine event and the index of the choice it belongs to.
+pub type Tagged = (usize, GenEvent);
 
 /// Which endpoint the response belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +39,8 @@ pub struct Meta {
     pub started: Instant,
     /// The request asked for logprobs: choices carry a `logprobs` object instead of `null`.
     pub logprobs: bool,
+    /// Choices generated (`n`).
+    pub n: usize,
 }
 
 impl Meta {
@@ -50,6 +57,7 @@ impl Meta {
             include_usage,
             started: Instant::now(),
             logprobs: false,
+            n: 1,
         }
     }
 
@@ -67,17 +75,29 @@ impl Meta {
         }
     }
 
-    fn log_done(&self, reason: FinishReason, usage: &Usage) {
+    fn log_done(&self, reasons: &[FinishReason], usage: &Usage) {
         tracing::info!(
             id = %self.id,
             model = %self.model,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
-            finish_reason = ?reason,
+            finish_reason = ?reasons,
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             "generation finished"
         );
     }
+}
+
+/// The usage of a whole request from its choices' own: the prompt once (every choice
+/// reports the same prompt), the completion tokens of all.
+pub fn total_usage<'a>(choices: impl IntoIterator<Item = &'a Usage>) -> Usage {
+    let mut total = Usage::default();
+    for u in choices {
+        total.prompt_tokens = u.prompt_tokens;
+        total.completion_tokens += u.completion_tokens;
+    }
+    total.total_tokens = total.prompt_tokens + total.completion_tokens;
+    total
 }
 
 pub fn unix_now() -> u64 {
@@ -113,11 +133,11 @@ impl Drop for CancelLog<'_> {
     }
 }
 
-/// Waits for a generation to finish and gathers its text.
+/// Waits for every choice of a generation to finish and gathers their texts, in choice order.
 pub async fn collect(
-    rx: &mut UnboundedReceiver<GenEvent>,
+    rx: &mut UnboundedReceiver<Tagged>,
     meta: &Meta,
-) -> Result<Generated, ApiError> {
+) -> Result<Vec<Generated>, ApiError> {
     let mut guard = CancelLog {
         id: &meta.id,
         armed: true,
@@ -127,28 +147,57 @@ pub async fn collect(
     result
 }
 
-async fn gather(rx: &mut UnboundedReceiver<GenEvent>, meta: &Meta) -> Result<Generated, ApiError> {
-    let mut text = String::new();
-    let mut tool_calls = Vec::new();
-    let mut lps = Vec::new();
-    while let Some(event) = rx.recv().await {
+async fn gather(
+    rx: &mut UnboundedReceiver<Tagged>,
+    meta: &Meta,
+) -> Result<Vec<Generated>, ApiError> {
+    #[derive(Default)]
+    struct Partial {
+        text: String,
+        tool_calls: Vec<ToolCall>,
+        lps: Vec<TokenLogprob>,
+        done: Option<(FinishReason, Usage)>,
+    }
+    let n = meta.n.max(1);
+    let mut parts: Vec<Partial> = (0..n).map(|_| Partial::default()).collect();
+    let mut finished = 0;
+    while let Some((i, event)) = rx.recv().await {
+        let Some(p) = parts.get_mut(i) else {
+            return Err(ApiError::internal(format!(
+                "The engine sent an event for choice {i} of {n}"
+            )));
+        };
         match event {
-            GenEvent::Text(t) => text.push_str(&t),
-            GenEvent::ToolCall(c) => tool_calls.push(c),
+            GenEvent::Text(t) => p.text.push_str(&t),
+            GenEvent::ToolCall(c) => p.tool_calls.push(c),
             GenEvent::Echo { text: t, logprobs } => {
-                text.insert_str(0, &t);
-                lps.splice(0..0, logprobs.unwrap_or_default());
+                p.text.insert_str(0, &t);
+                p.lps.splice(0..0, logprobs.unwrap_or_default());
             }
-            GenEvent::Token(t) => lps.push(t),
+            GenEvent::Token(t) => p.lps.push(t),
             GenEvent::Finished { reason, usage } => {
-                meta.log_done(reason, &usage);
-                return Ok(Generated {
-                    text,
-                    tool_calls,
-                    reason,
-                    usage,
-                    logprobs: lps,
-                });
+                if p.done.replace((reason, usage)).is_none() {
+                    finished += 1;
+                }
+                if finished < n {
+                    continue;
+                }
+                let out: Vec<Generated> = parts
+                    .into_iter()
+                    .filter_map(|p| {
+                        let (reason, usage) = p.done?;
+                        Some(Generated {
+                            text: p.text,
+                            tool_calls: p.tool_calls,
+                            reason,
+                            usage,
+                            logprobs: p.lps,
+                        })
+                    })
+                    .collect();
+                let reasons: Vec<FinishReason> = out.iter().map(|g| g.reason).collect();
+                meta.log_done(&reasons, &total_usage(out.iter().map(|g| &g.usage)));
+                return Ok(out);
             }
             GenEvent::Failed(msg) => {
                 tracing::warn!(id = %meta.id, "generation failed: {msg}");
@@ -161,30 +210,36 @@ async fn gather(rx: &mut UnboundedReceiver<GenEvent>, meta: &Meta) -> Result<Gen
 
 const ENDED_EARLY: &str = "The engine stopped before the generation finished";
 
-/// The whole response object of a non-streamed request.
-pub fn full_response(meta: &Meta, g: &Generated) -> Value {
-    let lps = Pending::default().render(meta, &g.logprobs);
-    let choice = match meta.kind {
-        Kind::Chat => json!({
-            "index": 0,
-            "message": message(g),
-            "finish_reason": g.reason,
-            "logprobs": lps,
-        }),
-        Kind::Text => json!({
-            "index": 0,
-            "text": g.text,
-            "finish_reason": g.reason,
-            "logprobs": lps,
-        }),
-    };
+/// The whole response object of a non-streamed request: `choices[i]` is choice `i`.
+pub fn full_response(meta: &Meta, generated: &[Generated]) -> Value {
+    let choices: Vec<Value> = generated
+        .iter()
+        .enumerate()
+        .map(|(index, g)| {
+            let lps = Pending::default().render(meta, &g.logprobs);
+            match meta.kind {
+                Kind::Chat => json!({
+                    "index": index,
+                    "message": message(g),
+                    "finish_reason": g.reason,
+                    "logprobs": lps,
+                }),
+                Kind::Text => json!({
+                    "index": index,
+                    "text": g.text,
+                    "finish_reason": g.reason,
+                    "logprobs": lps,
+                }),
+            }
+        })
+        .collect();
     json!({
         "id": meta.id,
         "object": meta.object(),
         "created": meta.created,
         "model": meta.model,
-        "choices": [choice],
-        "usage": g.usage,
+        "choices": choices,
+        "usage": total_usage(generated.iter().map(|g| &g.usage)),
     })
 }
 
@@ -207,14 +262,20 @@ fn message(g: &Generated) -> Value {
 
 /// A tool call streamed as OpenAI does: a delta with its index, id, type and name (arguments
 /// empty), then a delta with the arguments.
-fn tool_call_chunks(meta: &Meta, index: usize, c: &ToolCall, out: &mut VecDeque<Bytes>) {
+fn tool_call_chunks(
+    meta: &Meta,
+    choice: usize,
+    index: usize,
+    c: &ToolCall,
+    out: &mut VecDeque<Bytes>,
+) {
     let deltas = [
         json!({"index": index, "id": c.id, "type": "function",
                "function": {"name": c.name, "arguments": ""}}),
         json!({"index": index, "function": {"arguments": c.arguments}}),
     ];
     for d in deltas {
-        let choice = json!({"index": 0, "delta": {"tool_calls": [d]}, "logprobs": null,
+        let choice = json!({"index": choice, "delta": {"tool_calls": [d]}, "logprobs": null,
                             "finish_reason": null});
         out.push_back(frame(&chunk(meta, json!([choice]), None)));
     }
@@ -243,6 +304,17 @@ struct Pending {
     offset: usize,
 }
 
+/// Streaming: what one choice has sent so far.
+#[derive(Default)]
+struct ChoiceState {
+    pending: Pending,
+    /// Tool calls streamed so far (the next one's index).
+    calls: usize,
+    /// Its usage once finished.
+    usage: Option<Usage>,
+    reason: Option<FinishReason>,
+}
+
 impl Pending {
     /// The `logprobs` value for `tokens` (`null` when the request did not ask).
     fn render(&mut self, meta: &Meta, tokens: &[TokenLogprob]) -> Value {
@@ -266,6 +338,7 @@ impl Pending {
 /// A chunk with one choice: a delta (`text` for completions) and maybe the finish reason.
 fn choice_chunk(
     meta: &Meta,
+    index: usize,
     text: Option<&str>,
     role: bool,
     reason: Option<FinishReason>,
@@ -280,10 +353,10 @@ fn choice_chunk(
             if let Some(t) = text {
                 delta["content"] = json!(t);
             }
-            json!({"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason})
+            json!({"index": index, "delta": delta, "logprobs": lps, "finish_reason": reason})
         }
         Kind::Text => json!({
-            "index": 0,
+            "index": index,
             "text": text.unwrap_or(""),
             "logprobs": lps,
             "finish_reason": reason,
@@ -298,60 +371,87 @@ fn frame(v: &Value) -> Bytes {
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
-/// Maps one engine event to the SSE frames it produces; true when the stream is complete.
+/// Maps one engine event to the SSE frames it produces; true when the stream is complete
+/// (every choice finished, or one failed).
 fn event_frames(
     meta: &Meta,
-    event: Option<GenEvent>,
-    pending: &mut Pending,
+    event: Option<Tagged>,
+    choices: &mut [ChoiceState],
     out: &mut VecDeque<Bytes>,
-    calls: &mut usize,
 ) -> bool {
+    let (i, event) = match event {
+        Some((i, e)) if i < choices.len() => (i, e),
+        Some((i, _)) => {
+            let msg = format!(
+                "The engine sent an event for choice {i} of {}",
+                choices.len()
+            );
+            out.push_back(frame(&ApiError::internal(msg).body()));
+            out.push_back(Bytes::from_static(DONE));
+            return true;
+        }
+        None => {
+            out.push_back(frame(&ApiError::internal(ENDED_EARLY).body()));
+            out.push_back(Bytes::from_static(DONE));
+            return true;
+        }
+    };
+    let st = &mut choices[i];
     match event {
-        Some(GenEvent::ToolCall(c)) => {
-            tool_call_chunks(meta, *calls, &c, out);
-            *calls += 1;
+        GenEvent::ToolCall(c) => {
+            tool_call_chunks(meta, i, st.calls, &c, out);
+            st.calls += 1;
             false
         }
-        Some(GenEvent::Text(t)) => {
+        GenEvent::Text(t) => {
             if !t.is_empty() {
-                let lps = pending.take(meta);
-                out.push_back(frame(&choice_chunk(meta, Some(&t), false, None, lps)));
+                let lps = st.pending.take(meta);
+                out.push_back(frame(&choice_chunk(meta, i, Some(&t), false, None, lps)));
             }
             false
         }
-        Some(GenEvent::Token(t)) => {
-            pending.tokens.push(t);
+        GenEvent::Token(t) => {
+            st.pending.tokens.push(t);
             false
         }
-        Some(GenEvent::Echo { text, logprobs }) => {
-            pending.tokens.extend(logprobs.unwrap_or_default());
-            let lps = pending.take(meta);
-            out.push_back(frame(&choice_chunk(meta, Some(&text), false, None, lps)));
+        GenEvent::Echo { text, logprobs } => {
+            st.pending.tokens.extend(logprobs.unwrap_or_default());
+            let lps = st.pending.take(meta);
+            out.push_back(frame(&choice_chunk(meta, i, Some(&text), false, None, lps)));
             false
         }
-        Some(GenEvent::Finished { reason, usage }) => {
-            meta.log_done(reason, &usage);
+        GenEvent::Finished { reason, usage } => {
             let text = match meta.kind {
                 Kind::Chat => None,
                 Kind::Text => Some(""),
             };
-            let lps = pending.take(meta);
-            out.push_back(frame(&choice_chunk(meta, text, false, Some(reason), lps)));
+            let lps = st.pending.take(meta);
+            out.push_back(frame(&choice_chunk(
+                meta,
+                i,
+                text,
+                false,
+                Some(reason),
+                lps,
+            )));
+            st.usage = Some(usage);
+            st.reason = Some(reason);
+            if choices.iter().any(|c| c.usage.is_none()) {
+                return false;
+            }
+            let usage = total_usage(choices.iter().filter_map(|c| c.usage.as_ref()));
+            let reasons: Vec<FinishReason> = choices.iter().filter_map(|c| c.reason).collect();
+            meta.log_done(&reasons, &usage);
             if meta.include_usage {
                 out.push_back(frame(&chunk(meta, json!([]), Some(&usage))));
             }
             out.push_back(Bytes::from_static(DONE));
             true
         }
-        Some(GenEvent::Failed(msg)) => {
-            tracing::warn!(id = %meta.id, "generation failed mid-stream: {msg}");
+        GenEvent::Failed(msg) => {
+            tracing::warn!(id = %meta.id, choice = i, "generation failed mid-stream: {msg}");
             let e = ApiError::internal(format!("Generation failed: {msg}"));
             out.push_back(frame(&e.body()));
-            out.push_back(Bytes::from_static(DONE));
-            true
-        }
-        None => {
-            out.push_back(frame(&ApiError::internal(ENDED_EARLY).body()));
             out.push_back(Bytes::from_static(DONE));
             true
         }
@@ -361,17 +461,15 @@ fn event_frames(
 /// The SSE body of a streamed request. Dropping it (the client went away) drops the receiver,
 /// which cancels the generation.
 pub fn sse_stream(
-    rx: UnboundedReceiver<GenEvent>,
+    rx: UnboundedReceiver<Tagged>,
     meta: Meta,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static {
     struct State {
-        rx: UnboundedReceiver<GenEvent>,
+        rx: UnboundedReceiver<Tagged>,
         meta: Meta,
         queue: VecDeque<Bytes>,
-        pending: Pending,
+        choices: Vec<ChoiceState>,
         done: bool,
-        /// Tool calls streamed so far (the next one's index).
-        calls: usize,
     }
     impl Drop for State {
         fn drop(&mut self) {
@@ -381,22 +479,26 @@ pub fn sse_stream(
         }
     }
     let mut queue = VecDeque::new();
+    let n = meta.n.max(1);
     if meta.kind == Kind::Chat {
-        queue.push_back(frame(&choice_chunk(
-            &meta,
-            Some(""),
-            true,
-            None,
-            Value::Null,
-        )));
+        // As OpenAI: each choice opens with its role.
+        for i in 0..n {
+            queue.push_back(frame(&choice_chunk(
+                &meta,
+                i,
+                Some(""),
+                true,
+                None,
+                Value::Null,
+            )));
+        }
     }
     let state = State {
         rx,
         meta,
         queue,
-        pending: Pending::default(),
+        choices: (0..n).map(|_| ChoiceState::default()).collect(),
         done: false,
-        calls: 0,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -407,13 +509,7 @@ pub fn sse_stream(
                 return None;
             }
             let event = st.rx.recv().await;
-            st.done = event_frames(
-                &st.meta,
-                event,
-                &mut st.pending,
-                &mut st.queue,
-                &mut st.calls,
-            );
+            st.done = event_frames(&st.meta, event, &mut st.choices, &mut st.queue);
         }
     })
 }
@@ -439,7 +535,7 @@ mod tests {
     ) -> Vec<String> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for e in events {
-            tx.send(e).unwrap();
+            tx.send((0, e)).unwrap();
         }
         if close {
             drop(tx);
@@ -583,16 +679,20 @@ mod tests {
     #[test]
     fn collect_and_full_response() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(GenEvent::Text("The capital".into())).unwrap();
-        tx.send(GenEvent::Text(" is Paris.".into())).unwrap();
-        tx.send(GenEvent::Finished {
-            reason: FinishReason::Stop,
-            usage: usage(10, 4),
-        })
+        tx.send((0, GenEvent::Text("The capital".into()))).unwrap();
+        tx.send((0, GenEvent::Text(" is Paris.".into()))).unwrap();
+        tx.send((
+            0,
+            GenEvent::Finished {
+                reason: FinishReason::Stop,
+                usage: usage(10, 4),
+            },
+        ))
         .unwrap();
         let meta = Meta::new(Kind::Chat, "m".into(), false);
         let g = rt().block_on(collect(&mut rx, &meta)).unwrap();
-        assert_eq!(g.text, "The capital is Paris.");
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].text, "The capital is Paris.");
         let v = full_response(&meta, &g);
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["model"], "m");
@@ -612,7 +712,7 @@ mod tests {
     #[test]
     fn collect_reports_failures() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(GenEvent::Failed("boom".into())).unwrap();
+        tx.send((0, GenEvent::Failed("boom".into()))).unwrap();
         drop(tx);
         let meta = Meta::new(Kind::Chat, "m".into(), false);
         let e = rt().block_on(collect(&mut rx, &meta)).unwrap_err();
@@ -620,5 +720,84 @@ mod tests {
         assert!(e.message.contains("boom"));
         let e = rt().block_on(collect(&mut rx, &meta)).unwrap_err();
         assert_eq!(e.status.as_u16(), 500);
+    }
+
+    fn finished(p: usize, c: usize) -> GenEvent {
+        GenEvent::Finished {
+            reason: FinishReason::Length,
+            usage: usage(p, c),
+        }
+    }
+
+    #[test]
+    fn choices_collect_in_order_and_usage_counts_the_prompt_once() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // Interleaved, and choice 1 ends first.
+        for ev in [
+            (1, GenEvent::Text("b".into())),
+            (0, GenEvent::Text("a".into())),
+            (1, finished(7, 1)),
+            (2, GenEvent::Text("c".into())),
+            (0, GenEvent::Text("a".into())),
+            (0, finished(7, 2)),
+            (2, finished(7, 3)),
+        ] {
+            tx.send(ev).unwrap();
+        }
+        let mut meta = Meta::new(Kind::Text, "m".into(), false);
+        meta.n = 3;
+        let g = rt().block_on(collect(&mut rx, &meta)).unwrap();
+        let texts: Vec<&str> = g.iter().map(|g| g.text.as_str()).collect();
+        assert_eq!(texts, ["aa", "b", "c"]);
+        let v = full_response(&meta, &g);
+        let idx: Vec<u64> = v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(idx, [0, 1, 2]);
+        assert_eq!(v["choices"][1]["text"], "b");
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13})
+        );
+    }
+
+    #[test]
+    fn streamed_choices_carry_their_index_and_end_once() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for ev in [
+            (1, GenEvent::Text("b".into())),
+            (0, GenEvent::Text("a".into())),
+            (1, finished(4, 1)),
+            (0, finished(4, 1)),
+        ] {
+            tx.send(ev).unwrap();
+        }
+        std::mem::forget(tx);
+        let mut meta = Meta::new(Kind::Chat, "m".into(), true);
+        meta.n = 2;
+        let frames: Vec<String> = rt().block_on(
+            sse_stream(rx, meta)
+                .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
+                .collect(),
+        );
+        // two role chunks, two texts, two finishes, usage, [DONE]
+        assert_eq!(frames.len(), 8, "{frames:?}");
+        assert_eq!(data(&frames[0])["choices"][0]["index"], 0);
+        assert_eq!(data(&frames[1])["choices"][0]["index"], 1);
+        assert_eq!(data(&frames[1])["choices"][0]["delta"]["role"], "assistant");
+        let b = data(&frames[2]);
+        assert_eq!(b["choices"][0]["index"], 1);
+        assert_eq!(b["choices"][0]["delta"]["content"], "b");
+        assert_eq!(data(&frames[4])["choices"][0]["index"], 1);
+        assert_eq!(data(&frames[4])["choices"][0]["finish_reason"], "length");
+        assert_eq!(data(&frames[5])["choices"][0]["index"], 0);
+        assert_eq!(
+            data(&frames[6])["usage"],
+            json!({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6})
+        );
+        assert_eq!(frames[7], "data: [DONE]\n\n");
     }
 }

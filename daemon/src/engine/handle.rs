@@ -18,24 +18,49 @@ use crate::model::{self, LoadedModel};
 pub struct Prepared {
     pub prompt_tokens: usize,
     pub max_tokens: usize,
+    /// Choices to generate (OpenAI `n`): one prefill, then one sequence each.
+    pub n: usize,
     /// The served model id asked for (metrics label).
     pub(super) model: String,
     pub(super) adapter: Option<Arc<Adapter>>,
     pub(super) tokens: Vec<u32>,
     pub(super) sampling: SamplingParams,
     pub(super) stop: Vec<String>,
-    /// The output grammar, its first mask already under way.
-    pub(super) guide: Option<super::constraint::Guide>,
+    /// The output grammar of each choice (empty: none), their first masks already under way.
+    pub(super) guides: Vec<super::constraint::Guide>,
     /// Set when tool calls are parsed out of the output.
     pub(super) tool_calls: bool,
     /// The prompt as given, when it is to be echoed back (completions `echo`).
     pub(super) echo: Option<String>,
 }
 
-/// A prepared request queued to the engine thread, with the channel its events go to.
+impl Prepared {
+    /// What a further choice of this request runs with: the same prompt, variant and
+    /// parameters (its grammar state is its own, taken from [`Self::guides`]).
+    pub(super) fn for_choice(&self) -> Prepared {
+        Prepared {
+            prompt_tokens: self.prompt_tokens,
+            max_tokens: self.max_tokens,
+            n: 1,
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            tokens: self.tokens.clone(),
+            sampling: self.sampling.clone(),
+            stop: self.stop.clone(),
+            guides: Vec::new(),
+            tool_calls: self.tool_calls,
+            echo: self.echo.clone(),
+        }
+    }
+}
+
+/// A prepared request queued to the engine thread, with the channels its events go to.
 pub(super) struct Job {
     pub(super) p: Prepared,
+    /// Choice 0's events.
     pub(super) events: UnboundedSender<GenEvent>,
+    /// The events of choices 1..n, in order.
+    pub(super) choices: Vec<UnboundedSender<GenEvent>>,
     pub(super) submitted: std::time::Instant,
 }
 
@@ -247,6 +272,14 @@ impl EngineHandle {
         })
     }
 
+    /// Prompt tokens prefilled since the start (0 when not loaded): the model work of
+    /// prompts, whatever the number of choices asked of each.
+    pub fn prefilled_tokens(&self) -> u64 {
+        self.shared().map_or(0, |s| {
+            s.prefilled.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
     /// Stops the engine thread at its next step: queued and running generations end with an
     /// error event. Waits up to `timeout` for the thread to return; false if it did not.
     /// Called last on shutdown, so that no tensor work (BLAS threads included) is in flight
@@ -372,16 +405,20 @@ impl EngineHandle {
         };
         let tools = req.guided.tools.as_ref();
         let forced = tools.and_then(|t| t.forced());
-        let guide = match forced.as_ref().or(req.guided.constraint.as_ref()) {
-            Some(c) => Some(sh.grammars.compile(c)?),
-            None => None,
+        let choices = super::types::check_choices(req.n as u64)?;
+        let guides = match forced.as_ref().or(req.guided.constraint.as_ref()) {
+            Some(c) => (0..choices)
+                .map(|_| sh.grammars.compile(c))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
         };
         let echo = match &req.input {
             PromptInput::Text(t) if req.sampling.echo => Some(t.clone()),
             _ => None,
         };
         Ok(Prepared {
-            guide,
+            n: choices,
+            guides,
             tool_calls: tools.is_some_and(|t| t.parses_calls()),
             echo,
             prompt_tokens: n,
@@ -394,9 +431,27 @@ impl EngineHandle {
         })
     }
 
-    /// Queues a prepared request; events arrive on the returned receiver until `Finished` or `Failed`.
-    /// Dropping the receiver cancels the generation.
+    /// Queues a prepared single-choice request; events arrive on the returned receiver until
+    /// `Finished` or `Failed`. Dropping the receiver cancels the generation.
     pub fn submit(&self, p: Prepared) -> Result<UnboundedReceiver<GenEvent>, EngineError> {
+        if p.n != 1 {
+            return Err(EngineError::Internal(format!(
+                "a request for {} choices goes through submit_choices",
+                p.n
+            )));
+        }
+        let mut rxs = self.submit_choices(p)?;
+        rxs.pop()
+            .ok_or_else(|| EngineError::Internal("no receiver for the request".into()))
+    }
+
+    /// Queues a prepared request of `n` choices: one receiver per choice, in choice order,
+    /// each getting that choice's events until its `Finished` or `Failed`. A choice whose
+    /// receiver is dropped stops; the others go on.
+    pub fn submit_choices(
+        &self,
+        p: Prepared,
+    ) -> Result<Vec<UnboundedReceiver<GenEvent>>, EngineError> {
         use std::sync::atomic::Ordering;
         let sh = self.shared()?;
         let admitted = sh
@@ -409,10 +464,12 @@ impl EngineHandle {
                 retry_after_secs: 1,
             });
         }
-        let (tx, rx) = unbounded_channel();
+        let (mut txs, rxs): (Vec<_>, Vec<_>) = (0..p.n.max(1)).map(|_| unbounded_channel()).unzip();
+        let tx = txs.remove(0);
         let job = Job {
             p,
             events: tx,
+            choices: txs,
             submitted: std::time::Instant::now(),
         };
         if self.queue.send(job).is_err() {
@@ -421,6 +478,10 @@ impl EngineHandle {
                 "the engine thread has stopped".into(),
             ));
         }
-        Ok(rx)
+        Ok(rxs)
     }
 }
+
+#[cfg(test)]
+#[path = "choices_tests.rs"]
+mod choices_tests;

@@ -57,6 +57,9 @@ struct Shared {
     waiting: std::sync::atomic::AtomicUsize,
     /// Sequences in the running batch after the last step (see [`EngineHandle::load`]).
     running: std::sync::atomic::AtomicUsize,
+    /// Prompt tokens run through the model by prefills since the start (a request's `n`
+    /// choices share one prefill).
+    prefilled: std::sync::atomic::AtomicU64,
     /// Set by [`EngineHandle::shutdown`]: the thread fails what it holds and returns.
     stop: std::sync::atomic::AtomicBool,
     /// True once the engine thread has returned.
@@ -76,6 +79,13 @@ pub struct BaseModel {
     pub hub_id: Option<String>,
     /// How the weights are held (`model.weights`).
     pub weights: model::WeightsMode,
+}
+
+impl Shared {
+    fn count_prefill(&self, tokens: usize) {
+        self.prefilled
+            .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn now() -> u64 {
@@ -102,6 +112,7 @@ fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
         generations: Default::default(),
         waiting: Default::default(),
         running: Default::default(),
+        prefilled: Default::default(),
         stop: Default::default(),
         stopped: Default::default(),
         context: model.cfg.max_position_embeddings,

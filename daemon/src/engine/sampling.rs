@@ -16,8 +16,19 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
+        Self::for_choice(params, 0)
+    }
+
+    /// The sampler of choice `index` of a request (`n` > 1): each choice draws from its own
+    /// stream. With a seed, choice 0 draws as a single-choice request with that seed would and
+    /// every choice is reproducible; without one, every stream is seeded by the OS.
+    pub fn for_choice(params: SamplingParams, index: usize) -> Self {
         let rng = match params.seed {
-            Some(s) => StdRng::seed_from_u64(s),
+            // The golden-ratio step (as in splitmix64) spreads neighbouring indices apart;
+            // `seed_from_u64` then mixes the result.
+            Some(s) => StdRng::seed_from_u64(
+                s.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            ),
             None => StdRng::from_os_rng(),
         };
         Self { params, rng }
@@ -258,6 +269,29 @@ mod tests {
             "top_k=2 allows only ids 0 and 2"
         );
         assert!(a.contains(&0) && a.contains(&2));
+    }
+
+    #[test]
+    fn choices_draw_their_own_reproducible_streams() {
+        let p = SamplingParams {
+            seed: Some(11),
+            ..params()
+        };
+        let logits = vec![0.3f32, 0.1, 0.2, 0.0, 0.25, 0.15];
+        let draw = |i: usize| {
+            let mut s = Sampler::for_choice(p.clone(), i);
+            (0..64)
+                .map(|_| s.sample(&mut logits.clone(), &[], &HashMap::new()))
+                .collect::<Vec<_>>()
+        };
+        let mut single = Sampler::new(p.clone());
+        let first: Vec<u32> = (0..64)
+            .map(|_| single.sample(&mut logits.clone(), &[], &HashMap::new()))
+            .collect();
+        assert_eq!(draw(0), first, "choice 0 draws as a single-choice request");
+        assert_eq!(draw(2), draw(2), "a seeded choice is reproducible");
+        assert_ne!(draw(1), draw(0));
+        assert_ne!(draw(1), draw(2));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::constraint::Guide;
 use super::detok::{Detokenizer, Filtered, StopFilter};
@@ -18,9 +19,14 @@ use crate::adapters::Adapter;
 use crate::model::layers::{Ctx, ForwardHooks};
 use crate::model::{KvCache, Transformer};
 
-/// One sequence being generated.
+/// One sequence being generated: one choice of a request.
 struct Seq {
     job: Job,
+    /// Which choice of its request this is (OpenAI `choices[i].index`).
+    choice: usize,
+    /// Before the prefill: the channels and grammars of the request's further choices, which
+    /// become sequences of their own on copies of the prefilled cache ([`Seq::fork`]).
+    forks: Vec<(UnboundedSender<GenEvent>, Option<Guide>)>,
     cache: KvCache,
     /// Prompt then generated ids.
     ids: Vec<u32>,
@@ -107,18 +113,21 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
         // The front of the queue and the requests right behind it, prefilled together (each
         // with its own adapter): a request that arrives while others wait no longer waits
         // for each of their prefills in turn.
+        // A request's choices all join the batch at once, each in a slot of its own.
         let mut group: Vec<Seq> = Vec::new();
         let mut group_tokens = 0;
-        while running.len() + group.len() < MAX_BATCH {
+        let mut slots = running.len();
+        loop {
             let Some(next) = waiting.front() else { break };
-            let fits = match group.first() {
-                None => true,
-                Some(first) => {
-                    first.joins_prefill()
-                        && next.joins_prefill()
-                        && group_tokens + next.job.p.prompt_tokens <= PREFILL_BATCH_TOKENS
-                }
-            };
+            let fits = slots + next.choices() <= MAX_BATCH
+                && match group.first() {
+                    None => true,
+                    Some(first) => {
+                        first.joins_prefill()
+                            && next.joins_prefill()
+                            && group_tokens + next.job.p.prompt_tokens <= PREFILL_BATCH_TOKENS
+                    }
+                };
             if !fits {
                 break;
             }
@@ -130,6 +139,7 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
             let queued = seq.job.submitted.elapsed().as_secs_f64();
             crate::metrics::global().observe_queue(&seq.job.p.model, queued);
             group_tokens += seq.job.p.prompt_tokens;
+            slots += seq.choices();
             group.push(seq);
         }
         if !group.is_empty() {
@@ -138,17 +148,14 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
         if group.len() == 1 {
             let mut seq = group.remove(0);
             match seq.prefill(&model, &sh) {
-                Ok(Step::Continue) => running.push(seq),
-                Ok(Step::Done) => {}
+                Ok(logits) => start(seq, logits, &sh, &mut running),
                 Err(e) => seq.fail(&e),
             }
         } else if !group.is_empty() {
-            match prefill_group(&model, &mut group) {
+            match prefill_group(&model, &sh, &mut group) {
                 Ok(rows) => {
-                    for (mut seq, row) in group.into_iter().zip(rows) {
-                        if let Step::Continue = seq.accept(row, &sh) {
-                            running.push(seq);
-                        }
+                    for (seq, row) in group.into_iter().zip(rows) {
+                        start(seq, row, &sh, &mut running);
                     }
                 }
                 Err(e) => {
@@ -158,8 +165,7 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
                     for mut seq in group {
                         seq.cache = KvCache::new(&model.cfg, seq.cache_capacity());
                         match seq.prefill(&model, &sh) {
-                            Ok(Step::Continue) => running.push(seq),
-                            Ok(Step::Done) => {}
+                            Ok(logits) => start(seq, logits, &sh, &mut running),
                             Err(e) => seq.fail(&e),
                         }
                     }
@@ -203,12 +209,38 @@ fn hooks_of(adapters: &[Option<Arc<Adapter>>]) -> Vec<Option<&dyn ForwardHooks>>
         .collect()
 }
 
+/// A prefilled sequence's first token: its further choices split off on copies of its cache,
+/// then every choice samples from the prompt's logits on its own, and those that go on join
+/// the running batch.
+fn start(mut seq: Seq, logits: Vec<f32>, sh: &Shared, running: &mut Vec<Seq>) {
+    let forks = match seq.fork() {
+        Ok(forks) => forks,
+        Err(e) => {
+            seq.fail(&e);
+            return;
+        }
+    };
+    let mut rows = std::iter::repeat_n(logits, forks.len() + 1);
+    for mut s in std::iter::once(seq).chain(forks) {
+        let Some(row) = rows.next() else { break };
+        if let Step::Continue = s.accept(row, sh) {
+            running.push(s);
+        }
+    }
+}
+
 /// Prefills sequences (see [`Seq::joins_prefill`]) in one forward; returns each one's logits.
-fn prefill_group(model: &Transformer, group: &mut [Seq]) -> candle_core::Result<Vec<Vec<f32>>> {
+fn prefill_group(
+    model: &Transformer,
+    sh: &Shared,
+    group: &mut [Seq],
+) -> candle_core::Result<Vec<Vec<f32>>> {
     let xs = group
         .iter()
         .map(|s| s.prompt_embeddings(model))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    let tokens: usize = group.iter().map(|s| s.job.p.tokens.len()).sum();
+    sh.count_prefill(tokens);
     let adapters = adapters_of(group);
     let hooks = hooks_of(&adapters);
     let mut caches: Vec<&mut KvCache> = group.iter_mut().map(|s| &mut s.cache).collect();
@@ -243,8 +275,16 @@ fn decode_step(
 impl Seq {
     fn new(mut job: Job, model: &Transformer) -> Self {
         let cache = KvCache::new(&model.cfg, Self::capacity_for(&job));
+        let mut guides = std::mem::take(&mut job.p.guides).into_iter();
+        let guide = guides.next();
+        let forks = std::mem::take(&mut job.choices)
+            .into_iter()
+            .map(|tx| (tx, guides.next()))
+            .collect();
         Self {
-            guide: job.p.guide.take(),
+            choice: 0,
+            forks,
+            guide,
             tool_calls: job.p.tool_calls.then(ToolCallParser::new),
             ids: job.p.tokens.clone(),
             next: 0,
@@ -269,19 +309,63 @@ impl Seq {
         Self::capacity_for(&self.job)
     }
 
-    /// True when the client dropped its receiver (disconnected); counted once per sequence,
-    /// since the caller drops the sequence right after.
+    /// Batch slots the request takes once prefilled: one per choice.
+    fn choices(&self) -> usize {
+        1 + self.forks.len()
+    }
+
+    /// The request's further choices as sequences of their own, each on a copy of this
+    /// sequence's prefilled cache, with its own sampler stream and grammar state.
+    fn fork(&mut self) -> candle_core::Result<Vec<Seq>> {
+        let forks = std::mem::take(&mut self.forks);
+        let mut out = Vec::with_capacity(forks.len());
+        for (i, (events, guide)) in forks.into_iter().enumerate() {
+            let job = Job {
+                p: self.job.p.for_choice(),
+                events,
+                choices: Vec::new(),
+                submitted: self.job.submitted,
+            };
+            let choice = i + 1;
+            out.push(Seq {
+                cache: self.cache.fork(self.cache_capacity())?,
+                choice,
+                forks: Vec::new(),
+                guide,
+                tool_calls: job.p.tool_calls.then(ToolCallParser::new),
+                ids: job.p.tokens.clone(),
+                next: 0,
+                last_token: None,
+                generated: 0,
+                counts: HashMap::new(),
+                sampler: Sampler::for_choice(job.p.sampling.clone(), choice),
+                detok: Detokenizer::new(),
+                stop: StopFilter::new(job.p.stop.clone()),
+                prompt_logprobs: self.prompt_logprobs.clone(),
+                job,
+            });
+        }
+        Ok(out)
+    }
+
+    /// True when the client dropped every receiver of the sequence (disconnected); a
+    /// cancelled request is counted once (by its first choice), since the caller drops the
+    /// sequence right after.
     fn client_gone(&self) -> bool {
-        let gone = self.job.events.is_closed();
-        if gone {
+        let gone = self.job.events.is_closed() && self.forks.iter().all(|f| f.0.is_closed());
+        if gone && self.choice == 0 {
             crate::metrics::global().request_cancelled(&self.job.p.model);
         }
         gone
     }
 
+    /// Fails this sequence and the choices not yet split off it.
     fn fail(&self, e: &candle_core::Error) {
         tracing::error!("generation failed: {e}");
         let _ = self.job.events.send(GenEvent::Failed(e.to_string()));
+        for (tx, _) in &self.forks {
+            let _ = tx.send(GenEvent::Failed(e.to_string()));
+        }
     }
 
     /// The prompt's embeddings `(1, l, hidden)`, after the soft prompt of a prompt-tuned
@@ -314,12 +398,13 @@ impl Seq {
     }
 
     /// Runs the prompt (after the soft prompt of a prompt-tuned variant; a prefix-tuned
-    /// variant's prefix is written into the cache by the model) and takes the first token.
-    fn prefill(&mut self, model: &Transformer, sh: &Shared) -> candle_core::Result<Step> {
+    /// variant's prefix is written into the cache by the model); returns the logits of the
+    /// first token.
+    fn prefill(&mut self, model: &Transformer, sh: &Shared) -> candle_core::Result<Vec<f32>> {
         let x = self.prompt_embeddings(model)?;
+        sh.count_prefill(self.job.p.tokens.len());
         if self.wants_prompt_logprobs() {
-            let last = self.prefill_all_positions(model, sh, &x)?;
-            return Ok(self.accept(last, sh));
+            return self.prefill_all_positions(model, sh, &x);
         }
         let ctx = Ctx {
             cache: Some(&mut self.cache),
@@ -331,10 +416,9 @@ impl Seq {
                 .map(|a| a as &dyn ForwardHooks),
             packed: None,
         };
-        let logits = rayon::scope(|_| model.last_logits(&x, ctx))?
+        rayon::scope(|_| model.last_logits(&x, ctx))?
             .squeeze(0)?
-            .to_vec1::<f32>()?;
-        Ok(self.accept(logits, sh))
+            .to_vec1::<f32>()
     }
 
     /// A prefill that keeps every position's logits: the prompt's logprobs are stored for the
@@ -477,7 +561,9 @@ impl Seq {
             }
             Filtered::Emit(text) => {
                 if !self.emit(text) {
-                    crate::metrics::global().request_cancelled(&self.job.p.model);
+                    if self.choice == 0 {
+                        crate::metrics::global().request_cancelled(&self.job.p.model);
+                    }
                     return Step::Done;
                 }
             }

@@ -71,6 +71,26 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Structured output and tools (both optional).
     pub guided: Guided,
+    /// How many choices to generate from the prompt (OpenAI `n`, 1..=[`MAX_CHOICES`]): one
+    /// prefill, then each choice samples on its own copy of the prompt's cache.
+    pub n: usize,
+}
+
+/// Most choices one request may ask for: every choice takes a slot of the decode batch, and
+/// all of a request's choices run in the same batch.
+pub const MAX_CHOICES: usize = super::scheduler::MAX_BATCH;
+
+/// Checks OpenAI's `n` against [`MAX_CHOICES`]; the error names `n`.
+pub fn check_choices(n: u64) -> Result<usize, EngineError> {
+    match usize::try_from(n) {
+        Ok(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n),
+        _ => Err(EngineError::Invalid {
+            param: "n".into(),
+            message: format!(
+                "n must be between 1 and {MAX_CHOICES} (the engine's decode batch size), got {n}"
+            ),
+        }),
+    }
 }
 
 /// What shapes a request's output beyond sampling: a grammar the text must match
@@ -127,7 +147,9 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: String,
     pub context_length: usize,
-    /// The base model a variant was tuned from; None for the base itself.
+    /// The model a variant was tuned from (None for the base itself): the base, or for
+    /// continued fine-tuning the fine-tuned model its job started from (the API fills that
+    /// in from the jobs).
     pub parent: Option<String>,
     /// `lora`, `prompt_tuning` or `prefix_tuning` for variants.
     pub adapter_type: Option<String>,

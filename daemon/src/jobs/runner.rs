@@ -269,6 +269,21 @@ fn load_data(
     data::load_jsonl(&path, &base.text, base.template.as_deref(), opts).map(|(ex, _)| ex)
 }
 
+/// Continued fine-tuning: the trainer starts from the weights of the fine-tuned model
+/// `parent` (a resumed job's checkpoint then replaces them).
+fn continue_from(inner: &Inner, trainer: &mut Trainer, parent: &str) -> Result<(), String> {
+    let found = inner.rt.block_on(super::service::variant_files_in(
+        inner.store(),
+        &*inner.blobs,
+        parent,
+    ));
+    let (_, dir) = found.ok_or_else(|| format!("the parent model {parent} no longer exists"))?;
+    trainer
+        .init_from_dir(&dir)
+        .map_err(|e| format!("starting from {parent}: {e}"))?;
+    Ok(())
+}
+
 fn train_job(
     inner: &Inner,
     job: &JobRow,
@@ -335,6 +350,14 @@ fn train_job(
     trainer.config.checkpoint_every = every;
     if has_valid {
         trainer.config.eval_every = every;
+    }
+    if let Some(parent) = &spec.parent {
+        continue_from(inner, &mut trainer, parent)?;
+        inner.event(
+            &job.id,
+            "info",
+            &format!("Continuing from the weights of {parent}"),
+        );
     }
     if interrupted {
         match inner.blobs.latest_checkpoint(&job.id) {

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::backend::{BlobWriter, FileQuery, MetaStore, NewEvent};
-use super::spec::CreateJob;
+use super::backend::{BlobStore, BlobWriter, FileQuery, MetaStore, NewEvent};
+use super::spec::{continued_adapter, CreateJob, JobSpec};
 use super::storage::{new_id, now, FILE_PREFIX, JOB_PREFIX};
 use super::store::{status, CheckpointRow, EventRow, FileRow, JobRow, Page};
 use super::{Jobs, ServiceError, ServiceResult};
+use crate::adapters::AdapterConfig;
 
 /// The one purpose of uploaded files this server accepts.
 pub use itamae_client::FINE_TUNE;
@@ -49,18 +50,24 @@ impl Jobs {
     // ---- jobs ----
 
     /// Creates a job from a parsed request: its files must exist and be fine-tuning files, and
-    /// its model must be the base model. The job starts `validating_files`; its files are
-    /// validated in the background.
-    pub async fn create_job(&self, c: CreateJob) -> ServiceResult<JobRow> {
+    /// its model must be the base model or a model fine-tuned from it here (a job's result or
+    /// checkpoint), which the job continues from ([`Self::continue_from`]). The job starts
+    /// `validating_files`; its files are validated in the background.
+    pub async fn create_job(&self, mut c: CreateJob) -> ServiceResult<JobRow> {
         let base = self.engine().base()?;
         if c.model != base.name {
-            return Err(ServiceError::ModelNotFound {
-                message: format!(
-                    "The model `{}` cannot be fine-tuned here: the base model is `{}`",
-                    c.model, base.name
-                ),
-                model: c.model,
-            });
+            let Some(adapter) = self.continue_from(&c).await? else {
+                return Err(ServiceError::ModelNotFound {
+                    message: format!(
+                        "The model `{}` cannot be fine-tuned here: the base model is `{}`, \
+                         and no fine-tuned model of that name exists",
+                        c.model, base.name
+                    ),
+                    model: c.model,
+                });
+            };
+            c.spec.adapter = adapter;
+            c.spec.parent = Some(c.model.clone());
         }
         for (file, param) in std::iter::once((&c.training_file, "training_file"))
             .chain(c.validation_file.iter().map(|f| (f, "validation_file")))
@@ -115,6 +122,60 @@ impl Jobs {
         tracing::info!(job = %id, "fine-tuning job created");
         self.validate_in_background(id);
         Ok(row)
+    }
+
+    /// Continued fine-tuning: when `c.model` is a fine-tuned model of a job here (its result or
+    /// a checkpoint), the adapter the new job trains, which starts from that model's weights
+    /// (the parent's method and shape, see [`continued_adapter`]); None when there is no such
+    /// model.
+    async fn continue_from(&self, c: &CreateJob) -> ServiceResult<Option<AdapterConfig>> {
+        let Some((parent_job, _)) = self.variant_files(&c.model).await else {
+            return Ok(None);
+        };
+        let Some(row) = self.meta().get_job(&parent_job).await? else {
+            return Ok(None);
+        };
+        let parent: JobSpec = serde_json::from_value(row.spec).map_err(|e| {
+            ServiceError::Internal(format!("The job {parent_job} cannot be read: {e}"))
+        })?;
+        continued_adapter(&parent.adapter, c.adapter_given.then_some(&c.spec.adapter))
+            .map(Some)
+            .map_err(|e| ServiceError::invalid(e.param, e.message))
+    }
+
+    /// The model each continued job's fine-tuned models (result and checkpoints) were trained
+    /// from, by model name: what `/v1/models` reports as their `parent`.
+    pub async fn model_parents(&self) -> ServiceResult<std::collections::HashMap<String, String>> {
+        let mut parents = std::collections::HashMap::new();
+        let mut by_job = std::collections::HashMap::new();
+        for j in self.meta().jobs_with_status(&[status::SUCCEEDED]).await? {
+            let parent = serde_json::from_value::<JobSpec>(j.spec)
+                .ok()
+                .and_then(|s| s.parent);
+            if let Some(p) = parent {
+                if let Some(m) = j.fine_tuned_model {
+                    parents.insert(m, p.clone());
+                }
+                by_job.insert(j.id, p);
+            }
+        }
+        for c in self.meta().all_checkpoints().await? {
+            let parent = match by_job.get(&c.job_id) {
+                Some(p) => Some(p.clone()),
+                // A checkpoint of a job still running (or stopped early) here.
+                None => match self.meta().get_job(&c.job_id).await? {
+                    Some(j) => serde_json::from_value::<JobSpec>(j.spec)
+                        .ok()
+                        .and_then(|s| s.parent),
+                    None => None,
+                },
+            };
+            if let Some(p) = parent {
+                by_job.insert(c.job_id.clone(), p.clone());
+                parents.insert(c.model, p);
+            }
+        }
+        Ok(parents)
     }
 
     /// Newest first, after the job `after`.
@@ -296,24 +357,7 @@ impl Jobs {
     /// Where the PEFT files of a fine-tuning job's servable variant `name` (its result or one
     /// of its checkpoints) are, materialised locally: `(job id, directory)`.
     pub async fn variant_files(&self, name: &str) -> Option<(String, PathBuf)> {
-        let blobs = &self.inner.blobs;
-        // Checkpoints first: their names extend the job's result name.
-        if let Ok(cks) = self.meta().all_checkpoints().await {
-            if let Some(c) = cks.into_iter().find(|c| c.model == name) {
-                let dir = blobs.local_checkpoint_dir(&c.job_id, c.step.max(0) as usize);
-                return Some((c.job_id, dir));
-            }
-        }
-        let done = self
-            .meta()
-            .jobs_with_status(&[status::SUCCEEDED])
-            .await
-            .ok()?;
-        let j = done
-            .into_iter()
-            .find(|j| j.fine_tuned_model.as_deref() == Some(name))?;
-        let dir = blobs.local_result_dir(&j.id);
-        Some((j.id, dir))
+        variant_files_in(self.meta(), &*self.inner.blobs, name).await
     }
 
     // ---- files ----
@@ -407,4 +451,25 @@ struct StreamState {
     /// [`CLOSE_GRACE`] after that.
     terminal_seen: Option<std::time::Instant>,
     done: bool,
+}
+
+/// [`Jobs::variant_files`] over the stores themselves (the runner holds no [`Jobs`]).
+pub(super) async fn variant_files_in(
+    meta: &dyn MetaStore,
+    blobs: &dyn BlobStore,
+    name: &str,
+) -> Option<(String, PathBuf)> {
+    // Checkpoints first: their names extend the job's result name.
+    if let Ok(cks) = meta.all_checkpoints().await {
+        if let Some(c) = cks.into_iter().find(|c| c.model == name) {
+            let dir = blobs.local_checkpoint_dir(&c.job_id, c.step.max(0) as usize);
+            return Some((c.job_id, dir));
+        }
+    }
+    let done = meta.jobs_with_status(&[status::SUCCEEDED]).await.ok()?;
+    let j = done
+        .into_iter()
+        .find(|j| j.fine_tuned_model.as_deref() == Some(name))?;
+    let dir = blobs.local_result_dir(&j.id);
+    Some((j.id, dir))
 }

@@ -52,6 +52,10 @@ pub struct JobSpec {
     pub adapter: AdapterConfig,
     pub hyper: Hyper,
     pub seed: u64,
+    /// Continued fine-tuning: the fine-tuned model (a job's result or checkpoint) whose
+    /// adapter the training starts from, with the same method. None: a fresh adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// The validated create request.
@@ -63,6 +67,9 @@ pub struct CreateJob {
     pub suffix: Option<String>,
     pub metadata: Option<Value>,
     pub spec: JobSpec,
+    /// The request named an adapter (`method.supervised.adapter`); without one, a continued
+    /// job takes its parent's.
+    pub adapter_given: bool,
 }
 
 pub const DEFAULT_MAX_SEQ_LEN: usize = 1024;
@@ -136,7 +143,7 @@ pub fn parse_create(body: &Value, default_seed: u64) -> Result<CreateJob, FieldE
                 Some(h) => parse_hyper(h, "hyperparameters")?,
                 None => Hyper::default(),
             },
-            AdapterConfig::default(),
+            None,
         ),
         Some(m) => {
             let (h, a) = parse_method(m)?;
@@ -158,10 +165,12 @@ pub fn parse_create(body: &Value, default_seed: u64) -> Result<CreateJob, FieldE
         validation_file,
         suffix,
         metadata,
+        adapter_given: adapter.is_some(),
         spec: JobSpec {
-            adapter,
+            adapter: adapter.unwrap_or_default(),
             hyper,
             seed,
+            parent: None,
         },
     })
 }
@@ -174,7 +183,7 @@ fn required_str(obj: &Map<String, Value>, key: &str) -> Result<String, FieldErro
     }
 }
 
-fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterConfig), FieldError> {
+fn parse_method(m: &Value) -> Result<(Option<Hyper>, Option<AdapterConfig>), FieldError> {
     let Some(m) = m.as_object() else {
         return bad("method", "method must be an object");
     };
@@ -189,7 +198,7 @@ fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterConfig), FieldError>
         None => return bad("method.type", "method.type is required (`supervised`)"),
     }
     let sup = match m.get("supervised") {
-        None | Some(Value::Null) => return Ok((None, AdapterConfig::default())),
+        None | Some(Value::Null) => return Ok((None, None)),
         Some(Value::Object(s)) => s,
         Some(_) => return bad("method.supervised", "method.supervised must be an object"),
     };
@@ -198,10 +207,99 @@ fn parse_method(m: &Value) -> Result<(Option<Hyper>, AdapterConfig), FieldError>
         Some(h) => Some(parse_hyper(h, "method.supervised.hyperparameters")?),
     };
     let adapter = match sup.get("adapter") {
-        None | Some(Value::Null) => AdapterConfig::default(),
-        Some(a) => AdapterConfig::parse(a, "method.supervised.adapter", &lora::check_targets)?,
+        None | Some(Value::Null) => None,
+        Some(a) => Some(AdapterConfig::parse(
+            a,
+            "method.supervised.adapter",
+            &lora::check_targets,
+        )?),
     };
     Ok((hyper, adapter))
+}
+
+/// The adapter a job continuing from a model trained with `parent` trains: the parent's
+/// when the request names none; else the request's, which must be the same method with the
+/// same shape (the parent's weights are its starting point). Errors name the field at fault.
+pub fn continued_adapter(
+    parent: &AdapterConfig,
+    given: Option<&AdapterConfig>,
+) -> Result<AdapterConfig, FieldError> {
+    const AT: &str = "method.supervised.adapter";
+    let Some(given) = given else {
+        return Ok(match parent {
+            // A saved prefix holds the projection's output: training goes on on the prefix.
+            AdapterConfig::PrefixTuning(p) if p.prefix_projection() => {
+                AdapterConfig::PrefixTuning(PrefixTuningConfig {
+                    prefix_projection: Some(false),
+                    encoder_hidden_size: None,
+                    ..p.clone()
+                })
+            }
+            other => other.clone(),
+        });
+    };
+    let differs = |field: &str, parent: String, given: String| {
+        bad::<()>(
+            &format!("{AT}.{field}"),
+            format!(
+                "A job continuing from a fine-tuned model starts from its weights: `{field}` \
+                 must be the parent's {parent}, got {given} (or leave the adapter out to take \
+                 the parent's)"
+            ),
+        )
+    };
+    match (parent, given) {
+        (AdapterConfig::Lora(p), AdapterConfig::Lora(g)) => {
+            if p.r() != g.r() {
+                differs("r", p.r().to_string(), g.r().to_string())?;
+            }
+            if p.target_modules() != g.target_modules() {
+                differs(
+                    "target_modules",
+                    format!("{:?}", p.target_modules()),
+                    format!("{:?}", g.target_modules()),
+                )?;
+            }
+        }
+        (AdapterConfig::PromptTuning(p), AdapterConfig::PromptTuning(g)) => {
+            if p.num_virtual_tokens() != g.num_virtual_tokens() {
+                differs(
+                    "num_virtual_tokens",
+                    p.num_virtual_tokens().to_string(),
+                    g.num_virtual_tokens().to_string(),
+                )?;
+            }
+        }
+        (AdapterConfig::PrefixTuning(p), AdapterConfig::PrefixTuning(g)) => {
+            if p.num_virtual_tokens() != g.num_virtual_tokens() {
+                differs(
+                    "num_virtual_tokens",
+                    p.num_virtual_tokens().to_string(),
+                    g.num_virtual_tokens().to_string(),
+                )?;
+            }
+            if g.prefix_projection() {
+                // A saved prefix holds the projection's output, not the projection.
+                return bad(
+                    &format!("{AT}.prefix_projection"),
+                    "A continued prefix-tuning job trains the saved prefix itself: \
+                     `prefix_projection` must be false",
+                );
+            }
+        }
+        (p, g) => {
+            return bad(
+                "method",
+                format!(
+                    "The parent model was trained with {}; a job continuing from it must use \
+                     the same method, not {}",
+                    p.name(),
+                    g.name()
+                ),
+            )
+        }
+    }
+    Ok(given.clone())
 }
 
 /// "auto" → None; a number in `range` → Some.
@@ -387,6 +485,59 @@ mod tests {
 
     fn err(body: Value) -> FieldError {
         parse_create(&body, 7).expect_err(&body.to_string())
+    }
+
+    #[test]
+    fn a_continued_job_keeps_its_parents_method_and_shape() {
+        let adapter = |a: Value| {
+            ok(json!({"model": "m", "training_file": "file-abc",
+                      "method": {"type": "supervised", "supervised": {"adapter": a}}}))
+        };
+        let parent = adapter(json!({"type": "lora", "r": 4, "alpha": 8}))
+            .spec
+            .adapter;
+        let plain = ok(json!({"model": "m", "training_file": "file-abc"}));
+        assert!(!plain.adapter_given);
+        assert_eq!(continued_adapter(&parent, None).unwrap(), parent);
+        // another alpha or dropout is fine: the weights keep their shapes
+        let g = adapter(json!({"type": "lora", "r": 4, "alpha": 16}));
+        assert!(g.adapter_given);
+        assert_eq!(
+            continued_adapter(&parent, Some(&g.spec.adapter)).unwrap(),
+            g.spec.adapter
+        );
+        let e =
+            continued_adapter(&parent, Some(&adapter(json!({"r": 8})).spec.adapter)).unwrap_err();
+        assert_eq!(e.param, "method.supervised.adapter.r");
+        let e = continued_adapter(
+            &parent,
+            Some(
+                &adapter(json!({"r": 4, "target_modules": ["q_proj"]}))
+                    .spec
+                    .adapter,
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(e.param, "method.supervised.adapter.target_modules");
+        let prompt = adapter(json!({"type": "prompt_tuning", "num_virtual_tokens": 4}));
+        let e = continued_adapter(&parent, Some(&prompt.spec.adapter)).unwrap_err();
+        assert_eq!(e.param, "method");
+        assert!(e.message.contains("lora") && e.message.contains("prompt_tuning"));
+        let e = continued_adapter(
+            &prompt.spec.adapter,
+            Some(
+                &adapter(json!({"type": "prompt_tuning", "num_virtual_tokens": 5}))
+                    .spec
+                    .adapter,
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(e.param, "method.supervised.adapter.num_virtual_tokens");
+        let prefix = adapter(json!({"type": "prefix_tuning", "num_virtual_tokens": 3}));
+        let projected = adapter(json!({"type": "prefix_tuning", "num_virtual_tokens": 3,
+                                       "prefix_projection": true}));
+        let e = continued_adapter(&prefix.spec.adapter, Some(&projected.spec.adapter)).unwrap_err();
+        assert_eq!(e.param, "method.supervised.adapter.prefix_projection");
     }
 
     #[test]

@@ -97,6 +97,28 @@ impl KvCache {
         self.len == 0
     }
 
+    /// An independent copy of the cached positions, in fresh buffers sized for `capacity`
+    /// (several continuations of one prefilled prompt, e.g. `n` > 1). A deep copy, because
+    /// candle's cache appends into its buffer in place: two caches sharing one buffer would
+    /// write their next tokens over each other.
+    pub fn fork(&self, capacity: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|c| {
+                let mut copy = candle_nn::kv_cache::KvCache::new(2, capacity.max(1));
+                if let (Some(k), Some(v)) = (c.k()?, c.v()?) {
+                    copy.append(&k.contiguous()?, &v.contiguous()?)?;
+                }
+                Ok(copy)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
+
     /// Layer `layer`'s cached keys (after RoPE) and values, `(b, n_kv, len, head_dim)` each.
     pub fn layer_kv(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
         let Some(c) = self.layers.get(layer) else {

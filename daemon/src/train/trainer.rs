@@ -720,6 +720,19 @@ impl<'m> Trainer<'m> {
         Ok(())
     }
 
+    /// Starts from the adapter saved in the PEFT directory `dir` (its weights file), as
+    /// [`Self::init_from`]: `itamaed train --init-adapter` and continued fine-tuning jobs.
+    pub fn init_from_dir(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let file = dir.join(peft::WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load(&file, self.base.device()).map_err(|e| {
+            TrainError::Config {
+                field: "init_adapter".into(),
+                message: format!("reading {}: {e}", file.display()),
+            }
+        })?;
+        self.init_from(&tensors)
+    }
+
     /// Continues exactly where the checkpoint at `path` left off.
     /// Starts from an adapter's weights (PEFT's `adapter_model.safetensors` keys) instead of
     /// the method's fresh init, e.g. the very init PEFT drew, to compare training curves.

@@ -51,6 +51,7 @@ pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow:
                 max_tokens: Some(tokens),
                 stop: vec![],
                 guided: Default::default(),
+                n: 1,
             })?;
             rxs.push(engine.submit(p)?);
         }

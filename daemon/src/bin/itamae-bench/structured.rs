@@ -53,6 +53,7 @@ pub(crate) fn structured(model_path: &Path, streams: usize, tokens: usize) -> an
             }),
             tools: None,
         },
+        n: 1,
     };
     // The vocabulary trie and the grammar are built once, before anything is timed.
     let started = Instant::now();
