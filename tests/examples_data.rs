@@ -131,7 +131,11 @@ fn every_example_dataset_is_valid_short_and_disjoint() {
         // EPOCHS is optional: without it the job's n_epochs is "auto".
         if let Some(e) = hparam(dir, "EPOCHS") {
             let epochs: usize = e.parse().expect("EPOCHS is a number");
-            assert!((1..=20).contains(&epochs), "{}: EPOCHS {epochs}", dir.display());
+            assert!(
+                (1..=20).contains(&epochs),
+                "{}: EPOCHS {epochs}",
+                dir.display()
+            );
         }
         methods.push(method);
     }
