@@ -177,6 +177,23 @@ class Compare:
             kv += [layer.keys[0], layer.values[0]]
         return torch.stack(kv).permute(2, 0, 1, 3).reshape(NUM_VIRTUAL, -1)
 
+    def peft_curve(self, kind, init, model):
+        """PEFT's curve from `init`, trained once per run settings and kept in the work dir,
+        so a re-run (or the own-init comparison) does not train the same thing again."""
+        key = f"{kind}-{init}-{self.ids.shape[0]}ex-{self.a.steps}steps-seed{self.a.seed}-lr{LR[kind]}"
+        path = os.path.join(self.work, "peft-curves.json")
+        cache = json.load(open(path)) if os.path.exists(path) else {}
+        if key not in cache:
+            if model is None:
+                model = self.peft_model(kind)
+            cache[key] = self.train_peft(model, kind)
+            with open(path + ".tmp", "w") as f:
+                json.dump(cache, f)
+            os.replace(path + ".tmp", path)
+        else:
+            log(f"  PEFT {kind} from {init}'s init: curve reused from {path}")
+        return cache[key]
+
     def train_peft(self, model, kind):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=LR[kind], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -194,6 +211,7 @@ class Compare:
             opt.step()
             opt.zero_grad()
             out.append(float(l))
+            log(f"  PEFT {kind} step {s + 1}/{steps}: loss {out[-1]:.4f}")
         return out
 
     # ------------------------------------------------------------------ itamae side
@@ -228,7 +246,7 @@ class Compare:
         init_dir = os.path.join(self.work, f"init-{kind}-{init}")
         model.save_pretrained(init_dir)
         t = time.time()
-        peft_a = self.train_peft(model, kind)
+        peft_a = self.peft_curve(kind, init, model)
         log(f"  PEFT {kind} same-init ({init}'s init): {time.time() - t:.0f}s")
         ours_a = self.train_itamae(kind, f"same-init-{init}", init_dir)
         worst = max(abs(o - p) / abs(p) for o, p in zip(ours_a, peft_a))
@@ -250,7 +268,9 @@ class Compare:
         # (b) each side's own init
         if "own" in self.a.modes:
             t = time.time()
-            peft_b = self.train_peft(self.peft_model(kind), kind)
+            # PEFT's own init is what get_peft_model makes with the seed, the same adapter the
+            # same-init run from PEFT's init started from: its curve is that run's.
+            peft_b = self.peft_curve(kind, "peft", None)
             log(f"  PEFT {kind} own-init: {time.time() - t:.0f}s")
             ours_b = self.train_itamae(kind, "own-init")
             rel = (ours_b[-1] - peft_b[-1]) / abs(peft_b[-1])
