@@ -3,8 +3,10 @@
 # both systems on the same data with the same settings; prints both loss curves step by step.
 # Same initial weights -> every step within 3%; each side's own init -> final losses within 10%,
 # two-sided (prefix tuning's deliberate init gap is reported as EXPLAINED, see peft_compare.py).
-# The defaults (8 examples, 20 steps, 7 runs) take about an hour on a loaded 2-core machine;
-# --examples 4 --steps 10 a quarter of that. Exit status: 0 = every rule met.
+# PEFT trains 4 curves (its own-init curve is its same-init one), itamae 7. The defaults (8
+# examples, 20 steps) take a few hours on a 2-core machine under heavy load (a PEFT step 2-5
+# minutes at load 16); --examples 2 --steps 6 about 40 minutes there. Exit status: 0 = every
+# rule met.
 #
 # Environment: ITAMAE_REFVENV, CARGO_TARGET_DIR, ITAMAED, ITAMAE_MODEL (see scripts/lib.sh);
 #   ITAMAE_COMPARE_WORK scratch dir (default a fresh mktemp dir, kept for inspection)
