@@ -3,7 +3,8 @@
 examples_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_dir=$(cd "$examples_dir/.." && pwd)
 
-# Loads examples/<name>/hparams into METHOD, EPOCHS, LR_MULT, R, NUM_VIRTUAL_TOKENS, MAX_TOKENS.
+# Loads examples/<name>/hparams into METHOD, EPOCHS, BATCH_SIZE, LR_MULT, R, NUM_VIRTUAL_TOKENS,
+# MAX_TOKENS. Empty EPOCHS, BATCH_SIZE and LR_MULT mean "auto".
 load_example() {
     local name=$1
     if [ -z "$name" ] || [ ! -f "$examples_dir/$name/hparams" ]; then
@@ -11,10 +12,10 @@ load_example() {
             $(cd "$examples_dir" && ls -d */ | tr -d /) >&2
         exit 2
     fi
-    METHOD= EPOCHS= LR_MULT= R= NUM_VIRTUAL_TOKENS= MAX_TOKENS=
+    METHOD= EPOCHS= BATCH_SIZE= LR_MULT= R= NUM_VIRTUAL_TOKENS= MAX_TOKENS=
     # shellcheck disable=SC1090
     . "$examples_dir/$name/hparams"
-    : "${METHOD:?hparams: METHOD missing}" "${EPOCHS:?hparams: EPOCHS missing}"
+    : "${METHOD:?hparams: METHOD missing}"
     MAX_TOKENS=${MAX_TOKENS:-96}
     ex_dir="$examples_dir/$name"
 }

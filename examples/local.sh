@@ -16,7 +16,9 @@ itamaed=$(find_itamaed)
 cd "$repo_dir"
 
 args=(--data "$ex_dir/train.jsonl" --validation-data "$ex_dir/valid.jsonl"
-      --method "${METHOD//_/-}" --epochs "$EPOCHS" --out "$out")
+      --method "${METHOD//_/-}" --out "$out")
+[ -n "$EPOCHS" ] && args+=(--epochs "$EPOCHS")
+[ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
 [ -n "$LR_MULT" ] && args+=(--learning-rate-multiplier "$LR_MULT")
 [ -n "$R" ] && args+=(--r "$R")
 [ -n "$NUM_VIRTUAL_TOKENS" ] && args+=(--num-virtual-tokens "$NUM_VIRTUAL_TOKENS")

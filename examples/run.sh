@@ -18,11 +18,13 @@ out=${ITAMAE_EXAMPLES_OUT:-$examples_dir/.runs}/$name
 mkdir -p "$out"
 
 args=(jobs create --file "$ex_dir/train.jsonl" --validation-file "$ex_dir/valid.jsonl"
-      --method "$METHOD" --suffix "$name" --epochs "$EPOCHS")
+      --method "$METHOD" --suffix "$name")
+[ -n "$EPOCHS" ] && args+=(--epochs "$EPOCHS")
+[ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
 [ -n "$LR_MULT" ] && args+=(--learning-rate-multiplier "$LR_MULT")
 [ -n "$R" ] && args+=(--r "$R")
 [ -n "$NUM_VIRTUAL_TOKENS" ] && args+=(--num-virtual-tokens "$NUM_VIRTUAL_TOKENS")
-echo "training $name ($METHOD, $EPOCHS epochs) on $ITAMAE_URL" >&2
+echo "training $name ($METHOD, ${EPOCHS:-auto} epochs) on $ITAMAE_URL" >&2
 "$itamae" "${args[@]}" --watch --json >"$out/watch.json"
 # --watch --json ends with the job object; keep the last JSON value that is a job.
 jq -s 'map(select(type == "object" and .object == "fine_tuning.job")) | last' \

@@ -15,40 +15,12 @@
 #   ITAMAE_INTEROP_WORK scratch dir            (default a fresh mktemp dir, kept for inspection)
 # Extra arguments are passed to peft_interop.py (e.g. --tol 1e-4, --steps 10, --only peft-to-itamae).
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
+. "$(dirname "$0")/lib.sh"
 cd "$root"
+itamae_model
+itamae_peft_venv
+itamae_bin
 
-# 1. model
-model="${ITAMAE_MODEL:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-if [ ! -f "$model" ]; then
-  "$root/scripts/fetch-model.sh"
-fi
-
-# 2. venv
-venv="${ITAMAE_REFVENV:-$HOME/.cache/itamae/refvenv}"
-py="$venv/bin/python"
-if [ ! -x "$py" ] || ! "$py" -c 'import torch, transformers, peft, safetensors, numpy' 2>/dev/null; then
-  echo "setting up the reference venv at $venv (torch, transformers, peft from PyPI) ..."
-  if [ ! -x "$py" ]; then
-    mkdir -p "$(dirname "$venv")"
-    python3 -m venv "$venv"
-  fi
-  "$py" -m pip install -q --upgrade pip
-  # shellcheck disable=SC2086
-  "$py" -m pip install -q ${ITAMAE_PIP_ARGS:-} torch transformers peft safetensors numpy
-fi
-
-# 3. itamaed
-if [ -n "${ITAMAED:-}" ]; then
-  bin="$ITAMAED"
-else
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/itamae-target}"
-  cargo build --release -p itamae-daemon
-  bin="$CARGO_TARGET_DIR/release/itamaed"
-fi
-[ -x "$bin" ] || { echo "error: no itamaed binary at $bin" >&2; exit 1; }
-
-# 4. data
 data="${ITAMAE_INTEROP_DATA:-$root/tests/data/persona_train.jsonl}"
 work="${ITAMAE_INTEROP_WORK:-$(mktemp -d -t itamae-interop.XXXXXX)}"
 mkdir -p "$work"

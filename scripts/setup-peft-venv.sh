@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the venv with torch, transformers and peft from PyPI used by the PEFT peer
-# benchmark (`itamae-bench train`) and the interop check. Prints the python path to pass as
-# ITAMAE_PEFT_PYTHON.
+# benchmark (`itamae-bench train`), the interop check and the curve comparison. Prints the
+# python path to pass as ITAMAE_PEFT_PYTHON. ITAMAE_REF_VENV (or ITAMAE_REFVENV) picks the venv.
 set -euo pipefail
-venv="${ITAMAE_REF_VENV:-$HOME/.cache/itamae/refvenv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, transformers, peft' 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q torch transformers accelerate peft safetensors gguf numpy
-fi
-echo "$venv/bin/python"
+. "$(dirname "$0")/lib.sh"
+ITAMAE_REFVENV="${ITAMAE_REF_VENV:-${ITAMAE_REFVENV:-}}"
+itamae_peft_venv
+echo "$py"

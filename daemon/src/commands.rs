@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use crate::adapters::{peft, LoraConfig, PrefixTuningConfig, PromptTuningConfig};
 use crate::config::WeightsArg;
 use crate::engine::{EngineHandle, GenEvent, GenerationRequest, PromptInput, SamplingParams};
+use crate::jobs::auto_hyper;
 use crate::model::chat::{ChatMessage, Role};
 use crate::model::{self, LoadedModel};
 use crate::train::data::{self, DataOptions};
@@ -52,12 +53,14 @@ pub struct TrainArgs {
     /// Output directory (PEFT adapter, or an HF model directory for `full`).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 3)]
-    pub epochs: usize,
+    /// Default: "auto", sized to the dataset as a job's `n_epochs` is.
+    #[arg(long)]
+    pub epochs: Option<usize>,
     #[arg(long)]
     pub max_steps: Option<usize>,
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
+    /// Default: "auto", sized to the dataset as a job's `batch_size` is.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Default: per method (LoRA 2e-4, prompt tuning 3e-2, prefix tuning 1e-2, full 2e-5).
@@ -171,9 +174,18 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         (None, Some(m)) => default_lr * m,
         (None, None) => default_lr,
     };
-    config.epochs = a.epochs;
+    // "auto" as a job resolves it, so one-shot runs and jobs train alike on the same data.
+    config.batch_size = a
+        .batch_size
+        .unwrap_or_else(|| auto_hyper::batch_size(train.len()));
+    config.epochs = a
+        .epochs
+        .unwrap_or_else(|| auto_hyper::n_epochs(train.len(), config.batch_size));
+    eprintln!(
+        "epochs {}, batch size {}, learning rate {:e}",
+        config.epochs, config.batch_size, config.learning_rate
+    );
     config.max_steps = a.max_steps;
-    config.batch_size = a.batch_size;
     config.grad_accum = a.grad_accum;
     config.warmup_ratio = a.warmup_ratio;
     config.schedule = match a.schedule {
