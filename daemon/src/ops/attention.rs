@@ -267,7 +267,10 @@ impl FusedAttention {
                 let (qh, kg, vg) = (&q[qo..][..l * d], &k[ko..][..t * d], &v[ko..][..t * d]);
                 for rb in self.blocks(dm) {
                     let (w, n) = (rb.w, rb.rows());
-                    let (oh, goh) = (&o[qo + rb.r0 * d..][..n * d], &go[qo + rb.r0 * d..][..n * d]);
+                    let (oh, goh) = (
+                        &o[qo + rb.r0 * d..][..n * d],
+                        &go[qo + rb.r0 * d..][..n * d],
+                    );
                     let qb = &qh[rb.r0 * d..rb.r1 * d];
                     let pb = &mut p[..n * w];
                     let dpb = &mut dp[..n * w];

@@ -102,7 +102,9 @@ mod tests {
             assert_eq!(got.dims(), &[rows, cols]);
             let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
             assert!(
-                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{dtype:?} differs from candle's dequantize"
             );
         }

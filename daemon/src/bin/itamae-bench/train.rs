@@ -91,7 +91,10 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
     let control = TrainControl {
         throttle: Some(Box::new(move |c: &TrainControl| {
             let mut line = String::new();
-            let eof = std::io::stdin().lock().read_line(&mut line).map_or(true, |n| n == 0);
+            let eof = std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_or(true, |n| n == 0);
             if eof {
                 c.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -157,7 +160,10 @@ impl Side {
         loop {
             let mut line = String::new();
             if self.stdout.read_line(&mut line)? == 0 {
-                anyhow::bail!("the {} side exited early (see its stderr above)", self.label);
+                anyhow::bail!(
+                    "the {} side exited early (see its stderr above)",
+                    self.label
+                );
             }
             if line.trim_start().starts_with('{') {
                 return serde_json::from_str(line.trim())
