@@ -1,10 +1,13 @@
 """Peer side of `itamae-bench train`: HF PEFT + transformers (torch CPU) LoRA SFT on the very same
 rows, hyperparameters and model (an HF directory exported by itamae from the GGUF).
 
-argv: hf_dir seq batch steps. Prints one JSON line: secs_per_step, tokens_per_sec, peak_rss_bytes.
-One warm-up step is not timed, as on the itamae side.
+argv: hf_dir seq batch steps. Speaks the line protocol of daemon/src/bin/itamae-bench/train.rs:
+prints {"ready": true} once loaded, runs one optimizer step per `step` line on stdin and prints
+{"secs", "loss"} for it; after steps + 1 steps (the first a warm-up the driver does not time)
+prints {"peak_rss_bytes"}. The driver interleaves these steps with itamae's.
 """
 import json
+import os
 import resource
 import sys
 import time
@@ -15,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 hf_dir, seq, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
-torch.set_num_threads(2)
+# as many threads as itamae's pools use (every CPU this process may run on)
+torch.set_num_threads(len(os.sched_getaffinity(0)))
 model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
 vocab = model.config.vocab_size
 
@@ -30,8 +34,10 @@ model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, 
                                          task_type="CAUSAL_LM"))
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
-times = []
+print(json.dumps({"ready": True}), flush=True)
 for step in range(steps + 1):
+    if not sys.stdin.readline():
+        sys.exit(0)
     t = time.perf_counter()
     logits = model(input_ids=inputs).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -39,8 +45,6 @@ for step in range(steps + 1):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad()
-    times.append(time.perf_counter() - t)
-    print(f"step {step} loss {loss.item():.4f} ({times[-1]:.2f} s)", file=sys.stderr)
-secs = sum(times[1:]) / max(1, len(times) - 1)
-print(json.dumps({"secs_per_step": secs, "tokens_per_sec": seq * batch / secs,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    secs = time.perf_counter() - t
+    print(json.dumps({"secs": secs, "loss": loss.item()}), flush=True)
+print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)

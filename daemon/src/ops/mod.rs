@@ -22,6 +22,7 @@ pub mod attention;
 pub mod blas;
 pub mod decode;
 pub mod decoder;
+pub mod dequant;
 pub mod fused;
 pub mod linear;
 pub mod lora_rows;

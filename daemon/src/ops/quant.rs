@@ -103,7 +103,10 @@ impl Weight {
         match self {
             Weight::Dense(t) if t.dtype() == dtype => Ok(t.clone()),
             Weight::Dense(t) => t.to_dtype(dtype),
-            Weight::Quant(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            Weight::Quant(q) => match super::dequant::dequantize_f32(q)? {
+                Some(t) => t.to_dtype(dtype),
+                None => q.dequantize(&q.device())?.to_dtype(dtype),
+            },
         }
     }
 

@@ -91,8 +91,9 @@ fn follow_job(client: &Client, id: &str) -> anyhow::Result<JobOutcome> {
 /// small LoRA jobs one after the other; at each success the bench reads `fine_tuned_model`
 /// (from the event, else one GET of the job, counted in the time) and streams a chat on it.
 /// A side thread polls the job every 20 ms to show how long the event stream took to deliver
-/// the success. Prints per-job figures, p50/max against the 100 ms target, failed requests
-/// and the load's throughput.
+/// the success. Prints per-job figures, the p50 against the idle 60 ms target, the same chat on
+/// the base right after (its first token is the prefill alone: the peer figure), failed
+/// requests and the load's throughput.
 pub(crate) fn job_swap(
     model_path: &Path,
     clients: usize,
@@ -180,6 +181,7 @@ pub(crate) fn job_swap(
         let mut failed_probes = 0usize;
         let mut failed_jobs = 0usize;
         let mut lag_ms = Vec::new();
+        let mut base_ms = Vec::new();
         for i in 0..jobs {
             // No adapter given: the server's default, LoRA r=16 on every linear projection.
             let req = CreateJob {
@@ -249,6 +251,12 @@ pub(crate) fn job_swap(
             let probe = model
                 .as_deref()
                 .map(|m| stream_chat(&client, m, tokens, 7 + i as u64));
+            // The peer figure: the same chat on the base right after, whose first token is
+            // the prefill alone; the difference is what swapping to the new variant costs.
+            let base_probe = stream_chat(&client, &base, tokens, 7 + i as u64);
+            if let Some(t) = base_probe.ttft.filter(|_| base_probe.ok) {
+                base_ms.push(t * 1e3);
+            }
             let job_secs = succeeded_at.duration_since(created_at).as_secs_f64();
             let lag = polled
                 .join()
@@ -267,10 +275,14 @@ pub(crate) fn job_swap(
                     let ms = (before + ttft) * 1e3;
                     swap_ms.push(ms);
                     println!(
-                        "job {i} ({}): {job_secs:.1} s to succeed; success event -> first token {ms:.1} ms (name lookup {:.1} ms, chat's own first token {:.1} ms); poll saw succeeded {lag_text} before the event",
+                        "job {i} ({}): {job_secs:.1} s to succeed; success event -> first token {ms:.1} ms (name lookup {:.1} ms, chat's own first token {:.1} ms; same chat on the base right after {}); poll saw succeeded {lag_text} before the event",
                         model.as_deref().unwrap_or(""),
                         before * 1e3,
-                        ttft * 1e3
+                        ttft * 1e3,
+                        base_probe
+                            .ttft
+                            .filter(|_| base_probe.ok)
+                            .map_or("failed".to_string(), |t| format!("{:.1} ms", t * 1e3))
                     );
                 }
                 _ => {
@@ -296,16 +308,22 @@ pub(crate) fn job_swap(
         swap_ms.sort_by(|a, b| a.total_cmp(b));
         lag_ms.sort_by(|a, b| a.total_cmp(b));
         load_ttft.sort_by(|a, b| a.total_cmp(b));
-        let max = percentile(&swap_ms, 1.0);
-        let verdict = if swap_ms.len() == jobs && max < 100.0 {
-            "met"
-        } else {
-            "missed"
+        base_ms.sort_by(|a, b| a.total_cmp(b));
+        let p50 = percentile(&swap_ms, 0.5);
+        let verdict = match (swap_ms.len() == jobs && p50 < 60.0, clients) {
+            (_, c) if c > 0 => "not judged: the target is idle (--clients 0)",
+            (true, _) => "met",
+            (false, _) => "missed",
         };
         println!(
-            "success -> first token: p50 {:.1} ms, max {max:.1} ms over {} of {jobs} jobs; target < 100 ms: {verdict}",
-            percentile(&swap_ms, 0.5),
+            "success -> first token: p50 {p50:.1} ms, max {:.1} ms over {} of {jobs} jobs; target p50 < 60 ms idle: {verdict}",
+            percentile(&swap_ms, 1.0),
             swap_ms.len()
+        );
+        println!(
+            "peer: the same chat on the base right after each probe: first token p50 {:.1} ms; swap's own cost p50 {:.1} ms",
+            percentile(&base_ms, 0.5),
+            p50 - percentile(&base_ms, 0.5)
         );
         println!(
             "failed: {load_failed} load requests (of {}), {failed_probes} probes, {failed_jobs} jobs (target 0 failed requests)",

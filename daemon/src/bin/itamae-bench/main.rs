@@ -84,7 +84,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 32)]
         tokens: usize,
     },
-    /// LoRA SFT tokens/s and peak RSS (r=16, all-linear), side by side with HF PEFT.
+    /// LoRA SFT tokens/s and peak RSS (r=16, all-linear) on the f32 base and on the base as
+    /// stored (QLoRA-style), side by side with HF PEFT; the sides' steps interleave.
     Train {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
         model: PathBuf,
@@ -95,9 +96,15 @@ enum BenchCommand {
         /// Timed steps (one more warm-up step runs first).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Weights modes of the itamae sides, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "f32,auto")]
+        modes: Vec<itamae::model::WeightsMode>,
         /// Python of a venv with torch, transformers and peft (scripts/setup-peft-venv.sh).
         #[arg(long, env = "ITAMAE_PEFT_PYTHON")]
         peer_python: Option<PathBuf>,
+        /// Be one itamae side in this weights mode (what each child runs).
+        #[arg(long, hide = true)]
+        worker: Option<itamae::model::WeightsMode>,
     },
     /// Resident set after load in each weights mode (a child process each) vs the GGUF file
     /// plus a KV cache.
@@ -198,8 +205,16 @@ fn main() {
             seq,
             batch,
             steps,
+            modes,
             peer_python,
-        } => train::train(&model, seq, batch, steps, peer_python.as_deref()),
+            worker,
+        } => {
+            let shape = train::Shape { seq, batch, steps };
+            match worker {
+                Some(mode) => train::worker(&model, mode, shape),
+                None => train::train(&model, &modes, shape, peer_python.as_deref()),
+            }
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

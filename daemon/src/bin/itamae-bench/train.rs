@@ -1,15 +1,27 @@
-//! `itamae-bench train`: LoRA SFT tokens/s and peak RSS on synthetic rows, side by side with HF
-//! PEFT on the very same rows.
-use std::path::Path;
-use std::process::Command;
+//! `itamae-bench train`: LoRA SFT tokens/s and peak RSS on synthetic rows, for the f32 base, the
+//! base as stored (`auto`: QLoRA-style on GGUF blocks) and HF PEFT on the very same rows.
+//!
+//! Each side is its own process (so each peak RSS is its own and no side's freed pages flatter
+//! another), and the driver interleaves their steps: step i of every side runs before step i + 1
+//! of any, in an order that rotates per step. On a shared machine the load then drifts under all
+//! sides alike, and the ratios printed are taken within one run.
+//!
+//! Line protocol of a side (the itamae worker below and `scripts/bench_peft.py`): it loads, prints
+//! `{"ready":true}`, then for every `step` line read from stdin runs one optimizer step and prints
+//! `{"secs":…,"loss":…}`; after `steps + 1` steps (the first is a warm-up, not timed) it prints
+//! `{"peak_rss_bytes":…}` and exits. Other stdout lines (the machine banner) are skipped.
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
 
-use itamae::model;
+use itamae::model::{self, WeightsMode};
 
-/// Token ids of the synthetic training rows both sides of `itamae-bench train` use: deterministic, so the
-/// peer script regenerates exactly the same batch.
+/// Token ids of the synthetic training rows every side uses: deterministic, so the peer script
+/// regenerates exactly the same batch.
 fn bench_train_ids(row: usize, len: usize, vocab: usize) -> Vec<u32> {
     (0..len)
         .map(|i| ((i * 7919 + row * 104_729 + 17) % (vocab - 1) + 1) as u32)
@@ -23,25 +35,25 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// LoRA SFT (r=16, alpha=32, all-linear) at `seq` tokens × `batch` rows: tokens/s over `steps`
-/// optimizer steps after one warm-up step, and peak RSS; then HF PEFT on the same rows.
-pub(crate) fn train(
-    model_path: &Path,
-    seq: usize,
-    batch: usize,
-    steps: usize,
-    peer_python: Option<&Path>,
-) -> anyhow::Result<()> {
+/// The shape every side trains: LoRA r=16, alpha=32, no dropout, every linear projection, at
+/// `seq` tokens × `batch` rows, AdamW at lr 2e-4, clipping at 1.0.
+#[derive(Clone, Copy)]
+pub(crate) struct Shape {
+    pub seq: usize,
+    pub batch: usize,
+    pub steps: usize,
+}
+
+/// The worker side (a child of [`train`]): loads the base in `mode` and trains one step per
+/// `step` line on stdin, as described in the module doc.
+pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyhow::Result<()> {
     use itamae::adapters::LoraConfig;
     use itamae::train::data::Example;
     use itamae::train::optim::Schedule;
     use itamae::train::{Method, TrainConfig, TrainControl, TrainEvent, Trainer};
 
-    let loaded = model::load(
-        model_path,
-        &candle_core::Device::Cpu,
-        itamae::model::WeightsMode::default(),
-    )?;
+    let Shape { seq, batch, steps } = shape;
+    let loaded = model::load(model_path, &candle_core::Device::Cpu, mode)?;
     let vocab = loaded.model.cfg.vocab_size;
     let rows: Vec<Example> = (0..batch)
         .map(|r| {
@@ -71,61 +83,225 @@ pub(crate) fn train(
         vec![],
         &[],
     )?;
-    let mut step_times = Vec::new();
-    let mut last = Instant::now();
-    trainer.run(None, &TrainControl::default(), &mut |e| {
+    println!("{}", serde_json::json!({"ready": true}));
+    std::io::stdout().flush()?;
+    // The driver starts each step: the throttle hook runs before every micro-batch (one per
+    // step here) and blocks until the next `step` line arrives.
+    let started: &'static Mutex<Option<Instant>> = Box::leak(Box::new(Mutex::new(None)));
+    let control = TrainControl {
+        throttle: Some(Box::new(move |c: &TrainControl| {
+            let mut line = String::new();
+            let eof = std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_or(true, |n| n == 0);
+            if eof {
+                c.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            *started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        })),
+        ..TrainControl::default()
+    };
+    let mut out_err = None;
+    trainer.run(None, &control, &mut |e| {
         if let TrainEvent::Step(s) = e {
-            let now = Instant::now();
-            step_times.push(now.duration_since(last).as_secs_f64());
-            last = now;
-            eprintln!(
-                "step {} loss {:.4} ({:.2} s)",
-                s.step,
-                s.loss,
-                step_times.last().unwrap_or(&0.0)
-            );
+            let t0 = started.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+            println!("{}", serde_json::json!({"secs": secs, "loss": s.loss}));
+            if let Err(e) = std::io::stdout().flush() {
+                out_err = Some(e);
+            }
         }
     })?;
-    let timed = &step_times[1..];
-    let secs = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
-    let tps = (seq * batch) as f64 / secs;
-    let rss = peak_rss_bytes().unwrap_or(0) as f64 / 1e9;
+    if let Some(e) = out_err {
+        return Err(e.into());
+    }
     println!(
-        "itamae  LoRA r=16 all-linear, batch {batch} x seq {seq}: {secs:.2} s/step, {tps:.0} tokens/s, peak RSS {rss:.2} GB"
+        "{}",
+        serde_json::json!({"peak_rss_bytes": peak_rss_bytes().unwrap_or(0)})
     );
-    let Some(py) = peer_python else {
+    Ok(())
+}
+
+/// One side as seen by the driver.
+struct Side {
+    label: String,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    secs: Vec<f64>,
+    loss: f64,
+    peak_rss: f64,
+}
+
+impl Side {
+    fn spawn(label: String, mut cmd: Command) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the {label} side"))?;
+        let stdin = child.stdin.take().context("child stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("child stdout")?);
+        Ok(Self {
+            label,
+            child,
+            stdin,
+            stdout,
+            secs: Vec::new(),
+            loss: f64::NAN,
+            peak_rss: f64::NAN,
+        })
+    }
+
+    /// The next protocol line (a JSON object), skipping anything else the side prints.
+    fn read(&mut self) -> anyhow::Result<serde_json::Value> {
+        loop {
+            let mut line = String::new();
+            if self.stdout.read_line(&mut line)? == 0 {
+                anyhow::bail!(
+                    "the {} side exited early (see its stderr above)",
+                    self.label
+                );
+            }
+            if line.trim_start().starts_with('{') {
+                return serde_json::from_str(line.trim())
+                    .with_context(|| format!("{} side printed `{}`", self.label, line.trim()));
+            }
+        }
+    }
+
+    fn step(&mut self) -> anyhow::Result<()> {
+        writeln!(self.stdin, "step")?;
+        self.stdin.flush()?;
+        let v = self.read()?;
+        let secs = v["secs"]
+            .as_f64()
+            .with_context(|| format!("{} side answered {v}", self.label))?;
+        self.loss = v["loss"].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "{:<14} step {} loss {:.4} ({secs:.2} s)",
+            self.label,
+            self.secs.len(),
+            self.loss
+        );
+        self.secs.push(secs);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        let v = self.read()?;
+        self.peak_rss = v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1e9;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Mean seconds per timed step (the warm-up step excluded).
+    fn secs_per_step(&self) -> f64 {
+        let timed = &self.secs[1.min(self.secs.len())..];
+        timed.iter().sum::<f64>() / timed.len().max(1) as f64
+    }
+}
+
+/// Runs every side (`modes` of itamae, then PEFT when `peer_python` is given) in lock-step and
+/// prints tokens/s, peak RSS and the ratios the targets name.
+pub(crate) fn train(
+    model_path: &Path,
+    modes: &[WeightsMode],
+    shape: Shape,
+    peer_python: Option<&Path>,
+) -> anyhow::Result<()> {
+    let Shape { seq, batch, steps } = shape;
+    let exe = std::env::current_exe()?;
+    let mut sides = Vec::new();
+    let mut hf_dir: Option<PathBuf> = None;
+    if let Some(py) = peer_python {
+        // The peer trains the same weights: an HF export of the base as itamae loads it in f32.
+        let dir = std::env::temp_dir().join(format!("itamae-bench-hf-{}", std::process::id()));
+        {
+            let loaded = model::load(model_path, &candle_core::Device::Cpu, WeightsMode::F32)?;
+            itamae::model::hf::save_model_dir(&dir, &loaded.model, &loaded.text)?;
+        }
+        hf_dir = Some(dir.clone());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_peft.py");
+        let mut cmd = Command::new(py);
+        cmd.arg(&script)
+            .arg(&dir)
+            .args([seq.to_string(), batch.to_string(), steps.to_string()]);
+        sides.push(Side::spawn("HF PEFT".into(), cmd)?);
+    } else {
         println!(
             "peer: HF PEFT not configured (scripts/setup-peft-venv.sh, then ITAMAE_PEFT_PYTHON)"
         );
-        return Ok(());
-    };
-    let hf_dir = std::env::temp_dir().join(format!("itamae-bench-hf-{}", std::process::id()));
-    itamae::model::hf::save_model_dir(&hf_dir, &loaded.model, &loaded.text)?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_peft.py");
-    let out = Command::new(py)
-        .arg(&script)
-        .arg(&hf_dir)
-        .args([seq.to_string(), batch.to_string(), steps.to_string()])
-        .output()
-        .with_context(|| format!("running {}", py.display()));
-    let _ = std::fs::remove_dir_all(&hf_dir);
-    let out = out?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "PEFT bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+    }
+    for &mode in modes {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("train")
+            .arg("--model")
+            .arg(model_path)
+            .args(["--seq", &seq.to_string()])
+            .args(["--batch", &batch.to_string()])
+            .args(["--steps", &steps.to_string()])
+            .args(["--worker", mode.name()]);
+        sides.push(Side::spawn(format!("itamae {}", mode.name()), cmd)?);
+    }
+    let result = run_sides(&mut sides, steps);
+    if let Some(dir) = hf_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    if let Err(e) = result {
+        for s in &mut sides {
+            let _ = s.child.kill();
+        }
+        return Err(e);
+    }
+    println!("LoRA r=16 all-linear, batch {batch} x seq {seq}, {steps} timed steps (interleaved)");
+    let tps = |s: &Side| (seq * batch) as f64 / s.secs_per_step();
+    for s in &sides {
+        println!(
+            "{:<14} {:.2} s/step, {:.0} tokens/s, peak RSS {:.2} GB, last loss {:.4}",
+            s.label,
+            s.secs_per_step(),
+            tps(s),
+            s.peak_rss,
+            s.loss
         );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("peer output: {}", String::from_utf8_lossy(&out.stdout)))?;
-    let ptps = v["tokens_per_sec"].as_f64().unwrap_or(f64::NAN);
-    let prss = v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1e9;
-    let psecs = v["secs_per_step"].as_f64().unwrap_or(f64::NAN);
-    println!("HF PEFT LoRA r=16 all-linear, batch {batch} x seq {seq}: {psecs:.2} s/step, {ptps:.0} tokens/s, peak RSS {prss:.2} GB");
-    println!(
-        "ratio itamae/PEFT: tokens/s {:.2}x, peak RSS {:.2}x",
-        tps / ptps,
-        rss / prss
-    );
+    let find = |label: &str| sides.iter().find(|s| s.label == label);
+    if let (Some(f32s), Some(peer)) = (find("itamae f32"), find("HF PEFT")) {
+        println!(
+            "ratio itamae f32 / PEFT: tokens/s {:.2}x, peak RSS {:.2}x",
+            tps(f32s) / tps(peer),
+            f32s.peak_rss / peer.peak_rss
+        );
+    }
+    if let (Some(f32s), Some(q)) = (find("itamae f32"), find("itamae auto")) {
+        println!(
+            "ratio itamae auto (base as stored) / f32: tokens/s {:.2}x, peak RSS {:.2}x",
+            tps(q) / tps(f32s),
+            q.peak_rss / f32s.peak_rss
+        );
+    }
+    Ok(())
+}
+
+/// Waits for every side to load, then runs `steps + 1` rounds, rotating who goes first.
+fn run_sides(sides: &mut [Side], steps: usize) -> anyhow::Result<()> {
+    for s in sides.iter_mut() {
+        let v = s.read()?;
+        if v["ready"] != serde_json::Value::Bool(true) {
+            anyhow::bail!("{} side: expected ready, got {v}", s.label);
+        }
+    }
+    let n = sides.len();
+    for round in 0..=steps {
+        for i in 0..n {
+            sides[(round + i) % n].step()?;
+        }
+    }
+    for s in sides.iter_mut() {
+        s.finish()?;
+    }
     Ok(())
 }
