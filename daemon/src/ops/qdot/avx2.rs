@@ -16,7 +16,7 @@ pub(super) trait Load: Block {
     #[target_feature(enable = "avx2")]
     unsafe fn load(blk: *const u8, j: usize) -> __m256i {
         let mut q = [0u8; 32];
-        Self::unpack(std::slice::from_raw_parts(blk, Self::BYTES), j, &mut q);
+        Self::codes(std::slice::from_raw_parts(blk, Self::BYTES), j, &mut q);
         _mm256_loadu_si256(q.as_ptr() as *const __m256i)
     }
 }
@@ -106,6 +106,14 @@ pub(super) fn table() -> &'static Table {
     T.get_or_init(|| super::table!(rows_entry, half_entry))
 }
 
+/// The f16 at `p`, widened by F16C.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+pub(super) unsafe fn h2f(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
 /// Sum of the eight lanes.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -147,9 +155,13 @@ unsafe fn rows<B: Load, const M: usize>(job: &Job<'_>, o0: usize, o1: usize) {
             let bytes = std::slice::from_raw_parts(blk, B::BYTES);
             for j in 0..B::SUBS {
                 let q = B::load(blk, j);
-                let c = B::coef(bytes, j);
+                let c = B::coef_with(bytes, j, |b, i| h2f(b.as_ptr().add(i)));
                 let sb = bi * B::SUBS + j;
-                let cv = _mm256_setr_ps(c[0], c[0], c[0], c[0], c[1], c[1], c[1], c[1]);
+                let cv = if B::SPLIT_HALVES {
+                    _mm256_setr_ps(c[0], c[0], c[0], c[0], c[1], c[1], c[1], c[1])
+                } else {
+                    _mm256_set1_ps(c[0])
+                };
                 let qu = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
                 for r in 0..M {
                     let x = _mm256_loadu_si256(xq.add(r * k + sb * 32) as *const __m256i);
@@ -158,7 +170,11 @@ unsafe fn rows<B: Load, const M: usize>(job: &Job<'_>, o0: usize, o1: usize) {
                     let dx = _mm256_set1_ps(*xd.add(r * nsb + sb));
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(cv, dx), acc[r]);
                     let s = *xs.add(r * nsb + sb);
-                    accs[r] += c[2] * s[0] + c[3] * s[1];
+                    accs[r] += if B::SPLIT_HALVES {
+                        c[2] * s[0] + c[3] * s[1]
+                    } else {
+                        c[2] * (s[0] + s[1])
+                    };
                 }
             }
         }

@@ -5,7 +5,7 @@
 //! halves apart. f16/bf16 weights use the AVX2/F16C kernel.
 use std::arch::x86_64::*;
 
-use super::avx2::{half, hsum, Load};
+use super::avx2::{h2f, half, hsum, Load};
 use super::{Job, Table};
 
 pub(super) fn table() -> &'static Table {
@@ -43,9 +43,13 @@ unsafe fn rows<B: Load, const M: usize>(job: &Job<'_>, o0: usize, o1: usize) {
             let bytes = std::slice::from_raw_parts(blk, B::BYTES);
             for j in 0..B::SUBS {
                 let q = B::load(blk, j);
-                let c = B::coef(bytes, j);
+                let c = B::coef_with(bytes, j, |b, i| h2f(b.as_ptr().add(i)));
                 let sb = bi * B::SUBS + j;
-                let cv = _mm256_setr_ps(c[0], c[0], c[0], c[0], c[1], c[1], c[1], c[1]);
+                let cv = if B::SPLIT_HALVES {
+                    _mm256_setr_ps(c[0], c[0], c[0], c[0], c[1], c[1], c[1], c[1])
+                } else {
+                    _mm256_set1_ps(c[0])
+                };
                 let qu = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
                 for r in 0..M {
                     let x = _mm256_loadu_si256(xq.add(r * k + sb * 32) as *const __m256i);
@@ -54,7 +58,11 @@ unsafe fn rows<B: Load, const M: usize>(job: &Job<'_>, o0: usize, o1: usize) {
                     let dx = _mm256_set1_ps(*xd.add(r * nsb + sb));
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(cv, dx), acc[r]);
                     let s = *xs.add(r * nsb + sb);
-                    accs[r] += c[2] * s[0] + c[3] * s[1];
+                    accs[r] += if B::SPLIT_HALVES {
+                        c[2] * s[0] + c[3] * s[1]
+                    } else {
+                        c[2] * (s[0] + s[1])
+                    };
                 }
             }
         }

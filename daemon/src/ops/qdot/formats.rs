@@ -19,10 +19,23 @@ pub(super) trait Block {
     const SUBS: usize;
     /// Whether the codes are signed (`i8` bits in the `u8`s).
     const SIGNED: bool;
+    /// Whether the two 16-element halves of a sub-block can have different coefficients.
+    const SPLIT_HALVES: bool = false;
     /// Writes the codes of sub-block `j` of `blk` into `q` and returns `[a₀, a₁, b₀, b₁]`.
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4];
-    /// Just the coefficients of sub-block `j` (the SIMD paths decode the codes themselves).
-    fn coef(blk: &[u8], j: usize) -> [f32; 4];
+    #[inline(always)]
+    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+        Self::codes(blk, j, q);
+        Self::coef(blk, j)
+    }
+    /// Just the codes of sub-block `j`.
+    fn codes(blk: &[u8], j: usize, q: &mut [u8; 32]);
+    /// Just the coefficients of sub-block `j`, reading f16 fields with `h(bytes, offset)` (the
+    /// SIMD paths pass F16C's conversion).
+    fn coef_with(blk: &[u8], j: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4];
+    #[inline(always)]
+    fn coef(blk: &[u8], j: usize) -> [f32; 4] {
+        Self::coef_with(blk, j, f16_at)
+    }
 }
 
 #[inline(always)]
@@ -67,13 +80,12 @@ impl Block for Q4_0 {
     const SUBS: usize = 1;
     const SIGNED: bool = false;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], _: usize, q: &mut [u8; 32]) {
         nibbles16(&blk[2..18], q);
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], _: usize) -> [f32; 4] {
-        let d = f16_at(blk, 0);
+    fn coef_with(blk: &[u8], _: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
+        let d = h(blk, 0);
         [d, d, -8.0 * d, -8.0 * d]
     }
 }
@@ -83,13 +95,12 @@ impl Block for Q4_1 {
     const SUBS: usize = 1;
     const SIGNED: bool = false;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], _: usize, q: &mut [u8; 32]) {
         nibbles16(&blk[4..20], q);
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], _: usize) -> [f32; 4] {
-        let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+    fn coef_with(blk: &[u8], _: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
+        let (d, m) = (h(blk, 0), h(blk, 2));
         [d, d, m, m]
     }
 }
@@ -109,13 +120,12 @@ impl Block for Q5_0 {
     const SUBS: usize = 1;
     const SIGNED: bool = false;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], _: usize, q: &mut [u8; 32]) {
         q5(&blk[2..6], &blk[6..22], q);
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], _: usize) -> [f32; 4] {
-        let d = f16_at(blk, 0);
+    fn coef_with(blk: &[u8], _: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
+        let d = h(blk, 0);
         [d, d, -16.0 * d, -16.0 * d]
     }
 }
@@ -125,13 +135,12 @@ impl Block for Q5_1 {
     const SUBS: usize = 1;
     const SIGNED: bool = false;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], _: usize, q: &mut [u8; 32]) {
         q5(&blk[4..8], &blk[8..24], q);
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], _: usize) -> [f32; 4] {
-        let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+    fn coef_with(blk: &[u8], _: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
+        let (d, m) = (h(blk, 0), h(blk, 2));
         [d, d, m, m]
     }
 }
@@ -141,13 +150,12 @@ impl Block for Q8_0 {
     const SUBS: usize = 1;
     const SIGNED: bool = true;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], _: usize, q: &mut [u8; 32]) {
         q.copy_from_slice(&blk[2..34]);
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], _: usize) -> [f32; 4] {
-        let d = f16_at(blk, 0);
+    fn coef_with(blk: &[u8], _: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
+        let d = h(blk, 0);
         [d, d, 0.0, 0.0]
     }
 }
@@ -159,19 +167,18 @@ impl Block for Q4K {
     const SUBS: usize = 8;
     const SIGNED: bool = false;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], j: usize, q: &mut [u8; 32]) {
         let qs = &blk[16 + 32 * (j / 2)..][..32];
         let shift = 4 * (j & 1);
         for (v, &b) in q.iter_mut().zip(qs) {
             *v = (b >> shift) & 0xF;
         }
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], j: usize) -> [f32; 4] {
+    fn coef_with(blk: &[u8], j: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
         let (sc, m) = scale_min_k4(j, &blk[4..16]);
-        let a = f16_at(blk, 0) * sc as f32;
-        let b = -f16_at(blk, 2) * m as f32;
+        let a = h(blk, 0) * sc as f32;
+        let b = -h(blk, 2) * m as f32;
         [a, a, b, b]
     }
 }
@@ -183,20 +190,19 @@ impl Block for Q5K {
     const SUBS: usize = 8;
     const SIGNED: bool = false;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], j: usize, q: &mut [u8; 32]) {
         let qs = &blk[48 + 32 * (j / 2)..][..32];
         let qh = &blk[16..48];
         let shift = 4 * (j & 1);
         for ((v, &b), &h) in q.iter_mut().zip(qs).zip(qh) {
             *v = ((b >> shift) & 0xF) | (((h >> j) & 1) << 4);
         }
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], j: usize) -> [f32; 4] {
+    fn coef_with(blk: &[u8], j: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
         let (sc, m) = scale_min_k4(j, &blk[4..16]);
-        let a = f16_at(blk, 0) * sc as f32;
-        let b = -f16_at(blk, 2) * m as f32;
+        let a = h(blk, 0) * sc as f32;
+        let b = -h(blk, 2) * m as f32;
         [a, a, b, b]
     }
 }
@@ -209,8 +215,9 @@ impl Block for Q6K {
     const BYTES: usize = 210;
     const SUBS: usize = 8;
     const SIGNED: bool = false;
+    const SPLIT_HALVES: bool = true;
     #[inline(always)]
-    fn unpack(blk: &[u8], j: usize, q: &mut [u8; 32]) -> [f32; 4] {
+    fn codes(blk: &[u8], j: usize, q: &mut [u8; 32]) {
         let (h, k) = (j / 4, j % 4);
         let ql = &blk[64 * h + 32 * (k & 1)..][..32];
         let qh = &blk[128 + 32 * h..][..32];
@@ -218,11 +225,10 @@ impl Block for Q6K {
         for ((v, &l), &hb) in q.iter_mut().zip(ql).zip(qh) {
             *v = ((l >> sl) & 0xF) | (((hb >> sh) & 3) << 4);
         }
-        Self::coef(blk, j)
     }
     #[inline(always)]
-    fn coef(blk: &[u8], j: usize) -> [f32; 4] {
-        let d = f16_at(blk, 208);
+    fn coef_with(blk: &[u8], j: usize, h: impl Fn(&[u8], usize) -> f32) -> [f32; 4] {
+        let d = h(blk, 208);
         let a0 = d * (blk[192 + 2 * j] as i8) as f32;
         let a1 = d * (blk[193 + 2 * j] as i8) as f32;
         [a0, a1, -32.0 * a0, -32.0 * a1]
