@@ -191,7 +191,7 @@ pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
         .reshape((rows, in_dim))?
         .to_dtype(DType::F32)?
         .contiguous()?;
-    let op = QLinear(q.clone());
+    let op = QLinear(q.clone(), x2.track_op());
     let y = if x2.track_op() && x2.device().is_cpu() {
         x2.apply_op1(op)?
     } else {
@@ -246,8 +246,11 @@ pub fn qdot_matmul(q: &QTensor, x: &[f32], rows: usize) -> Result<Option<Vec<f32
 }
 
 /// The quantized product as an op with a backward for its input only: the weight is frozen,
-/// and `dX = dY · W` is computed from a dequantized copy that lives for that call alone.
-struct QLinear(Arc<QTensor>);
+/// and `dX = dY · W` is computed from a dequantized copy that lives for that call alone. The
+/// flag says the input tracks a gradient: training's forward then always runs on the
+/// dequantized weight, so its loss and gradients are the f32 base's exactly (8-bit activations
+/// are a serving trade only).
+struct QLinear(Arc<QTensor>, bool);
 
 impl CustomOp1 for QLinear {
     fn name(&self) -> &'static str {
@@ -257,7 +260,7 @@ impl CustomOp1 for QLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, k) = l.shape().dims2()?;
         let x = super::cpu_slice::<f32>(s, l, "quant-linear")?;
-        if rows <= QDOT_ROWS_MAX {
+        if !self.1 && rows <= QDOT_ROWS_MAX {
             if let Some(y) = qdot_matmul(&self.0, x, rows)? {
                 let n = self.0.shape().dims2()?.0;
                 return Ok((CpuStorage::F32(y), Shape::from((rows, n))));
