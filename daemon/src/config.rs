@@ -646,14 +646,17 @@ mod tests {
         ServeConfig::resolve(toml::from_str(file).unwrap(), args).unwrap()
     }
 
-    /// `model.weights`: flag over file over the `f32` default; unknown modes are refused at
+    /// `model.weights`: flag over file over the `auto` default; unknown modes are refused at
     /// both levels, naming the accepted ones.
     #[test]
     fn weights_mode_resolves_and_unknown_modes_are_refused() {
         if std::env::var_os("ITAMAE_WEIGHTS").is_some() {
             return; // set by whoever runs the tests: env outranks the file here
         }
-        assert_eq!(resolve(&["itamaed", "serve"], "").weights, WeightsMode::F32);
+        assert_eq!(
+            resolve(&["itamaed", "serve"], "").weights,
+            WeightsMode::Auto
+        );
         let file = "[model]\nweights = \"q8_0\"\n";
         assert_eq!(
             resolve(&["itamaed", "serve"], file).weights,

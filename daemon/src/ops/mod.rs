@@ -27,6 +27,7 @@ pub mod fused;
 pub mod linear;
 pub mod lora_rows;
 pub mod loss;
+pub mod qdot;
 pub mod quant;
 pub mod skinny;
 

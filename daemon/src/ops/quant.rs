@@ -2,14 +2,11 @@
 //! (f32, the trainable/full-precision case) or a block-quantized or half-precision matrix held
 //! as candle's [`QTensor`] (GGUF Q4_0…Q8_0, the K-quants, f16, bf16).
 //!
-//! Which kernel runs, by measurement (`itamae-bench quant`, a 1536 × 576 projection on a 2-thread
-//! AMD EPYC Zen 3 under load): candle 0.11's CPU `QTensor` matmul quantizes the activations to
-//! 8 bits once per call and runs integer dot products on its thread pool; for one row (decode)
-//! of Q4_0/Q8_0/K-quants that beats dequantizing the weight (Q4_0: 0.12 ms vs 1.2 ms). From a
-//! few rows on, and at every row count for the types candle has no SIMD dot product for
-//! (Q4_1, Q5_0, Q5_1: 0.6–0.7 ms for one row, 18 ms for 16), dequantizing the matrix once and
-//! running the f32 BLAS GEMM wins by 3–20× ([`quant_rows_max`]). So decode rows go to candle,
-//! prefill and training rows to dequantize + BLAS, inside one op ([`QLinear`]).
+//! Which kernel runs on the CPU, by measurement (`itamae-bench quant` prints the crossover):
+//! up to [`QDOT_ROWS_MAX`] rows (decode, few-row decode batches) our own integer-dot kernels
+//! ([`super::qdot`]) read each weight block once for all rows; more rows (prefill, training)
+//! dequantize the matrix once and run the f32 BLAS GEMM, whose blocking wins once the
+//! dequantization is spread over enough rows. Both run inside one op ([`QLinear`]).
 //!
 //! Training never makes a whole f32 copy of a quantized base: [`linear`] on a gradient-tracking
 //! input runs [`QLinear`], whose backward computes `dX = dY · W` from the weight dequantized for
@@ -197,7 +194,7 @@ pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
         .reshape((rows, in_dim))?
         .to_dtype(DType::F32)?
         .contiguous()?;
-    let op = QLinear(q.clone());
+    let op = QLinear(q.clone(), x2.track_op());
     let y = if x2.track_op() && x2.device().is_cpu() {
         x2.apply_op1(op)?
     } else {
@@ -232,18 +229,31 @@ pub fn linear_lora(
     linear(x, w, b)? + (d * lora.scale)?
 }
 
-/// The most rows candle's quantized matmul takes for `dtype`; more go to dequantize + BLAS.
-pub fn quant_rows_max(dtype: GgmlDType) -> usize {
-    match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => 4,
-        // No SIMD dot product in candle for these (or half rows): one row only.
-        _ => 1,
-    }
+/// The most rows [`super::qdot`] takes; more go to dequantize + BLAS. Measured with
+/// `itamae-bench quant` on a 1536 × 576 projection (docs/ops.md): qdot, walking the weight once
+/// per 8 rows, still beat dequantizing it at 64 rows for every block type, so a chat prompt's
+/// prefill stays on the blocks too.
+pub const QDOT_ROWS_MAX: usize = 64;
+
+/// `x · Wᵀ` for the `rows × k` activations `x` with our integer-dot kernels, when they read this
+/// weight's format (every type the loaders keep resident does).
+pub fn qdot_matmul(q: &QTensor, x: &[f32], rows: usize) -> Result<Option<Vec<f32>>> {
+    let Some(fmt) = super::qdot::Fmt::from_ggml(q.dtype()) else {
+        return Ok(None);
+    };
+    let (n, k) = q.shape().dims2()?;
+    let data = q.data()?;
+    super::qdot::matmul(fmt, &data, n, k, x, rows)
+        .map(Some)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// The quantized product as an op with a backward for its input only: the weight is frozen,
-/// and `dX = dY · W` is computed from a dequantized copy that lives for that call alone.
-struct QLinear(Arc<QTensor>);
+/// and `dX = dY · W` is computed from a dequantized copy that lives for that call alone. The
+/// flag says the input tracks a gradient: training's forward then always runs on the
+/// dequantized weight, so its loss and gradients are the f32 base's exactly (8-bit activations
+/// are a serving trade only).
+struct QLinear(Arc<QTensor>, bool);
 
 impl CustomOp1 for QLinear {
     fn name(&self) -> &'static str {
@@ -252,10 +262,15 @@ impl CustomOp1 for QLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, k) = l.shape().dims2()?;
-        if rows <= quant_rows_max(self.0.dtype()) {
+        let x = super::cpu_slice::<f32>(s, l, "quant-linear")?;
+        if !self.1 && rows <= QDOT_ROWS_MAX {
+            if let Some(y) = qdot_matmul(&self.0, x, rows)? {
+                let n = self.0.shape().dims2()?.0;
+                return Ok((CpuStorage::F32(y), Shape::from((rows, n))));
+            }
+            // A format qdot does not read (none the loaders keep): candle's own kernel.
             return self.0.cpu_fwd(s, l);
         }
-        let x = super::cpu_slice::<f32>(s, l, "quant-linear")?;
         // One transient f32 copy of this matrix, dropped when the call returns.
         let w = self.0.dequantize(&candle_core::Device::Cpu)?;
         let n = w.dim(0)?;

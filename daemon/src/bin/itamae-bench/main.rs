@@ -237,6 +237,10 @@ fn print_machine() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cpu: {cpu} ({threads} threads)");
     println!("instruction sets: {}", instruction_sets().join(" "));
+    println!(
+        "quantized kernels (ops::qdot): {}",
+        itamae::ops::qdot::path().name()
+    );
     let blas = itamae::ops::blas::preferred();
     println!(
         "blas: OpenBLAS core type {} ({}; OPENBLAS_CORETYPE={})",

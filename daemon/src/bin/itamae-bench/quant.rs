@@ -1,11 +1,13 @@
 //! `itamae-bench quant`: the product `x · Wᵀ` of one SmolLM2-sized projection (1536 × 576) held
-//! in each block type, at decode and prefill row counts: candle's quantized matmul (8-bit
-//! activations, integer dot products) against dequantizing the weight and running the f32 BLAS
-//! GEMM, with the f32 weight's GEMM as the peer. What picks the prefill path.
+//! in each block type, at decode and prefill row counts: our integer-dot kernels (`ops::qdot`),
+//! candle's quantized matmul, and dequantizing the weight + the f32 BLAS GEMM, with the f32
+//! weight's GEMM as the peer. Prints, per type, the largest row count at which qdot still beats
+//! dequantize + BLAS: what `ops::quant::QDOT_ROWS_MAX` is set from.
 use std::time::Instant;
 
-use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{DType, Device, Module, Tensor};
+use itamae::ops::qdot;
 use itamae::ops::quant::{self, Weight};
 
 const TYPES: [GgmlDType; 10] = [
@@ -21,8 +23,10 @@ const TYPES: [GgmlDType; 10] = [
     GgmlDType::F16,
 ];
 
+const ROWS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
 /// Median microseconds of `f` over `reps` calls after one warm-up call.
-fn time(reps: usize, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> anyhow::Result<f64> {
+fn time<T>(reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
     f()?;
     let mut v = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -37,32 +41,53 @@ fn time(reps: usize, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> anyh
 pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
     let dev = &Device::Cpu;
     let w32 = Tensor::randn(0f32, 0.05, (out, inp), dev)?;
-    println!("projection {out} x {inp}; median of {reps} calls, microseconds");
     println!(
-        "{:<6} {:>5} {:>12} {:>14} {:>10} {:>10}",
-        "type", "rows", "quant-matmul", "dequant+blas", "f32 blas", "dequant"
+        "projection {out} x {inp}; median of {reps} calls, microseconds; qdot path {}, {} threads",
+        qdot::path().name(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<6} {:>5} {:>10} {:>12} {:>14} {:>10} {:>10}",
+        "type", "rows", "qdot", "candle-qmm", "dequant+blas", "f32 blas", "qdot/f32"
     );
     for dtype in TYPES {
         let w = Weight::quantize(&w32, dtype)?;
-        let dq = time(reps, || w.to_dense(DType::F32))?;
-        for rows in [1, 4, 16, 64, 256] {
+        let Weight::Quant(q) = &w else {
+            anyhow::bail!("{dtype:?} did not quantize")
+        };
+        let fmt = qdot::Fmt::from_ggml(dtype).ok_or_else(|| anyhow::anyhow!("{dtype:?}"))?;
+        let data = q.data()?;
+        let qmm = QMatMul::from_arc(q.clone())?;
+        let mut crossover = 0;
+        for rows in ROWS {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), dev)?;
-            let q = time(reps, || quant::linear(&x, &w, None))?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let qd = time(reps, || Ok(qdot::matmul(fmt, &data, out, inp, &xv, rows)?))?;
+            let c = time(reps, || Ok(qmm.forward(&x)?))?;
             let d = time(reps, || {
                 let wd = w.to_dense(DType::F32)?;
-                itamae::ops::linear(&x, &wd, None)
+                Ok(itamae::ops::linear(&x, &wd, None)?)
             })?;
-            let f = time(reps, || itamae::ops::linear(&x, &w32, None))?;
+            let f = time(reps, || Ok(itamae::ops::linear(&x, &w32, None)?))?;
+            if qd < d {
+                crossover = rows;
+            }
             println!(
-                "{:<6} {:>5} {:>12.0} {:>14.0} {:>10.0} {:>10.0}",
+                "{:<6} {:>5} {:>10.0} {:>12.0} {:>14.0} {:>10.0} {:>9.2}x",
                 quant::ggml_name(dtype),
                 rows,
-                q,
+                qd,
+                c,
                 d,
                 f,
-                dq
+                f / qd
             );
         }
+        println!(
+            "{:<6} crossover: qdot beats dequantize + BLAS up to {crossover} rows (QDOT_ROWS_MAX = {})",
+            quant::ggml_name(dtype),
+            quant::QDOT_ROWS_MAX
+        );
     }
     Ok(())
 }
