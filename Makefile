@@ -8,8 +8,10 @@ export CARGO_TARGET_DIR
 serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
 
+# One throwaway PostgreSQL for the whole run (stopped when this recipe's shell exits).
 test: system-test model
-	cargo test --release --workspace
+	url=$$(scripts/services/postgres.sh start --watch-pid $$$$) && \
+	  ITAMAE_TEST_PG_URL=$$url cargo test --release --workspace
 
 model:
 	@scripts/fetch-model.sh

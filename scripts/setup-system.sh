@@ -2,13 +2,15 @@
 # Installs the Debian packages the build links against: the system OpenBLAS (`libopenblas-dev`,
 # linked by daemon/src/ops/blas.rs). With the argument `test` it also installs what the tests use:
 # `chromium`, the headless browser that tests/console_browser.rs drives over the DevTools protocol
-# to test the web console (serving never needs it, so `make serve` does not install it).
+# to test the web console, and `postgresql-15`, whose initdb/pg_ctl make the throwaway clusters
+# (scripts/services/postgres.sh) the PostgreSQL storage tests run against (serving never needs
+# either, so `make serve` does not install them).
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
 packages=(libopenblas-dev)
 if [ "${1:-}" = test ]; then
-  packages+=(chromium)
+  packages+=(chromium postgresql-15)
 fi
 
 installed() {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::jobs::backend::DatabaseUrl;
 use crate::model::WeightsMode;
 use crate::ops::blas::KernelConfig;
 
@@ -110,6 +111,12 @@ pub struct StorageSection {
     pub organization_id: Option<String>,
     /// Size limit of one uploaded file (datasets, adapter weights).
     pub max_upload_bytes: Option<u64>,
+    /// `sqlite://PATH` (default: `<data_dir>/itamae.db`) or `postgres://…` shared by replicas.
+    pub database_url: Option<String>,
+    /// This replica's name in job leases; default: hostname and process id.
+    pub replica_id: Option<String>,
+    /// How long a replica's claim on a running job lasts without a heartbeat.
+    pub job_lease_secs: Option<u64>,
 }
 
 /// `[auth]`: API keys and their scopes (checked by `api::auth`).
@@ -188,6 +195,18 @@ pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_DATA_DIR: &str = "data";
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 pub const DEFAULT_TRAINING_MAX_SHARE: f64 = 0.5;
+pub const DEFAULT_JOB_LEASE_SECS: u64 = 30;
+
+/// `hostname-pid`: unique among the replicas of one database as long as host names are.
+pub fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "itamaed".into());
+    format!("{host}-{}", std::process::id())
+}
 
 /// An on/off switch as the kernel variables have always read it: `0` or `off` turns it off,
 /// anything else leaves it on.
@@ -299,6 +318,17 @@ pub struct ServeArgs {
     /// Size limit of one upload in bytes ([storage] max_upload_bytes).
     #[arg(long, env = "ITAMAE_MAX_UPLOAD_BYTES", value_parser = bytes)]
     pub max_upload_bytes: Option<u64>,
+    /// sqlite://PATH or postgres://USER@HOST/DB ([storage] database_url; default: the data
+    /// directory's itamae.db). The value is never shown: it may hold a password.
+    #[arg(long, env = "ITAMAE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// This replica's name in job leases ([storage] replica_id; default: hostname-pid).
+    #[arg(long, env = "ITAMAE_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seconds a replica's claim on a running job lasts without a heartbeat
+    /// ([storage] job_lease_secs).
+    #[arg(long, env = "ITAMAE_JOB_LEASE_SECS")]
+    pub job_lease_secs: Option<u64>,
     /// API keys `scope:key,...`, added to [auth] keys. Environment only: a flag would show
     /// them in the process list.
     #[arg(long, env = "ITAMAE_API_KEYS", hide = true, hide_env_values = true)]
@@ -331,6 +361,10 @@ pub struct ServeConfig {
     pub organization_id: Option<String>,
     /// None: the jobs layer's default.
     pub max_upload_bytes: Option<u64>,
+    /// None: `<data_dir>/itamae.db`.
+    pub database_url: Option<DatabaseUrl>,
+    pub replica_id: String,
+    pub job_lease: std::time::Duration,
     pub auth: AuthConfig,
     pub kernels: KernelConfig,
 }
@@ -372,7 +406,34 @@ impl ServeConfig {
             None => Vec::new(),
         };
         let non_blank = |s: &String| !s.trim().is_empty();
+        let database_url = a
+            .database_url
+            .filter(non_blank)
+            .or(file.storage.database_url.filter(non_blank))
+            .map(|u| DatabaseUrl::parse(u.trim()))
+            .transpose()
+            .map_err(|message| ConfigError::Value {
+                key: "storage.database_url",
+                message,
+            })?;
+        let job_lease_secs = a
+            .job_lease_secs
+            .or(file.storage.job_lease_secs)
+            .unwrap_or(DEFAULT_JOB_LEASE_SECS);
+        if job_lease_secs == 0 {
+            return Err(ConfigError::Value {
+                key: "storage.job_lease_secs",
+                message: "must be at least 1".into(),
+            });
+        }
         Ok(Self {
+            database_url,
+            replica_id: a
+                .replica_id
+                .filter(non_blank)
+                .or(file.storage.replica_id.filter(non_blank))
+                .unwrap_or_else(default_replica_id),
+            job_lease: std::time::Duration::from_secs(job_lease_secs),
             shutdown_grace: std::time::Duration::from_secs(
                 a.shutdown_grace_secs
                     .or(file.server.shutdown_grace_secs)
@@ -497,6 +558,39 @@ mod tests {
         assert_eq!(c.model, PathBuf::from("m.gguf"));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.kernels, KernelConfig::default());
+    }
+
+    #[test]
+    fn storage_database_and_leases() {
+        let c = ServeConfig::resolve(FileConfig::default(), ServeArgs::default()).unwrap();
+        assert_eq!(c.database_url, None);
+        assert_eq!(c.job_lease.as_secs(), DEFAULT_JOB_LEASE_SECS);
+        assert!(c.replica_id.ends_with(&format!("-{}", std::process::id())));
+        let file: FileConfig = toml::from_str(
+            "[storage]\ndatabase_url = \"sqlite://f.db\"\nreplica_id = \"a\"\njob_lease_secs = 3\n",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(
+            file,
+            ServeArgs {
+                database_url: Some("postgres://u:hunter2@h/db".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url,
+            Some(DatabaseUrl::Postgres("postgres://u:hunter2@h/db".into()))
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!((c.replica_id.as_str(), c.job_lease.as_secs()), ("a", 3));
+        let file: FileConfig =
+            toml::from_str("[storage]\ndatabase_url = \"mysql://u:pw@h/db\"\n").unwrap();
+        let e = ServeConfig::resolve(file, ServeArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("storage.database_url"), "{e}");
+        let file: FileConfig = toml::from_str("[storage]\njob_lease_secs = 0\n").unwrap();
+        let e = ServeConfig::resolve(file, ServeArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("storage.job_lease_secs"), "{e}");
     }
 
     #[test]

@@ -171,6 +171,9 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     }
     jobs_cfg.training_max_share = cfg.training_max_share;
     jobs_cfg.base_model_id = cfg.hub_id.clone();
+    jobs_cfg.database = cfg.database_url.clone();
+    jobs_cfg.replica_id = cfg.replica_id.clone();
+    jobs_cfg.job_lease = cfg.job_lease;
     let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     // Imported adapters (`/v1/adapters`) are served again once the model is loaded.

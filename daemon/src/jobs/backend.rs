@@ -15,6 +15,7 @@
 //! Neither trait names SQLite, `sqlx` or a data directory in its signatures: failures are
 //! [`StoreError`] (rows) and `std::io::Error` (bytes), and everything is addressed by ids.
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -150,6 +151,41 @@ pub trait MetaStore: Send + Sync {
     ) -> BoxFuture<'a, StoreResult<Vec<CheckpointRow>>>;
     /// Every checkpoint of every job (to serve them again after a restart).
     fn all_checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>>;
+
+    /// Claims the next job for the runner `owner` under a lease of `lease`: a `running` or
+    /// `paused` job whose lease expired (its owner died) or that has none first, else the
+    /// oldest queued one (moved to `running`). Two runners never get the same job while its
+    /// lease runs: Postgres locks the candidate row `FOR UPDATE SKIP LOCKED`, SQLite moves it
+    /// with a conditional update.
+    fn claim_job<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, StoreResult<Option<Claimed>>>;
+    /// The heartbeat: extends `owner`'s lease on the job and returns its status, or None if the
+    /// job is no longer `owner`'s (another runner claimed it after the lease expired).
+    fn renew_lease<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, StoreResult<Option<String>>>;
+    /// Gives the lease up (an orderly stop): the job is claimable again at once.
+    fn release_lease<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, StoreResult<()>>;
+}
+
+/// A job [`MetaStore::claim_job`] gave a runner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub job: JobRow,
+    /// It was `running` or `paused` already (a runner stopped or died while training it), so
+    /// training resumes from its newest checkpoint.
+    pub interrupted: bool,
+}
+
+/// A lease length as the stores keep it (milliseconds), never zero.
+pub(crate) fn lease_ms(lease: Duration) -> i64 {
+    (lease.as_millis() as i64).max(1)
 }
 
 /// An upload being written: nothing is visible under an id until [`BlobWriter::commit`], and a
@@ -194,4 +230,116 @@ pub trait BlobStore: Send + Sync {
     ) -> std::io::Result<PathBuf>;
     /// The newest complete checkpoint of a job, materialised locally.
     fn latest_checkpoint(&self, job_id: &str) -> Option<(usize, PathBuf)>;
+}
+
+/// Where the rows live (`storage.database_url`): the SQLite file of one daemon, or a PostgreSQL
+/// database several replicas share. Its `Debug` and `Display` never show a password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://PATH` (`sqlite:///abs/path` for an absolute one).
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`, as given (libpq's URL syntax, through sqlx).
+    Postgres(String),
+}
+
+impl DatabaseUrl {
+    /// Parses a `storage.database_url`; the error says what is accepted (without echoing a
+    /// password).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("`sqlite://` needs a file path, as in sqlite://data/itamae.db".into());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_string()));
+        }
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        Err(format!(
+            "unsupported scheme `{scheme}` (expected sqlite://PATH or postgres://USER@HOST/DB)"
+        ))
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
+
+/// The URL with any password replaced by `***`: in the user info (`user:secret@host`) and in a
+/// `password=` query parameter.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            Self::Postgres(u) => f.write_str(&redact_url(u)),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_never_show_a_password() {
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:///var/x.db").unwrap(),
+            DatabaseUrl::Sqlite("/var/x.db".into())
+        );
+        assert!(DatabaseUrl::parse("sqlite://").is_err());
+        let e = DatabaseUrl::parse("mysql://u:hunter2@h/db").unwrap_err();
+        assert!(e.contains("mysql") && !e.contains("hunter2"), "{e}");
+        let u = DatabaseUrl::parse("postgres://app:hunter2@db.example:5432/itamae?sslmode=require")
+            .unwrap();
+        assert!(u.is_shared());
+        for shown in [u.to_string(), format!("{u:?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("app:***@db.example:5432/itamae?sslmode=require"));
+        }
+        assert_eq!(
+            redact_url("postgresql://h/db?user=a&password=p%40ss"),
+            "postgresql://h/db?user=a&password=***"
+        );
+        assert_eq!(redact_url("postgres://a@h/db"), "postgres://a@h/db");
+        // an `@` in the password (percent-encoding forgotten) does not leak its start
+        assert_eq!(redact_url("postgres://a:x@y@h/db"), "postgres://a:***@h/db");
+    }
 }

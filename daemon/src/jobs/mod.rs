@@ -2,8 +2,9 @@
 //!
 //! - [`backend`]: the two storage interfaces everything here runs on, [`backend::MetaStore`]
 //!   (rows) and [`backend::BlobStore`] (bytes), so another backend can take their place.
-//! - [`store`]: the SQLite database (files, jobs, events, checkpoints), through `sqlx`: today's
-//!   `MetaStore`.
+//! - [`store`]: the SQLite database (files, jobs, events, checkpoints), through `sqlx`: the
+//!   default `MetaStore`; [`pg_store`]: the same on PostgreSQL, shared by several replicas
+//!   (`storage.database_url`, docs/scale-out.md).
 //! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes: today's
 //!   `BlobStore`.
 //! - [`service`]: what the HTTP handlers call (create, list, cancel, upload, ...), with domain
@@ -11,6 +12,8 @@
 //! - [`adapter_store`]: the adapters imported over the API, with compare-and-set generations.
 //! - [`spec`]: a job request parsed and validated into what the trainer needs;
 //!   [`auto_hyper`]: what "auto" epochs and batch size are for a dataset's size.
+//! - [`lease`]: a runner's claim on the job it trains (heartbeat, loss of the lease, the
+//!   cancel/pause sent to another replica).
 //! - [`runner`]: the one thread that trains jobs, one at a time in creation order, on the
 //!   engine's resident base model, and serves each result (and checkpoint) as a variant the
 //!   moment it exists; at start it brings back everything a crash or restart left behind.
@@ -20,11 +23,15 @@ pub mod adapter_store;
 pub mod auto_hyper;
 pub mod backend;
 pub mod error;
+mod lease;
+pub mod pg_store;
 pub mod runner;
 mod service;
 pub mod spec;
 pub mod storage;
 pub mod store;
+#[cfg(test)]
+mod store_contract;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +41,7 @@ use std::time::Duration;
 use crate::engine::EngineHandle;
 use crate::train::TrainControl;
 pub use adapter_store::AdapterStore;
-use backend::{BlobStore, MetaStore};
+use backend::{BlobStore, DatabaseUrl, MetaStore};
 pub use error::{ServiceError, ServiceResult};
 pub use service::FINE_TUNE;
 pub use storage::valid_id;
@@ -56,6 +63,12 @@ pub struct JobsConfig {
     /// `base_model_name_or_path` of the adapters jobs save; None: the model's own hub id if its
     /// files carry one, else its served name.
     pub base_model_id: Option<String>,
+    /// None: the SQLite file in the data directory.
+    pub database: Option<DatabaseUrl>,
+    /// This runner's name in job leases.
+    pub replica_id: String,
+    /// How long a claim on a running job lasts without a heartbeat.
+    pub job_lease: Duration,
 }
 
 impl JobsConfig {
@@ -66,6 +79,9 @@ impl JobsConfig {
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             training_max_share: crate::config::DEFAULT_TRAINING_MAX_SHARE,
             base_model_id: None,
+            database: None,
+            replica_id: crate::config::default_replica_id(),
+            job_lease: Duration::from_secs(crate::config::DEFAULT_JOB_LEASE_SECS),
         }
     }
 }
@@ -88,6 +104,9 @@ pub(crate) struct Inner {
     wake: (Mutex<u64>, Condvar),
     /// The job the runner is training and its cancel/pause switches.
     current: Mutex<Option<(String, Arc<TrainControl>)>>,
+    /// Set when the runner lost its lease on the job it trains (another replica claimed it):
+    /// the runner then stops that job without writing its outcome.
+    lease_lost: AtomicBool,
     /// Set once on SIGTERM: no job starts any more, the running one is checkpointed and left
     /// `running` for the next start to resume.
     shutdown: AtomicBool,
@@ -136,18 +155,30 @@ impl Jobs {
         // upload (the runner's recovery runs after the model loads, while uploads may be in
         // flight, and would delete them).
         storage.clean_interrupted_uploads();
-        let db = storage.db_path();
-        let store = rt
-            .block_on(Store::open(&db))
-            .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", db.display()))?;
+        let store: Arc<dyn MetaStore> = match &cfg.database {
+            Some(DatabaseUrl::Postgres(url)) => Arc::new(
+                rt.block_on(pg_store::PgStore::open(url, rt.handle().clone()))
+                    .map_err(|e| anyhow::anyhow!("cannot open the database {e}"))?,
+            ),
+            sqlite => {
+                let db = match sqlite {
+                    Some(DatabaseUrl::Sqlite(path)) => path.clone(),
+                    _ => storage.db_path(),
+                };
+                Arc::new(rt.block_on(Store::open(&db)).map_err(|e| {
+                    anyhow::anyhow!("cannot open the database {}: {e}", db.display())
+                })?)
+            }
+        };
         let inner = Arc::new(Inner {
             cfg,
-            store: Arc::new(store),
+            store,
             blobs: Arc::new(storage),
             engine,
             rt: rt.handle().clone(),
             wake: (Mutex::new(0), Condvar::new()),
             current: Mutex::new(None),
+            lease_lost: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             stopped: (Mutex::new(false), Condvar::new()),
             recovered: AtomicBool::new(false),

@@ -7,7 +7,9 @@
 //! validated again, and a job caught running resumes from its newest checkpoint.
 //!
 //! Job status changes race with the API (cancel, pause, resume): every change is a conditional
-//! update from the expected states ([`Store::transition`]), so the first writer wins.
+//! update from the expected states ([`Store::transition`]), so the first writer wins. Jobs are
+//! claimed under a lease ([`super::lease`]) so that several replicas sharing one database each
+//! train different jobs, and take over a job whose replica died.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,41 +159,19 @@ fn recover(inner: &Inner) {
     }
 }
 
-/// The next job to train: one interrupted by a restart first, else the oldest queued one
-/// (moved to `running` here). The flag says whether it was interrupted.
+/// The next job to train, claimed under this runner's lease: one interrupted by a restart (or
+/// whose replica died) first, else the oldest queued one (moved to `running`). The flag says
+/// whether it was interrupted.
 fn next_job(inner: &Inner) -> Option<(JobRow, bool)> {
-    let interrupted = logged(
-        "list running jobs",
+    let claimed = logged(
+        "claim job",
         inner.rt.block_on(
             inner
                 .store()
-                .jobs_with_status(&[status::RUNNING, status::PAUSED]),
+                .claim_job(&inner.cfg.replica_id, inner.cfg.job_lease),
         ),
-    )?;
-    if let Some(j) = interrupted.into_iter().next() {
-        return Some((j, true));
-    }
-    let queued = logged(
-        "list queued jobs",
-        inner
-            .rt
-            .block_on(inner.store().jobs_with_status(&[status::QUEUED])),
-    )?;
-    for mut j in queued {
-        let moved = logged(
-            "start job",
-            inner.rt.block_on(
-                inner
-                    .store()
-                    .transition(&j.id, &[status::QUEUED], status::RUNNING),
-            ),
-        )?;
-        if moved {
-            j.status = status::RUNNING.into();
-            return Some((j, false));
-        }
-    }
-    None
+    )??;
+    Some((claimed.job, claimed.interrupted))
 }
 
 fn error_json(code: &str, message: &str, param: Option<&str>) -> Value {
@@ -232,8 +212,31 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
         now_status.as_deref(),
         Some(status::RUNNING) | Some(status::PAUSED)
     );
-    if still_active {
-        if let Err(message) = train_job(inner, &job, &control, interrupted) {
+    inner.lease_lost.store(false, Ordering::SeqCst);
+    let trained = std::thread::scope(|scope| {
+        // Dropping the sender stops the heartbeat at once.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let beat = std::thread::Builder::new()
+            .name("itamae-lease".into())
+            .spawn_scoped(scope, || {
+                super::lease::heartbeat(inner, &job.id, &control, stopped)
+            });
+        if let Err(e) = beat {
+            return Err(format!("cannot start the lease heartbeat: {e}"));
+        }
+        let r = if still_active {
+            train_job(inner, &job, &control, interrupted)
+        } else {
+            Ok(())
+        };
+        drop(stop);
+        r
+    });
+    if inner.lease_lost.load(Ordering::SeqCst) {
+        // Another replica owns the job now; whatever happened here is not its outcome.
+        tracing::warn!(job = %job.id, "stopped training: the lease went to another replica");
+    } else {
+        if let Err(message) = trained {
             tracing::warn!(job = %job.id, "job failed: {message}");
             let failed = logged(
                 "fail job",
@@ -248,6 +251,13 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
                 inner.event(&job.id, "error", &format!("Fine-tuning failed: {message}"));
             }
         }
+        // A job left active (stopped for shutdown) is claimable by any replica at once.
+        logged(
+            "release lease",
+            inner
+                .rt
+                .block_on(inner.store().release_lease(&job.id, &inner.cfg.replica_id)),
+        );
     }
     *inner.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
     crate::metrics::global().training_finished(&job.id);
@@ -509,6 +519,9 @@ fn train_job(
             TrainEvent::Message(m) => inner.event(&job.id, "info", m),
         })
         .map_err(|e| e.to_string())?;
+    if inner.lease_lost.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     if outcome.finish == Finish::Cancelled && inner.shutting_down() {
         let status = logged(
             "reload job",

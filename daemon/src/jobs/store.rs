@@ -16,11 +16,14 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
-use super::backend::{FileQuery, MetaStore, NewEvent, StoreError, StoreResult};
+use super::backend::{lease_ms, Claimed, FileQuery, MetaStore, NewEvent, StoreError, StoreResult};
 use super::storage::{new_id, now, CHECKPOINT_PREFIX, EVENT_PREFIX};
 
 /// `(version, script)`, applied in order to a database whose `user_version` is lower.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_jobs.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_jobs.sql")),
+    (2, include_str!("../../migrations/0002_leases.sql")),
+];
 
 pub type Result<T> = std::result::Result<T, sqlx::Error>;
 
@@ -217,6 +220,14 @@ impl Store {
             changes: std::sync::Arc::new(tokio::sync::watch::channel(()).0),
         };
         store.migrate().await?;
+        // One daemon owns a SQLite file (it lives in its data directory): a lease found here
+        // was taken by an earlier run of this daemon, which is gone, so its job is free now
+        // rather than after the lease's expiry.
+        sqlx::query(
+            "UPDATE jobs SET owner = NULL, lease_expires_at = NULL WHERE owner IS NOT NULL",
+        )
+        .execute(&store.pool)
+        .await?;
         Ok(store)
     }
 
@@ -588,6 +599,90 @@ impl Store {
             .await?;
         rows.iter().map(checkpoint_of).collect()
     }
+
+    // ---- leases ----
+
+    /// See [`MetaStore::claim_job`]: the candidate is read, then moved by an update that holds
+    /// only if it is still claimable (SQLite serialises writers, so one of two racing runners
+    /// sees no row changed and looks again).
+    pub async fn claim_job(&self, owner: &str, lease: Duration) -> Result<Option<Claimed>> {
+        const CLAIMABLE: &str = "(status = 'queued' OR (status IN ('running', 'paused') \
+             AND (lease_expires_at IS NULL OR lease_expires_at < ?1)))";
+        loop {
+            let now = now_ms();
+            let candidate: Option<(i64, String)> = sqlx::query_as(&format!(
+                "SELECT seq, status FROM jobs WHERE {CLAIMABLE} \
+                 ORDER BY status = 'queued', seq LIMIT 1"
+            ))
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some((seq, prior)) = candidate else {
+                return Ok(None);
+            };
+            let moved = sqlx::query(&format!(
+                "UPDATE jobs SET owner = ?2, lease_expires_at = ?3, \
+                 status = CASE status WHEN 'queued' THEN 'running' ELSE status END \
+                 WHERE seq = ?4 AND status = ?5 AND {CLAIMABLE}"
+            ))
+            .bind(now)
+            .bind(owner)
+            .bind(now + lease_ms(lease))
+            .bind(seq)
+            .bind(&prior)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+                > 0;
+            if moved {
+                self.changed();
+                let row = sqlx::query("SELECT * FROM jobs WHERE seq = ?")
+                    .bind(seq)
+                    .fetch_one(&self.pool)
+                    .await?;
+                return Ok(Some(Claimed {
+                    job: job_of(&row)?,
+                    interrupted: prior != status::QUEUED,
+                }));
+            }
+        }
+    }
+
+    /// See [`MetaStore::renew_lease`].
+    pub async fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<String>> {
+        sqlx::query_scalar(
+            "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND owner = ? RETURNING status",
+        )
+        .bind(now_ms() + lease_ms(lease))
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// See [`MetaStore::release_lease`].
+    pub async fn release_lease(&self, id: &str, owner: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET owner = NULL, lease_expires_at = NULL WHERE id = ? AND owner = ?",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Milliseconds since the epoch, the unit of `lease_expires_at`.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -744,256 +839,27 @@ impl MetaStore for Store {
     fn all_checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>> {
         Box::pin(async move { Ok(Store::all_checkpoints(self).await?) })
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn temp_db() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("itamae-store-{}", new_id("")));
-        std::fs::create_dir_all(&d).unwrap();
-        d.join("itamae.db")
+    fn claim_job<'a>(
+        &'a self,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, StoreResult<Option<Claimed>>> {
+        Box::pin(async move { Ok(Store::claim_job(self, owner, lease).await?) })
     }
 
-    pub(crate) fn job(id: &str, status: &str) -> JobRow {
-        JobRow {
-            id: id.into(),
-            created_at: now(),
-            status: status.into(),
-            model: "base".into(),
-            training_file: "file-a".into(),
-            validation_file: None,
-            suffix: Some("s".into()),
-            seed: 42,
-            metadata: Some(json!({"k": "v"})),
-            spec: json!({"adapter": {"type": "lora"}}),
-            hyperparameters: json!({"n_epochs": "auto"}),
-            method: json!({"type": "supervised"}),
-            variant: format!("ft:base:itamae:s:{id}"),
-            error: None,
-            fine_tuned_model: None,
-            finished_at: None,
-            trained_tokens: None,
-            estimated_finish: None,
-            result_files: json!([]),
-        }
+    fn renew_lease<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        Box::pin(async move { Ok(Store::renew_lease(self, id, owner, lease).await?) })
     }
 
-    #[tokio::test]
-    async fn jobs_round_trip_and_page_newest_first() {
-        let path = temp_db();
-        let s = Store::open(&path).await.unwrap();
-        for i in 0..5 {
-            s.insert_job(&job(&format!("ftjob-{i}"), status::QUEUED))
-                .await
-                .unwrap();
-        }
-        let got = s.get_job("ftjob-2").await.unwrap().unwrap();
-        assert_eq!(
-            got,
-            job("ftjob-2", status::QUEUED).with_created(got.created_at)
-        );
-        let p = s.list_jobs(None, 2).await.unwrap();
-        let ids: Vec<_> = p.data.iter().map(|j| j.id.as_str()).collect();
-        assert_eq!(ids, ["ftjob-4", "ftjob-3"]);
-        assert!(p.has_more);
-        let p = s.list_jobs(Some("ftjob-3"), 10).await.unwrap();
-        let ids: Vec<_> = p.data.iter().map(|j| j.id.as_str()).collect();
-        assert_eq!(ids, ["ftjob-2", "ftjob-1", "ftjob-0"]);
-        assert!(!p.has_more);
-        // queue order is oldest first
-        let q = s.jobs_with_status(&[status::QUEUED]).await.unwrap();
-        assert_eq!(q[0].id, "ftjob-0");
-        // a transition only happens from the expected states
-        assert!(s
-            .transition("ftjob-0", &[status::QUEUED], status::RUNNING)
-            .await
-            .unwrap());
-        assert!(!s
-            .transition("ftjob-0", &[status::QUEUED], status::RUNNING)
-            .await
-            .unwrap());
-        assert!(s
-            .finish_unsuccessfully("ftjob-0", &[status::RUNNING], status::CANCELLED, None)
-            .await
-            .unwrap());
-        // a cancelled job cannot then succeed
-        assert!(!s.succeed("ftjob-0", Some("m"), 10).await.unwrap());
-        assert!(s
-            .transition("ftjob-1", &[status::QUEUED], status::RUNNING)
-            .await
-            .unwrap());
-        assert!(s.succeed("ftjob-1", Some("m"), 10).await.unwrap());
-        let j = s.get_job("ftjob-1").await.unwrap().unwrap();
-        assert_eq!(j.status, status::SUCCEEDED);
-        assert_eq!(j.trained_tokens, Some(10));
-        assert!(j.finished_at.is_some());
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
-    }
-
-    impl JobRow {
-        fn with_created(mut self, t: i64) -> Self {
-            self.created_at = t;
-            self
-        }
-    }
-
-    /// The service only sees the interface: the same operations through `dyn MetaStore`.
-    #[tokio::test]
-    async fn the_interface_reaches_every_table() {
-        let path = temp_db();
-        let sqlite = Store::open(&path).await.unwrap();
-        let s: &dyn MetaStore = &sqlite;
-        let mut changes = s.subscribe();
-        let f = FileRow {
-            id: "file-x".into(),
-            bytes: 3,
-            created_at: now(),
-            filename: "x.jsonl".into(),
-            purpose: "fine-tune".into(),
-        };
-        s.insert_file(&f).await.unwrap();
-        assert_eq!(s.get_file("file-x").await.unwrap(), Some(f));
-        let q = FileQuery {
-            purpose: Some("fine-tune"),
-            limit: 10,
-            ..Default::default()
-        };
-        assert_eq!(s.list_files(q).await.unwrap().data.len(), 1);
-        s.insert_job(&job("ftjob-i", status::QUEUED)).await.unwrap();
-        assert!(s
-            .transition("ftjob-i", &[status::QUEUED], status::RUNNING)
-            .await
-            .unwrap());
-        assert!(changes.has_changed().unwrap());
-        changes.borrow_and_update();
-        let e = s
-            .add_event(
-                "ftjob-i",
-                NewEvent {
-                    level: "info",
-                    message: "hello",
-                    kind: "message",
-                    data: None,
-                },
-            )
-            .await
-            .unwrap();
-        assert!(changes.has_changed().unwrap());
-        assert_eq!(s.events_since("ftjob-i", 0).await.unwrap(), vec![e]);
-        s.add_checkpoint("ftjob-i", 3, &json!({"step": 3}), "m:ckpt-step-3")
-            .await
-            .unwrap();
-        assert_eq!(s.all_checkpoints().await.unwrap()[0].step, 3);
-        s.set_progress("ftjob-i", 7, Some(1)).await.unwrap();
-        assert!(s.succeed("ftjob-i", Some("m"), 9).await.unwrap());
-        let j = s.get_job("ftjob-i").await.unwrap().unwrap();
-        assert_eq!(
-            (j.status.as_str(), j.trained_tokens),
-            (status::SUCCEEDED, Some(9))
-        );
-        assert_eq!(
-            s.jobs_with_status(&[status::SUCCEEDED])
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        assert!(s.delete_file("file-x").await.unwrap());
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
-    }
-
-    #[tokio::test]
-    async fn events_are_newest_first_and_stream_oldest_first() {
-        let path = temp_db();
-        let s = Store::open(&path).await.unwrap();
-        let mut ids = Vec::new();
-        for i in 0..4 {
-            let e = s
-                .add_event("ftjob-a", "info", &format!("m{i}"), "message", None)
-                .await
-                .unwrap();
-            ids.push(e.id);
-        }
-        s.add_event(
-            "ftjob-b",
-            "info",
-            "other",
-            "metrics",
-            Some(&json!({"step": 1})),
-        )
-        .await
-        .unwrap();
-        let p = s.list_events("ftjob-a", None, 3).await.unwrap();
-        let msgs: Vec<_> = p.data.iter().map(|e| e.message.as_str()).collect();
-        assert_eq!(msgs, ["m3", "m2", "m1"]);
-        assert!(p.has_more);
-        let p = s.list_events("ftjob-a", Some(&ids[1]), 10).await.unwrap();
-        assert_eq!(p.data.len(), 1);
-        assert_eq!(p.data[0].message, "m0");
-        let all = s.events_since("ftjob-a", 0).await.unwrap();
-        assert_eq!(all.len(), 4);
-        let later = s.events_since("ftjob-a", all[1].seq).await.unwrap();
-        let msgs: Vec<_> = later.iter().map(|e| e.message.as_str()).collect();
-        assert_eq!(msgs, ["m2", "m3"]);
-        let b = s.events_since("ftjob-b", 0).await.unwrap();
-        assert_eq!(b[0].data, Some(json!({"step": 1})));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
-    }
-
-    #[tokio::test]
-    async fn state_survives_reopen_and_files_page() {
-        let path = temp_db();
-        {
-            let s = Store::open(&path).await.unwrap();
-            for i in 0..3 {
-                s.insert_file(&FileRow {
-                    id: format!("file-{i}"),
-                    bytes: i,
-                    created_at: now(),
-                    filename: "a.jsonl".into(),
-                    purpose: "fine-tune".into(),
-                })
-                .await
-                .unwrap();
-            }
-            s.insert_job(&job("ftjob-r", status::RUNNING))
-                .await
-                .unwrap();
-            s.add_checkpoint("ftjob-r", 2, &json!({"step": 2}), "m:ckpt-step-2")
-                .await
-                .unwrap();
-            // the same step again (a resumed run) replaces, not duplicates
-            s.add_checkpoint("ftjob-r", 2, &json!({"step": 2, "x": 1}), "m:ckpt-step-2")
-                .await
-                .unwrap();
-            s.add_checkpoint("ftjob-r", 4, &json!({"step": 4}), "m:ckpt-step-4")
-                .await
-                .unwrap();
-        }
-        // reopening runs no migration twice and finds everything
-        let s = Store::open(&path).await.unwrap();
-        let running = s
-            .jobs_with_status(&[status::RUNNING, status::PAUSED])
-            .await
-            .unwrap();
-        assert_eq!(running.len(), 1);
-        let c = s.list_checkpoints("ftjob-r").await.unwrap();
-        assert_eq!(c.iter().map(|c| c.step).collect::<Vec<_>>(), [4, 2]);
-        assert_eq!(c[1].metrics["x"], 1);
-        let p = s.list_files(None, None, 2, false).await.unwrap();
-        assert_eq!(p.data[0].id, "file-2");
-        assert!(p.has_more);
-        let p = s
-            .list_files(Some("fine-tune"), Some("file-0"), 10, true)
-            .await
-            .unwrap();
-        assert_eq!(p.data.len(), 2);
-        assert!(s.delete_file("file-1").await.unwrap());
-        assert!(!s.delete_file("file-1").await.unwrap());
-        assert!(s.get_file("file-1").await.unwrap().is_none());
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    fn release_lease<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move { Ok(Store::release_lease(self, id, owner).await?) })
     }
 }
+
+// The tests are the backend-generic contract in `store_contract.rs`, run on SQLite and PostgreSQL.
