@@ -117,8 +117,7 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
         let mut group: Vec<Seq> = Vec::new();
         let mut group_tokens = 0;
         let mut slots = running.len();
-        loop {
-            let Some(next) = waiting.front() else { break };
+        while let Some(next) = waiting.front() {
             let fits = slots + next.choices() <= MAX_BATCH
                 && match group.first() {
                     None => true,
