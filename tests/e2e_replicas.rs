@@ -171,10 +171,8 @@ fn two_replicas_share_jobs_take_over_and_cancel_across() {
     a.wait_ready();
     b.wait_ready();
     let file = upload(&a, "persona_train.jsonl");
-    // Both created on A; each replica's runner claims one (a runner trains one job at a time).
-    let long = create_job(&a, &file, "long", 8);
-    let other = create_job(&a, &file, "other", 200);
     let replicas = [&a, &b];
+    let other = create_job(&a, &file, "other", 200);
     let owner_of = |job: &str| -> usize {
         let mut found = None;
         wait_until(
@@ -187,13 +185,11 @@ fn two_replicas_share_jobs_take_over_and_cancel_across() {
         );
         found.unwrap()
     };
-    let long_owner = owner_of(&long);
     let other_owner = owner_of(&other);
-    assert_ne!(long_owner, other_owner, "both jobs on one replica at once");
 
     // Cancel sent to the replica that does not own `other`: its owner stops within a beat.
     let cancelled = post_json(
-        replicas[long_owner],
+        replicas[1 - other_owner],
         &format!("/v1/fine_tuning/jobs/{other}/cancel"),
         &json!({}),
     );
@@ -217,8 +213,10 @@ fn two_replicas_share_jobs_take_over_and_cancel_across() {
         "{msgs:?}"
     );
 
-    // kill -9 of `long`'s owner once a checkpoint exists: the survivor takes the job over after
-    // the lease and finishes it from that checkpoint.
+    // kill -9 of `long`'s owner once a checkpoint exists (step 2 of 40): the survivor takes the
+    // job over after the lease and finishes it from that checkpoint.
+    let long = create_job(&b, &file, "long", 40);
+    let long_owner = owner_of(&long);
     let owner = replicas[long_owner];
     wait_until(
         "a checkpoint of the long job",
@@ -270,7 +268,7 @@ fn two_replicas_share_jobs_take_over_and_cancel_across() {
         .filter(|e| e["type"] == "metrics")
         .filter_map(|e| e["data"]["step"].as_u64())
         .collect();
-    assert_eq!(steps, (1..=8).collect(), "{msgs:?}");
+    assert_eq!(steps, (1..=40).collect(), "{msgs:?}");
     // The result is served by the replica that finished it.
     let name = j["fine_tuned_model"].as_str().expect("fine_tuned_model");
     let reply = post_json(
