@@ -592,7 +592,7 @@ async fn postgres_replicas_migrate_once_and_notify_each_other() {
 #[tokio::test]
 async fn open_errors_hide_the_password() {
     let err = PgStore::open(
-        "postgres://app:hunter2@127.0.0.1:1/itamae?connect_timeout=2",
+        "postgres://app:hunter2@127.0.0.1:1/itamae",
         tokio::runtime::Handle::current(),
     )
     .await
