@@ -740,7 +740,7 @@ mod tests {
         ServeConfig::resolve(toml::from_str(file).unwrap(), args).unwrap()
     }
 
-    /// `model.weights`: flag over file over the `auto` default; unknown modes are refused at
+    /// `model.weights`: flag over file over the `f32` default; unknown modes are refused at
     /// both levels, naming the accepted ones.
     #[test]
     fn weights_mode_resolves_and_unknown_modes_are_refused() {

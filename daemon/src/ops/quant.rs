@@ -229,11 +229,11 @@ pub fn linear_lora(
     linear(x, w, b)? + (d * lora.scale)?
 }
 
-/// The most rows [`super::qdot`] takes; more go to dequantize + BLAS. Measured with
-/// `itamae-bench quant` on a 1536 × 576 projection (docs/ops.md): qdot, walking the weight once
-/// per 8 rows, still beat dequantizing it at 64 rows for every block type, so a chat prompt's
-/// prefill stays on the blocks too.
-pub const QDOT_ROWS_MAX: usize = 64;
+/// The most rows [`super::qdot`] takes; more go to dequantize + BLAS. `itamae-bench quant`
+/// measured qdot faster up to 64 rows for every block type (docs/ops.md), but prompts run on
+/// 8-bit activations changed SmolLM2's greedy answers in the real-model suite, so for now only
+/// decode batches (one walk over the weight for up to 8 rows) use it and prefill stays exact.
+pub const QDOT_ROWS_MAX: usize = super::qdot::MAX_ROWS;
 
 /// `x · Wᵀ` for the `rows × k` activations `x` with our integer-dot kernels, when they read this
 /// weight's format (every type the loaders keep resident does).

@@ -18,15 +18,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Prompt tok/s and decode tok/s for `tokens` greedy tokens (EOS ignored, so every run decodes
-/// the same count), median of `runs`; then the same with llama-cpp-python on the same file.
-pub(crate) fn decode(
+/// One mode's median prompt and decode tok/s.
+fn measure(
     model_path: &Path,
     weights: model::WeightsMode,
     tokens: usize,
     runs: usize,
-    peer_python: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(f64, f64)> {
     let device = candle_core::Device::Cpu;
     let t0 = Instant::now();
     let loaded = model::load(model_path, &device, weights)?;
@@ -72,11 +70,33 @@ pub(crate) fn decode(
     }
     let (p, d) = (median(prompt_tps), median(decode_tps));
     println!(
-        "itamae     prompt {:>4} tok: {:>8.1} tok/s | decode {tokens} tok: {:>6.1} tok/s",
+        "itamae {weights:<4} prompt {:>4} tok: {:>8.1} tok/s | decode {tokens} tok: {:>6.1} tok/s",
         prompt.len(),
         p,
         d
     );
+    Ok((p, d))
+}
+
+/// Prompt tok/s and decode tok/s for `tokens` greedy tokens (EOS ignored, so every run decodes
+/// the same count), median of `runs`, in `weights` and — unless that is `f32` — in `f32` too, in
+/// the same run; then the same with llama-cpp-python on the same file.
+pub(crate) fn decode(
+    model_path: &Path,
+    weights: model::WeightsMode,
+    tokens: usize,
+    runs: usize,
+    peer_python: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (p, d) = measure(model_path, weights, tokens, runs)?;
+    if weights != model::WeightsMode::F32 {
+        let (pf, df) = measure(model_path, model::WeightsMode::F32, tokens, runs)?;
+        println!(
+            "ratio {weights}/f32: prompt {:.2}x, decode {:.2}x",
+            p / pf,
+            d / df
+        );
+    }
     let Some(py) = peer_python else {
         println!("peer: llama-cpp-python not configured (scripts/setup-bench-venv.sh, then ITAMAE_BENCH_PYTHON)");
         return Ok(());

@@ -184,7 +184,7 @@ fn main() {
             kv_tokens,
             only,
         } => match only {
-            Some(mode) => memory::measure_one(&model, mode),
+            Some(mode) => memory::measure_one(&model, mode, kv_tokens),
             None => memory::memory(&model, kv_tokens),
         },
         BenchCommand::Swap {

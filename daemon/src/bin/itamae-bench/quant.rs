@@ -40,7 +40,6 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Res
 
 pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
     let dev = &Device::Cpu;
-    let w32 = Tensor::randn(0f32, 0.05, (out, inp), dev)?;
     println!(
         "projection {out} x {inp}; median of {reps} calls, microseconds; qdot path {}, {} threads",
         qdot::path().name(),
@@ -51,6 +50,9 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
         "type", "rows", "qdot", "candle-qmm", "dequant+blas", "f32 blas", "qdot/f32"
     );
     for dtype in TYPES {
+        // K-quant rows are whole 256-element super-blocks: the input width rounds up for them.
+        let inp = inp.next_multiple_of(dtype.block_size());
+        let w32 = Tensor::randn(0f32, 0.05, (out, inp), dev)?;
         let w = Weight::quantize(&w32, dtype)?;
         let Weight::Quant(q) = &w else {
             anyhow::bail!("{dtype:?} did not quantize")
@@ -73,7 +75,7 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
                 crossover = rows;
             }
             println!(
-                "{:<6} {:>5} {:>10.0} {:>12.0} {:>14.0} {:>10.0} {:>9.2}x",
+                "{:<6} {:>5} {:>10.0} {:>12.0} {:>14.0} {:>10.0} {:>9.2}x  (k {inp})",
                 quant::ggml_name(dtype),
                 rows,
                 qd,

@@ -352,7 +352,7 @@ pub fn matmul_on(
         return Err(QdotError::Unavailable(path.name()));
     }
     let be = fmt.block_elems();
-    if k % be != 0 || (!fmt.is_half() && k % 32 != 0) {
+    if !k.is_multiple_of(be) || (!fmt.is_half() && !k.is_multiple_of(32)) {
         return Err(QdotError::Shape(format!(
             "{k} columns are not whole {fmt:?} blocks"
         )));
