@@ -9,6 +9,7 @@ serve: system model
 	cargo run --release -p itamae-daemon --bin itamaed -- serve --config configs/itamae.toml
 
 test: system-test model
+	@scripts/services/s3.sh start --shared --owner $$PPID >/dev/null
 	cargo test --release --workspace
 
 model:

@@ -4,8 +4,8 @@
 //!   (rows) and [`backend::BlobStore`] (bytes), so another backend can take their place.
 //! - [`store`]: the SQLite database (files, jobs, events, checkpoints), through `sqlx`: today's
 //!   `MetaStore`.
-//! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes: today's
-//!   `BlobStore`.
+//! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes: the
+//!   default `BlobStore`; [`object_blob`]: the `BlobStore` over S3/GCS/Azure (`storage.objects`).
 //! - [`service`]: what the HTTP handlers call (create, list, cancel, upload, ...), with domain
 //!   errors ([`ServiceError`]); they never see a row store or a path.
 //! - [`adapter_store`]: the adapters imported over the API, with compare-and-set generations.
@@ -20,6 +20,7 @@ pub mod adapter_store;
 pub mod auto_hyper;
 pub mod backend;
 pub mod error;
+pub mod object_blob;
 pub mod runner;
 mod service;
 pub mod spec;
@@ -56,6 +57,8 @@ pub struct JobsConfig {
     /// `base_model_name_or_path` of the adapters jobs save; None: the model's own hub id if its
     /// files carry one, else its served name.
     pub base_model_id: Option<String>,
+    /// Where the bytes go (`storage.objects`); None: the data directory.
+    pub objects: Option<crate::config::ObjectsConfig>,
 }
 
 impl JobsConfig {
@@ -66,6 +69,7 @@ impl JobsConfig {
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             training_max_share: crate::config::DEFAULT_TRAINING_MAX_SHARE,
             base_model_id: None,
+            objects: None,
         }
     }
 }
@@ -132,18 +136,25 @@ impl Jobs {
             .thread_name("itamae-jobs-db")
             .enable_all()
             .build()?;
+        let db = storage.db_path();
+        let blobs: Arc<dyn BlobStore> = match &cfg.objects {
+            Some(o) if !object_blob::names_dir(o, &cfg.data_dir) => Arc::new(
+                object_blob::ObjectBlob::open(o, &cfg.data_dir.join("cache"), rt.handle().clone())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            _ => Arc::new(storage),
+        };
         // Leftovers of uploads a crash interrupted; here, before the HTTP server accepts any
         // upload (the runner's recovery runs after the model loads, while uploads may be in
         // flight, and would delete them).
-        storage.clean_interrupted_uploads();
-        let db = storage.db_path();
+        blobs.clean_interrupted_uploads();
         let store = rt
             .block_on(Store::open(&db))
             .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", db.display()))?;
         let inner = Arc::new(Inner {
             cfg,
             store: Arc::new(store),
-            blobs: Arc::new(storage),
+            blobs,
             engine,
             rt: rt.handle().clone(),
             wake: (Mutex::new(0), Condvar::new()),
@@ -161,6 +172,12 @@ impl Jobs {
 
     pub fn engine(&self) -> &EngineHandle {
         &self.inner.engine
+    }
+
+    /// Where the bytes live (the data directory, or the object store of `storage.objects`):
+    /// the adapter store keeps imported adapters there too.
+    pub fn blobs(&self) -> Arc<dyn BlobStore> {
+        self.inner.blobs.clone()
     }
 
     /// `ft:{base}:{org}:{suffix}:{job-id}`, the name a job's result is served under.
