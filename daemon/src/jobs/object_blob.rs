@@ -236,7 +236,7 @@ impl ObjectBlob {
             .iter()
             .flat_map(|p| p.split('/'))
             .filter(|p| !p.is_empty())
-            .fold(self.prefix.clone(), |k, p| k.child(p))
+            .fold(self.prefix.clone(), |k, p| k.join(p))
     }
 
     fn file_key(&self, id: &str) -> Key {
@@ -329,7 +329,7 @@ impl ObjectBlob {
 
     fn read_marker(&self, dir: &Key) -> std::io::Result<Option<Marker>> {
         let got = self.run("get", async {
-            self.store.get(&dir.child(MARKER)).await?.bytes().await
+            self.store.get(&dir.clone().join(MARKER)).await?.bytes().await
         });
         match got {
             Ok(b) => serde_json::from_slice(&b)
@@ -348,7 +348,7 @@ impl ObjectBlob {
     /// ignored everywhere), then its files. False if it had no marker.
     fn delete_dir(&self, dir: &Key) -> std::io::Result<bool> {
         let existed = self.read_marker(dir)?.is_some();
-        self.delete_key(&dir.child(MARKER))?;
+        self.delete_key(&dir.clone().join(MARKER))?;
         for k in self.list(dir)? {
             self.delete_key(&k)?;
         }
@@ -359,7 +359,7 @@ impl ObjectBlob {
     /// and writes the same marker into `local`. An older version under `dir` loses its marker
     /// first (it is incomplete from then on) and its files the new one does not have after.
     fn upload_dir(&self, local: &Path, dir: &Key) -> std::io::Result<()> {
-        let marker_key = dir.child(MARKER);
+        let marker_key = dir.clone().join(MARKER);
         self.delete_key(&marker_key)?;
         let before = self.list(dir)?;
         let mut files = Vec::new();
@@ -392,7 +392,7 @@ impl ObjectBlob {
     fn key_under(&self, dir: &Key, rel: &str) -> Key {
         rel.split('/')
             .filter(|p| !p.is_empty())
-            .fold(dir.clone(), |k, p| k.child(p))
+            .fold(dir.clone(), |k, p| k.join(p))
     }
 
     /// Makes `local` a complete copy of the uploaded directory `dir`: kept as is when its marker
@@ -824,7 +824,7 @@ mod tests {
         a.put_file(
             &a.local_checkpoint_dir("ftjob-r", 2)
                 .join("trainer_state.json"),
-            &a.checkpoint_key("ftjob-r", 5).child("trainer_state.json"),
+            &a.checkpoint_key("ftjob-r", 5).join("trainer_state.json"),
         )
         .unwrap();
         assert_eq!(a.checkpoint_steps("ftjob-r").unwrap(), vec![2]);
