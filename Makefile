@@ -10,6 +10,7 @@ serve: system model
 
 # One throwaway PostgreSQL for the whole run (stopped when this recipe's shell exits).
 test: system-test model
+	@scripts/services/s3.sh start --shared --owner $$PPID >/dev/null
 	url=$$(scripts/services/postgres.sh start --watch-pid $$$$) && \
 	  ITAMAE_TEST_PG_URL=$$url cargo test --release --workspace
 

@@ -117,6 +117,63 @@ pub struct StorageSection {
     pub replica_id: Option<String>,
     /// How long a replica's claim on a running job lasts without a heartbeat.
     pub job_lease_secs: Option<u64>,
+    /// Where uploads, checkpoints, results and imported adapters' bytes go: unset = the data
+    /// directory; `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` or
+    /// `file:///dir`.
+    pub objects: Option<String>,
+    /// Options of the object store's client (credentials, region, endpoint), keys as the
+    /// `object_store` crate spells them; they override the `AWS_*`/`GOOGLE_*`/`AZURE_*`
+    /// environment.
+    #[serde(default)]
+    pub object_options: std::collections::BTreeMap<String, String>,
+}
+
+/// Where the objects live and how to reach them: the URL and the builder options of its
+/// scheme (credentials among them). `Debug` shows option values only for keys known not to be
+/// secret.
+#[derive(Clone, Default, PartialEq)]
+pub struct ObjectsConfig {
+    pub url: String,
+    /// Keys as the `object_store` builders spell them (`aws_access_key_id`, `aws_region`,
+    /// `google_service_account`, `azure_storage_account_key`, ...); the environment
+    /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`) is read first and these override it.
+    pub options: Vec<(String, String)>,
+}
+
+/// Option keys whose values may be shown (everything else is assumed to be a secret).
+const PUBLIC_OPTIONS: &[&str] = &[
+    "aws_region",
+    "region",
+    "aws_default_region",
+    "aws_endpoint",
+    "aws_endpoint_url",
+    "endpoint",
+    "endpoint_url",
+    "aws_allow_http",
+    "allow_http",
+    "aws_virtual_hosted_style_request",
+    "virtual_hosted_style_request",
+    "azure_storage_account_name",
+    "account_name",
+    "azure_use_emulator",
+    "use_emulator",
+];
+
+impl std::fmt::Debug for ObjectsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: Vec<(&str, &str)> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                let shown = PUBLIC_OPTIONS.contains(&k.to_ascii_lowercase().as_str());
+                (k.as_str(), if shown { v.as_str() } else { "<redacted>" })
+            })
+            .collect();
+        f.debug_struct("ObjectsConfig")
+            .field("url", &self.url)
+            .field("options", &options)
+            .finish()
+    }
 }
 
 /// `[auth]`: API keys and their scopes (checked by `api::auth`).
@@ -329,6 +386,10 @@ pub struct ServeArgs {
     /// ([storage] job_lease_secs).
     #[arg(long, env = "ITAMAE_JOB_LEASE_SECS")]
     pub job_lease_secs: Option<u64>,
+    /// Object storage URL ([storage] objects): s3://bucket/prefix, gs://…, az://…, file:///dir;
+    /// unset = the data directory.
+    #[arg(long, env = "ITAMAE_OBJECTS", value_name = "URL")]
+    pub objects: Option<String>,
     /// API keys `scope:key,...`, added to [auth] keys. Environment only: a flag would show
     /// them in the process list.
     #[arg(long, env = "ITAMAE_API_KEYS", hide = true, hide_env_values = true)]
@@ -365,6 +426,8 @@ pub struct ServeConfig {
     pub database_url: Option<DatabaseUrl>,
     pub replica_id: String,
     pub job_lease: std::time::Duration,
+    /// None: the data directory holds the bytes (the embedded default).
+    pub objects: Option<ObjectsConfig>,
     pub auth: AuthConfig,
     pub kernels: KernelConfig,
 }
@@ -473,6 +536,14 @@ impl ServeConfig {
                 .filter(|o| !o.is_empty())
                 .or(file.storage.organization_id),
             max_upload_bytes: a.max_upload_bytes.or(file.storage.max_upload_bytes),
+            objects: a
+                .objects
+                .filter(non_blank)
+                .or(file.storage.objects.filter(non_blank))
+                .map(|url| ObjectsConfig {
+                    url,
+                    options: file.storage.object_options.into_iter().collect(),
+                }),
             auth: AuthConfig {
                 file_keys: file.auth.keys,
                 env_keys,
@@ -717,6 +788,31 @@ mod tests {
                 format!("--adapter expects NAME=DIR, got `{bad}`")
             );
         }
+    }
+
+    /// `storage.objects`: flag over file, blank = unset (the data directory); the file's
+    /// client options come along, and `Debug` never shows a secret one.
+    #[test]
+    fn objects_setting_resolves_and_redacts_secrets() {
+        if std::env::var_os("ITAMAE_OBJECTS").is_some() {
+            return; // set by whoever runs the tests: env outranks the file here
+        }
+        assert_eq!(resolve(&["itamaed", "serve"], "").objects, None);
+        let file = "[storage]\nobjects = \"s3://b/p\"\n[storage.object_options]\n\
+                    aws_secret_access_key = \"hunter2\"\naws_region = \"eu-west-1\"\n";
+        let c = resolve(&["itamaed", "serve"], file);
+        let o = c.objects.clone().unwrap();
+        assert_eq!(o.url, "s3://b/p");
+        assert_eq!(o.options.len(), 2);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("eu-west-1"), "{shown}");
+        let c = resolve(&["itamaed", "serve", "--objects", "gs://g/x"], file);
+        assert_eq!(c.objects.unwrap().url, "gs://g/x");
+        assert_eq!(
+            resolve(&["itamaed", "serve", "--objects", " "], "").objects,
+            None
+        );
     }
 
     /// `itamaed`'s shape: kernel flags global on the top level, serve's flags on a subcommand.

@@ -174,10 +174,16 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     jobs_cfg.database = cfg.database_url.clone();
     jobs_cfg.replica_id = cfg.replica_id.clone();
     jobs_cfg.job_lease = cfg.job_lease;
+    jobs_cfg.objects = cfg.objects.clone();
     let max_upload = jobs_cfg.max_upload_bytes;
     let jobs = itamae::jobs::Jobs::open(jobs_cfg, engine.clone())?;
     // Imported adapters (`/v1/adapters`) are served again once the model is loaded.
-    let adapters = itamae::jobs::AdapterStore::open(&cfg.data_dir, engine.clone(), max_upload)?;
+    let adapters = itamae::jobs::AdapterStore::open_on(
+        &cfg.data_dir,
+        engine.clone(),
+        max_upload,
+        jobs.blobs(),
+    )?;
     {
         let adapters = adapters.clone();
         std::thread::Builder::new()

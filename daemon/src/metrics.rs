@@ -50,6 +50,7 @@ struct Inner {
     model_weight_bytes: IntGauge,
     adapter_loads: IntCounterVec,
     adapter_load_seconds: Histogram,
+    object_store_seconds: HistogramVec,
     adapter_evictions: IntCounter,
     adapter_swaps: IntCounterVec,
     training_jobs: IntGaugeVec,
@@ -260,6 +261,13 @@ impl Metrics {
                 "Time to load an adapter from disk",
                 LATENCY_BUCKETS,
             ),
+            object_store_seconds: hist_vec(
+                &r,
+                "itamae_object_store_seconds",
+                "Latency of one object-store request (storage.objects), by operation",
+                &["op"],
+                LATENCY_BUCKETS,
+            ),
             adapter_evictions: reg(
                 &r,
                 IntCounter::new(
@@ -447,6 +455,14 @@ impl Metrics {
         self.inner.adapter_load_seconds.observe(secs);
     }
 
+    /// One object-store request `op` (`put`, `get`, `list`, ...) took `secs`.
+    pub fn object_store_op(&self, op: &str, secs: f64) {
+        self.inner
+            .object_store_seconds
+            .with_label_values(&[op])
+            .observe(secs);
+    }
+
     pub fn adapter_evicted(&self) {
         self.inner.adapter_evictions.inc();
     }
@@ -564,6 +580,7 @@ mod tests {
         m.adapter_loaded("ad", 0.02);
         m.adapter_evicted();
         m.adapter_swapped("ad");
+        m.object_store_op("put", 0.003);
         m.set_training_jobs(&[("running", 1), ("queued", 2)]);
         m.training_step("ftjob-1", 3, 2.5, 1e-4, 100.0);
         m.training_eval("ftjob-1", 2.6);
@@ -579,6 +596,8 @@ mod tests {
             r#"itamae_prompt_tokens_total{model="base"} 12"#,
             r#"itamae_generation_tokens_total{model="base"} 7"#,
             r#"itamae_requests_cancelled_total{model="base"} 1"#,
+            r#"itamae_object_store_seconds_bucket{op="put",le="0.0025"} 0"#,
+            r#"itamae_object_store_seconds_bucket{op="put",le="0.005"} 1"#,
             "itamae_num_requests_running 2",
             "itamae_num_requests_waiting 1",
             "itamae_batch_size_count 1",

@@ -113,6 +113,13 @@ async fn generate(
 ) -> Result<HttpResponse, ApiError> {
     let started = std::time::Instant::now();
     let engine = engine(req)?;
+    // A variant another replica stored in the shared object store is fetched on its first request.
+    if let Some(a) = req.app_data::<web::Data<crate::jobs::AdapterStore>>() {
+        let jobs = req
+            .app_data::<web::Data<crate::jobs::Jobs>>()
+            .map(|j| j.get_ref());
+        a.serve_on_demand(jobs, &common.model).await;
+    }
     // Template rendering and tokenization are CPU work: keep them off the I/O thread.
     let prepared = {
         let engine = engine.clone();

@@ -3,9 +3,11 @@
 //! [`super::Jobs`] (it finds jobs' variants through it), below the HTTP handlers of
 //! `/v1/adapters`, which only parse the request, call it and render what it returns.
 //!
-//! Owns `<data>/adapters/`: one directory per imported adapter (`<name>/adapter_config.json` +
-//! `adapter_model.safetensors`, the uploaded bytes as sent, written atomically) and `index.json`
-//! (per-name generation, type, size, whether it should be resident; replaced atomically).
+//! Owns `<data>/adapters/index.json` (per-name generation, type, size, whether it should be
+//! resident; replaced atomically). The adapters' bytes (`adapter_config.json` +
+//! `adapter_model.safetensors`, as uploaded) go through the jobs' [`BlobStore`]: installed
+//! atomically in its local directory for the name, then published (to the object store when
+//! `storage.objects` names one, so another replica can materialise and serve them).
 //!
 //! Generations: each successful import of a name bumps its generation (kept across deletes, so a
 //! re-created name never reuses an old number). `if_generation` on import is a compare-and-set:
@@ -21,6 +23,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::backend::BlobStore;
 use super::{Jobs, ServiceError, ServiceResult};
 use crate::adapters::{peft, Adapter};
 use crate::engine::EngineHandle;
@@ -100,6 +103,8 @@ pub struct AdapterStore {
 
 struct StoreInner {
     root: PathBuf,
+    /// Where the adapters' bytes live (the index stays under `root`).
+    blobs: Arc<dyn BlobStore>,
     engine: EngineHandle,
     max_weights_bytes: u64,
     index: Mutex<Index>,
@@ -237,6 +242,18 @@ impl AdapterStore {
         engine: EngineHandle,
         max_weights_bytes: u64,
     ) -> anyhow::Result<Self> {
+        let blobs = super::storage::Storage::open(data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
+        Self::open_on(data_dir, engine, max_weights_bytes, Arc::new(blobs))
+    }
+
+    /// As [`Self::open`], the adapters' bytes in `blobs` (the jobs' store: [`Jobs::blobs`]).
+    pub fn open_on(
+        data_dir: &Path,
+        engine: EngineHandle,
+        max_weights_bytes: u64,
+        blobs: Arc<dyn BlobStore>,
+    ) -> anyhow::Result<Self> {
         let root = data_dir.join("adapters");
         std::fs::create_dir_all(&root)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", root.display()))?;
@@ -263,6 +280,7 @@ impl AdapterStore {
         Ok(Self {
             inner: Arc::new(StoreInner {
                 root,
+                blobs,
                 engine,
                 max_weights_bytes,
                 index: Mutex::new(index),
@@ -285,7 +303,18 @@ impl AdapterStore {
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
-            match self.load_from_disk(&name, &self.dir(&name)) {
+            let dir = match self.inner.blobs.materialise_adapter(&name) {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    tracing::warn!(adapter = %name, "cannot serve stored adapter: its files are gone");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(adapter = %name, "cannot fetch stored adapter: {e}");
+                    continue;
+                }
+            };
+            match self.load_from_disk(&name, &dir) {
                 Ok(_) => tracing::info!(adapter = %name, "serving stored adapter"),
                 Err(e) => tracing::warn!(adapter = %name, "cannot serve stored adapter: {e}"),
             }
@@ -301,9 +330,26 @@ impl AdapterStore {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Callers pass validated names only.
+    /// The local directory of an imported adapter's files. Callers pass validated names only.
     fn dir(&self, name: &str) -> PathBuf {
-        self.inner.root.join(name)
+        self.inner.blobs.local_adapter_dir(name)
+    }
+
+    /// [`Self::locate`], with the files materialised locally (another replica may have written
+    /// them): what loading and reading need.
+    async fn fetch(&self, jobs: Option<&Jobs>, name: &str) -> ServiceResult<Option<PathBuf>> {
+        if self.record(name).is_some_and(|r| r.stored) {
+            let (blobs, n) = (self.inner.blobs.clone(), name.to_string());
+            return blocking(move || blobs.materialise_adapter(&n))
+                .await?
+                .map_err(|e| io_err(&format!("Cannot fetch adapter `{name}`"), e));
+        }
+        match jobs {
+            Some(j) if name.starts_with(JOB_PREFIX) => {
+                Ok(j.materialise_variant(name).await?.map(|(_, d)| d))
+            }
+            _ => Ok(None),
+        }
     }
 
     fn record(&self, name: &str) -> Option<Record> {
@@ -453,10 +499,14 @@ impl AdapterStore {
         // once, the files into a staging directory that is moved into place only after the
         // compare-and-set below.
         let (config, weights) = (Arc::new(config), Arc::new(weights));
-        let stage = self
-            .inner
-            .root
+        let local = self.dir(&name);
+        let stage = local
+            .parent()
+            .unwrap_or(&self.inner.root)
             .join(format!(".stage-{:016x}", rand::random::<u64>()));
+        if let Some(p) = stage.parent() {
+            std::fs::create_dir_all(p).map_err(|e| io_err("Cannot store the adapter", e))?;
+        }
         let parse = {
             let (c, w) = (config.clone(), weights.clone());
             blocking(move || parse_adapter(&c, &w, &engine))
@@ -491,10 +541,14 @@ impl AdapterStore {
                 )));
             }
         }
-        let dir = self.dir(&name);
         {
-            let st = stage.clone();
-            if let Err(e) = blocking(move || crate::durable::install_dir(&st, &dir)).await? {
+            let (st, blobs, n) = (stage.clone(), self.inner.blobs.clone(), name.clone());
+            let installed = blocking(move || {
+                crate::durable::install_dir(&st, &local)?;
+                blobs.publish_adapter(&n)
+            })
+            .await?;
+            if let Err(e) = installed {
                 discard(stage).await;
                 return Err(io_err("Cannot store the adapter", e));
             }
@@ -551,9 +605,9 @@ impl AdapterStore {
             let (engine, name) = (self.inner.engine.clone(), id.to_string());
             blocking(move || engine.make_resident(&name)).await??;
         } else {
-            let (_, dir) = self
-                .locate(jobs, id)
-                .await
+            let dir = self
+                .fetch(jobs, id)
+                .await?
                 .ok_or_else(|| ServiceError::AdapterNotFound(id.into()))?;
             let (s, name) = (self.clone(), id.to_string());
             blocking(move || s.load_from_disk(&name, &dir)).await??;
@@ -563,6 +617,35 @@ impl AdapterStore {
             self.update(id, |r| r.load = true)?;
         }
         self.describe(jobs, id).await
+    }
+
+    /// With a shared blob store (`storage.objects`): serves `id` if it is stored but not served
+    /// here yet — an adapter or job variant another replica wrote — fetching its files, so the
+    /// request naming it is answered instead of a 404. False if nothing is stored under `id`.
+    /// With the local data directory everything stored is served from the start, and an
+    /// explicitly unloaded variant must stay unloaded: nothing happens.
+    pub async fn serve_on_demand(&self, jobs: Option<&Jobs>, id: &str) -> bool {
+        if self.is_served(id) {
+            return true;
+        }
+        if !self.inner.blobs.shared() {
+            return false;
+        }
+        let imported = self.record(id).is_some_and(|r| r.stored && r.load);
+        if !imported && !id.starts_with(JOB_PREFIX) {
+            return false;
+        }
+        match self.load(jobs, id).await {
+            Ok(_) => {
+                tracing::info!(model = %id, "served on its first request");
+                true
+            }
+            Err(ServiceError::AdapterNotFound(_)) => false,
+            Err(e) => {
+                tracing::warn!(model = %id, "cannot serve on demand: {e}");
+                false
+            }
+        }
     }
 
     /// Stops serving it; running requests finish on it. None: it was a runtime-only variant
@@ -616,17 +699,12 @@ impl AdapterStore {
             r.stored = false;
             r.load = false;
         })?;
-        // Renamed out of the way first, so the name is free at once even if removal is slow.
-        let dir = self.dir(id);
-        let trash = self
-            .inner
-            .root
-            .join(format!(".deleted-{:016x}", rand::random::<u64>()));
+        // Renamed out of the way first (durable::remove_dir), so the name is free at once even
+        // if removal is slow.
+        let (blobs, name) = (self.inner.blobs.clone(), id.to_string());
         blocking(move || {
-            if let Err(e) =
-                std::fs::rename(&dir, &trash).and_then(|()| std::fs::remove_dir_all(&trash))
-            {
-                tracing::warn!(dir = %dir.display(), "cannot remove a deleted adapter: {e}");
+            if let Err(e) = blobs.delete_adapter(&name) {
+                tracing::warn!(adapter = %name, "cannot remove a deleted adapter: {e}");
             }
         })
         .await?;
@@ -637,20 +715,25 @@ impl AdapterStore {
     /// `DELETE /v1/models/{id}` for anything but the base model (the caller refuses that): an
     /// imported adapter is deleted as [`Self::delete`] does; a fine-tuning job's result or
     /// checkpoint stops being served at once (requests already running keep the weights they
-    /// started with, so they finish) and its directory is removed with
-    /// [`crate::durable::remove_dir`], so a crash leaves it served-and-whole or gone. The job's
+    /// started with, so they finish) and its files are removed through the jobs' blob store
+    /// ([`BlobStore::delete_job_dir`]), so a crash leaves them whole or gone. The job's
     /// record stays (its `fine_tuned_model` still names the deleted model).
     pub async fn delete_model(&self, jobs: Option<&Jobs>, id: &str) -> ServiceResult<()> {
         if self.record(id).is_some_and(|r| r.stored) {
             return self.delete(jobs, id).await;
         }
         let _guard = self.inner.ops.lock().await;
-        let located = match jobs {
-            Some(j) if id.starts_with(JOB_PREFIX) => j.variant_files(id).await,
+        let job_id = match jobs {
+            Some(j) if id.starts_with(JOB_PREFIX) => j.variant_files(id).await.map(|(j, _)| j),
             _ => None,
         };
-        // A result whose directory is gone was deleted before: its job still names it.
-        let Some((job_id, dir)) = located.filter(|(_, dir)| dir.is_dir()) else {
+        // A result whose files are gone was deleted before: its job still names it. The files
+        // go first (marker first in an object store), so a crash leaves them whole or gone.
+        let deleted = match (jobs, &job_id) {
+            (Some(j), Some(_)) => j.delete_variant_files(id).await?,
+            _ => false,
+        };
+        let (true, Some(job_id)) = (deleted, job_id) else {
             if self.is_served(id) {
                 return Err(ServiceError::Forbidden(format!(
                     "`{id}` is served from memory only (given on the command line), so there is \
@@ -665,10 +748,6 @@ impl AdapterStore {
         if self.inner.engine.remove_adapter(id)? {
             crate::metrics::global().adapter_evicted();
         }
-        let shown = dir.display().to_string();
-        blocking(move || crate::durable::remove_dir(&dir))
-            .await?
-            .map_err(|e| io_err(&format!("Cannot remove {shown}"), e))?;
         tracing::info!(model = %id, job = %job_id, "fine-tuned model deleted");
         Ok(())
     }
@@ -680,9 +759,9 @@ impl AdapterStore {
         id: &str,
         file: &'static str,
     ) -> ServiceResult<Vec<u8>> {
-        let (_, dir) = self
-            .locate(jobs, id)
-            .await
+        let dir = self
+            .fetch(jobs, id)
+            .await?
             .ok_or_else(|| ServiceError::AdapterNotFound(id.into()))?;
         let p = dir.join(file);
         blocking(move || std::fs::read(p))

@@ -230,6 +230,31 @@ pub trait BlobStore: Send + Sync {
     ) -> std::io::Result<PathBuf>;
     /// The newest complete checkpoint of a job, materialised locally.
     fn latest_checkpoint(&self, job_id: &str) -> Option<(usize, PathBuf)>;
+    /// A job's published result, materialised at [`Self::local_result_dir`]; None if there is
+    /// none (never published, or deleted).
+    fn materialise_result(&self, job_id: &str) -> std::io::Result<Option<PathBuf>>;
+    /// A job's kept checkpoint `step`, materialised at [`Self::local_checkpoint_dir`]; None if
+    /// it is not complete in the store.
+    fn materialise_checkpoint(&self, job_id: &str, step: usize)
+        -> std::io::Result<Option<PathBuf>>;
+    /// Deletes a job's result, or its checkpoint `step`, locally and in the store (a crash
+    /// leaves it whole or gone). False if there was none.
+    fn delete_job_dir(&self, job_id: &str, step: Option<usize>) -> std::io::Result<bool>;
+
+    /// The local directory of the imported adapter `name` (a validated name): where an import
+    /// installs its files before [`Self::publish_adapter`], and where they are materialised.
+    fn local_adapter_dir(&self, name: &str) -> PathBuf;
+    /// Makes the adapter files installed at [`Self::local_adapter_dir`] durable in the store.
+    fn publish_adapter(&self, name: &str) -> std::io::Result<()>;
+    /// The stored adapter `name`, materialised locally; None if the store has none.
+    fn materialise_adapter(&self, name: &str) -> std::io::Result<Option<PathBuf>>;
+    /// Deletes the adapter's files locally and in the store; one already gone is not an error.
+    fn delete_adapter(&self, name: &str) -> std::io::Result<()>;
+    /// True when other daemons may write to the same store (an object store), so a variant
+    /// this one never served may exist in it.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Where the rows live (`storage.database_url`): the SQLite file of one daemon, or a PostgreSQL

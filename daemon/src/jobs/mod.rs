@@ -5,8 +5,8 @@
 //! - [`store`]: the SQLite database (files, jobs, events, checkpoints), through `sqlx`: the
 //!   default `MetaStore`; [`pg_store`]: the same on PostgreSQL, shared by several replicas
 //!   (`storage.database_url`, docs/scale-out.md).
-//! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes: today's
-//!   `BlobStore`.
+//! - [`storage`]: the data directory's layout, ids, atomic writes of uploaded bytes: the
+//!   default `BlobStore`; [`object_blob`]: the `BlobStore` over S3/GCS/Azure (`storage.objects`).
 //! - [`service`]: what the HTTP handlers call (create, list, cancel, upload, ...), with domain
 //!   errors ([`ServiceError`]); they never see a row store or a path.
 //! - [`adapter_store`]: the adapters imported over the API, with compare-and-set generations.
@@ -25,6 +25,7 @@ pub mod backend;
 pub mod error;
 mod lease;
 pub mod pg_store;
+pub mod object_blob;
 pub mod runner;
 mod service;
 pub mod spec;
@@ -69,6 +70,8 @@ pub struct JobsConfig {
     pub replica_id: String,
     /// How long a claim on a running job lasts without a heartbeat.
     pub job_lease: Duration,
+    /// Where the bytes go (`storage.objects`); None: the data directory.
+    pub objects: Option<crate::config::ObjectsConfig>,
 }
 
 impl JobsConfig {
@@ -82,6 +85,7 @@ impl JobsConfig {
             database: None,
             replica_id: crate::config::default_replica_id(),
             job_lease: Duration::from_secs(crate::config::DEFAULT_JOB_LEASE_SECS),
+            objects: None,
         }
     }
 }
@@ -151,10 +155,18 @@ impl Jobs {
             .thread_name("itamae-jobs-db")
             .enable_all()
             .build()?;
+        let default_db = storage.db_path();
+        let blobs: Arc<dyn BlobStore> = match &cfg.objects {
+            Some(o) if !object_blob::names_dir(o, &cfg.data_dir) => Arc::new(
+                object_blob::ObjectBlob::open(o, &cfg.data_dir.join("cache"), rt.handle().clone())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            _ => Arc::new(storage),
+        };
         // Leftovers of uploads a crash interrupted; here, before the HTTP server accepts any
         // upload (the runner's recovery runs after the model loads, while uploads may be in
         // flight, and would delete them).
-        storage.clean_interrupted_uploads();
+        blobs.clean_interrupted_uploads();
         let store: Arc<dyn MetaStore> = match &cfg.database {
             Some(DatabaseUrl::Postgres(url)) => Arc::new(
                 rt.block_on(pg_store::PgStore::open(url, rt.handle().clone()))
@@ -163,7 +175,7 @@ impl Jobs {
             sqlite => {
                 let db = match sqlite {
                     Some(DatabaseUrl::Sqlite(path)) => path.clone(),
-                    _ => storage.db_path(),
+                    _ => default_db,
                 };
                 Arc::new(rt.block_on(Store::open(&db)).map_err(|e| {
                     anyhow::anyhow!("cannot open the database {}: {e}", db.display())
@@ -173,7 +185,7 @@ impl Jobs {
         let inner = Arc::new(Inner {
             cfg,
             store,
-            blobs: Arc::new(storage),
+            blobs,
             engine,
             rt: rt.handle().clone(),
             wake: (Mutex::new(0), Condvar::new()),
@@ -192,6 +204,12 @@ impl Jobs {
 
     pub fn engine(&self) -> &EngineHandle {
         &self.inner.engine
+    }
+
+    /// Where the bytes live (the data directory, or the object store of `storage.objects`):
+    /// the adapter store keeps imported adapters there too.
+    pub fn blobs(&self) -> Arc<dyn BlobStore> {
+        self.inner.blobs.clone()
     }
 
     /// `ft:{base}:{org}:{suffix}:{job-id}`, the name a job's result is served under.

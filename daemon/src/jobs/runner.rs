@@ -126,11 +126,15 @@ fn recover(inner: &Inner) {
             .block_on(inner.store().jobs_with_status(&[status::SUCCEEDED])),
     ) {
         for j in jobs {
-            let dir = inner.blobs.local_result_dir(&j.id);
-            // No directory: the model was deleted (DELETE /v1/models); the job still names it.
-            match &j.fine_tuned_model {
-                Some(name) if dir.is_dir() => serve(name, &dir),
-                _ => {}
+            let Some(name) = &j.fine_tuned_model else {
+                continue;
+            };
+            // None: the model was deleted (DELETE /v1/models); the job still names it. In an
+            // object store, this replica may be the first to fetch it.
+            match inner.blobs.materialise_result(&j.id) {
+                Ok(Some(dir)) => serve(name, &dir),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(model = %name, "cannot fetch stored variant: {e}"),
             }
         }
     }
@@ -139,11 +143,13 @@ fn recover(inner: &Inner) {
         inner.rt.block_on(inner.store().all_checkpoints()),
     ) {
         for c in cks {
-            let dir = inner
+            match inner
                 .blobs
-                .local_checkpoint_dir(&c.job_id, c.step.max(0) as usize);
-            if dir.is_dir() {
-                serve(&c.model, &dir);
+                .materialise_checkpoint(&c.job_id, c.step.max(0) as usize)
+            {
+                Ok(Some(dir)) => serve(&c.model, &dir),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(model = %c.model, "cannot fetch stored checkpoint: {e}"),
             }
         }
     }
@@ -282,12 +288,17 @@ fn load_data(
 /// Continued fine-tuning: the trainer starts from the weights of the fine-tuned model
 /// `parent` (a resumed job's checkpoint then replaces them).
 fn continue_from(inner: &Inner, trainer: &mut Trainer, parent: &str) -> Result<(), String> {
-    let found = inner.rt.block_on(super::service::variant_files_in(
-        inner.store(),
-        &*inner.blobs,
-        parent,
-    ));
-    let (_, dir) = found.ok_or_else(|| format!("the parent model {parent} no longer exists"))?;
+    let (job_id, step) = inner
+        .rt
+        .block_on(super::service::variant_place_in(inner.store(), parent))
+        .ok_or_else(|| format!("the parent model {parent} no longer exists"))?;
+    // Another replica may have trained the parent: its files come from the blob store.
+    let dir = match step {
+        Some(s) => inner.blobs.materialise_checkpoint(&job_id, s),
+        None => inner.blobs.materialise_result(&job_id),
+    }
+    .map_err(|e| format!("fetching the files of {parent}: {e}"))?
+    .ok_or_else(|| format!("the parent model {parent} has no stored files"))?;
     trainer
         .init_from_dir(&dir)
         .map_err(|e| format!("starting from {parent}: {e}"))?;
@@ -471,8 +482,10 @@ fn train_job(
                 let kept = match inner.blobs.keep_checkpoint(&job.id, *step, path) {
                     Ok(dir) => dir,
                     Err(e) => {
-                        tracing::warn!(job = %job.id, "cannot move checkpoint {}: {e}", path.display());
-                        path.clone()
+                        tracing::warn!(job = %job.id, "cannot keep checkpoint {}: {e}", path.display());
+                        // Moved but not uploaded (object store): the local copy still serves.
+                        let local = inner.blobs.local_checkpoint_dir(&job.id, *step);
+                        if path.is_dir() { path.clone() } else { local }
                     }
                 };
                 let path = &kept;
@@ -638,8 +651,21 @@ fn checkpoint_for_shutdown(
         );
         return;
     }
-    let path = inner.blobs.local_checkpoint_dir(&job.id, step);
-    if let Err(e) = trainer.save_checkpoint(&path) {
+    // Written beside its place and then kept like any other checkpoint, so that an object
+    // store gets it too (the next start may be on another replica).
+    let dir = inner.blobs.local_checkpoint_dir(&job.id, step);
+    let stage = dir.with_file_name(format!(".shutdown-step-{step}"));
+    let saved = trainer
+        .save_checkpoint(&stage)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            inner
+                .blobs
+                .keep_checkpoint(&job.id, step, &stage)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = saved {
+        let _ = std::fs::remove_dir_all(&stage);
         tracing::warn!(job = %job.id, "shutdown checkpoint failed: {e}");
         let from = latest.map_or("the beginning".to_string(), |s| {
             format!("checkpoint step {s}")

@@ -354,10 +354,49 @@ impl Jobs {
         Ok(counts)
     }
 
+    /// Which job a servable variant `name` belongs to: `(job id, checkpoint step)`, the step
+    /// None for the job's result.
+    async fn variant_place(&self, name: &str) -> Option<(String, Option<usize>)> {
+        variant_place_in(self.meta(), name).await
+    }
+
     /// Where the PEFT files of a fine-tuning job's servable variant `name` (its result or one
-    /// of its checkpoints) are, materialised locally: `(job id, directory)`.
+    /// of its checkpoints) are locally, whether or not they are there yet: `(job id, directory)`.
     pub async fn variant_files(&self, name: &str) -> Option<(String, PathBuf)> {
         variant_files_in(self.meta(), &*self.inner.blobs, name).await
+    }
+
+    /// As [`Self::variant_files`], with the files materialised from the blob store (another
+    /// replica may have written them): None if the variant has no stored files.
+    pub async fn materialise_variant(
+        &self,
+        name: &str,
+    ) -> ServiceResult<Option<(String, PathBuf)>> {
+        let Some((job_id, step)) = self.variant_place(name).await else {
+            return Ok(None);
+        };
+        let (blobs, id) = (self.inner.blobs.clone(), job_id.clone());
+        let dir = blocking(move || match step {
+            Some(s) => blobs.materialise_checkpoint(&id, s),
+            None => blobs.materialise_result(&id),
+        })
+        .await?
+        .map_err(|e| ServiceError::Internal(format!("Cannot fetch the files of `{name}`: {e}")))?;
+        Ok(dir.map(|d| (job_id, d)))
+    }
+
+    /// Deletes the stored files of the job variant `name` (locally and in the blob store).
+    /// False if it had none.
+    pub async fn delete_variant_files(&self, name: &str) -> ServiceResult<bool> {
+        let Some((job_id, step)) = self.variant_place(name).await else {
+            return Ok(false);
+        };
+        let blobs = self.inner.blobs.clone();
+        blocking(move || blobs.delete_job_dir(&job_id, step))
+            .await?
+            .map_err(|e| {
+                ServiceError::Internal(format!("Cannot remove the files of `{name}`: {e}"))
+            })
     }
 
     // ---- files ----
@@ -453,23 +492,36 @@ struct StreamState {
     done: bool,
 }
 
-/// [`Jobs::variant_files`] over the stores themselves (the runner holds no [`Jobs`]).
-pub(super) async fn variant_files_in(
+/// Which job a servable variant `name` belongs to: `(job id, checkpoint step)`, the step None
+/// for the job's result.
+pub(super) async fn variant_place_in(
     meta: &dyn MetaStore,
-    blobs: &dyn BlobStore,
     name: &str,
-) -> Option<(String, PathBuf)> {
+) -> Option<(String, Option<usize>)> {
     // Checkpoints first: their names extend the job's result name.
     if let Ok(cks) = meta.all_checkpoints().await {
         if let Some(c) = cks.into_iter().find(|c| c.model == name) {
-            let dir = blobs.local_checkpoint_dir(&c.job_id, c.step.max(0) as usize);
-            return Some((c.job_id, dir));
+            return Some((c.job_id, Some(c.step.max(0) as usize)));
         }
     }
     let done = meta.jobs_with_status(&[status::SUCCEEDED]).await.ok()?;
     let j = done
         .into_iter()
         .find(|j| j.fine_tuned_model.as_deref() == Some(name))?;
-    let dir = blobs.local_result_dir(&j.id);
-    Some((j.id, dir))
+    Some((j.id, None))
+}
+
+/// Where the PEFT files of the variant `name` are locally, whether or not they are there yet:
+/// `(job id, directory)`.
+pub(super) async fn variant_files_in(
+    meta: &dyn MetaStore,
+    blobs: &dyn BlobStore,
+    name: &str,
+) -> Option<(String, PathBuf)> {
+    let (job_id, step) = variant_place_in(meta, name).await?;
+    let dir = match step {
+        Some(s) => blobs.local_checkpoint_dir(&job_id, s),
+        None => blobs.local_result_dir(&job_id),
+    };
+    Some((job_id, dir))
 }

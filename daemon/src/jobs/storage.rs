@@ -1,7 +1,8 @@
 //! The data directory's layout and its only writers of bytes: `<data>/itamae.db`,
-//! `<data>/files/<file-id>` (uploads) and `<data>/jobs/<job-id>/`: `model/` (the trainer's
+//! `<data>/files/<file-id>` (uploads), `<data>/jobs/<job-id>/`: `model/` (the trainer's
 //! out_dir, where the final adapter lands) and `checkpoints/step-N/` (each a servable PEFT
-//! adapter plus the trainer state to resume from).
+//! adapter plus the trainer state to resume from), and `<data>/adapters/<name>/` (imported
+//! adapters' files).
 //!
 //! Every path is built from an id that passed [`valid_id`], so nothing a client sends can name a
 //! path outside the data directory.
@@ -71,6 +72,10 @@ impl Storage {
         })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.root.join("itamae.db")
     }
@@ -89,6 +94,11 @@ impl Storage {
     /// when it saves the result.
     pub fn result_dir(&self, id: &str) -> PathBuf {
         self.job_dir(id).join("model")
+    }
+
+    /// An imported adapter's files (`adapter_store` keeps its index beside them).
+    pub fn adapter_dir(&self, name: &str) -> PathBuf {
+        self.root.join("adapters").join(name)
     }
 
     pub fn checkpoint_dir(&self, job_id: &str, step: usize) -> PathBuf {
@@ -242,12 +252,49 @@ impl BlobStore for Storage {
     fn latest_checkpoint(&self, job_id: &str) -> Option<(usize, PathBuf)> {
         Storage::latest_checkpoint(self, job_id)
     }
+
+    fn materialise_result(&self, job_id: &str) -> std::io::Result<Option<PathBuf>> {
+        let dir = self.result_dir(job_id);
+        Ok(dir.is_dir().then_some(dir))
+    }
+
+    fn materialise_checkpoint(
+        &self,
+        job_id: &str,
+        step: usize,
+    ) -> std::io::Result<Option<PathBuf>> {
+        let dir = self.checkpoint_dir(job_id, step);
+        Ok(dir.is_dir().then_some(dir))
+    }
+
+    fn delete_job_dir(&self, job_id: &str, step: Option<usize>) -> std::io::Result<bool> {
+        crate::durable::remove_dir(&match step {
+            Some(s) => self.checkpoint_dir(job_id, s),
+            None => self.result_dir(job_id),
+        })
+    }
+
+    fn local_adapter_dir(&self, name: &str) -> PathBuf {
+        self.adapter_dir(name)
+    }
+
+    /// The import installed the directory atomically in place: nothing to do.
+    fn publish_adapter(&self, _name: &str) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn materialise_adapter(&self, name: &str) -> std::io::Result<Option<PathBuf>> {
+        let dir = self.adapter_dir(name);
+        Ok(dir.is_dir().then_some(dir))
+    }
+
+    fn delete_adapter(&self, name: &str) -> std::io::Result<()> {
+        crate::durable::remove_dir(&self.adapter_dir(name)).map(|_| ())
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
-
     use super::*;
 
     #[test]
@@ -291,43 +338,125 @@ mod tests {
     }
 
     #[test]
-    fn the_blob_store_commits_reads_deletes_and_keeps_checkpoints() {
+    fn the_data_directory_meets_the_blob_store_contract() {
         let root = std::env::temp_dir().join(format!("itamae-blobs-{}", new_id("")));
-        let s: &dyn BlobStore = &Storage::open(&root).unwrap();
+        let s = Storage::open(&root).unwrap();
+        let files = root.join("files");
+        contract::run(&s, &root, &|| std::fs::read_dir(&files).unwrap().count());
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
+
+/// What every [`BlobStore`] must do, run against each implementation (the data directory here,
+/// the object store over `file://` and over a real S3 server in `object_blob`).
+#[cfg(test)]
+pub(crate) mod contract {
+    use std::io::Read;
+    use std::path::Path;
+
+    use super::*;
+
+    fn read(s: &dyn BlobStore, id: &str) -> Vec<u8> {
+        let mut back = Vec::new();
+        s.open_file(id).unwrap().read_to_end(&mut back).unwrap();
+        back
+    }
+
+    /// Runs the contract on `s`, writing scratch directories under `scratch`; `stored_files`
+    /// counts the uploaded files the store holds (so a dropped upload can be seen to leave none).
+    pub fn run(s: &dyn BlobStore, scratch: &Path, stored_files: &dyn Fn() -> usize) {
         // An upload dropped without a commit leaves nothing behind.
         let mut w = s.begin_upload().unwrap();
         w.write_all(b"lost").unwrap();
         drop(w);
-        assert_eq!(std::fs::read_dir(root.join("files")).unwrap().count(), 0);
+        assert_eq!(stored_files(), 0);
         let mut w = s.begin_upload().unwrap();
         w.write_all(b"he").unwrap();
         w.write_all(b"llo").unwrap();
         w.commit("file-b").unwrap();
-        let mut back = String::new();
-        s.open_file("file-b")
-            .unwrap()
-            .read_to_string(&mut back)
-            .unwrap();
-        assert_eq!(back, "hello");
-        assert_eq!(std::fs::read_dir(root.join("files")).unwrap().count(), 1);
+        assert_eq!(read(s, "file-b"), b"hello");
+        assert_eq!(
+            std::fs::read(s.materialise_file("file-b").unwrap()).unwrap(),
+            b"hello"
+        );
+        assert_eq!(stored_files(), 1);
+        // Larger than one part of a multipart upload, written in odd-sized pieces.
+        let big: Vec<u8> = (0..(9usize << 20) + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut w = s.begin_upload().unwrap();
+        for piece in big.chunks(777_777) {
+            w.write_all(piece).unwrap();
+        }
+        w.commit("file-big").unwrap();
+        assert!(
+            read(s, "file-big") == big,
+            "the large upload came back different"
+        );
+        s.delete_file("file-big").unwrap();
         s.delete_file("file-b").unwrap();
         s.delete_file("file-b").unwrap();
         assert!(s.open_file("file-b").is_err());
-        // A checkpoint written elsewhere is moved where recovery finds it, replacing a copy.
+        assert_eq!(stored_files(), 0);
+        // A checkpoint written elsewhere is kept where recovery finds it, replacing a copy.
+        assert!(s.latest_checkpoint("ftjob-y").is_none());
         for content in ["old", "new"] {
-            let written = root.join(format!(".written-{content}"));
+            let written = scratch.join(format!(".written-{content}"));
             std::fs::create_dir_all(&written).unwrap();
             std::fs::write(written.join("trainer_state.json"), content).unwrap();
+            std::fs::write(written.join(format!("only-{content}")), content).unwrap();
             let kept = s.keep_checkpoint("ftjob-y", 3, &written).unwrap();
             assert_eq!(kept, s.local_checkpoint_dir("ftjob-y", 3));
             assert!(!written.exists());
         }
+        let written = scratch.join(".written-1");
+        std::fs::create_dir_all(&written).unwrap();
+        std::fs::write(written.join("trainer_state.json"), "one").unwrap();
+        s.keep_checkpoint("ftjob-y", 1, &written).unwrap();
         let (step, dir) = s.latest_checkpoint("ftjob-y").unwrap();
         assert_eq!(step, 3);
+        assert_eq!(dir, s.local_checkpoint_dir("ftjob-y", 3));
         assert_eq!(
             std::fs::read(dir.join("trainer_state.json")).unwrap(),
             b"new"
         );
-        let _ = std::fs::remove_dir_all(root);
+        assert!(dir.join("only-new").is_file());
+        assert!(!dir.join("only-old").exists());
+        // A result the trainer wrote in place is published.
+        let out = s.local_result_dir("ftjob-y");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("adapter_config.json"), "{}").unwrap();
+        s.publish_result("ftjob-y").unwrap();
+        assert_eq!(
+            std::fs::read(out.join("adapter_config.json")).unwrap(),
+            b"{}"
+        );
+        assert_eq!(s.materialise_result("ftjob-y").unwrap(), Some(out.clone()));
+        assert_eq!(s.materialise_result("ftjob-none").unwrap(), None);
+        assert_eq!(
+            s.materialise_checkpoint("ftjob-y", 1).unwrap(),
+            Some(s.local_checkpoint_dir("ftjob-y", 1))
+        );
+        assert_eq!(s.materialise_checkpoint("ftjob-y", 2).unwrap(), None);
+        // Deleting a checkpoint or the result removes it for good.
+        assert!(s.delete_job_dir("ftjob-y", Some(3)).unwrap());
+        assert_eq!(s.latest_checkpoint("ftjob-y").unwrap().0, 1);
+        assert!(s.delete_job_dir("ftjob-y", None).unwrap());
+        assert!(!s.delete_job_dir("ftjob-y", None).unwrap());
+        assert_eq!(s.materialise_result("ftjob-y").unwrap(), None);
+        // Imported adapters: installed locally, published, materialised, deleted.
+        let name = "my:adapter.v1";
+        let a = s.local_adapter_dir(name);
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(a.join("adapter_config.json"), b"{\"r\":8}").unwrap();
+        s.publish_adapter(name).unwrap();
+        assert_eq!(s.materialise_adapter(name).unwrap(), Some(a.clone()));
+        assert_eq!(
+            std::fs::read(a.join("adapter_config.json")).unwrap(),
+            b"{\"r\":8}"
+        );
+        s.delete_adapter(name).unwrap();
+        s.delete_adapter(name).unwrap();
+        assert_eq!(s.materialise_adapter(name).unwrap(), None);
     }
 }

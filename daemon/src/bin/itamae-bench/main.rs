@@ -13,6 +13,7 @@ mod job_swap;
 mod memory;
 mod quant;
 mod server;
+mod storage;
 mod structured;
 mod swap;
 mod train;
@@ -129,6 +130,15 @@ enum BenchCommand {
         reps: usize,
     },
     /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
+    /// S3 (s3s-fs on loopback) against the local data dir: uploads, checkpoints, first loads.
+    Storage {
+        #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        upload_mb: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     Decode {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
         model: PathBuf,
@@ -179,6 +189,11 @@ fn main() {
             tokens,
         } => structured::structured(&model, streams, tokens),
         BenchCommand::Quant { out, inp, reps } => quant::quant(out, inp, reps),
+        BenchCommand::Storage {
+            model,
+            upload_mb,
+            reps,
+        } => storage::storage(&model, upload_mb, reps),
         BenchCommand::Memory {
             model,
             kv_tokens,
