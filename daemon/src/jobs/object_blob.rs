@@ -329,7 +329,11 @@ impl ObjectBlob {
 
     fn read_marker(&self, dir: &Key) -> std::io::Result<Option<Marker>> {
         let got = self.run("get", async {
-            self.store.get(&dir.clone().join(MARKER)).await?.bytes().await
+            self.store
+                .get(&dir.clone().join(MARKER))
+                .await?
+                .bytes()
+                .await
         });
         match got {
             Ok(b) => serde_json::from_slice(&b)
