@@ -373,7 +373,7 @@ fn errors(ctx: &Ctx) {
     let body = ctx.chat_body(&"hello ".repeat(10000), json!({"max_tokens": 10}));
     ctx.post_err(chat, &body, 400, Some("messages"));
 
-    let body = ctx.chat_body("hi", json!({"n": 2}));
+    let body = ctx.chat_body("hi", json!({"n": 17}));
     ctx.post_err(chat, &body, 400, Some("n"));
 
     let body = json!({"model": ctx.model, "prompt": "x", "best_of": 2});
