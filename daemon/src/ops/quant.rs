@@ -235,6 +235,21 @@ pub fn linear_lora(
 /// decode batches (one walk over the weight for up to 8 rows) use it and prefill stays exact.
 pub const QDOT_ROWS_MAX: usize = super::qdot::MAX_ROWS;
 
+thread_local! {
+    static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every quantized product on this thread taking the exact path (the weight
+/// dequantized, activations in f32) whatever its row count. Validation runs on the serving
+/// kernels but reports a loss that must be comparable with the training loss, which never
+/// sees 8-bit activations.
+pub fn exact<R>(f: impl FnOnce() -> R) -> R {
+    let before = EXACT.with(|e| e.replace(true));
+    let r = f();
+    EXACT.with(|e| e.set(before));
+    r
+}
+
 /// `x · Wᵀ` for the `rows × k` activations `x` with our integer-dot kernels, when they read this
 /// weight's format (every type the loaders keep resident does).
 pub fn qdot_matmul(q: &QTensor, x: &[f32], rows: usize) -> Result<Option<Vec<f32>>> {
@@ -263,7 +278,7 @@ impl CustomOp1 for QLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, k) = l.shape().dims2()?;
         let x = super::cpu_slice::<f32>(s, l, "quant-linear")?;
-        if !self.1 && rows <= QDOT_ROWS_MAX {
+        if !self.1 && rows <= QDOT_ROWS_MAX && !EXACT.with(|e| e.get()) {
             if let Some(y) = qdot_matmul(&self.0, x, rows)? {
                 let n = self.0.shape().dims2()?.0;
                 return Ok((CpuStorage::F32(y), Shape::from((rows, n))));

@@ -443,7 +443,8 @@ impl<'m> Trainer<'m> {
     }
 
     /// Validation loss and mean token accuracy over the whole validation set, on detached
-    /// tensors so the serving kernels run and no graph is kept.
+    /// tensors so the serving kernels run and no graph is kept; quantized products take their
+    /// exact path, so the figure is comparable with the training loss.
     pub fn evaluate(&self) -> Result<Option<EvalMetrics>, TrainError> {
         if self.valid.is_empty() {
             return Ok(None);
@@ -471,7 +472,7 @@ impl<'m> Trainer<'m> {
         )?;
         for _ in 0..batches.steps_per_epoch() {
             let batch = batches.next_batch();
-            let (loss, n, c) = self.loss(model, adapter.as_ref(), &batch)?;
+            let (loss, n, c) = ops::quant::exact(|| self.loss(model, adapter.as_ref(), &batch))?;
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             count += n;
             correct += c;
