@@ -186,11 +186,18 @@ for line in exposition.splitlines():
         exported.add(name)
         if kind == "histogram":
             exported |= {name + "_bucket", name + "_sum", name + "_count"}
+SCALE_OUT_ONLY = {"itamae_object_store_seconds_bucket"}
 print(f"dashboard: {len(exprs)} expressions")
 for title, expr in exprs:
-    q = expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$job", ".*")
+    q = (expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$job", ".*")
+         .replace("$instance", ".*"))
     names = set(re.findall(r"\b(?:itamae|process)_[a-zA-Z0-9_]+", re.sub(r'"[^"]*"', '""', q)))
     unknown = sorted(n for n in names if n not in exported)
+    # Series only a scale-out set-up has (storage.objects): this single daemon keeps its bytes
+    # in the data directory, so they may be absent (metrics.rs tests their exposition).
+    if names & SCALE_OUT_ONLY and all(n not in exported for n in names & SCALE_OUT_ONLY):
+        print(f"skip [{title}] (needs storage.objects)  {expr}")
+        continue
     res = ranged(q)
     ok = bool(res) and not unknown
     print(f"{'ok  ' if ok else 'FAIL'} [{title}] {len(res)} series  {expr}")
