@@ -845,7 +845,7 @@ mod tests {
         }
         assert_eq!(
             resolve(&["itamaed", "serve"], "").weights,
-            WeightsMode::Auto
+            WeightsMode::F32
         );
         let file = "[model]\nweights = \"q8_0\"\n";
         assert_eq!(

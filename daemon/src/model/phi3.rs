@@ -225,9 +225,12 @@ mod tests {
             norm(&gap) > 0.0 && norm(&gbp) > 0.0,
             "no gradient reached the factors"
         );
-        assert!(max_abs(&lp, &ll) < 1e-5, "logits {}", max_abs(&lp, &ll));
-        assert!(max_abs(&gap, &gal) < 1e-5, "dA {}", max_abs(&gap, &gal));
-        assert!(max_abs(&gbp, &gbl) < 1e-5, "dB {}", max_abs(&gbp, &gbl));
+        // The fused qkv_proj and the split q/k/v products sum in different orders (different
+        // GEMM shapes); on logits of magnitude ~1 that is a few f32 ulps, seen up to 1.1e-5.
+        let tol = 5e-5;
+        assert!(max_abs(&lp, &ll) < tol, "logits {}", max_abs(&lp, &ll));
+        assert!(max_abs(&gap, &gal) < tol, "dA {}", max_abs(&gap, &gal));
+        assert!(max_abs(&gbp, &gbl) < tol, "dB {}", max_abs(&gbp, &gbl));
         // and the adapter changes the model
         let base = phi.forward(&toks, None).unwrap();
         assert!(max_abs(&lp, &base) > 1e-3);
