@@ -843,10 +843,7 @@ mod tests {
         if std::env::var_os("ITAMAE_WEIGHTS").is_some() {
             return; // set by whoever runs the tests: env outranks the file here
         }
-        assert_eq!(
-            resolve(&["itamaed", "serve"], "").weights,
-            WeightsMode::F32
-        );
+        assert_eq!(resolve(&["itamaed", "serve"], "").weights, WeightsMode::F32);
         let file = "[model]\nweights = \"q8_0\"\n";
         assert_eq!(
             resolve(&["itamaed", "serve"], file).weights,

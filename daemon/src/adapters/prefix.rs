@@ -164,7 +164,11 @@ pub fn model_kv(model: &Transformer, p: usize, ids: &[u32]) -> Result<Tensor> {
     let ids: Vec<u32> = ids.iter().copied().cycle().take(p).collect();
     let tokens = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
     let mut cache = KvCache::new(cfg, p);
-    model.forward_hidden(&model.embed(&tokens)?, Ctx::with_cache(Some(&mut cache)))?;
+    // Exact products on a quantized base: the start must not depend on the serving kernels'
+    // 8-bit activations (a short text takes the few-row path).
+    crate::ops::quant::exact(|| {
+        model.forward_hidden(&model.embed(&tokens)?, Ctx::with_cache(Some(&mut cache)))
+    })?;
     let mut per_layer = Vec::with_capacity(2 * cfg.num_layers);
     for layer in 0..cfg.num_layers {
         let (k, v) = cache
