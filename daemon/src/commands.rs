@@ -167,7 +167,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         None => data::split_validation(train, a.validation_split, a.seed),
     };
     let mut config = TrainConfig::new(method.clone());
-    let default_lr = default_learning_rate(&method);
+    let default_lr = default_learning_rate(&method, loaded.model.cfg.hidden_size);
     config.learning_rate = match (a.learning_rate, a.learning_rate_multiplier) {
         (Some(_), Some(_)) => bail!("give --learning-rate or --learning-rate-multiplier, not both"),
         (Some(lr), None) => lr,

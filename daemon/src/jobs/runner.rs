@@ -328,7 +328,11 @@ fn train_job(
     };
     let has_valid = !valid.is_empty();
     let config = spec
-        .train_config(train.len(), base.model.cfg.kv_dim())
+        .train_config(
+            train.len(),
+            base.model.cfg.kv_dim(),
+            base.model.cfg.hidden_size,
+        )
         .map_err(|e| format!("{}: {}", e.param, e.message))?;
     let resolved = spec.resolve(train.len());
     let train_len = train.len();

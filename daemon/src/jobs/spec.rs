@@ -448,12 +448,18 @@ impl JobSpec {
         })
     }
 
-    /// The trainer configuration for `n_train` examples of a model with kv width `kv_dim`.
-    pub fn train_config(&self, n_train: usize, kv_dim: usize) -> Result<TrainConfig, FieldError> {
+    /// The trainer configuration for `n_train` examples of a model with kv width `kv_dim` and
+    /// hidden size `hidden_size`.
+    pub fn train_config(
+        &self,
+        n_train: usize,
+        kv_dim: usize,
+        hidden_size: usize,
+    ) -> Result<TrainConfig, FieldError> {
         let method = self.method(kv_dim)?;
         let r = self.resolve(n_train);
         let mut c = TrainConfig::new(method.clone());
-        c.learning_rate = default_learning_rate(&method) * r.learning_rate_multiplier;
+        c.learning_rate = default_learning_rate(&method, hidden_size) * r.learning_rate_multiplier;
         c.epochs = r.n_epochs;
         c.batch_size = r.batch_size;
         c.max_steps = self.hyper.max_steps;
@@ -570,7 +576,7 @@ mod tests {
         assert_eq!(j.spec.hyper.max_steps, Some(6));
         let r = j.spec.resolve(3);
         assert_eq!((r.n_epochs, r.batch_size), (2, 3));
-        let c = j.spec.train_config(100, 192).unwrap();
+        let c = j.spec.train_config(100, 192, 576).unwrap();
         assert_eq!(c.max_seq_len, 96);
         assert!(matches!(c.method, Method::PromptTuning(_)));
         assert!((c.learning_rate - 0.5 * 3e-2).abs() < 1e-12);
