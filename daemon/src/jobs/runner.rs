@@ -9,7 +9,8 @@
 //! Job status changes race with the API (cancel, pause, resume): every change is a conditional
 //! update from the expected states ([`Store::transition`]), so the first writer wins. Jobs are
 //! claimed under a lease ([`super::lease`]) so that several replicas sharing one database each
-//! train different jobs, and take over a job whose replica died.
+//! train different jobs, and take over a job whose replica died; every row written about the job
+//! in training goes through [`Held`], fenced by that lease.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
