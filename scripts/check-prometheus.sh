@@ -13,7 +13,8 @@
 # 4. Queries Prometheus' HTTP API: the scrape target must be up, a per-variant TTFT histogram
 #    series must exist for the base model and for the variant (by `model` label), and a
 #    training-loss series for the job (by `job_id` label: see the relabelling in
-#    configs/prometheus.yml).
+#    configs/prometheus.yml), and the job-lease series (claim/renew/release latency, jobs
+#    owned, leases lost, takeovers), which a single default daemon has too.
 # 5. Every PromQL expression of the Grafana dashboard ($__rate_interval → 1m, $model and $job →
 #    .*) must return at least one series over the run, and every metric it names must be one
 #    itamaed exports.
@@ -153,6 +154,13 @@ checks = [
     (f'TTFT histogram, variant ({variant})', f'itamae_time_to_first_token_seconds_bucket{{model="{esc(variant)}"}}'),
     ('TTFT p99 by model', 'histogram_quantile(0.99, sum by (model, le) (rate(itamae_time_to_first_token_seconds_bucket[1m])))'),
     (f'training loss ({job})', f'itamae_training_loss{{job_id="{esc(job)}"}}'),
+    # The job lease: claimed, renewed by the heartbeat while the job trained, released after.
+    ('lease claim latency', 'itamae_lease_seconds_count{op="claim"}'),
+    ('lease renew latency', 'itamae_lease_seconds_count{op="renew"}'),
+    ('lease release latency', 'itamae_lease_seconds_count{op="release"}'),
+    ('jobs owned', 'itamae_lease_jobs_owned'),
+    ('leases lost', 'itamae_leases_lost_total'),
+    ('lease takeovers', 'itamae_lease_takeovers_total'),
 ]
 for what, expr in checks:
     res = ranged(expr)

@@ -51,6 +51,10 @@ struct Inner {
     adapter_loads: IntCounterVec,
     adapter_load_seconds: Histogram,
     object_store_seconds: HistogramVec,
+    lease_seconds: HistogramVec,
+    leases_lost: IntCounter,
+    lease_takeovers: IntCounter,
+    jobs_owned: IntGauge,
     adapter_evictions: IntCounter,
     adapter_swaps: IntCounterVec,
     training_jobs: IntGaugeVec,
@@ -268,6 +272,34 @@ impl Metrics {
                 &["op"],
                 LATENCY_BUCKETS,
             ),
+            lease_seconds: hist_vec(
+                &r,
+                "itamae_lease_seconds",
+                "Latency of one job-lease operation (claim, renew, release) of this replica's runner",
+                &["op"],
+                LATENCY_BUCKETS,
+            ),
+            leases_lost: reg(
+                &r,
+                IntCounter::new(
+                    "itamae_leases_lost_total",
+                    "Jobs this replica stopped training because another replica took its lease over",
+                )
+                .expect("valid counter"),
+            ),
+            lease_takeovers: reg(
+                &r,
+                IntCounter::new(
+                    "itamae_lease_takeovers_total",
+                    "Interrupted jobs (their runner died or stopped) this replica claimed to resume",
+                )
+                .expect("valid counter"),
+            ),
+            jobs_owned: int_gauge(
+                &r,
+                "itamae_lease_jobs_owned",
+                "Jobs whose lease this replica's runner holds",
+            ),
             adapter_evictions: reg(
                 &r,
                 IntCounter::new(
@@ -463,6 +495,30 @@ impl Metrics {
             .observe(secs);
     }
 
+    /// One lease operation `op` (`claim`, `renew`, `release`) took `secs`.
+    pub fn lease_op(&self, op: &str, secs: f64) {
+        self.inner
+            .lease_seconds
+            .with_label_values(&[op])
+            .observe(secs);
+    }
+
+    /// This runner found its job taken over (by the heartbeat or a fenced write).
+    pub fn lease_lost(&self) {
+        self.inner.leases_lost.inc();
+    }
+
+    /// This runner claimed a job; `interrupted`: one another runner had been training.
+    pub fn lease_claimed(&self, interrupted: bool) {
+        if interrupted {
+            self.inner.lease_takeovers.inc();
+        }
+    }
+
+    pub fn set_jobs_owned(&self, n: usize) {
+        self.inner.jobs_owned.set(n as i64);
+    }
+
     pub fn adapter_evicted(&self) {
         self.inner.adapter_evictions.inc();
     }
@@ -581,6 +637,11 @@ mod tests {
         m.adapter_evicted();
         m.adapter_swapped("ad");
         m.object_store_op("put", 0.003);
+        m.lease_op("renew", 0.003);
+        m.lease_lost();
+        m.lease_claimed(true);
+        m.lease_claimed(false);
+        m.set_jobs_owned(1);
         m.set_training_jobs(&[("running", 1), ("queued", 2)]);
         m.training_step("ftjob-1", 3, 2.5, 1e-4, 100.0);
         m.training_eval("ftjob-1", 2.6);
@@ -598,6 +659,10 @@ mod tests {
             r#"itamae_requests_cancelled_total{model="base"} 1"#,
             r#"itamae_object_store_seconds_bucket{op="put",le="0.0025"} 0"#,
             r#"itamae_object_store_seconds_bucket{op="put",le="0.005"} 1"#,
+            r#"itamae_lease_seconds_bucket{op="renew",le="0.005"} 1"#,
+            "itamae_leases_lost_total 1",
+            "itamae_lease_takeovers_total 1",
+            "itamae_lease_jobs_owned 1",
             "itamae_num_requests_running 2",
             "itamae_num_requests_waiting 1",
             "itamae_batch_size_count 1",

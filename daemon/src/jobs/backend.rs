@@ -172,7 +172,88 @@ pub trait MetaStore: Send + Sync {
     ) -> BoxFuture<'a, StoreResult<Option<String>>>;
     /// Gives the lease up (an orderly stop): the job is claimable again at once.
     fn release_lease<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, StoreResult<()>>;
+
+    // ---- fenced writes: the runner's writes about a job it trains ----
+    // Each holds only while `lease.owner` still owns the job (one statement checks and writes),
+    // so a runner that lost its lease (another replica took the job over) cannot write over the
+    // new owner's state; it gets `FenceError::LeaseLost` and stops. An expired lease nobody took
+    // over yet still fences nothing out: the job is this runner's until someone claims it.
+
+    /// [`Self::finish_unsuccessfully`] for the lease holder; false if the job left `from`
+    /// meanwhile (a client cancelled it).
+    fn fenced_finish<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        from: &'a [&'a str],
+        to: &'a str,
+        error: Option<&'a Value>,
+    ) -> BoxFuture<'a, FenceResult<bool>>;
+    /// [`Self::succeed`] for the lease holder; false if the job was cancelled meanwhile.
+    fn fenced_succeed<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        fine_tuned_model: Option<&'a str>,
+        trained_tokens: i64,
+    ) -> BoxFuture<'a, FenceResult<bool>>;
+    /// [`Self::set_progress`] for the lease holder.
+    fn fenced_progress<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        trained_tokens: i64,
+        estimated_finish: Option<i64>,
+    ) -> BoxFuture<'a, FenceResult<()>>;
+    /// [`Self::set_hyperparameters`] for the lease holder.
+    fn fenced_hyperparameters<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        hyperparameters: &'a Value,
+        method: &'a Value,
+    ) -> BoxFuture<'a, FenceResult<()>>;
+    /// [`Self::add_event`] for the lease holder.
+    fn fenced_event<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        e: NewEvent<'a>,
+    ) -> BoxFuture<'a, FenceResult<EventRow>>;
+    /// [`Self::add_checkpoint`] for the lease holder.
+    fn fenced_checkpoint<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        step: i64,
+        metrics: &'a Value,
+        model: &'a str,
+    ) -> BoxFuture<'a, FenceResult<CheckpointRow>>;
 }
+
+/// The claim a fenced write is made under: the job and the runner ([`MetaStore::claim_job`]'s
+/// `owner`, the replica id) that must still own it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease<'a> {
+    pub job_id: &'a str,
+    pub owner: &'a str,
+}
+
+/// Why a fenced write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// The job is no longer `owner`'s: another runner claimed it after the lease expired (or it
+    /// was released). Nothing was written.
+    #[error("job {job_id}: the lease is no longer {owner}'s")]
+    LeaseLost { job_id: String, owner: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl FenceError {
+    pub(crate) fn lost(lease: Lease<'_>) -> Self {
+        Self::LeaseLost {
+            job_id: lease.job_id.into(),
+            owner: lease.owner.into(),
+        }
+    }
+}
+
+pub type FenceResult<T> = std::result::Result<T, FenceError>;
 
 /// A job [`MetaStore::claim_job`] gave a runner.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,8 @@
 //! Job status changes race with the API (cancel, pause, resume): every change is a conditional
 //! update from the expected states ([`Store::transition`]), so the first writer wins. Jobs are
 //! claimed under a lease ([`super::lease`]) so that several replicas sharing one database each
-//! train different jobs, and take over a job whose replica died.
+//! train different jobs, and take over a job whose replica died; every row written about the job
+//! in training goes through [`Held`], fenced by that lease.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::backend::{MetaStore, NewEvent, StoreError};
+use super::lease::Held;
 use super::spec::JobSpec;
 use super::store::{status, JobRow};
 use super::Inner;
@@ -45,21 +47,6 @@ impl Inner {
                     message,
                     kind: "message",
                     data: None,
-                },
-            )),
-        );
-    }
-
-    fn metrics_event(&self, job_id: &str, message: &str, data: &Value) {
-        logged(
-            "add metrics event",
-            self.rt.block_on(self.store.add_event(
-                job_id,
-                NewEvent {
-                    level: "info",
-                    message,
-                    kind: "metrics",
-                    data: Some(data),
                 },
             )),
         );
@@ -169,14 +156,15 @@ fn recover(inner: &Inner) {
 /// whose replica died) first, else the oldest queued one (moved to `running`). The flag says
 /// whether it was interrupted.
 fn next_job(inner: &Inner) -> Option<(JobRow, bool)> {
-    let claimed = logged(
-        "claim job",
-        inner.rt.block_on(
-            inner
-                .store()
-                .claim_job(&inner.cfg.replica_id, inner.cfg.job_lease),
-        ),
-    )??;
+    let started = std::time::Instant::now();
+    let claimed = inner.rt.block_on(
+        inner
+            .store()
+            .claim_job(&inner.cfg.replica_id, inner.cfg.job_lease),
+    );
+    crate::metrics::global().lease_op("claim", started.elapsed().as_secs_f64());
+    let claimed = logged("claim job", claimed)??;
+    crate::metrics::global().lease_claimed(claimed.interrupted);
     Some((claimed.job, claimed.interrupted))
 }
 
@@ -185,6 +173,7 @@ fn error_json(code: &str, message: &str, param: Option<&str>) -> Value {
 }
 
 fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
+    crate::metrics::global().set_jobs_owned(1);
     let control = Arc::new(TrainControl {
         throttle: Some(Box::new(throttle(
             inner.engine.clone(),
@@ -219,6 +208,7 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
         Some(status::RUNNING) | Some(status::PAUSED)
     );
     inner.lease_lost.store(false, Ordering::SeqCst);
+    let held = Held::new(inner, &job.id, &control);
     let trained = std::thread::scope(|scope| {
         // Dropping the sender stops the heartbeat at once.
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -231,40 +221,39 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
             return Err(format!("cannot start the lease heartbeat: {e}"));
         }
         let r = if still_active {
-            train_job(inner, &job, &control, interrupted)
+            train_job(inner, &held, &job, &control, interrupted)
         } else {
             Ok(())
         };
         drop(stop);
         r
     });
-    if inner.lease_lost.load(Ordering::SeqCst) {
+    if let Err(message) = &trained {
+        if !held.lost() {
+            tracing::warn!(job = %job.id, "job failed: {message}");
+        }
+        let failed = held.finish(
+            &[status::RUNNING, status::PAUSED],
+            status::FAILED,
+            Some(&error_json("training_failed", message, None)),
+        );
+        if failed == Some(true) {
+            held.event("error", &format!("Fine-tuning failed: {message}"));
+        }
+    }
+    if held.lost() {
         // Another replica owns the job now; whatever happened here is not its outcome.
         tracing::warn!(job = %job.id, "stopped training: the lease went to another replica");
     } else {
-        if let Err(message) = trained {
-            tracing::warn!(job = %job.id, "job failed: {message}");
-            let failed = logged(
-                "fail job",
-                inner.rt.block_on(inner.store().finish_unsuccessfully(
-                    &job.id,
-                    &[status::RUNNING, status::PAUSED],
-                    status::FAILED,
-                    Some(&error_json("training_failed", &message, None)),
-                )),
-            );
-            if failed == Some(true) {
-                inner.event(&job.id, "error", &format!("Fine-tuning failed: {message}"));
-            }
-        }
         // A job left active (stopped for shutdown) is claimable by any replica at once.
-        logged(
-            "release lease",
-            inner
-                .rt
-                .block_on(inner.store().release_lease(&job.id, &inner.cfg.replica_id)),
-        );
+        let started = std::time::Instant::now();
+        let released = inner
+            .rt
+            .block_on(inner.store().release_lease(&job.id, &inner.cfg.replica_id));
+        crate::metrics::global().lease_op("release", started.elapsed().as_secs_f64());
+        logged("release lease", released);
     }
+    crate::metrics::global().set_jobs_owned(0);
     *inner.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
     crate::metrics::global().training_finished(&job.id);
 }
@@ -307,6 +296,7 @@ fn continue_from(inner: &Inner, trainer: &mut Trainer, parent: &str) -> Result<(
 
 fn train_job(
     inner: &Inner,
+    held: &Held,
     job: &JobRow,
     control: &TrainControl,
     interrupted: bool,
@@ -336,13 +326,9 @@ fn train_job(
         .map_err(|e| format!("{}: {}", e.param, e.message))?;
     let resolved = spec.resolve(train.len());
     let train_len = train.len();
-    logged(
-        "store hyperparameters",
-        inner.rt.block_on(inner.store().set_hyperparameters(
-            &job.id,
-            &spec.hyperparameters_json(Some(resolved)),
-            &spec.method_json(Some(resolved)),
-        )),
+    held.hyperparameters(
+        &spec.hyperparameters_json(Some(resolved)),
+        &spec.method_json(Some(resolved)),
     );
     let init_ids: Vec<u32> = match spec.adapter.init_text() {
         Some(t) => base
@@ -378,33 +364,26 @@ fn train_job(
     }
     if let Some(parent) = &spec.parent {
         continue_from(inner, &mut trainer, parent)?;
-        inner.event(
-            &job.id,
-            "info",
-            &format!("Continuing from the weights of {parent}"),
-        );
+        held.event("info", &format!("Continuing from the weights of {parent}"));
     }
     if interrupted {
         match inner.blobs.latest_checkpoint(&job.id) {
             Some((step, path)) => {
                 trainer.resume_from(&path).map_err(|e| e.to_string())?;
-                inner.event(
-                    &job.id,
+                held.event(
                     "info",
                     &format!("Resumed from checkpoint step {step} after restart"),
                 );
             }
-            None => inner.event(
-                &job.id,
+            None => held.event(
                 "info",
                 "Restarted from the beginning after restart (no checkpoint had been written)",
             ),
         }
     } else {
-        inner.event(&job.id, "info", "Fine-tuning job started");
+        held.event("info", "Fine-tuning job started");
     }
-    inner.event(
-        &job.id,
+    held.event(
         "info",
         &format!(
             "Hyperparameters for {} training examples: n_epochs {}, batch_size {}, \
@@ -431,8 +410,7 @@ fn train_job(
                     "learning_rate": s.learning_rate, "tokens_per_sec": s.tokens_per_sec,
                     "trained_tokens": s.trained_tokens,
                 });
-                inner.metrics_event(
-                    &job.id,
+                held.metrics_event(
                     &format!(
                         "Step {}/{}: training loss={:.4}",
                         s.step, s.total_steps, s.loss
@@ -443,14 +421,7 @@ fn train_job(
                     .eta_secs
                     .is_finite()
                     .then(|| super::storage::now() + s.eta_secs.round() as i64);
-                logged(
-                    "store progress",
-                    inner.rt.block_on(inner.store().set_progress(
-                        &job.id,
-                        s.trained_tokens as i64,
-                        eta,
-                    )),
-                );
+                held.progress(s.trained_tokens as i64, eta);
                 crate::metrics::global().training_step(
                     &job.id,
                     s.step,
@@ -472,14 +443,15 @@ fn train_job(
                     data["learning_rate"] = json!(s.learning_rate);
                     data["tokens_per_sec"] = json!(s.tokens_per_sec);
                 }
-                inner.metrics_event(
-                    &job.id,
+                held.metrics_event(
                     &format!("Step {}: validation loss={:.4}", m.step, m.valid_loss),
                     &data,
                 );
                 crate::metrics::global().training_eval(&job.id, m.valid_loss);
                 last_eval = Some(*m);
             }
+            // Taken over: the new owner's checkpoints are not to be overwritten.
+            TrainEvent::Checkpoint { .. } if held.lost() => {}
             TrainEvent::Checkpoint { step, path } => {
                 let name = format!("{}:ckpt-step-{step}", job.variant);
                 // Out of the trainer's out_dir, which saving the final result replaces whole.
@@ -511,32 +483,28 @@ fn train_job(
                             .map_err(|e| e.to_string())
                     }) {
                     Ok(()) => {
-                        logged(
-                            "add checkpoint",
-                            inner.rt.block_on(inner.store().add_checkpoint(
-                                &job.id,
-                                *step as i64,
-                                &metrics,
-                                &name,
-                            )),
-                        );
-                        inner.event(
-                            &job.id,
+                        if held.checkpoint(*step as i64, &metrics, &name).is_none()
+                            && held.lost()
+                        {
+                            // The new owner writes and serves this step from its own run.
+                            let _ = inner.engine.remove_adapter(&name);
+                            return;
+                        }
+                        held.event(
                             "info",
                             &format!("Checkpoint created at step {step}: {name}"),
                         );
                     }
-                    Err(e) => inner.event(
-                        &job.id,
+                    Err(e) => held.event(
                         "warn",
                         &format!("Checkpoint at step {step} was written but cannot be served: {e}"),
                     ),
                 }
             }
-            TrainEvent::Message(m) => inner.event(&job.id, "info", m),
+            TrainEvent::Message(m) => held.event("info", m),
         })
         .map_err(|e| e.to_string())?;
-    if inner.lease_lost.load(Ordering::SeqCst) {
+    if held.lost() {
         return Ok(());
     }
     if outcome.finish == Finish::Cancelled && inner.shutting_down() {
@@ -551,30 +519,28 @@ fn train_job(
             status.as_deref(),
             Some(status::RUNNING) | Some(status::PAUSED)
         ) {
-            checkpoint_for_shutdown(inner, job, &trainer, outcome.steps, last_step.as_ref());
+            checkpoint_for_shutdown(
+                inner,
+                held,
+                job,
+                &trainer,
+                outcome.steps,
+                last_step.as_ref(),
+            );
             return Ok(());
         }
     }
     match outcome.finish {
         Finish::Cancelled => {
-            let changed = logged(
-                "cancel job",
-                inner.rt.block_on(inner.store().finish_unsuccessfully(
-                    &job.id,
-                    &[status::RUNNING, status::PAUSED],
-                    status::CANCELLED,
-                    None,
-                )),
-            );
+            let changed = held.finish(&[status::RUNNING, status::PAUSED], status::CANCELLED, None);
             if changed == Some(true) {
-                inner.event(&job.id, "info", "Fine-tuning job cancelled");
+                held.event("info", "Fine-tuning job cancelled");
             }
             Ok(())
         }
         Finish::Completed | Finish::EarlyStopped => {
             if outcome.finish == Finish::EarlyStopped {
-                inner.event(
-                    &job.id,
+                held.event(
                     "info",
                     "Stopped early: the validation loss stopped improving",
                 );
@@ -596,34 +562,25 @@ fn train_job(
                 }
                 None => None,
             };
-            let done = inner
-                .rt
-                .block_on(
-                    inner
-                        .store()
-                        .succeed(&job.id, served, outcome.trained_tokens as i64),
-                )
+            let done = held
+                .succeed(served, outcome.trained_tokens as i64)
                 .map_err(|e| format!("recording success: {e}"))?;
-            if !done {
-                // Cancelled while the last step ran: the result is not served.
+            if done != Some(true) {
+                // Cancelled while the last step ran, or taken over by another replica (whose
+                // outcome this is not): the result is not served here.
                 if let Some(name) = served {
                     let _ = inner.engine.remove_adapter(name);
                 }
                 return Ok(());
             }
             match served {
-                Some(name) => inner.event(
-                    &job.id,
-                    "info",
-                    &format!("New fine-tuned model created: {name}"),
-                ),
-                None => inner.event(
-                    &job.id,
+                Some(name) => held.event("info", &format!("New fine-tuned model created: {name}")),
+                None => held.event(
                     "warn",
                     "The result is stored in the job directory but cannot be served as a variant",
                 ),
             }
-            inner.event(&job.id, "info", "The job has successfully completed");
+            held.event("info", "The job has successfully completed");
             Ok(())
         }
     }
@@ -633,6 +590,7 @@ fn train_job(
 /// recovery looks for it, records it as a checkpoint of the job and says so in an event.
 fn checkpoint_for_shutdown(
     inner: &Inner,
+    held: &Held,
     job: &JobRow,
     trainer: &Trainer,
     step: usize,
@@ -640,16 +598,14 @@ fn checkpoint_for_shutdown(
 ) {
     let latest = inner.blobs.latest_checkpoint(&job.id).map(|(s, _)| s);
     if step == 0 {
-        inner.event(
-            &job.id,
+        held.event(
             "info",
             "Stopped for shutdown before the first step; the job restarts on the next start",
         );
         return;
     }
     if latest == Some(step) {
-        inner.event(
-            &job.id,
+        held.event(
             "info",
             &format!("Stopped for shutdown; the job resumes from checkpoint step {step} on the next start"),
         );
@@ -674,8 +630,7 @@ fn checkpoint_for_shutdown(
         let from = latest.map_or("the beginning".to_string(), |s| {
             format!("checkpoint step {s}")
         });
-        inner.event(
-            &job.id,
+        held.event(
             "warn",
             &format!("Stopped for shutdown; saving a checkpoint at step {step} failed ({e}), the job resumes from {from}"),
         );
@@ -690,16 +645,8 @@ fn checkpoint_for_shutdown(
         "valid_loss": null,
         "valid_mean_token_accuracy": null,
     });
-    logged(
-        "add checkpoint",
-        inner.rt.block_on(
-            inner
-                .store()
-                .add_checkpoint(&job.id, step as i64, &metrics, &name),
-        ),
-    );
-    inner.event(
-        &job.id,
+    held.checkpoint(step as i64, &metrics, &name);
+    held.event(
         "info",
         &format!("Checkpoint created at step {step} for shutdown: {name}; the job resumes from it on the next start"),
     );

@@ -16,7 +16,10 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
-use super::backend::{lease_ms, Claimed, FileQuery, MetaStore, NewEvent, StoreError, StoreResult};
+use super::backend::{
+    lease_ms, Claimed, FenceError, FenceResult, FileQuery, Lease, MetaStore, NewEvent, StoreError,
+    StoreResult,
+};
 use super::storage::{new_id, now, CHECKPOINT_PREFIX, EVENT_PREFIX};
 
 /// `(version, script)`, applied in order to a database whose `user_version` is lower.
@@ -676,6 +679,200 @@ impl Store {
         .await?;
         Ok(())
     }
+
+    // ---- fenced writes (see the block in [`MetaStore`]) ----
+
+    /// Whether `lease.owner` owns the job now: after a conditional update changed nothing, this
+    /// tells a lost lease from a status that moved on.
+    async fn owns(&self, lease: Lease<'_>) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE id = ? AND owner = ?")
+            .bind(lease.job_id)
+            .bind(lease.owner)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// The outcome of a fenced status change that moved `moved` rows.
+    async fn fenced_moved(&self, lease: Lease<'_>, moved: bool) -> FenceResult<bool> {
+        self.changed();
+        if moved || self.owns(lease).await.map_err(StoreError::from)? {
+            Ok(moved)
+        } else {
+            Err(FenceError::lost(lease))
+        }
+    }
+
+    /// See [`MetaStore::fenced_finish`].
+    pub async fn fenced_finish(
+        &self,
+        lease: Lease<'_>,
+        from: &[&str],
+        to: &str,
+        error: Option<&Value>,
+    ) -> FenceResult<bool> {
+        let marks = vec!["?"; from.len()].join(", ");
+        let sql = format!(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ?, estimated_finish = NULL \
+             WHERE id = ? AND owner = ? AND status IN ({marks})"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(to)
+            .bind(error.map(json_str))
+            .bind(now())
+            .bind(lease.job_id)
+            .bind(lease.owner);
+        for s in from {
+            q = q.bind(*s);
+        }
+        let moved = q.execute(&self.pool).await.map_err(StoreError::from)?;
+        self.fenced_moved(lease, moved.rows_affected() > 0).await
+    }
+
+    /// See [`MetaStore::fenced_succeed`].
+    pub async fn fenced_succeed(
+        &self,
+        lease: Lease<'_>,
+        fine_tuned_model: Option<&str>,
+        trained_tokens: i64,
+    ) -> FenceResult<bool> {
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, trained_tokens = ?, \
+             finished_at = ?, estimated_finish = NULL, error = NULL \
+             WHERE id = ? AND owner = ? AND status IN ('running', 'paused')",
+        )
+        .bind(fine_tuned_model)
+        .bind(trained_tokens)
+        .bind(now())
+        .bind(lease.job_id)
+        .bind(lease.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        self.fenced_moved(lease, r.rows_affected() > 0).await
+    }
+
+    /// See [`MetaStore::fenced_progress`].
+    pub async fn fenced_progress(
+        &self,
+        lease: Lease<'_>,
+        trained_tokens: i64,
+        estimated_finish: Option<i64>,
+    ) -> FenceResult<()> {
+        let r = sqlx::query(
+            "UPDATE jobs SET trained_tokens = ?, estimated_finish = ? WHERE id = ? AND owner = ?",
+        )
+        .bind(trained_tokens)
+        .bind(estimated_finish)
+        .bind(lease.job_id)
+        .bind(lease.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        fenced_write(lease, r.rows_affected())
+    }
+
+    /// See [`MetaStore::fenced_hyperparameters`].
+    pub async fn fenced_hyperparameters(
+        &self,
+        lease: Lease<'_>,
+        hp: &Value,
+        method: &Value,
+    ) -> FenceResult<()> {
+        let r = sqlx::query(
+            "UPDATE jobs SET hyperparameters = ?, method = ? WHERE id = ? AND owner = ?",
+        )
+        .bind(json_str(hp))
+        .bind(json_str(method))
+        .bind(lease.job_id)
+        .bind(lease.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        fenced_write(lease, r.rows_affected())
+    }
+
+    /// See [`MetaStore::fenced_event`]: the row is inserted only if the lease holds, in one
+    /// statement.
+    pub async fn fenced_event(&self, lease: Lease<'_>, e: NewEvent<'_>) -> FenceResult<EventRow> {
+        let id = new_id(EVENT_PREFIX);
+        let created_at = now();
+        let r = sqlx::query(
+            "INSERT INTO events (id, job_id, created_at, level, message, type, data) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 \
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND owner = ?8)",
+        )
+        .bind(&id)
+        .bind(lease.job_id)
+        .bind(created_at)
+        .bind(e.level)
+        .bind(e.message)
+        .bind(e.kind)
+        .bind(e.data.map(json_str))
+        .bind(lease.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        fenced_write(lease, r.rows_affected())?;
+        self.changed();
+        Ok(EventRow {
+            seq: r.last_insert_rowid(),
+            id,
+            job_id: lease.job_id.into(),
+            created_at,
+            level: e.level.into(),
+            message: e.message.into(),
+            kind: e.kind.into(),
+            data: e.data.cloned(),
+        })
+    }
+
+    /// See [`MetaStore::fenced_checkpoint`].
+    pub async fn fenced_checkpoint(
+        &self,
+        lease: Lease<'_>,
+        step: i64,
+        metrics: &Value,
+        model: &str,
+    ) -> FenceResult<CheckpointRow> {
+        let row = CheckpointRow {
+            id: new_id(CHECKPOINT_PREFIX),
+            job_id: lease.job_id.into(),
+            created_at: now(),
+            step,
+            metrics: metrics.clone(),
+            model: model.into(),
+        };
+        // `WHERE` before `ON CONFLICT` also settles SQLite's parse of an upsert from a SELECT.
+        let r = sqlx::query(
+            "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, model) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND owner = ?7) \
+             ON CONFLICT (job_id, step) DO UPDATE SET metrics = excluded.metrics, \
+             created_at = excluded.created_at",
+        )
+        .bind(&row.id)
+        .bind(&row.job_id)
+        .bind(row.created_at)
+        .bind(row.step)
+        .bind(json_str(&row.metrics))
+        .bind(&row.model)
+        .bind(lease.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        fenced_write(lease, r.rows_affected())?;
+        Ok(row)
+    }
+}
+
+/// A fenced write that changed no row found no job owned by `lease.owner`.
+fn fenced_write(lease: Lease<'_>, rows: u64) -> FenceResult<()> {
+    if rows > 0 {
+        Ok(())
+    } else {
+        Err(FenceError::lost(lease))
+    }
 }
 
 /// Milliseconds since the epoch, the unit of `lease_expires_at`.
@@ -859,6 +1056,76 @@ impl MetaStore for Store {
 
     fn release_lease<'a>(&'a self, id: &'a str, owner: &'a str) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move { Ok(Store::release_lease(self, id, owner).await?) })
+    }
+
+    fn fenced_finish<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        from: &'a [&'a str],
+        to: &'a str,
+        error: Option<&'a Value>,
+    ) -> BoxFuture<'a, FenceResult<bool>> {
+        Box::pin(Store::fenced_finish(self, lease, from, to, error))
+    }
+
+    fn fenced_succeed<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        fine_tuned_model: Option<&'a str>,
+        trained_tokens: i64,
+    ) -> BoxFuture<'a, FenceResult<bool>> {
+        Box::pin(Store::fenced_succeed(
+            self,
+            lease,
+            fine_tuned_model,
+            trained_tokens,
+        ))
+    }
+
+    fn fenced_progress<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        trained_tokens: i64,
+        estimated_finish: Option<i64>,
+    ) -> BoxFuture<'a, FenceResult<()>> {
+        Box::pin(Store::fenced_progress(
+            self,
+            lease,
+            trained_tokens,
+            estimated_finish,
+        ))
+    }
+
+    fn fenced_hyperparameters<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        hyperparameters: &'a Value,
+        method: &'a Value,
+    ) -> BoxFuture<'a, FenceResult<()>> {
+        Box::pin(Store::fenced_hyperparameters(
+            self,
+            lease,
+            hyperparameters,
+            method,
+        ))
+    }
+
+    fn fenced_event<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        e: NewEvent<'a>,
+    ) -> BoxFuture<'a, FenceResult<EventRow>> {
+        Box::pin(Store::fenced_event(self, lease, e))
+    }
+
+    fn fenced_checkpoint<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        step: i64,
+        metrics: &'a Value,
+        model: &'a str,
+    ) -> BoxFuture<'a, FenceResult<CheckpointRow>> {
+        Box::pin(Store::fenced_checkpoint(self, lease, step, metrics, model))
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::backend::{FileQuery, MetaStore, NewEvent};
+use super::backend::{FenceError, FileQuery, Lease, MetaStore, NewEvent};
 use super::pg_store::PgStore;
 use super::storage::{new_id, now};
 use super::store::{status, FileRow, JobRow, Store};
@@ -479,6 +479,158 @@ async fn leases_give_each_job_to_one_runner_at_a_time() {
         );
         s.release_lease("ftjob-r", "e").await.unwrap();
         assert_eq!(s.claim_job("f", long).await.unwrap(), None, "{name}");
+    }
+}
+
+/// Fencing: once `a`'s lease expired and `b` took the job over, every write `a` still makes
+/// about it (terminal status, progress, hyperparameters, event, checkpoint row) is refused
+/// with `LeaseLost` and leaves `b`'s state as it was; `b`'s own writes go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_owner_cannot_write_over_the_new_one() {
+    let long = Duration::from_secs(60);
+    let short = Duration::from_millis(500);
+    fn lost<T>(r: Result<T, FenceError>) -> bool {
+        matches!(r, Err(FenceError::LeaseLost { .. }))
+    }
+    for b in backends().await {
+        let s = b.open().await;
+        let name = b.name();
+        s.insert_job(&job("ftjob-f", status::QUEUED)).await.unwrap();
+        let a = Lease {
+            job_id: "ftjob-f",
+            owner: "a",
+        };
+        let bb = Lease {
+            job_id: "ftjob-f",
+            owner: "b",
+        };
+        let c = s.claim_job("a", short).await.unwrap().unwrap();
+        assert_eq!(c.job.id, "ftjob-f");
+        // while `a` holds it, its writes land
+        s.fenced_event(a, msg("a started")).await.unwrap();
+        s.fenced_progress(a, 5, None).await.unwrap();
+        s.fenced_checkpoint(a, 1, &json!({"by": "a"}), "v:ckpt-step-1")
+            .await
+            .unwrap();
+        // `a` stalls past its lease; `b` takes the job over and writes its own state
+        tokio::time::sleep(short * 2).await;
+        let c = s.claim_job("b", long).await.unwrap().unwrap();
+        assert_eq!((c.job.id.as_str(), c.interrupted), ("ftjob-f", true));
+        s.fenced_event(bb, msg("b resumed")).await.unwrap();
+        s.fenced_progress(bb, 10, Some(99)).await.unwrap();
+        s.fenced_checkpoint(bb, 1, &json!({"by": "b"}), "v:ckpt-step-1")
+            .await
+            .unwrap();
+        s.fenced_checkpoint(bb, 2, &json!({"by": "b"}), "v:ckpt-step-2")
+            .await
+            .unwrap();
+        let before = s.get_job("ftjob-f").await.unwrap().unwrap();
+        let events_before = s.events_since("ftjob-f", 0).await.unwrap();
+
+        // `a`'s late writes are all refused
+        assert!(lost(s.fenced_event(a, msg("a late")).await), "{name}");
+        let data = json!({"step": 9});
+        let metrics = NewEvent {
+            level: "info",
+            message: "Step 9",
+            kind: "metrics",
+            data: Some(&data),
+        };
+        assert!(
+            lost(s.fenced_event(a, metrics).await),
+            "{name}: metrics event"
+        );
+        assert!(lost(
+            s.fenced_checkpoint(a, 2, &json!({"by": "a"}), "v:ckpt-step-2")
+                .await
+        ));
+        assert!(lost(
+            s.fenced_checkpoint(a, 3, &json!({"by": "a"}), "v:ckpt-step-3")
+                .await
+        ));
+        assert!(lost(s.fenced_progress(a, 1, None).await), "{name}");
+        assert!(lost(
+            s.fenced_hyperparameters(a, &json!({"n_epochs": 7}), &json!({}))
+                .await
+        ));
+        assert!(lost(s.fenced_succeed(a, Some("v"), 1).await), "{name}");
+        assert!(lost(
+            s.fenced_finish(
+                a,
+                &[status::RUNNING, status::PAUSED],
+                status::FAILED,
+                Some(&json!({"code": "x"})),
+            )
+            .await
+        ));
+        // and `b`'s state is intact
+        assert_eq!(
+            s.get_job("ftjob-f").await.unwrap().unwrap(),
+            before,
+            "{name}"
+        );
+        assert_eq!(before.status, status::RUNNING);
+        assert_eq!(before.trained_tokens, Some(10));
+        assert_eq!(s.events_since("ftjob-f", 0).await.unwrap(), events_before);
+        let cks = s.list_checkpoints("ftjob-f").await.unwrap();
+        assert_eq!(
+            cks.iter()
+                .map(|c| (c.step, c.metrics["by"].as_str().unwrap()))
+                .collect::<Vec<_>>(),
+            vec![(2, "b"), (1, "b")],
+            "{name}"
+        );
+
+        // `b` ends the job; a write after its release is refused too (nobody owns it)
+        assert!(s.fenced_succeed(bb, Some("v"), 12).await.unwrap(), "{name}");
+        s.fenced_event(bb, msg("done")).await.unwrap();
+        let done = s.get_job("ftjob-f").await.unwrap().unwrap();
+        assert_eq!(
+            (done.status.as_str(), done.fine_tuned_model.as_deref()),
+            (status::SUCCEEDED, Some("v"))
+        );
+        s.release_lease("ftjob-f", "b").await.unwrap();
+        assert!(
+            lost(s.fenced_event(bb, msg("after release")).await),
+            "{name}"
+        );
+    }
+}
+
+/// The owner's terminal write after a client's cancel is no fencing matter: the lease holds,
+/// the status moved on, so it is `false` (as unfenced) and the owner may still say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_is_not_a_lost_lease() {
+    for b in backends().await {
+        let s = b.open().await;
+        let name = b.name();
+        s.insert_job(&job("ftjob-c", status::QUEUED)).await.unwrap();
+        s.claim_job("a", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let a = Lease {
+            job_id: "ftjob-c",
+            owner: "a",
+        };
+        assert!(s
+            .finish_unsuccessfully("ftjob-c", &[status::RUNNING], status::CANCELLED, None)
+            .await
+            .unwrap());
+        assert!(!s.fenced_succeed(a, Some("v"), 3).await.unwrap(), "{name}");
+        assert!(!s
+            .fenced_finish(a, &[status::RUNNING], status::FAILED, None)
+            .await
+            .unwrap());
+        s.fenced_event(a, msg("Fine-tuning job cancelled"))
+            .await
+            .unwrap();
+        let j = s.get_job("ftjob-c").await.unwrap().unwrap();
+        assert_eq!(
+            (j.status.as_str(), j.fine_tuned_model),
+            (status::CANCELLED, None),
+            "{name}"
+        );
     }
 }
 

@@ -14,6 +14,7 @@ mod memory;
 mod quant;
 mod server;
 mod storage;
+mod storage_jobs;
 mod structured;
 mod swap;
 mod train;
@@ -129,8 +130,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         reps: usize,
     },
-    /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
-    /// S3 (s3s-fs on loopback) against the local data dir: uploads, checkpoints, first loads.
+    /// PostgreSQL + S3 (on loopback) against SQLite + the local data dir on one replica:
+    /// uploads, checkpoints, first loads of a variant, job throughput.
     Storage {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
         model: PathBuf,
@@ -138,7 +139,14 @@ enum BenchCommand {
         upload_mb: usize,
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Store cycles of a job's rows per repetition (SQLite vs PostgreSQL); 0 skips them.
+        #[arg(long, default_value_t = 40)]
+        cycles: usize,
+        /// Whole tiny LoRA jobs per wiring (local vs PostgreSQL + S3); 0 skips them.
+        #[arg(long, default_value_t = 3)]
+        jobs: usize,
     },
+    /// Prompt and decode tokens/s for greedy generation, side by side with llama-cpp-python.
     Decode {
         #[arg(long, env = "ITAMAE_MODEL", default_value = config::DEFAULT_MODEL)]
         model: PathBuf,
@@ -193,7 +201,9 @@ fn main() {
             model,
             upload_mb,
             reps,
-        } => storage::storage(&model, upload_mb, reps),
+            cycles,
+            jobs,
+        } => storage::storage(&model, upload_mb, reps, cycles, jobs),
         BenchCommand::Memory {
             model,
             kv_tokens,

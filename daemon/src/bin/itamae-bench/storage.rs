@@ -1,7 +1,9 @@
 //! `itamae-bench storage`: what an S3-compatible object store (`storage.objects`) costs against
 //! the local data directory on one replica, through the same `BlobStore` calls the daemon makes.
 //! The S3 side is s3s-fs on loopback (`scripts/services/s3.sh`), so the ratios show the
-//! protocol's and the object layer's overhead, not a network's.
+//! protocol's and the object layer's overhead, not a network's. PostgreSQL is a throwaway
+//! cluster on loopback (`scripts/services/postgres.sh`); the job figures are in
+//! [`crate::storage_jobs`].
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,7 +51,7 @@ fn s3_server(script: &Path) -> anyhow::Result<(Vec<(String, String)>, String)> {
     Ok((options, bucket))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -98,7 +100,13 @@ fn compare(
     Ok(())
 }
 
-pub(crate) fn storage(model_path: &Path, upload_mb: usize, reps: usize) -> anyhow::Result<()> {
+pub(crate) fn storage(
+    model_path: &Path,
+    upload_mb: usize,
+    reps: usize,
+    cycles: usize,
+    jobs: usize,
+) -> anyhow::Result<()> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services/s3.sh");
     let (options, bucket) = s3_server(&script)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -242,6 +250,20 @@ pub(crate) fn storage(model_path: &Path, upload_mb: usize, reps: usize) -> anyho
                 );
             }
         }
+    }
+
+    // The rows: PostgreSQL against SQLite, then whole jobs on both wirings.
+    let pg_url = crate::storage_jobs::pg_database(&rt)?;
+    if cycles > 0 {
+        crate::storage_jobs::store_cycles(&rt, &dir, &pg_url, cycles, reps)?;
+    }
+    if jobs > 0 {
+        let objects = ObjectsConfig {
+            url: format!("s3://{bucket}/{prefix}-jobs"),
+            ..objects
+        };
+        let pg_url = crate::storage_jobs::pg_database(&rt)?;
+        crate::storage_jobs::whole_job_throughput(model_path, &dir, &pg_url, &objects, jobs)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
