@@ -243,7 +243,8 @@ fn three_replicas_share_jobs_variants_and_the_adapter_registry() {
         killed.elapsed() >= Duration::from_secs(2),
         "taken over before the {LEASE_SECS} s lease could expire"
     );
-    let t = replicas[taker.unwrap()].as_ref().unwrap();
+    let ti = taker.unwrap();
+    let t = replicas[ti].as_ref().unwrap();
     wait_until("the job ends", Duration::from_secs(600), || {
         matches!(
             status(t, &job).as_str(),
@@ -264,9 +265,7 @@ fn three_replicas_share_jobs_variants_and_the_adapter_registry() {
         "restarted.log",
     ));
     replicas[owner].as_mut().unwrap().wait_ready();
-    let all = |replicas: &Vec<Option<Daemon>>| -> Vec<&Daemon> {
-        replicas.iter().map(|d| d.as_ref().unwrap()).collect()
-    };
+    let t = replicas[ti].as_ref().unwrap();
     let answers: Vec<String> = all(&replicas).iter().map(|d| answer(d, &tuned)).collect();
     assert!(
         answers.windows(2).all(|w| w[0] == w[1]),
@@ -380,6 +379,13 @@ fn three_replicas_share_jobs_variants_and_the_adapter_registry() {
         "three replicas: {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
+}
+
+fn all(replicas: &[Option<Daemon>]) -> Vec<&Daemon> {
+    replicas
+        .iter()
+        .map(|d| d.as_ref().expect("a running replica"))
+        .collect()
 }
 
 fn a_of(replicas: &[Option<Daemon>]) -> &Daemon {

@@ -514,8 +514,11 @@ impl AdapterStore {
         jobs: Option<&Jobs>,
         name: &str,
     ) -> ServiceResult<Option<(Source, PathBuf)>> {
-        if let Some(r) = self.record(name).await?.filter(|r| r.stored) {
-            return Ok(Some((Source::Imported(r), self.dir(name))));
+        match self.record(name).await? {
+            Some(r) if r.stored => return Ok(Some((Source::Imported(r), self.dir(name)))),
+            // The tombstone of a deleted job variant: its job still names it, but it is gone.
+            Some(_) if name.starts_with(JOB_PREFIX) => return Ok(None),
+            _ => {}
         }
         let Some(jobs) = jobs.filter(|_| name.starts_with(JOB_PREFIX)) else {
             return Ok(None);
