@@ -750,7 +750,8 @@ impl AdapterStore {
                 return false;
             }
         };
-        if !imported && !(self.inner.blobs.shared() && id.starts_with(JOB_PREFIX)) {
+        let shared_variant = self.inner.blobs.shared() && id.starts_with(JOB_PREFIX);
+        if !(imported || shared_variant) {
             return false;
         }
         match self.load(jobs, id).await {
