@@ -1,7 +1,7 @@
 //! End to end: `itamaed` with `storage.objects = s3://…` on a real S3-protocol server (s3s-fs,
 //! started by `scripts/services/s3.sh`): upload a file, import an adapter and train a tiny LoRA
 //! job (its checkpoints and result land in the bucket: listed here), then restart the daemon on
-//! an EMPTY data directory holding only a copy of the database and the adapters' index: the
+//! an EMPTY data directory holding only a copy of the database (rows and adapter registry): the
 //! tuned variant, its checkpoint and the imported adapter still answer (fetched from the bucket),
 //! the uploaded file comes back byte-identical and the checkpoints are listed.
 //!
@@ -257,8 +257,8 @@ fn variants_files_and_checkpoints_survive_an_empty_data_dir_through_s3() {
         assert!(keys.contains(&want), "{want} is not in the bucket");
     }
 
-    // Stop, and start again on an empty data dir with only the rows: the database and the
-    // adapters' index (both of which a shared database holds in a scaled-out deployment).
+    // Stop, and start again on an empty data dir with only the rows: the database, which holds
+    // the adapter registry too (a shared database holds both in a scaled-out deployment).
     d.sigterm();
     d.wait_exit(Duration::from_secs(120));
     drop(d);
@@ -272,11 +272,6 @@ fn variants_files_and_checkpoints_survive_an_empty_data_dir_through_s3() {
             std::fs::copy(entry.path(), data.join(&name)).expect("copy the database");
         }
     }
-    std::fs::copy(
-        first.path().join("data/adapters/index.json"),
-        data.join("adapters/index.json"),
-    )
-    .expect("copy the adapters' index");
     let d = start(second.path(), "itamaed-b.log", &objects, &env);
 
     // The bytes come from the bucket: byte-identical upload, same answers from the variants.

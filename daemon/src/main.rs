@@ -183,6 +183,7 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         engine.clone(),
         max_upload,
         jobs.blobs(),
+        jobs.registry(),
     )?;
     {
         let adapters = adapters.clone();

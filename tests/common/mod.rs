@@ -389,3 +389,113 @@ fn peft_files(
         weights: std::fs::read(out.join(peft::WEIGHTS_FILE)).expect("weights"),
     }
 }
+
+/// A fresh PostgreSQL database `itamae_{tag}_{pid}` on `ITAMAE_TEST_PG_URL`, else on a throwaway
+/// cluster started for this test binary through `scripts/services/postgres.sh` (stopped when the
+/// binary exits); returns its URL.
+#[allow(dead_code)]
+pub fn pg_database(tag: &str) -> String {
+    let server = match std::env::var("ITAMAE_TEST_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
+        Some(u) => u,
+        None => {
+            let script = Path::new(WORKSPACE).join("scripts/services/postgres.sh");
+            let out = Command::new(script)
+                .args(["start", "--watch-pid", &std::process::id().to_string()])
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("running scripts/services/postgres.sh");
+            assert!(out.status.success(), "postgres.sh start failed");
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        }
+    };
+    let name = format!("itamae_{tag}_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
+        for sql in [
+            format!("DROP DATABASE IF EXISTS \"{name}\""),
+            format!("CREATE DATABASE \"{name}\""),
+        ] {
+            sqlx::query(&sql).execute(&mut admin).await.unwrap();
+        }
+    });
+    let base = server.split('?').next().unwrap();
+    format!("{}/{name}", &base[..base.rfind('/').unwrap()])
+}
+
+/// The S3 test server's environment, `(name, value)`: `ITAMAE_TEST_S3_ENDPOINT` (with
+/// `ITAMAE_TEST_S3_BUCKET` and the `AWS_*` credentials) when set, else the server `make test`
+/// shares, else one started for this test binary through `scripts/services/s3.sh`.
+#[allow(dead_code)]
+pub fn s3_env() -> Vec<(String, String)> {
+    let keys = [
+        "ITAMAE_TEST_S3_ENDPOINT",
+        "ITAMAE_TEST_S3_BUCKET",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+    ];
+    if std::env::var_os("ITAMAE_TEST_S3_ENDPOINT").is_some() {
+        return keys
+            .iter()
+            .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
+            .collect();
+    }
+    let script = Path::new(WORKSPACE).join("scripts/services/s3.sh");
+    let run = |args: &[&str]| {
+        Command::new(&script)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/services/s3.sh")
+    };
+    let mut out = run(&["env", "--shared"]);
+    if !out.status.success() {
+        out = run(&["start", "--owner", &std::process::id().to_string()]);
+        assert!(out.status.success(), "scripts/services/s3.sh start failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// One value of [`s3_env`]'s.
+#[allow(dead_code)]
+pub fn env_var<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("{key} is not set"))
+}
+
+/// The environment a daemon needs to reach the S3 server of `env` (`storage.objects` itself is
+/// the caller's).
+#[allow(dead_code)]
+pub fn s3_daemon_env(env: &[(String, String)]) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        (
+            "AWS_ENDPOINT_URL",
+            Some(env_var(env, "ITAMAE_TEST_S3_ENDPOINT").to_string()),
+        ),
+        (
+            "AWS_ACCESS_KEY_ID",
+            Some(env_var(env, "AWS_ACCESS_KEY_ID").to_string()),
+        ),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            Some(env_var(env, "AWS_SECRET_ACCESS_KEY").to_string()),
+        ),
+        ("AWS_REGION", Some("us-east-1".into())),
+        ("AWS_ALLOW_HTTP", Some("true".into())),
+        ("AWS_SESSION_TOKEN", None),
+    ]
+}

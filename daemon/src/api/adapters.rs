@@ -80,7 +80,7 @@ pub async fn list(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let store = store_of(&req)?;
     let data: Vec<Value> = store
         .list(jobs_of(&req))
-        .await
+        .await?
         .iter()
         .map(adapter_object)
         .collect();

@@ -3,8 +3,10 @@
 //! [`super::Jobs`] (it finds jobs' variants through it), below the HTTP handlers of
 //! `/v1/adapters`, which only parse the request, call it and render what it returns.
 //!
-//! Owns `<data>/adapters/index.json` (per-name generation, type, size, whether it should be
-//! resident; replaced atomically). The adapters' bytes (`adapter_config.json` +
+//! The registry of names (per-name generation, type, size, whether it should be resident) is in
+//! the jobs' database ([`super::registry`]), so every replica sees the same generations and a
+//! compare-and-set is decided there. A `<data>/adapters/index.json` an older version kept is
+//! imported into it once at open and renamed `index.json.imported`. The adapters' bytes (`adapter_config.json` +
 //! `adapter_model.safetensors`, as uploaded) go through the jobs' [`BlobStore`]: installed
 //! atomically in its local directory for the name, then published (to the object store when
 //! `storage.objects` names one, so another replica can materialise and serve them).
@@ -14,6 +16,10 @@
 //! the current generation (0 = "must not exist") or [`ServiceError::GenerationMismatch`].
 //! Requests already running keep the `Arc<Adapter>` they started with (the engine's contract),
 //! so a replace never disturbs them.
+//!
+//! Every replica follows the registry's announcements ([`super::variant_sync`]): a variant
+//! replaced or deleted elsewhere stops being served here, and a replaced one is loaded again on
+//! its next request.
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::backend::BlobStore;
+pub use super::registry::Record;
+use super::registry::{Mismatch, Op, Registry};
 use super::{Jobs, ServiceError, ServiceResult};
 use crate::adapters::{peft, Adapter};
 use crate::engine::EngineHandle;
@@ -34,7 +42,10 @@ pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_WEIGHTS_BYTES: u64 = 512 << 20;
 /// Names of this prefix belong to fine-tuning jobs.
 pub const JOB_PREFIX: &str = "ft:";
+/// The registry file of older versions, imported into the database once.
 const INDEX_FILE: &str = "index.json";
+/// What the imported `index.json` is renamed to (kept for reference; never read again).
+const INDEX_IMPORTED: &str = "index.json.imported";
 
 /// True for `[A-Za-z0-9._:-]{1,128}` not starting with `.` and without `..`: a single, harmless
 /// path component under `<data>/adapters/`.
@@ -47,21 +58,7 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-/// One imported name in `index.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Record {
-    /// Bumped by every import; kept after a delete.
-    pub generation: u64,
-    /// False once deleted (the record stays to keep the generation monotonic).
-    pub stored: bool,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub size_bytes: u64,
-    pub created_at: i64,
-    /// Serve it again after a restart (false after an explicit unload).
-    pub load: bool,
-}
-
+/// The layout of an older version's `index.json`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Index {
     adapters: BTreeMap<String, Record>,
@@ -101,16 +98,34 @@ pub struct AdapterStore {
     inner: Arc<StoreInner>,
 }
 
-struct StoreInner {
+pub(super) struct StoreInner {
     root: PathBuf,
-    /// Where the adapters' bytes live (the index stays under `root`).
+    /// Where the adapters' bytes live.
     blobs: Arc<dyn BlobStore>,
+    /// Names and generations, in the jobs' database.
+    registry: Arc<dyn Registry>,
     engine: EngineHandle,
     max_weights_bytes: u64,
-    index: Mutex<Index>,
-    /// Serialises mutations (import, delete, load, unload) so a compare-and-set and the writes
-    /// that follow it are one step.
+    /// The generation of each imported adapter this process serves: what announcements and
+    /// the reconciliation compare with the registry's.
+    served: Mutex<HashMap<String, u64>>,
+    /// Serialises this process's mutations (import, delete, load, unload); across replicas
+    /// the registry's compare-and-set decides.
     ops: tokio::sync::Mutex<()>,
+    /// The runtime of the registry's queries when this store opened its own database.
+    _rt: Option<OwnedRuntime>,
+}
+
+/// A runtime owned by the store, shut down without waiting when dropped (which may happen on
+/// an async thread, where a plain drop would panic).
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> ServiceError {
@@ -234,8 +249,35 @@ async fn discard(stage: PathBuf) {
     let _ = blocking(move || std::fs::remove_dir_all(stage)).await;
 }
 
+/// Imports the `index.json` of an older version into the registry (names the registry does not
+/// know yet; the database wins) and renames it [`INDEX_IMPORTED`], so it is read once.
+fn import_index(root: &Path, registry: &dyn Registry) -> anyhow::Result<()> {
+    let path = root.join(INDEX_FILE);
+    let index: Index = match std::fs::read(&path) {
+        Ok(b) => {
+            serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    let n = index.adapters.len();
+    // The registry's futures run on its own runtime: waiting here works on any thread.
+    let added = futures::executor::block_on(registry.import_rows(index.adapters))
+        .map_err(|e| anyhow::anyhow!("importing {} into the database: {e}", path.display()))?;
+    std::fs::rename(&path, root.join(INDEX_IMPORTED))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    tracing::info!(
+        names = n,
+        added,
+        "imported {} into the adapter registry (renamed {INDEX_IMPORTED})",
+        path.display()
+    );
+    Ok(())
+}
+
 impl AdapterStore {
-    /// Opens `<data_dir>/adapters` (creating it) and its index. Call [`Self::restore`] to serve
+    /// Opens `<data_dir>/adapters` (creating it), with the registry in the data directory's
+    /// SQLite file (queried on a runtime of the store's own). Call [`Self::restore`] to serve
     /// the stored adapters again once the model is loaded.
     pub fn open(
         data_dir: &Path,
@@ -244,25 +286,51 @@ impl AdapterStore {
     ) -> anyhow::Result<Self> {
         let blobs = super::storage::Storage::open(data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
-        Self::open_on(data_dir, engine, max_weights_bytes, Arc::new(blobs))
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("itamae-adapters-db")
+            .enable_all()
+            .build()?;
+        let db = blobs.db_path();
+        let store = rt
+            .block_on(super::store::Store::open(&db))
+            .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", db.display()))?;
+        let registry =
+            super::registry_sqlite::SqliteRegistry::new(store.pool(), rt.handle().clone());
+        Self::build(
+            data_dir,
+            engine,
+            max_weights_bytes,
+            Arc::new(blobs),
+            Arc::new(registry),
+            Some(OwnedRuntime(Some(rt))),
+        )
     }
 
-    /// As [`Self::open`], the adapters' bytes in `blobs` (the jobs' store: [`Jobs::blobs`]).
+    /// As [`Self::open`], the adapters' bytes in `blobs` and their names in `registry` (the
+    /// jobs' stores: [`Jobs::blobs`], [`Jobs::registry`]).
     pub fn open_on(
         data_dir: &Path,
         engine: EngineHandle,
         max_weights_bytes: u64,
         blobs: Arc<dyn BlobStore>,
+        registry: Arc<dyn Registry>,
+    ) -> anyhow::Result<Self> {
+        Self::build(data_dir, engine, max_weights_bytes, blobs, registry, None)
+    }
+
+    fn build(
+        data_dir: &Path,
+        engine: EngineHandle,
+        max_weights_bytes: u64,
+        blobs: Arc<dyn BlobStore>,
+        registry: Arc<dyn Registry>,
+        rt: Option<OwnedRuntime>,
     ) -> anyhow::Result<Self> {
         let root = data_dir.join("adapters");
         std::fs::create_dir_all(&root)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", root.display()))?;
-        let index = match std::fs::read(root.join(INDEX_FILE)) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", root.join(INDEX_FILE).display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index::default(),
-            Err(e) => anyhow::bail!("{}: {e}", root.join(INDEX_FILE).display()),
-        };
+        import_index(&root, registry.as_ref())?;
         // Leftovers of a crash mid-write (atomic writes use dot-prefixed siblings).
         if let Ok(entries) = std::fs::read_dir(&root) {
             for e in entries.flatten() {
@@ -277,16 +345,33 @@ impl AdapterStore {
                 }
             }
         }
-        Ok(Self {
+        let announcements = registry.announcements();
+        let store = Self {
             inner: Arc::new(StoreInner {
                 root,
                 blobs,
+                registry,
                 engine,
                 max_weights_bytes,
-                index: Mutex::new(index),
+                served: Mutex::new(HashMap::new()),
                 ops: tokio::sync::Mutex::new(()),
+                _rt: rt,
             }),
-        })
+        };
+        store
+            .inner
+            .registry
+            .runtime()
+            .spawn(super::variant_sync::follow(
+                Arc::downgrade(&store.inner),
+                announcements,
+            ));
+        Ok(store)
+    }
+
+    /// The store of `inner` (for the announcements' follower, which holds it weakly).
+    pub(super) fn from_inner(inner: Arc<StoreInner>) -> Self {
+        Self { inner }
     }
 
     /// Serves every stored adapter marked to load (blocking: run it on a thread of its own; it
@@ -295,14 +380,14 @@ impl AdapterStore {
         if self.inner.engine.wait_loaded().is_err() {
             return;
         }
-        let names: Vec<String> = self
-            .index()
-            .adapters
-            .iter()
-            .filter(|(_, r)| r.stored && r.load)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
+        let rows = match futures::executor::block_on(self.inner.registry.list()) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!("cannot read the adapter registry: {e}");
+                return;
+            }
+        };
+        for (name, r) in rows.into_iter().filter(|(_, r)| r.stored && r.load) {
             let dir = match self.inner.blobs.materialise_adapter(&name) {
                 Ok(Some(d)) => d,
                 Ok(None) => {
@@ -315,7 +400,10 @@ impl AdapterStore {
                 }
             };
             match self.load_from_disk(&name, &dir) {
-                Ok(_) => tracing::info!(adapter = %name, "serving stored adapter"),
+                Ok(_) => {
+                    self.set_served(&name, Some(r.generation));
+                    tracing::info!(adapter = %name, "serving stored adapter")
+                }
                 Err(e) => tracing::warn!(adapter = %name, "cannot serve stored adapter: {e}"),
             }
         }
@@ -326,8 +414,42 @@ impl AdapterStore {
         self.inner.max_weights_bytes
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
-        self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
+    /// Records the generation of the imported adapter `name` this process serves (None: it
+    /// serves none of it any more).
+    pub(super) fn set_served(&self, name: &str, generation: Option<u64>) {
+        let mut m = self.inner.served.lock().unwrap_or_else(|e| e.into_inner());
+        match generation {
+            Some(g) => m.insert(name.to_string(), g),
+            None => m.remove(name),
+        };
+    }
+
+    /// The imported adapters this process serves, with their generations.
+    pub(super) fn served_generations(&self) -> HashMap<String, u64> {
+        self.inner
+            .served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(super) fn engine(&self) -> &EngineHandle {
+        &self.inner.engine
+    }
+
+    pub(super) fn registry(&self) -> &Arc<dyn Registry> {
+        &self.inner.registry
+    }
+
+    /// Stops serving `name` here (requests running on it keep their weights); what a replica
+    /// does when another one replaced or deleted it.
+    pub(super) fn drop_served(&self, name: &str) {
+        self.set_served(name, None);
+        match self.inner.engine.remove_adapter(name) {
+            Ok(true) => crate::metrics::global().adapter_evicted(),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(adapter = %name, "cannot stop serving: {e}"),
+        }
     }
 
     /// The local directory of an imported adapter's files. Callers pass validated names only.
@@ -336,38 +458,30 @@ impl AdapterStore {
     }
 
     /// [`Self::locate`], with the files materialised locally (another replica may have written
-    /// them): what loading and reading need.
-    async fn fetch(&self, jobs: Option<&Jobs>, name: &str) -> ServiceResult<Option<PathBuf>> {
-        if self.record(name).is_some_and(|r| r.stored) {
+    /// them): what loading and reading need, with the generation of an imported adapter.
+    async fn fetch(
+        &self,
+        jobs: Option<&Jobs>,
+        name: &str,
+    ) -> ServiceResult<Option<(PathBuf, Option<u64>)>> {
+        if let Some(r) = self.record(name).await?.filter(|r| r.stored) {
             let (blobs, n) = (self.inner.blobs.clone(), name.to_string());
-            return blocking(move || blobs.materialise_adapter(&n))
+            return Ok(blocking(move || blobs.materialise_adapter(&n))
                 .await?
-                .map_err(|e| io_err(&format!("Cannot fetch adapter `{name}`"), e));
+                .map_err(|e| io_err(&format!("Cannot fetch adapter `{name}`"), e))?
+                .map(|d| (d, Some(r.generation))));
         }
         match jobs {
             Some(j) if name.starts_with(JOB_PREFIX) => {
-                Ok(j.materialise_variant(name).await?.map(|(_, d)| d))
+                Ok(j.materialise_variant(name).await?.map(|(_, d)| (d, None)))
             }
             _ => Ok(None),
         }
     }
 
-    fn record(&self, name: &str) -> Option<Record> {
-        self.index().adapters.get(name).cloned()
-    }
-
-    /// Writes the index durably (a temporary file renamed over the old one).
-    fn save_index(&self) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(&*self.index()).map_err(std::io::Error::other)?;
-        crate::durable::write_file(&self.inner.root.join(INDEX_FILE), &bytes)
-    }
-
-    fn update(&self, name: &str, f: impl FnOnce(&mut Record)) -> ServiceResult<()> {
-        if let Some(r) = self.index().adapters.get_mut(name) {
-            f(r);
-        }
-        self.save_index()
-            .map_err(|e| io_err("Cannot write the adapters index", e))
+    /// The registry's row of `name` (tombstones included).
+    async fn record(&self, name: &str) -> ServiceResult<Option<Record>> {
+        Ok(self.inner.registry.get(name).await?)
     }
 
     /// Served (listed as a model), whether loaded or evicted by the memory budget.
@@ -395,36 +509,38 @@ impl AdapterStore {
 
     /// Where the files of `name` are: an imported adapter, or (through `jobs`) a fine-tuning
     /// job's result or checkpoint.
-    async fn locate(&self, jobs: Option<&Jobs>, name: &str) -> Option<(Source, PathBuf)> {
-        if let Some(r) = self.record(name).filter(|r| r.stored) {
-            return Some((Source::Imported(r), self.dir(name)));
+    async fn locate(
+        &self,
+        jobs: Option<&Jobs>,
+        name: &str,
+    ) -> ServiceResult<Option<(Source, PathBuf)>> {
+        match self.record(name).await? {
+            Some(r) if r.stored => return Ok(Some((Source::Imported(r), self.dir(name)))),
+            // The tombstone of a deleted job variant: its job still names it, but it is gone.
+            Some(_) if name.starts_with(JOB_PREFIX) => return Ok(None),
+            _ => {}
         }
-        if !name.starts_with(JOB_PREFIX) {
-            return None;
-        }
-        let (job_id, dir) = jobs?.variant_files(name).await?;
-        Some((
-            Source::Job {
-                job_id,
-                dir: dir.clone(),
-            },
-            dir,
-        ))
+        let Some(jobs) = jobs.filter(|_| name.starts_with(JOB_PREFIX)) else {
+            return Ok(None);
+        };
+        Ok(jobs.variant_files(name).await.map(|(job_id, dir)| {
+            (
+                Source::Job {
+                    job_id,
+                    dir: dir.clone(),
+                },
+                dir,
+            )
+        }))
     }
 
     /// Imported adapters (resident or not) and every served variant, by id.
-    pub async fn list(&self, jobs: Option<&Jobs>) -> Vec<AdapterInfo> {
+    pub async fn list(&self, jobs: Option<&Jobs>) -> ServiceResult<Vec<AdapterInfo>> {
         let models = self.inner.engine.models();
         let base = models.first().map(|c| c.id.clone());
         let mut out: BTreeMap<String, AdapterInfo> = BTreeMap::new();
-        let records: Vec<(String, Record)> = self
-            .index()
-            .adapters
-            .iter()
-            .filter(|(_, r)| r.stored)
-            .map(|(n, r)| (n.clone(), r.clone()))
-            .collect();
-        for (name, r) in records {
+        let rows = self.inner.registry.list().await?;
+        for (name, r) in rows.into_iter().filter(|(_, r)| r.stored) {
             let resident = models.iter().any(|c| c.id == name && c.resident);
             out.insert(
                 name.clone(),
@@ -441,7 +557,7 @@ impl AdapterStore {
             if out.contains_key(&c.id) {
                 continue;
             }
-            let source = self.locate(jobs, &c.id).await.map(|(s, _)| s);
+            let source = self.locate(jobs, &c.id).await?.map(|(s, _)| s);
             out.insert(
                 c.id.clone(),
                 info(
@@ -453,14 +569,14 @@ impl AdapterStore {
                 ),
             );
         }
-        out.into_values().collect()
+        Ok(out.into_values().collect())
     }
 
     /// The adapter or servable variant `id` (a valid name).
     pub async fn describe(&self, jobs: Option<&Jobs>, id: &str) -> ServiceResult<AdapterInfo> {
         let models = self.inner.engine.models();
         let card = models.iter().find(|c| c.id == id && c.parent.is_some());
-        let source = self.locate(jobs, id).await.map(|(s, _)| s);
+        let source = self.locate(jobs, id).await?.map(|(s, _)| s);
         if card.is_none() && source.is_none() {
             return Err(ServiceError::AdapterNotFound(id.into()));
         }
@@ -528,19 +644,24 @@ impl AdapterStore {
         };
         let kind = adapter.kind().to_string();
         let _guard = self.inner.ops.lock().await;
-        let current = self.record(&name);
-        let current_gen = current
-            .as_ref()
-            .filter(|r| r.stored)
-            .map_or(0, |r| r.generation);
-        if let Some(want) = if_generation {
-            if want != current_gen {
+        // The compare-and-set is the database's: from here until the commit the name is held
+        // (on every replica, with PostgreSQL), so the bytes published below are the ones of the
+        // generation the commit records.
+        let tx = match self.inner.registry.begin_import(&name, if_generation).await {
+            Ok(Ok(tx)) => tx,
+            Ok(Err(Mismatch(current))) => {
                 discard(stage).await;
+                let want = if_generation.unwrap_or_default();
                 return Err(ServiceError::GenerationMismatch(format!(
-                    "Adapter `{name}` is at generation {current_gen}, not {want}"
+                    "Adapter `{name}` is at generation {current}, not {want}"
                 )));
             }
-        }
+            Err(e) => {
+                discard(stage).await;
+                return Err(e.into());
+            }
+        };
+        let (generation, created) = (tx.generation(), tx.op() == Op::Import);
         {
             let (st, blobs, n) = (stage.clone(), self.inner.blobs.clone(), name.clone());
             let installed = blocking(move || {
@@ -553,23 +674,15 @@ impl AdapterStore {
                 return Err(io_err("Cannot store the adapter", e));
             }
         }
-        // Monotonic across deletes: a re-created name continues from its last generation.
-        let generation = current.as_ref().map_or(0, |r| r.generation) + 1;
-        let record = Record {
-            generation,
-            stored: true,
-            kind,
-            size_bytes: size,
-            created_at: super::storage::now(),
-            load: true,
-        };
-        self.index().adapters.insert(name.clone(), record.clone());
-        self.save_index()
-            .map_err(|e| io_err("Cannot write the adapters index", e))?;
+        let record = tx
+            .commit(kind, size, super::storage::now())
+            .await
+            .map_err(|e| io_err("Cannot record the adapter", e))?;
         let was = self.is_served(&name);
         self.inner
             .engine
             .add_adapter_from(&name, adapter, &self.dir(&name))?;
+        self.set_served(&name, Some(generation));
         let m = crate::metrics::global();
         m.adapter_loaded(&name, started.elapsed().as_secs_f64());
         if was {
@@ -584,7 +697,6 @@ impl AdapterStore {
             "adapter imported"
         );
         let base = self.inner.engine.models().first().map(|c| c.id.clone());
-        let created = current_gen == 0;
         Ok((
             info(
                 &name,
@@ -605,34 +717,41 @@ impl AdapterStore {
             let (engine, name) = (self.inner.engine.clone(), id.to_string());
             blocking(move || engine.make_resident(&name)).await??;
         } else {
-            let dir = self
+            let (dir, generation) = self
                 .fetch(jobs, id)
                 .await?
                 .ok_or_else(|| ServiceError::AdapterNotFound(id.into()))?;
             let (s, name) = (self.clone(), id.to_string());
             blocking(move || s.load_from_disk(&name, &dir)).await??;
-            tracing::info!(adapter = %id, "adapter loaded");
+            if generation.is_some() {
+                self.set_served(id, generation);
+            }
+            tracing::info!(adapter = %id, generation, "adapter loaded");
         }
-        if self.record(id).is_some_and(|r| r.stored) {
-            self.update(id, |r| r.load = true)?;
-        }
+        self.inner.registry.set_load(id, true).await?;
         self.describe(jobs, id).await
     }
 
-    /// With a shared blob store (`storage.objects`): serves `id` if it is stored but not served
-    /// here yet — an adapter or job variant another replica wrote — fetching its files, so the
-    /// request naming it is answered instead of a 404. False if nothing is stored under `id`.
-    /// With the local data directory everything stored is served from the start, and an
-    /// explicitly unloaded variant must stay unloaded: nothing happens.
+    /// Serves `id` if it is stored but not served here yet, fetching its files, so the request
+    /// naming it is answered instead of a 404: an imported adapter marked to load (imported or
+    /// replaced by another replica, whose announcement made this one drop an older
+    /// generation), or, with a shared blob store (`storage.objects`), a job variant another
+    /// replica wrote. With the local data directory every job variant is served from the
+    /// start, and an explicitly unloaded one must stay unloaded: nothing happens. False if
+    /// nothing servable is stored under `id`.
     pub async fn serve_on_demand(&self, jobs: Option<&Jobs>, id: &str) -> bool {
         if self.is_served(id) {
             return true;
         }
-        if !self.inner.blobs.shared() {
-            return false;
-        }
-        let imported = self.record(id).is_some_and(|r| r.stored && r.load);
-        if !imported && !id.starts_with(JOB_PREFIX) {
+        let imported = match self.record(id).await {
+            Ok(r) => r.is_some_and(|r| r.stored && r.load),
+            Err(e) => {
+                tracing::warn!(model = %id, "cannot read the adapter registry: {e}");
+                return false;
+            }
+        };
+        let shared_variant = self.inner.blobs.shared() && id.starts_with(JOB_PREFIX);
+        if !(imported || shared_variant) {
             return false;
         }
         match self.load(jobs, id).await {
@@ -656,8 +775,9 @@ impl AdapterStore {
         id: &str,
     ) -> ServiceResult<Option<AdapterInfo>> {
         let _guard = self.inner.ops.lock().await;
-        let stored = self.locate(jobs, id).await.is_some();
+        let stored = self.locate(jobs, id).await?.is_some();
         let removed = self.inner.engine.remove_adapter(id)?;
+        self.set_served(id, None);
         if !removed && !stored {
             return Err(ServiceError::AdapterNotFound(id.into()));
         }
@@ -665,9 +785,7 @@ impl AdapterStore {
             crate::metrics::global().adapter_evicted();
             tracing::info!(adapter = %id, "adapter unloaded");
         }
-        if self.record(id).is_some_and(|r| r.stored) {
-            self.update(id, |r| r.load = false)?;
-        }
+        self.inner.registry.set_load(id, false).await?;
         if stored {
             Ok(Some(self.describe(jobs, id).await?))
         } else {
@@ -679,7 +797,7 @@ impl AdapterStore {
     /// [`Self::delete_model`]).
     pub async fn delete(&self, jobs: Option<&Jobs>, id: &str) -> ServiceResult<()> {
         let _guard = self.inner.ops.lock().await;
-        match self.locate(jobs, id).await {
+        match self.locate(jobs, id).await? {
             Some((Source::Imported(_), _)) => {}
             Some((Source::Job { job_id, .. }, _)) => {
                 return Err(ServiceError::invalid(
@@ -692,13 +810,9 @@ impl AdapterStore {
             }
             None => return Err(ServiceError::AdapterNotFound(id.into())),
         }
-        if self.inner.engine.remove_adapter(id)? {
-            crate::metrics::global().adapter_evicted();
-        }
-        self.update(id, |r| {
-            r.stored = false;
-            r.load = false;
-        })?;
+        self.drop_served(id);
+        // The bytes go before the registry's row: an import of the same name racing this on
+        // another replica then ends deleted (as if it came first), never stored without bytes.
         // Renamed out of the way first (durable::remove_dir), so the name is free at once even
         // if removal is slow.
         let (blobs, name) = (self.inner.blobs.clone(), id.to_string());
@@ -708,7 +822,9 @@ impl AdapterStore {
             }
         })
         .await?;
-        tracing::info!(adapter = %id, "adapter deleted");
+        // Announced to every replica, which stop serving it.
+        let deleted = self.inner.registry.delete(id).await?;
+        tracing::info!(adapter = %id, generation = deleted.map(|r| r.generation), "adapter deleted");
         Ok(())
     }
 
@@ -719,7 +835,7 @@ impl AdapterStore {
     /// ([`BlobStore::delete_job_dir`]), so a crash leaves them whole or gone. The job's
     /// record stays (its `fine_tuned_model` still names the deleted model).
     pub async fn delete_model(&self, jobs: Option<&Jobs>, id: &str) -> ServiceResult<()> {
-        if self.record(id).is_some_and(|r| r.stored) {
+        if self.record(id).await?.is_some_and(|r| r.stored) {
             return self.delete(jobs, id).await;
         }
         let _guard = self.inner.ops.lock().await;
@@ -748,6 +864,8 @@ impl AdapterStore {
         if self.inner.engine.remove_adapter(id)? {
             crate::metrics::global().adapter_evicted();
         }
+        // A tombstone, announced: every replica stops serving it.
+        self.inner.registry.delete_variant(id).await?;
         tracing::info!(model = %id, job = %job_id, "fine-tuned model deleted");
         Ok(())
     }
@@ -759,7 +877,7 @@ impl AdapterStore {
         id: &str,
         file: &'static str,
     ) -> ServiceResult<Vec<u8>> {
-        let dir = self
+        let (dir, _) = self
             .fetch(jobs, id)
             .await?
             .ok_or_else(|| ServiceError::AdapterNotFound(id.into()))?;
@@ -804,22 +922,49 @@ mod tests {
     }
 
     #[test]
-    fn index_round_trips() {
-        let mut ix = Index::default();
-        ix.adapters.insert(
-            "a".into(),
-            Record {
-                generation: 3,
-                stored: true,
-                kind: "lora".into(),
-                size_bytes: 10,
-                created_at: 1,
-                load: false,
-            },
+    fn an_old_index_is_imported_once_and_set_aside() {
+        let dir = std::env::temp_dir().join(format!("itamae-index-{:016x}", rand::random::<u64>()));
+        let root = dir.join("adapters");
+        std::fs::create_dir_all(&root).unwrap();
+        let old = r#"{"adapters":{"a":{"generation":3,"stored":true,"type":"lora",
+            "size_bytes":10,"created_at":1,"load":false},
+            "gone":{"generation":2,"stored":false,"type":"lora","size_bytes":1,"created_at":1,
+            "load":false}}}"#;
+        std::fs::write(root.join(INDEX_FILE), old).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt
+            .block_on(super::super::store::Store::open(&dir.join("itamae.db")))
+            .unwrap();
+        let reg =
+            super::super::registry_sqlite::SqliteRegistry::new(store.pool(), rt.handle().clone());
+        import_index(&root, &reg).unwrap();
+        assert!(!root.join(INDEX_FILE).exists());
+        assert!(root.join(INDEX_IMPORTED).exists());
+        let rows = futures::executor::block_on(reg.list()).unwrap();
+        assert_eq!(rows["a"].generation, 3);
+        assert!(rows["a"].stored && !rows["a"].load);
+        assert_eq!(rows["gone"].generation, 2);
+        assert!(!rows["gone"].stored);
+        // a second file (an older daemon run again) never overrides what the database has
+        std::fs::write(
+            root.join(INDEX_FILE),
+            old.replace("\"generation\":3", "\"generation\":1"),
+        )
+        .unwrap();
+        import_index(&root, &reg).unwrap();
+        assert_eq!(
+            futures::executor::block_on(reg.get("a"))
+                .unwrap()
+                .unwrap()
+                .generation,
+            3
         );
-        let s = serde_json::to_string(&ix).unwrap();
-        assert!(s.contains("\"type\":\"lora\""));
-        let back: Index = serde_json::from_str(&s).unwrap();
-        assert_eq!(back.adapters["a"], ix.adapters["a"]);
+        drop(store);
+        rt.shutdown_background();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

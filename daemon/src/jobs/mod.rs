@@ -10,6 +10,8 @@
 //! - [`service`]: what the HTTP handlers call (create, list, cancel, upload, ...), with domain
 //!   errors ([`ServiceError`]); they never see a row store or a path.
 //! - [`adapter_store`]: the adapters imported over the API, with compare-and-set generations.
+//! - [`registry`]: the adapter registry (names, generations) in the jobs' database
+//!   ([`registry_sqlite`], [`registry_pg`]), and the announcements of changed variants.
 //! - [`spec`]: a job request parsed and validated into what the trainer needs;
 //!   [`auto_hyper`]: what "auto" epochs and batch size are for a dataset's size.
 //! - [`lease`]: a runner's claim on the job it trains (heartbeat, loss of the lease, the
@@ -26,6 +28,11 @@ pub mod error;
 mod lease;
 pub mod object_blob;
 pub mod pg_store;
+pub mod registry;
+#[cfg(test)]
+mod registry_contract;
+pub mod registry_pg;
+pub mod registry_sqlite;
 pub mod runner;
 mod service;
 pub mod spec;
@@ -33,6 +40,7 @@ pub mod storage;
 pub mod store;
 #[cfg(test)]
 mod store_contract;
+mod variant_sync;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,6 +108,8 @@ pub(crate) struct Inner {
     cfg: JobsConfig,
     store: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
+    /// The adapter registry, in the same database as `store`.
+    registry: Arc<dyn registry::Registry>,
     engine: EngineHandle,
     /// A runtime for the database calls of plain threads (runner, validation); HTTP handlers
     /// use their own. It lives as long as the runner thread, that is, the process.
@@ -167,25 +177,38 @@ impl Jobs {
         // upload (the runner's recovery runs after the model loads, while uploads may be in
         // flight, and would delete them).
         blobs.clean_interrupted_uploads();
-        let store: Arc<dyn MetaStore> = match &cfg.database {
-            Some(DatabaseUrl::Postgres(url)) => Arc::new(
-                rt.block_on(pg_store::PgStore::open(url, rt.handle().clone()))
-                    .map_err(|e| anyhow::anyhow!("cannot open the database {e}"))?,
-            ),
-            sqlite => {
-                let db = match sqlite {
-                    Some(DatabaseUrl::Sqlite(path)) => path.clone(),
-                    _ => default_db,
-                };
-                Arc::new(rt.block_on(Store::open(&db)).map_err(|e| {
-                    anyhow::anyhow!("cannot open the database {}: {e}", db.display())
-                })?)
-            }
-        };
+        let (store, registry): (Arc<dyn MetaStore>, Arc<dyn registry::Registry>) =
+            match &cfg.database {
+                Some(DatabaseUrl::Postgres(url)) => {
+                    let store = rt
+                        .block_on(pg_store::PgStore::open(url, rt.handle().clone()))
+                        .map_err(|e| anyhow::anyhow!("cannot open the database {e}"))?;
+                    let registry = rt
+                        .block_on(registry_pg::PgRegistry::open(
+                            store.pool(),
+                            rt.handle().clone(),
+                        ))
+                        .map_err(|e| anyhow::anyhow!("cannot listen to the database: {e}"))?;
+                    (Arc::new(store), Arc::new(registry))
+                }
+                sqlite => {
+                    let db = match sqlite {
+                        Some(DatabaseUrl::Sqlite(path)) => path.clone(),
+                        _ => default_db,
+                    };
+                    let store = rt.block_on(Store::open(&db)).map_err(|e| {
+                        anyhow::anyhow!("cannot open the database {}: {e}", db.display())
+                    })?;
+                    let registry =
+                        registry_sqlite::SqliteRegistry::new(store.pool(), rt.handle().clone());
+                    (Arc::new(store), Arc::new(registry))
+                }
+            };
         let inner = Arc::new(Inner {
             cfg,
             store,
             blobs,
+            registry,
             engine,
             rt: rt.handle().clone(),
             wake: (Mutex::new(0), Condvar::new()),
@@ -210,6 +233,11 @@ impl Jobs {
     /// the adapter store keeps imported adapters there too.
     pub fn blobs(&self) -> Arc<dyn BlobStore> {
         self.inner.blobs.clone()
+    }
+
+    /// The adapter registry (in the jobs' database): the adapter store keeps its names there.
+    pub fn registry(&self) -> Arc<dyn registry::Registry> {
+        self.inner.registry.clone()
     }
 
     /// `ft:{base}:{org}:{suffix}:{job-id}`, the name a job's result is served under.

@@ -38,6 +38,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_jobs.sql")),
     (2, include_str!("../../migrations/postgres/0002_leases.sql")),
     (3, include_str!("../../migrations/postgres/0003_notify.sql")),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_adapters.sql"),
+    ),
 ];
 
 /// The advisory lock key migrations hold (any constant; this one spells "itamae" in ASCII).
@@ -99,6 +103,12 @@ impl PgStore {
         let listener = PgListener::connect_with(&db.pool).await.map_err(fail)?;
         rt.spawn(listen(listener, Arc::downgrade(&changes)));
         Ok(Self { db, rt, changes })
+    }
+
+    /// The pool, for the adapter registry's queries on the same database
+    /// ([`super::registry_pg`]).
+    pub fn pool(&self) -> PgPool {
+        self.db.pool.clone()
     }
 
     /// Runs `f` on the jobs runtime.

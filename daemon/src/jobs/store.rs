@@ -26,6 +26,7 @@ use super::storage::{new_id, now, CHECKPOINT_PREFIX, EVENT_PREFIX};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_jobs.sql")),
     (2, include_str!("../../migrations/0002_leases.sql")),
+    (3, include_str!("../../migrations/0003_adapters.sql")),
 ];
 
 pub type Result<T> = std::result::Result<T, sqlx::Error>;
@@ -232,6 +233,12 @@ impl Store {
         .execute(&store.pool)
         .await?;
         Ok(store)
+    }
+
+    /// The pool, for the adapter registry's queries on the same file
+    /// ([`super::registry_sqlite`]).
+    pub fn pool(&self) -> SqlitePool {
+        self.pool.clone()
     }
 
     async fn migrate(&self) -> Result<()> {

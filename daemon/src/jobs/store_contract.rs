@@ -12,13 +12,13 @@ use super::storage::{new_id, now};
 use super::store::{status, FileRow, JobRow, Store};
 
 /// Where a test's store lives; opening it twice reaches the same rows.
-enum Backend {
+pub(super) enum Backend {
     Sqlite(std::path::PathBuf),
     Postgres(String),
 }
 
 impl Backend {
-    async fn open(&self) -> Box<dyn MetaStore> {
+    pub(super) async fn open(&self) -> Box<dyn MetaStore> {
         match self {
             Backend::Sqlite(path) => Box::new(Store::open(path).await.unwrap()),
             Backend::Postgres(url) => Box::new(
@@ -29,7 +29,7 @@ impl Backend {
         }
     }
 
-    fn name(&self) -> &'static str {
+    pub(super) fn name(&self) -> &'static str {
         match self {
             Backend::Sqlite(_) => "sqlite",
             Backend::Postgres(_) => "postgres",
@@ -73,7 +73,7 @@ fn pg_server() -> &'static str {
 }
 
 /// A fresh database on the test server.
-async fn pg_database() -> String {
+pub(super) async fn pg_database() -> String {
     use sqlx::Connection;
     let server = pg_server();
     let mut admin = sqlx::PgConnection::connect(server).await.unwrap();
@@ -97,7 +97,7 @@ fn sqlite_file() -> std::path::PathBuf {
 }
 
 /// Both backends, each fresh.
-async fn backends() -> Vec<Backend> {
+pub(super) async fn backends() -> Vec<Backend> {
     vec![
         Backend::Sqlite(sqlite_file()),
         Backend::Postgres(pg_database().await),
@@ -736,7 +736,7 @@ async fn postgres_replicas_migrate_once_and_notify_each_other() {
                 .fetch_all(&mut c)
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(versions, [1, 2, 3, 4]);
     }
 }
 
