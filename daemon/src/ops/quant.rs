@@ -230,9 +230,10 @@ pub fn linear_lora(
     linear(x, w, b)? + (d * lora.scale)?
 }
 
-/// The most rows [`super::qdot`] takes; more go to dequantize + BLAS. `itamae-bench quant`
+/// The most rows [`super::qdot`] takes; more go to the tiled exact product. `itamae-bench quant`
 /// measured qdot faster up to 64 rows for every block type (docs/ops.md), but prompts run on
-/// 8-bit activations changed SmolLM2's greedy answers in the real-model suite, so for now only
+/// 8-bit activations changed SmolLM2's greedy answers in the real-model suite (llama.cpp, which
+/// runs prompts on 8-bit activations, does not answer Paris on that file either), so only
 /// decode batches (one walk over the weight for up to 8 rows) use it and prefill stays exact.
 pub const QDOT_ROWS_MAX: usize = super::qdot::MAX_ROWS;
 
