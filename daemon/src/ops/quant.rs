@@ -5,12 +5,13 @@
 //! Which kernel runs on the CPU, by measurement (`itamae-bench quant` prints the crossover):
 //! up to [`QDOT_ROWS_MAX`] rows (decode, few-row decode batches) our own integer-dot kernels
 //! ([`super::qdot`]) read each weight block once for all rows; more rows (prefill, training)
-//! dequantize the matrix once and run the f32 BLAS GEMM, whose blocking wins once the
-//! dequantization is spread over enough rows. Both run inside one op ([`QLinear`]).
+//! dequantize the matrix one L2-sized tile at a time and run an f32 GEMM per tile
+//! ([`super::dequant::tiled_xwt`]), which wins once the dequantization is spread over enough
+//! rows. Both run inside one op ([`QLinear`]).
 //!
 //! Training never makes a whole f32 copy of a quantized base: [`linear`] on a gradient-tracking
-//! input runs [`QLinear`], whose backward computes `dX = dY · W` from the weight dequantized for
-//! that one call, and callers that need an f32 matrix for a fused op (the decoder block, the LM
+//! input runs [`QLinear`], whose backward computes `dX = dY · W` from the weight dequantized
+//! tile by tile, and callers that need an f32 matrix for a fused op (the decoder block, the LM
 //! head in the loss) materialise one layer at a time with [`Weight::to_dense`].
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -229,9 +230,10 @@ pub fn linear_lora(
     linear(x, w, b)? + (d * lora.scale)?
 }
 
-/// The most rows [`super::qdot`] takes; more go to dequantize + BLAS. `itamae-bench quant`
+/// The most rows [`super::qdot`] takes; more go to the tiled exact product. `itamae-bench quant`
 /// measured qdot faster up to 64 rows for every block type (docs/ops.md), but prompts run on
-/// 8-bit activations changed SmolLM2's greedy answers in the real-model suite, so for now only
+/// 8-bit activations changed SmolLM2's greedy answers in the real-model suite (llama.cpp, which
+/// runs prompts on 8-bit activations, does not answer Paris on that file either), so only
 /// decode batches (one walk over the weight for up to 8 rows) use it and prefill stays exact.
 pub const QDOT_ROWS_MAX: usize = super::qdot::MAX_ROWS;
 
@@ -264,7 +266,7 @@ pub fn qdot_matmul(q: &QTensor, x: &[f32], rows: usize) -> Result<Option<Vec<f32
 }
 
 /// The quantized product as an op with a backward for its input only: the weight is frozen,
-/// and `dX = dY · W` is computed from a dequantized copy that lives for that call alone. The
+/// and `dX = dY · W` is computed from dequantized tiles that live for that call alone. The
 /// flag says the input tracks a gradient: training's forward then always runs on the
 /// dequantized weight, so its loss and gradients are the f32 base's exactly (8-bit activations
 /// are a serving trade only).
@@ -286,7 +288,11 @@ impl CustomOp1 for QLinear {
             // A format qdot does not read (none the loaders keep): candle's own kernel.
             return self.0.cpu_fwd(s, l);
         }
-        // One transient f32 copy of this matrix, dropped when the call returns.
+        if let Some(y) = super::dequant::tiled_xwt(&self.0, x, rows)? {
+            let n = self.0.shape().dims2()?.0;
+            return Ok((CpuStorage::F32(y), Shape::from((rows, n))));
+        }
+        // A type without a tile decoder: one transient f32 copy of the matrix.
         let w = self.0.dequantize(&candle_core::Device::Cpu)?;
         let n = w.dim(0)?;
         let (ws, wl) = w.storage_and_layout();
@@ -309,8 +315,16 @@ impl CustomOp1 for QLinear {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.0.dequantize(&self.0.device())?;
         let dy = dy.contiguous()?.to_dtype(DType::F32)?;
+        if dy.device().is_cpu() {
+            let (m, _) = dy.dims2()?;
+            let k = self.0.shape().dims2()?.1;
+            let v = dy.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(dx) = super::dequant::tiled_dy_w(&self.0, &v, m)? {
+                return Ok(Some(Tensor::from_vec(dx, (m, k), dy.device())?));
+            }
+        }
+        let w = self.0.dequantize(&self.0.device())?;
         let dx = if dy.device().is_cpu() {
             super::linear::gemm_tensors(&dy, false, &w, false)?
         } else {

@@ -99,15 +99,13 @@ pub(crate) fn job_swap(
     clients: usize,
     jobs: usize,
     tokens: usize,
+    weights: model::WeightsMode,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let loaded = model::load(
-        model_path,
-        &candle_core::Device::Cpu,
-        itamae::model::WeightsMode::default(),
-    )?;
+    let loaded = model::load(model_path, &candle_core::Device::Cpu, weights)?;
+    println!("weights {weights}");
     let base = loaded.name.clone();
     let dir = std::env::temp_dir().join(format!(
         "itamae-bench-job-swap-{:016x}",

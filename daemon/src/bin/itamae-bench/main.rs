@@ -85,6 +85,8 @@ enum BenchCommand {
         /// Tokens per chat.
         #[arg(long, default_value_t = 32)]
         tokens: usize,
+        #[command(flatten)]
+        weights: config::WeightsArg,
     },
     /// LoRA SFT tokens/s and peak RSS (r=16, all-linear) on the f32 base and on the base as
     /// stored (QLoRA-style), side by side with HF PEFT; the sides' steps interleave.
@@ -224,7 +226,8 @@ fn main() {
             clients,
             jobs,
             tokens,
-        } => job_swap::job_swap(&model, clients, jobs, tokens),
+            weights,
+        } => job_swap::job_swap(&model, clients, jobs, tokens, weights.resolve(None)),
         BenchCommand::Train {
             model,
             seq,

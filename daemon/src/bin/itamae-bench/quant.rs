@@ -1,7 +1,8 @@
 //! `itamae-bench quant`: the product `x · Wᵀ` of one SmolLM2-sized projection (1536 × 576) held
 //! in each block type, at decode and prefill row counts: our integer-dot kernels (`ops::qdot`),
-//! candle's quantized matmul, and dequantizing the weight + the f32 BLAS GEMM, with the f32
-//! weight's GEMM as the peer. Prints, per type, the largest row count at which qdot still beats
+//! candle's quantized matmul, dequantizing the whole weight + the f32 BLAS GEMM, and the tiled
+//! product (`ops::dequant::tiled_xwt`: L2-sized tiles dequantized into a per-thread buffer, one
+//! GEMM per tile), with the f32 weight's GEMM as the peer. Prints, per type, the largest row count at which qdot still beats
 //! dequantize + BLAS: what `ops::quant::QDOT_ROWS_MAX` is set from.
 use std::time::Instant;
 
@@ -46,8 +47,16 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
         rayon::current_num_threads()
     );
     println!(
-        "{:<6} {:>5} {:>10} {:>12} {:>14} {:>10} {:>10}",
-        "type", "rows", "qdot", "candle-qmm", "dequant+blas", "f32 blas", "qdot/f32"
+        "{:<6} {:>5} {:>10} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}",
+        "type",
+        "rows",
+        "qdot",
+        "candle-qmm",
+        "dequant+blas",
+        "tiled",
+        "f32 blas",
+        "qdot/f32",
+        "tiled/f32"
     );
     for dtype in TYPES {
         // K-quant rows are whole 256-element super-blocks: the input width rounds up for them.
@@ -70,23 +79,29 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
                 let wd = w.to_dense(DType::F32)?;
                 Ok(itamae::ops::linear(&x, &wd, None)?)
             })?;
+            let tl = time(reps, || {
+                itamae::ops::dequant::tiled_xwt(q, &xv, rows)?
+                    .ok_or_else(|| anyhow::anyhow!("no tile decoder for {dtype:?}"))
+            })?;
             let f = time(reps, || Ok(itamae::ops::linear(&x, &w32, None)?))?;
-            if qd < d {
+            if qd < tl.min(d) {
                 crossover = rows;
             }
             println!(
-                "{:<6} {:>5} {:>10.0} {:>12.0} {:>14.0} {:>10.0} {:>9.2}x  (k {inp})",
+                "{:<6} {:>5} {:>10.0} {:>12.0} {:>14.0} {:>10.0} {:>10.0} {:>9.2}x {:>11.2}x  (k {inp})",
                 quant::ggml_name(dtype),
                 rows,
                 qd,
                 c,
                 d,
+                tl,
                 f,
-                f / qd
+                f / qd,
+                f / tl
             );
         }
         println!(
-            "{:<6} crossover: qdot beats dequantize + BLAS up to {crossover} rows (QDOT_ROWS_MAX = {})",
+            "{:<6} crossover: qdot beats dequantize + GEMM (whole or tiled) up to {crossover} rows (QDOT_ROWS_MAX = {})",
             quant::ggml_name(dtype),
             quant::QDOT_ROWS_MAX
         );
