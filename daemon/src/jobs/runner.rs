@@ -238,6 +238,8 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
         drop(stop);
         r
     });
+    // The allocator keeps a step's freed pages for the next step; between jobs they go back.
+    crate::alloc::release_free_memory();
     if inner.lease_lost.load(Ordering::SeqCst) {
         // Another replica owns the job now; whatever happened here is not its outcome.
         tracing::warn!(job = %job.id, "stopped training: the lease went to another replica");
