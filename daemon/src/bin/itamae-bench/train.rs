@@ -8,7 +8,9 @@
 //!
 //! Line protocol of a side (the itamae worker below and `scripts/bench_peft.py`): it loads, prints
 //! `{"ready":true}`, then for every `step` line read from stdin runs one optimizer step and prints
-//! `{"secs":…,"loss":…}`; after `steps + 1` steps (the first is a warm-up, not timed) it prints
+//! `{"secs":…,"loss":…}` (the itamae side adds the step's CPU seconds in user and kernel mode
+//! and its minor page faults: on a shared machine they move far less with the load than the
+//! wall time, and the kernel share is where re-faulted pages show); after `steps + 1` steps (the first is a warm-up, not timed) it prints
 //! `{"peak_rss_bytes":…}` (the itamae side adds `rss_after_bytes`: its resident set once the
 //! trainer is dropped and the allocator has handed its free pages back, as the daemon does after
 //! a job) and exits. Other stdout lines (the machine banner) are skipped.
@@ -86,7 +88,7 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
     std::io::stdout().flush()?;
     // The driver starts each step: the throttle hook runs before every micro-batch (one per
     // step here) and blocks until the next `step` line arrives.
-    let started: &'static Mutex<Option<Instant>> = Box::leak(Box::new(Mutex::new(None)));
+    let started: &'static Mutex<Option<(Instant, Usage)>> = Box::leak(Box::new(Mutex::new(None)));
     let control = TrainControl {
         throttle: Some(Box::new(move |c: &TrainControl| {
             let mut line = String::new();
@@ -97,7 +99,7 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
             if eof {
                 c.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            *started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            *started.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), usage()));
         })),
         ..TrainControl::default()
     };
@@ -105,8 +107,18 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
     trainer.run(None, &control, &mut |e| {
         if let TrainEvent::Step(s) = e {
             let t0 = started.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
-            println!("{}", serde_json::json!({"secs": secs, "loss": s.loss}));
+            let secs = t0.map_or(f64::NAN, |(t, _)| t.elapsed().as_secs_f64());
+            let (now, u0) = (usage(), t0.map_or(Usage::default(), |(_, u)| u));
+            println!(
+                "{}",
+                serde_json::json!({
+                    "secs": secs,
+                    "loss": s.loss,
+                    "user_secs": now.user - u0.user,
+                    "sys_secs": now.sys - u0.sys,
+                    "minor_faults": now.minflt - u0.minflt,
+                })
+            );
             if let Err(e) = std::io::stdout().flush() {
                 out_err = Some(e);
             }
@@ -125,6 +137,28 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
     Ok(())
 }
 
+/// CPU seconds (user, kernel) and minor page faults of this process so far.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    user: f64,
+    sys: f64,
+    minflt: f64,
+}
+
+fn usage() -> Usage {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Usage::default();
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Usage {
+        user: secs(ru.ru_utime),
+        sys: secs(ru.ru_stime),
+        minflt: ru.ru_minflt as f64,
+    }
+}
+
 /// One side as seen by the driver.
 struct Side {
     label: String,
@@ -132,6 +166,8 @@ struct Side {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     secs: Vec<f64>,
+    /// Per step: user and kernel CPU seconds, minor faults (NaN from the PEFT side).
+    usage: Vec<Usage>,
     loss: f64,
     peak_rss: f64,
     rss_after: f64,
@@ -153,6 +189,7 @@ impl Side {
             stdin,
             stdout,
             secs: Vec::new(),
+            usage: Vec::new(),
             loss: f64::NAN,
             peak_rss: f64::NAN,
             rss_after: f64::NAN,
@@ -191,6 +228,12 @@ impl Side {
             self.loss
         );
         self.secs.push(secs);
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        self.usage.push(Usage {
+            user: f("user_secs"),
+            sys: f("sys_secs"),
+            minflt: f("minor_faults"),
+        });
         Ok(())
     }
 
@@ -206,6 +249,17 @@ impl Side {
     fn secs_per_step(&self) -> f64 {
         let timed = &self.secs[1.min(self.secs.len())..];
         timed.iter().sum::<f64>() / timed.len().max(1) as f64
+    }
+
+    /// Mean [`Usage`] per timed step.
+    fn usage_per_step(&self) -> Usage {
+        let timed = &self.usage[1.min(self.usage.len())..];
+        let n = timed.len().max(1) as f64;
+        Usage {
+            user: timed.iter().map(|u| u.user).sum::<f64>() / n,
+            sys: timed.iter().map(|u| u.sys).sum::<f64>() / n,
+            minflt: timed.iter().map(|u| u.minflt).sum::<f64>() / n,
+        }
     }
 }
 
@@ -279,7 +333,14 @@ pub(crate) fn train(
         let after = if s.rss_after.is_nan() {
             String::new()
         } else {
-            format!(", RSS after the job {:.2} GB", s.rss_after)
+            let u = s.usage_per_step();
+            format!(
+                ", RSS after the job {:.2} GB; per step CPU {:.1} s user + {:.1} s kernel, {:.0}k minor faults",
+                s.rss_after,
+                u.user,
+                u.sys,
+                u.minflt / 1e3
+            )
         };
         println!(
             "{:<26} {:.2} s/step, {:.0} tokens/s, peak RSS {:.2} GB{after}, last loss {:.4}",
