@@ -5,8 +5,10 @@
 //! fine-tuning jobs, files and adapter store services, over the storage interfaces
 //! `jobs::backend`), `engine` (scheduling, sampling, generation) and `train` → `adapters` →
 //! `model` (the transformer, its tokenizer and chat template) → `ops` (numeric kernels with fast
-//! and differentiable paths). `durable` (crash-safe file writes) knows no layer and serves all.
+//! and differentiable paths). `durable` (crash-safe file writes) and `alloc` (the process's
+//! memory allocator) know no layer and serve all.
 pub mod adapters;
+pub mod alloc;
 pub mod api;
 pub mod commands;
 pub mod config;

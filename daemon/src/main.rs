@@ -49,9 +49,6 @@ enum Command {
     },
 }
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let Cli {
         kernels: kernel_args,
@@ -80,6 +77,7 @@ fn main() {
         None => kernel_args.resolve(&Default::default()),
     };
     config::start_process(&kernels);
+    itamae::alloc::check_env();
     let result = match (command, serve_cfg) {
         (Command::Serve(_), Some(cfg)) => serve(cfg),
         (Command::Serve(_), None) => unreachable!("serve's configuration is resolved above"),

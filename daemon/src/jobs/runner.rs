@@ -228,6 +228,8 @@ fn run_job(inner: &Inner, job: JobRow, interrupted: bool) {
         drop(stop);
         r
     });
+    // The allocator keeps a step's freed pages for the next step; between jobs they go back.
+    crate::alloc::release_free_memory();
     if let Err(message) = &trained {
         if !held.lost() {
             tracing::warn!(job = %job.id, "job failed: {message}");

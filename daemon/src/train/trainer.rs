@@ -256,6 +256,11 @@ pub struct Trainer<'m> {
     valid: Vec<Example>,
     state: TrainerState,
     total_steps: usize,
+    /// The frozen base's LM head as a plain tensor, made once per job when the base holds it
+    /// in quantized blocks. Every step needs the whole matrix (forward and backward of the
+    /// loss), so keeping it between steps costs no peak memory, and it saves dequantizing it
+    /// again — and, at ~110 MB, faulting its fresh pages in again — on every step.
+    base_head: std::sync::OnceLock<Tensor>,
 }
 
 fn var_of(t: &Tensor) -> candle_core::Result<(Var, Tensor)> {
@@ -393,6 +398,7 @@ impl<'m> Trainer<'m> {
             valid,
             state,
             total_steps,
+            base_head: std::sync::OnceLock::new(),
         })
     }
 
@@ -430,12 +436,22 @@ impl<'m> Trainer<'m> {
             )?,
         };
         let h = hidden.reshape((b * l, hidden.dim(2)?))?;
-        lm_loss(
-            &h,
-            &model.lm_head.to_dense(h.dtype())?,
-            &targets.flatten_all()?,
-            &weights.flatten_all()?,
-        )
+        let head = if std::ptr::eq(model, self.base) {
+            self.base_head(h.dtype())?
+        } else {
+            model.lm_head.to_dense(h.dtype())?
+        };
+        lm_loss(&h, &head, &targets.flatten_all()?, &weights.flatten_all()?)
+    }
+
+    /// The base's LM head as a `dtype` tensor; see `base_head`.
+    fn base_head(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.base_head.get().filter(|t| t.dtype() == dtype) {
+            return Ok(t.clone());
+        }
+        let t = self.base.lm_head.to_dense(dtype)?;
+        let _ = self.base_head.set(t.clone());
+        Ok(t)
     }
 
     /// Loss of one micro-batch on the trainable parameters (gradients tracked).

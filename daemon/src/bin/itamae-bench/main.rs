@@ -103,6 +103,10 @@ enum BenchCommand {
         /// Weights modes of the itamae sides, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "f32,auto")]
         modes: Vec<itamae::model::WeightsMode>,
+        /// Run each mode under each of these process allocators (mimalloc, glibc,
+        /// glibc-tuned), comma-separated; default: this process's (`ITAMAE_ALLOCATOR`).
+        #[arg(long, value_delimiter = ',')]
+        allocators: Vec<itamae::alloc::Choice>,
         /// Python of a venv with torch, transformers and peft (scripts/setup-peft-venv.sh).
         #[arg(long, env = "ITAMAE_PEFT_PYTHON")]
         peer_python: Option<PathBuf>,
@@ -166,13 +170,11 @@ enum BenchCommand {
     },
 }
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let cli = Cli::parse();
     // The daemon's start-up, so that figures are those of `itamaed` on this machine.
     config::start_process(&cli.kernels.resolve(&Default::default()));
+    itamae::alloc::check_env();
     print_machine();
     let result = match cli.which {
         BenchCommand::Decode {
@@ -234,13 +236,14 @@ fn main() {
             batch,
             steps,
             modes,
+            allocators,
             peer_python,
             worker,
         } => {
             let shape = train::Shape { seq, batch, steps };
             match worker {
                 Some(mode) => train::worker(&model, mode, shape),
-                None => train::train(&model, &modes, shape, peer_python.as_deref()),
+                None => train::train(&model, &modes, &allocators, shape, peer_python.as_deref()),
             }
         }
     };
@@ -265,6 +268,7 @@ fn print_machine() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cpu: {cpu} ({threads} threads)");
     println!("instruction sets: {}", instruction_sets().join(" "));
+    println!("allocator: {}", itamae::alloc::choice().name());
     println!(
         "quantized kernels (ops::qdot): {}",
         itamae::ops::qdot::path().name()

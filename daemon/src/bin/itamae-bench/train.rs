@@ -8,8 +8,15 @@
 //!
 //! Line protocol of a side (the itamae worker below and `scripts/bench_peft.py`): it loads, prints
 //! `{"ready":true}`, then for every `step` line read from stdin runs one optimizer step and prints
-//! `{"secs":…,"loss":…}`; after `steps + 1` steps (the first is a warm-up, not timed) it prints
-//! `{"peak_rss_bytes":…}` and exits. Other stdout lines (the machine banner) are skipped.
+//! `{"secs":…,"loss":…}` (the itamae side adds the step's CPU seconds in user and kernel mode
+//! and its minor page faults: on a shared machine they move far less with the load than the
+//! wall time, and the kernel share is where re-faulted pages show); after `steps + 1` steps (the first is a warm-up, not timed) it prints
+//! `{"peak_rss_bytes":…}` (the itamae side adds `rss_after_bytes`: its resident set once the
+//! trainer is dropped and the allocator has handed its free pages back, as the daemon does after
+//! a job) and exits. Other stdout lines (the machine banner) are skipped.
+//!
+//! `--allocators` runs every itamae mode once per process allocator (`ITAMAE_ALLOCATOR`, see
+//! `itamae::alloc`), so that the choices are compared within one run too.
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -18,6 +25,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use itamae::alloc::Choice;
 use itamae::model::{self, WeightsMode};
 
 /// Token ids of the synthetic training rows every side uses: deterministic, so the peer script
@@ -26,13 +34,6 @@ fn bench_train_ids(row: usize, len: usize, vocab: usize) -> Vec<u32> {
     (0..len)
         .map(|i| ((i * 7919 + row * 104_729 + 17) % (vocab - 1) + 1) as u32)
         .collect()
-}
-
-fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// The shape every side trains: LoRA r=16, alpha=32, no dropout, every linear projection, at
@@ -87,7 +88,7 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
     std::io::stdout().flush()?;
     // The driver starts each step: the throttle hook runs before every micro-batch (one per
     // step here) and blocks until the next `step` line arrives.
-    let started: &'static Mutex<Option<Instant>> = Box::leak(Box::new(Mutex::new(None)));
+    let started: &'static Mutex<Option<(Instant, Usage)>> = Box::leak(Box::new(Mutex::new(None)));
     let control = TrainControl {
         throttle: Some(Box::new(move |c: &TrainControl| {
             let mut line = String::new();
@@ -98,7 +99,7 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
             if eof {
                 c.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            *started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            *started.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), usage()));
         })),
         ..TrainControl::default()
     };
@@ -106,8 +107,18 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
     trainer.run(None, &control, &mut |e| {
         if let TrainEvent::Step(s) = e {
             let t0 = started.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
-            println!("{}", serde_json::json!({"secs": secs, "loss": s.loss}));
+            let secs = t0.map_or(f64::NAN, |(t, _)| t.elapsed().as_secs_f64());
+            let (now, u0) = (usage(), t0.map_or(Usage::default(), |(_, u)| u));
+            println!(
+                "{}",
+                serde_json::json!({
+                    "secs": secs,
+                    "loss": s.loss,
+                    "user_secs": now.user - u0.user,
+                    "sys_secs": now.sys - u0.sys,
+                    "minor_faults": now.minflt - u0.minflt,
+                })
+            );
             if let Err(e) = std::io::stdout().flush() {
                 out_err = Some(e);
             }
@@ -116,11 +127,36 @@ pub(crate) fn worker(model_path: &Path, mode: WeightsMode, shape: Shape) -> anyh
     if let Some(e) = out_err {
         return Err(e.into());
     }
+    drop(trainer);
+    itamae::alloc::release_free_memory();
+    let (now, peak) = itamae::alloc::rss_bytes().unwrap_or((0, 0));
     println!(
         "{}",
-        serde_json::json!({"peak_rss_bytes": peak_rss_bytes().unwrap_or(0)})
+        serde_json::json!({"peak_rss_bytes": peak, "rss_after_bytes": now})
     );
     Ok(())
+}
+
+/// CPU seconds (user, kernel) and minor page faults of this process so far.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    user: f64,
+    sys: f64,
+    minflt: f64,
+}
+
+fn usage() -> Usage {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Usage::default();
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Usage {
+        user: secs(ru.ru_utime),
+        sys: secs(ru.ru_stime),
+        minflt: ru.ru_minflt as f64,
+    }
 }
 
 /// One side as seen by the driver.
@@ -130,8 +166,11 @@ struct Side {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     secs: Vec<f64>,
+    /// Per step: user and kernel CPU seconds, minor faults (NaN from the PEFT side).
+    usage: Vec<Usage>,
     loss: f64,
     peak_rss: f64,
+    rss_after: f64,
 }
 
 impl Side {
@@ -150,8 +189,10 @@ impl Side {
             stdin,
             stdout,
             secs: Vec::new(),
+            usage: Vec::new(),
             loss: f64::NAN,
             peak_rss: f64::NAN,
+            rss_after: f64::NAN,
         })
     }
 
@@ -187,12 +228,19 @@ impl Side {
             self.loss
         );
         self.secs.push(secs);
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        self.usage.push(Usage {
+            user: f("user_secs"),
+            sys: f("sys_secs"),
+            minflt: f("minor_faults"),
+        });
         Ok(())
     }
 
     fn finish(&mut self) -> anyhow::Result<()> {
         let v = self.read()?;
         self.peak_rss = v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1e9;
+        self.rss_after = v["rss_after_bytes"].as_f64().unwrap_or(f64::NAN) / 1e9;
         self.child.wait()?;
         Ok(())
     }
@@ -202,13 +250,26 @@ impl Side {
         let timed = &self.secs[1.min(self.secs.len())..];
         timed.iter().sum::<f64>() / timed.len().max(1) as f64
     }
+
+    /// Mean [`Usage`] per timed step.
+    fn usage_per_step(&self) -> Usage {
+        let timed = &self.usage[1.min(self.usage.len())..];
+        let n = timed.len().max(1) as f64;
+        Usage {
+            user: timed.iter().map(|u| u.user).sum::<f64>() / n,
+            sys: timed.iter().map(|u| u.sys).sum::<f64>() / n,
+            minflt: timed.iter().map(|u| u.minflt).sum::<f64>() / n,
+        }
+    }
 }
 
-/// Runs every side (`modes` of itamae, then PEFT when `peer_python` is given) in lock-step and
-/// prints tokens/s, peak RSS and the ratios the targets name.
+/// Runs every side (`modes` of itamae under each of `allocators`, then PEFT when `peer_python`
+/// is given) in lock-step and prints tokens/s, peak RSS and the ratios the targets name.
+/// No allocators: the children use this process's.
 pub(crate) fn train(
     model_path: &Path,
     modes: &[WeightsMode],
+    allocators: &[Choice],
     shape: Shape,
     peer_python: Option<&Path>,
 ) -> anyhow::Result<()> {
@@ -235,16 +296,26 @@ pub(crate) fn train(
             "peer: HF PEFT not configured (scripts/setup-peft-venv.sh, then ITAMAE_PEFT_PYTHON)"
         );
     }
-    for &mode in modes {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("train")
-            .arg("--model")
-            .arg(model_path)
-            .args(["--seq", &seq.to_string()])
-            .args(["--batch", &batch.to_string()])
-            .args(["--steps", &steps.to_string()])
-            .args(["--worker", mode.name()]);
-        sides.push(Side::spawn(format!("itamae {}", mode.name()), cmd)?);
+    let allocators: Vec<Option<Choice>> = if allocators.is_empty() {
+        vec![None]
+    } else {
+        allocators.iter().copied().map(Some).collect()
+    };
+    for &alloc in &allocators {
+        for &mode in modes {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("train")
+                .arg("--model")
+                .arg(model_path)
+                .args(["--seq", &seq.to_string()])
+                .args(["--batch", &batch.to_string()])
+                .args(["--steps", &steps.to_string()])
+                .args(["--worker", mode.name()]);
+            if let Some(a) = alloc {
+                cmd.env(Choice::ENV, a.name());
+            }
+            sides.push(Side::spawn(label(mode, alloc), cmd)?);
+        }
     }
     let result = run_sides(&mut sides, steps);
     if let Some(dir) = hf_dir {
@@ -259,8 +330,20 @@ pub(crate) fn train(
     println!("LoRA r=16 all-linear, batch {batch} x seq {seq}, {steps} timed steps (interleaved)");
     let tps = |s: &Side| (seq * batch) as f64 / s.secs_per_step();
     for s in &sides {
+        let after = if s.rss_after.is_nan() {
+            String::new()
+        } else {
+            let u = s.usage_per_step();
+            format!(
+                ", RSS after the job {:.2} GB; per step CPU {:.1} s user + {:.1} s kernel, {:.0}k minor faults",
+                s.rss_after,
+                u.user,
+                u.sys,
+                u.minflt / 1e3
+            )
+        };
         println!(
-            "{:<14} {:.2} s/step, {:.0} tokens/s, peak RSS {:.2} GB, last loss {:.4}",
+            "{:<26} {:.2} s/step, {:.0} tokens/s, peak RSS {:.2} GB{after}, last loss {:.4}",
             s.label,
             s.secs_per_step(),
             tps(s),
@@ -269,21 +352,33 @@ pub(crate) fn train(
         );
     }
     let find = |label: &str| sides.iter().find(|s| s.label == label);
-    if let (Some(f32s), Some(peer)) = (find("itamae f32"), find("HF PEFT")) {
-        println!(
-            "ratio itamae f32 / PEFT: tokens/s {:.2}x, peak RSS {:.2}x",
-            tps(f32s) / tps(peer),
-            f32s.peak_rss / peer.peak_rss
-        );
-    }
-    if let (Some(f32s), Some(q)) = (find("itamae f32"), find("itamae auto")) {
-        println!(
-            "ratio itamae auto (base as stored) / f32: tokens/s {:.2}x, peak RSS {:.2}x",
-            tps(q) / tps(f32s),
-            q.peak_rss / f32s.peak_rss
-        );
+    for &alloc in &allocators {
+        let f32s = find(&label(WeightsMode::F32, alloc));
+        if let (Some(f32s), Some(peer)) = (f32s, find("HF PEFT")) {
+            println!(
+                "ratio {} / PEFT: tokens/s {:.2}x, peak RSS {:.2}x",
+                f32s.label,
+                tps(f32s) / tps(peer),
+                f32s.peak_rss / peer.peak_rss
+            );
+        }
+        if let (Some(f32s), Some(q)) = (f32s, find(&label(WeightsMode::Auto, alloc))) {
+            println!(
+                "ratio {} (base as stored) / f32: tokens/s {:.2}x, peak RSS {:.2}x",
+                q.label,
+                tps(q) / tps(f32s),
+                q.peak_rss / f32s.peak_rss
+            );
+        }
     }
     Ok(())
+}
+
+fn label(mode: WeightsMode, alloc: Option<Choice>) -> String {
+    match alloc {
+        Some(a) => format!("itamae {} ({})", mode.name(), a.name()),
+        None => format!("itamae {}", mode.name()),
+    }
 }
 
 /// Waits for every side to load, then runs `steps + 1` rounds, rotating who goes first.

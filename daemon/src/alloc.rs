@@ -1,0 +1,250 @@
+//! The process's memory allocator: one `#[global_allocator]` for `itamaed`, `itamae-bench` and
+//! the tests, chosen per process from `ITAMAE_ALLOCATOR` so that every host can measure the
+//! choices without a rebuild (docs/tuning.md has the figures that picked the default).
+//!
+//! Why it matters: candle gives every op a freshly allocated output, so a training step
+//! allocates and frees its whole working set (tens of MB per op) over and over. glibc's malloc
+//! serves such blocks with mmap and returns them with munmap, so every step faults its pages in
+//! again and the kernel zeroes each one (~20% of a step in `perf`). mimalloc keeps freed pages
+//! for a while (its purge delay) and reuses them; glibc can be told to do the same (`mallopt`).
+//!
+//! Values: `glibc-tuned` (the default on glibc Linux: mmap threshold at its 32 MiB maximum,
+//! trimming only past 1 GiB free at the top, one arena per CPU), `glibc` (its defaults, as a
+//! plain Rust program gets), `mimalloc` (the default elsewhere). Measured with `itamae-bench
+//! train --allocators …`: glibc-tuned took a fifth of mimalloc's page faults per f32 LoRA step
+//! and ~9% less peak RSS; decode showed no difference above the shared host's noise. The daemon
+//! is long-running, so after a job the memory its steps held goes back to the system:
+//! [`release_free_memory`].
+//!
+//! The choice is read on the process's first allocation (before `main`, with `getenv`, which
+//! does not allocate) and never changes: a block must be freed by the allocator that made it.
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use mimalloc::MiMalloc;
+
+/// The allocators [`ProcessAllocator`] can route to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Mimalloc,
+    Glibc,
+    GlibcTuned,
+}
+
+impl Choice {
+    pub const ENV: &'static str = "ITAMAE_ALLOCATOR";
+    pub const ALL: [Choice; 3] = [Choice::Mimalloc, Choice::Glibc, Choice::GlibcTuned];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Choice::Mimalloc => "mimalloc",
+            Choice::Glibc => "glibc",
+            Choice::GlibcTuned => "glibc-tuned",
+        }
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name().as_bytes() == b)
+    }
+
+    fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    fn from_code(c: u8) -> Self {
+        Self::ALL[(c - 1) as usize]
+    }
+}
+
+impl std::str::FromStr for Choice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::from_bytes(s.as_bytes()).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|c| c.name()).collect();
+            format!("unknown allocator `{s}` (one of {})", names.join(", "))
+        })
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const DEFAULT: Choice = Choice::GlibcTuned;
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+const DEFAULT: Choice = Choice::Mimalloc;
+const UNSET: u8 = 0;
+/// Set when `ITAMAE_ALLOCATOR` named no allocator, so that [`check_env`] can say so once the
+/// process can print.
+const BAD_ENV: u8 = 0x80;
+
+static CHOICE: AtomicU8 = AtomicU8::new(UNSET);
+
+#[inline]
+fn current() -> Choice {
+    let c = CHOICE.load(Ordering::Relaxed);
+    if c != UNSET {
+        return Choice::from_code(c & !BAD_ENV);
+    }
+    choose()
+}
+
+#[cold]
+fn choose() -> Choice {
+    // SAFETY: getenv reads the environment without allocating; the pointer is only read here,
+    // before any thread of this program could change the environment.
+    let raw = unsafe { libc::getenv(c"ITAMAE_ALLOCATOR".as_ptr()) };
+    let (choice, bad) = if raw.is_null() {
+        (DEFAULT, 0)
+    } else {
+        // SAFETY: getenv returned a NUL-terminated string.
+        let v = unsafe { std::ffi::CStr::from_ptr(raw) }.to_bytes();
+        match Choice::from_bytes(v) {
+            Some(c) => (c, 0),
+            None => (DEFAULT, BAD_ENV),
+        }
+    };
+    match CHOICE.compare_exchange(
+        UNSET,
+        choice.code() | bad,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => {
+            if choice == Choice::GlibcTuned {
+                tune_glibc();
+            }
+            choice
+        }
+        Err(other) => Choice::from_code(other & !BAD_ENV),
+    }
+}
+
+/// glibc keeps blocks below the mmap threshold in its arenas after a free and reuses them;
+/// past `M_TRIM_THRESHOLD` of free memory at the top it gives pages back by itself. Fixing
+/// the threshold also stops glibc's own dynamic threshold from moving.
+fn tune_glibc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets malloc parameters; it runs before this allocator hands out
+    // its first glibc block.
+    unsafe {
+        // 32 MiB is the most glibc accepts (HEAP_MAX_SIZE / 2 on 64-bit): a training step's
+        // per-op outputs of SmolLM2 at 4 × 512 tokens are all below it except the logits.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 64);
+        libc::mallopt(libc::M_ARENA_MAX, cpus as libc::c_int);
+    }
+}
+
+/// The allocator in use in this process.
+pub fn choice() -> Choice {
+    current()
+}
+
+/// Warns (once, from `main`) when `ITAMAE_ALLOCATOR` named no allocator: the default is used.
+pub fn check_env() {
+    if CHOICE.load(Ordering::Relaxed) & BAD_ENV != 0 {
+        let v = std::env::var(Choice::ENV).unwrap_or_default();
+        eprintln!(
+            "warning: {}: {}; using {}",
+            Choice::ENV,
+            v.parse::<Choice>().err().unwrap_or_default(),
+            DEFAULT.name()
+        );
+    }
+}
+
+/// Hands memory that the allocator keeps for reuse back to the system. The daemon calls it
+/// after a job: a step's working set is kept between steps on purpose, not for ever.
+pub fn release_free_memory() {
+    match current() {
+        Choice::Mimalloc => {
+            // SAFETY: a plain call into mimalloc; `force` also purges pages freed by other
+            // threads and the delayed purges.
+            unsafe { libmimalloc_sys::mi_collect(true) }
+        }
+        Choice::Glibc | Choice::GlibcTuned => {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only returns free pages of glibc's arenas.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+}
+
+/// Routes every allocation to the allocator [`choice`] names.
+pub struct ProcessAllocator;
+
+// SAFETY: each call is forwarded to one allocator, the same for the whole process (the choice
+// never changes once made), so a block is always freed or resized by the allocator that made it.
+unsafe impl GlobalAlloc for ProcessAllocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match current() {
+            Choice::Mimalloc => MiMalloc.alloc(layout),
+            _ => System.alloc(layout),
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match current() {
+            Choice::Mimalloc => MiMalloc.alloc_zeroed(layout),
+            _ => System.alloc_zeroed(layout),
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match current() {
+            Choice::Mimalloc => MiMalloc.dealloc(ptr, layout),
+            _ => System.dealloc(ptr, layout),
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        match current() {
+            Choice::Mimalloc => MiMalloc.realloc(ptr, layout, new_size),
+            _ => System.realloc(ptr, layout, new_size),
+        }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: ProcessAllocator = ProcessAllocator;
+
+/// Resident set size of this process now (`VmRSS`) and at its peak (`VmHWM`), in bytes; Linux.
+pub fn rss_bytes() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = s.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_bad_names_are_refused() {
+        for c in Choice::ALL {
+            assert_eq!(c.name().parse::<Choice>(), Ok(c));
+            assert_eq!(Choice::from_code(c.code()), c);
+        }
+        let e = "jemalloc".parse::<Choice>().unwrap_err();
+        assert!(e.contains("mimalloc, glibc, glibc-tuned"), "{e}");
+    }
+
+    #[test]
+    fn allocations_work_and_release_keeps_live_blocks() {
+        let v: Vec<u64> = (0..1 << 20).collect();
+        let big = vec![7u8; 64 << 20];
+        release_free_memory();
+        assert_eq!(v[12345], 12345);
+        assert!(big.iter().all(|&b| b == 7));
+        assert!(rss_bytes().is_some_and(|(now, peak)| now > 0 && peak >= now));
+    }
+}
