@@ -349,8 +349,8 @@ fn fine_tuning_jobs_end_to_end() {
         Some("method.supervised.adapter.r"),
         "adapter r",
     );
-    // Full fine-tuning is refused at creation (the daemon serves the default `auto` mode, a
-    // quantized base; the jobs API offers no full fine-tuning on any base).
+    // Full fine-tuning is refused at creation (the jobs API offers it on no base) with the
+    // command line that does it, which needs the base in f32.
     let mut full = lora_job(&base, &train, None, "x", json!({}));
     full["method"]["supervised"]["adapter"] = json!({"type": "full"});
     let (status, refused) = d.post("/v1/fine_tuning/jobs", &full);

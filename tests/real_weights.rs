@@ -249,10 +249,10 @@ fn full_fine_tuning_on_a_quantized_base_is_refused_naming_model_weights() {
     assert!(err.contains("model.weights"), "{err}");
 }
 
-/// With the default weights mode (`auto`), `itamaed train --method full` is refused before its
-/// first step, naming `model.weights` and telling the user the flag that makes it work.
+/// On a base held in its GGUF blocks (`--weights auto`), `itamaed train --method full` is refused
+/// before its first step, naming `model.weights` and telling the user the flag that makes it work.
 #[test]
-fn itamaed_train_full_on_the_default_mode_is_refused_naming_model_weights() {
+fn itamaed_train_full_on_a_quantized_base_is_refused_naming_model_weights() {
     let out_dir = std::env::temp_dir().join(format!("itamae-full-refused-{}", std::process::id()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_itamaed"))
         .arg("train")
@@ -260,7 +260,7 @@ fn itamaed_train_full_on_the_default_mode_is_refused_naming_model_weights() {
         .arg(root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
         .arg("--data")
         .arg(root().join("tests/data/persona_train.jsonl"))
-        .args(["--method", "full", "--max-steps", "1"])
+        .args(["--weights", "auto", "--method", "full", "--max-steps", "1"])
         .arg("--out")
         .arg(&out_dir)
         .env_remove("ITAMAE_WEIGHTS")

@@ -320,7 +320,7 @@ impl KernelArgs {
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct WeightsArg {
     /// Base weights: auto (as stored: GGUF blocks stay quantized, safetensors keep bf16/f16),
-    /// or f32, bf16, f16, q8_0, q4_k (converted at load). Default auto; full fine-tuning
+    /// or f32, bf16, f16, q8_0, q4_k (converted at load). Default f32; full fine-tuning
     /// (`--method full`) and `export-hf` need f32.
     #[arg(long = "weights", env = "ITAMAE_WEIGHTS", value_name = "MODE")]
     pub weights: Option<WeightsMode>,
@@ -837,24 +837,21 @@ mod tests {
         ServeConfig::resolve(toml::from_str(file).unwrap(), args).unwrap()
     }
 
-    /// `model.weights`: flag over file over the `auto` default; unknown modes are refused at
+    /// `model.weights`: flag over file over the `f32` default; unknown modes are refused at
     /// both levels, naming the accepted ones.
     #[test]
     fn weights_mode_resolves_and_unknown_modes_are_refused() {
         if std::env::var_os("ITAMAE_WEIGHTS").is_some() {
             return; // set by whoever runs the tests: env outranks the file here
         }
-        assert_eq!(
-            resolve(&["itamaed", "serve"], "").weights,
-            WeightsMode::Auto
-        );
+        assert_eq!(resolve(&["itamaed", "serve"], "").weights, WeightsMode::F32);
         let file = "[model]\nweights = \"q8_0\"\n";
         assert_eq!(
             resolve(&["itamaed", "serve"], file).weights,
             WeightsMode::Q8_0
         );
-        let c = resolve(&["itamaed", "serve", "--weights", "f32"], file);
-        assert_eq!(c.weights, WeightsMode::F32);
+        let c = resolve(&["itamaed", "serve", "--weights", "auto"], file);
+        assert_eq!(c.weights, WeightsMode::Auto);
         let e = Cli::try_parse_from(["itamaed", "serve", "--weights", "q3_k"])
             .err()
             .unwrap()

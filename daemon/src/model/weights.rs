@@ -4,9 +4,8 @@
 //! become [`Weight`]s.
 //!
 //! The device and this mode are both start-up values: a CUDA build would ask for `bf16`; the
-//! default is `auto` (a GGUF's blocks stay as shipped), because it holds the file's bytes rather
-//! than 4–8× more and decodes faster (docs/ops.md); `f32` is the explicit choice for full
-//! fine-tuning and exports.
+//! CPU build defaults to `f32`: `auto` decode is faster (docs/ops.md), but the real-model suite
+//! does not pass on it yet (greedy answers change once prompts run on 8-bit activations).
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
@@ -18,9 +17,9 @@ pub use crate::ops::quant::Weight;
 #[serde(rename_all = "snake_case")]
 pub enum WeightsMode {
     /// As stored: GGUF blocks stay quantized, safetensors keep bf16/f16/f32.
-    #[default]
     Auto,
     /// Everything dequantized to f32 (what full fine-tuning needs).
+    #[default]
     F32,
     Bf16,
     F16,
@@ -151,7 +150,7 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", m.name()));
         }
         assert!("q3_k".parse::<WeightsMode>().is_err());
-        assert_eq!(WeightsMode::default(), WeightsMode::Auto);
+        assert_eq!(WeightsMode::default(), WeightsMode::F32);
     }
 
     #[test]
