@@ -349,6 +349,22 @@ fn fine_tuning_jobs_end_to_end() {
         Some("method.supervised.adapter.r"),
         "adapter r",
     );
+    // Full fine-tuning is refused at creation (the jobs API offers it on no base) with the
+    // command line that does it, which needs the base in f32.
+    let mut full = lora_job(&base, &train, None, "x", json!({}));
+    full["method"]["supervised"]["adapter"] = json!({"type": "full"});
+    let (status, refused) = d.post("/v1/fine_tuning/jobs", &full);
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("--weights f32") && message.contains("model.weights"),
+        "{refused}"
+    );
+    d.expect_err(
+        (status, refused.clone()),
+        &[400],
+        Some("method.supervised.adapter.type"),
+        "full fine-tuning",
+    );
     d.expect_err(
         d.post(
             "/v1/fine_tuning/jobs",

@@ -248,3 +248,35 @@ fn full_fine_tuning_on_a_quantized_base_is_refused_naming_model_weights() {
     .to_string();
     assert!(err.contains("model.weights"), "{err}");
 }
+
+/// On a base held in its GGUF blocks (`--weights auto`), `itamaed train --method full` is refused
+/// before its first step, naming `model.weights` and telling the user the flag that makes it work.
+#[test]
+fn itamaed_train_full_on_a_quantized_base_is_refused_naming_model_weights() {
+    let out_dir = std::env::temp_dir().join(format!("itamae-full-refused-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_itamaed"))
+        .arg("train")
+        .arg("--model")
+        .arg(root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .arg("--data")
+        .arg(root().join("tests/data/persona_train.jsonl"))
+        .args(["--weights", "auto", "--method", "full", "--max-steps", "1"])
+        .arg("--out")
+        .arg(&out_dir)
+        .env_remove("ITAMAE_WEIGHTS")
+        .env_remove("ITAMAE_CONFIG")
+        .output()
+        .expect("run itamaed train");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "full SFT ran on the default mode: {err}"
+    );
+    assert!(err.contains("model.weights"), "{err}");
+    assert!(err.contains("--weights f32"), "{err}");
+    assert!(
+        !out_dir.exists(),
+        "a refused run wrote {}",
+        out_dir.display()
+    );
+}

@@ -320,7 +320,8 @@ impl KernelArgs {
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct WeightsArg {
     /// Base weights: auto (as stored: GGUF blocks stay quantized, safetensors keep bf16/f16),
-    /// or f32, bf16, f16, q8_0, q4_k (converted at load). Default f32.
+    /// or f32, bf16, f16, q8_0, q4_k (converted at load). Default f32; full fine-tuning
+    /// (`--method full`) and `export-hf` need f32.
     #[arg(long = "weights", env = "ITAMAE_WEIGHTS", value_name = "MODE")]
     pub weights: Option<WeightsMode>,
 }

@@ -111,7 +111,8 @@ impl AdapterConfig {
                 &join(path, "type"),
                 "Full fine-tuning is not available through the jobs API yet (its result could not \
                  be served as a variant of the resident model); use `lora`, `prompt_tuning` or \
-                 `prefix_tuning`, or `itamaed train --method full`",
+                 `prefix_tuning`, or `itamaed train --method full --weights f32` (full \
+                 fine-tuning needs the base in f32, `model.weights`)",
             ),
             other => {
                 return bad(
