@@ -25,6 +25,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target/cuda}"
 cuda_version="${ITAMAE_CUDA_VERSION:-13.0}"
 wheels=(
   "nvidia-cuda-nvcc==$cuda_version.*"
+  # nvcc's wheel depends on nvidia-nvvm without a bound: unpinned, pip takes the newest (13.5),
+  # whose cicc emits PTX 9.5 that the 13.0 ptxas refuses ("Unsupported .version 9.5").
+  "nvidia-nvvm==$cuda_version.*"
   "nvidia-cuda-crt==$cuda_version.*"
   "nvidia-cuda-runtime==$cuda_version.*"
   "nvidia-cuda-cccl==$cuda_version.*"
@@ -37,7 +40,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cuda="$site/nvidia/cu13"
-if [ ! -x "$cuda/bin/nvcc" ] || [ ! -e "$cuda/include/cublas_v2.h" ] || [ ! -e "$cuda/include/curand.h" ]; then
+if [ ! -x "$cuda/bin/nvcc" ] || [ ! -e "$cuda/include/cublas_v2.h" ] || [ ! -e "$cuda/include/curand.h" ] ||
+  ! "$venv/bin/pip" show nvidia-nvvm 2>/dev/null | grep -q "^Version: $cuda_version\."; then
   "$venv/bin/pip" install -q "${wheels[@]}"
 fi
 # The wheels ship only versioned shared objects (libcudart.so.13); the linker looks for the
