@@ -674,15 +674,23 @@ impl AdapterStore {
                 return Err(io_err("Cannot store the adapter", e));
             }
         }
-        let record = tx
-            .commit(kind, size, super::storage::now())
-            .await
-            .map_err(|e| io_err("Cannot record the adapter", e))?;
         let was = self.is_served(&name);
+        // The commit announces the new generation, and this replica hears its own announcement
+        // (in-process with SQLite, NOTIFY with PostgreSQL) possibly before the load below: it
+        // must already say this generation is the one served here, or the listener would take
+        // the old one for stale and drop the name mid-import.
+        let previous = self.served_generations().get(&name).copied();
+        self.set_served(&name, Some(generation));
+        let record = match tx.commit(kind, size, super::storage::now()).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.set_served(&name, previous);
+                return Err(io_err("Cannot record the adapter", e));
+            }
+        };
         self.inner
             .engine
             .add_adapter_from(&name, adapter, &self.dir(&name))?;
-        self.set_served(&name, Some(generation));
         let m = crate::metrics::global();
         m.adapter_loaded(&name, started.elapsed().as_secs_f64());
         if was {
