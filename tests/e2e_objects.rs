@@ -13,54 +13,14 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{build_lora, multipart, Daemon, TempDir, WORKSPACE};
+use common::{
+    build_lora, env_var as var, multipart, s3_daemon_env, s3_env, Daemon, TempDir, WORKSPACE,
+};
 use futures::TryStreamExt;
 use object_store::ObjectStore;
 use serde_json::{json, Value};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The S3 server's environment: `(name, value)` pairs of the AWS_* variables and the bucket.
-fn s3_env() -> Vec<(String, String)> {
-    let keys = [
-        "ITAMAE_TEST_S3_ENDPOINT",
-        "ITAMAE_TEST_S3_BUCKET",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_REGION",
-    ];
-    if std::env::var_os("ITAMAE_TEST_S3_ENDPOINT").is_some() {
-        return keys
-            .iter()
-            .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
-            .collect();
-    }
-    let script = Path::new(WORKSPACE).join("scripts/services/s3.sh");
-    let run = |args: &[&str]| {
-        std::process::Command::new(&script)
-            .args(args)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("run scripts/services/s3.sh")
-    };
-    let mut out = run(&["env", "--shared"]);
-    if !out.status.success() {
-        out = run(&["start", "--owner", &std::process::id().to_string()]);
-        assert!(out.status.success(), "scripts/services/s3.sh start failed");
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn var<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
-    env.iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_else(|| panic!("{key} is not set"))
-}
 
 /// The keys under `prefix` in the bucket, listed through the S3 API.
 fn list_bucket(env: &[(String, String)], prefix: &str) -> Vec<String> {
@@ -89,6 +49,7 @@ fn list_bucket(env: &[(String, String)], prefix: &str) -> Vec<String> {
 }
 
 fn start(dir: &Path, log: &str, objects: &str, env: &[(String, String)]) -> Daemon {
+    let s3 = s3_daemon_env(env);
     let mut envs: Vec<(&str, Option<&str>)> = vec![
         ("ITAMAE_OBJECTS", Some(objects)),
         ("ITAMAE_MAX_UPLOAD_BYTES", Some("2000000")),
@@ -98,19 +59,8 @@ fn start(dir: &Path, log: &str, objects: &str, env: &[(String, String)]) -> Daem
         ),
         ("ITAMAE_CONFIG", None),
         ("ITAMAE_API_KEYS", None),
-        (
-            "AWS_ENDPOINT_URL",
-            Some(var(env, "ITAMAE_TEST_S3_ENDPOINT")),
-        ),
-        ("AWS_ACCESS_KEY_ID", Some(var(env, "AWS_ACCESS_KEY_ID"))),
-        (
-            "AWS_SECRET_ACCESS_KEY",
-            Some(var(env, "AWS_SECRET_ACCESS_KEY")),
-        ),
-        ("AWS_REGION", Some("us-east-1")),
-        ("AWS_ALLOW_HTTP", Some("true")),
     ];
-    envs.push(("AWS_SESSION_TOKEN", None));
+    envs.extend(s3.iter().map(|(k, v)| (*k, v.as_deref())));
     let mut d = Daemon::start(dir, log, &[], &envs, Duration::from_secs(900));
     d.wait_ready();
     d

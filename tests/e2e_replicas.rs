@@ -16,44 +16,6 @@ use serde_json::{json, Value};
 /// Short, so the take-over happens within seconds of the kill.
 const LEASE_SECS: &str = "3";
 
-fn pg_database() -> String {
-    let server = match std::env::var("ITAMAE_TEST_PG_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    {
-        Some(u) => u,
-        None => {
-            let script = Path::new(common::WORKSPACE).join("scripts/services/postgres.sh");
-            let out = std::process::Command::new(script)
-                .args(["start", "--watch-pid", &std::process::id().to_string()])
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .expect("running scripts/services/postgres.sh");
-            assert!(out.status.success(), "postgres.sh start failed");
-            String::from_utf8(out.stdout).unwrap().trim().to_string()
-        }
-    };
-    let name = format!("itamae_e2e_{}", std::process::id());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\""))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    });
-    let base = server.split('?').next().unwrap();
-    format!("{}/{name}", &base[..base.rfind('/').unwrap()])
-}
-
 /// Starts a replica without waiting for it to be ready.
 fn replica(dir: &Path, id: &str, db: &str) -> Daemon {
     let envs = [
@@ -163,7 +125,7 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn two_replicas_share_jobs_take_over_and_cancel_across() {
-    let db = pg_database();
+    let db = common::pg_database("e2e");
     let dir = TempDir::new("e2e-replicas");
     // Started together: they migrate the empty database at the same time.
     let mut a = replica(dir.path(), "replica-a", &db);
