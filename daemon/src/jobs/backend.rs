@@ -101,18 +101,6 @@ pub trait MetaStore: Send + Sync {
         fine_tuned_model: Option<&'a str>,
         trained_tokens: i64,
     ) -> BoxFuture<'a, StoreResult<bool>>;
-    fn set_progress<'a>(
-        &'a self,
-        id: &'a str,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
-    ) -> BoxFuture<'a, StoreResult<()>>;
-    fn set_hyperparameters<'a>(
-        &'a self,
-        id: &'a str,
-        hyperparameters: &'a Value,
-        method: &'a Value,
-    ) -> BoxFuture<'a, StoreResult<()>>;
 
     fn add_event<'a>(
         &'a self,
@@ -136,14 +124,6 @@ pub trait MetaStore: Send + Sync {
     /// streams wait on it instead of polling; a shared backend feeds it from its notifications).
     fn subscribe(&self) -> tokio::sync::watch::Receiver<()>;
 
-    /// Records a checkpoint (once per job and step: a resumed run may write a step again).
-    fn add_checkpoint<'a>(
-        &'a self,
-        job_id: &'a str,
-        step: i64,
-        metrics: &'a Value,
-        model: &'a str,
-    ) -> BoxFuture<'a, StoreResult<CheckpointRow>>;
     /// A job's checkpoints, newest step first.
     fn list_checkpoints<'a>(
         &'a self,
@@ -178,6 +158,8 @@ pub trait MetaStore: Send + Sync {
     // so a runner that lost its lease (another replica took the job over) cannot write over the
     // new owner's state; it gets `FenceError::LeaseLost` and stops. An expired lease nobody took
     // over yet still fences nothing out: the job is this runner's until someone claims it.
+    // Progress, resolved hyperparameters and checkpoint rows have no unfenced writer: only the
+    // runner that owns a job writes them.
 
     /// [`Self::finish_unsuccessfully`] for the lease holder; false if the job left `from`
     /// meanwhile (a client cancelled it).
@@ -195,14 +177,14 @@ pub trait MetaStore: Send + Sync {
         fine_tuned_model: Option<&'a str>,
         trained_tokens: i64,
     ) -> BoxFuture<'a, FenceResult<bool>>;
-    /// [`Self::set_progress`] for the lease holder.
+    /// Records the tokens trained so far and the estimated finish time (epoch seconds).
     fn fenced_progress<'a>(
         &'a self,
         lease: Lease<'a>,
         trained_tokens: i64,
         estimated_finish: Option<i64>,
     ) -> BoxFuture<'a, FenceResult<()>>;
-    /// [`Self::set_hyperparameters`] for the lease holder.
+    /// Records the hyperparameters and `method` object the run resolved ("auto" made numbers).
     fn fenced_hyperparameters<'a>(
         &'a self,
         lease: Lease<'a>,
@@ -215,7 +197,8 @@ pub trait MetaStore: Send + Sync {
         lease: Lease<'a>,
         e: NewEvent<'a>,
     ) -> BoxFuture<'a, FenceResult<EventRow>>;
-    /// [`Self::add_checkpoint`] for the lease holder.
+    /// Records a checkpoint (once per job and step: a resumed run may write a step again, which
+    /// replaces the row's metrics and time).
     fn fenced_checkpoint<'a>(
         &'a self,
         lease: Lease<'a>,

@@ -27,6 +27,8 @@ pub mod backend;
 pub mod error;
 mod lease;
 pub mod object_blob;
+mod pg_fenced;
+mod pg_rows;
 pub mod pg_store;
 pub mod registry;
 #[cfg(test)]
@@ -40,6 +42,8 @@ pub mod storage;
 pub mod store;
 #[cfg(test)]
 mod store_contract;
+mod store_fenced;
+mod store_rows;
 mod variant_sync;
 
 use std::path::PathBuf;

@@ -11,6 +11,9 @@
 //!   listener reconnects on its own; a tick every [`RECONCILE`] marks a change anyway, so a
 //!   notification lost while reconnecting delays a stream by at most that.
 //!
+//! The runner's fenced writes are in [`super::pg_fenced`], the mapping of rows in
+//! [`super::pg_rows`].
+//!
 //! Every query runs on the jobs runtime given at open (spawned there and awaited): a Postgres
 //! connection is a socket bound to the runtime that opened it, and the pool is shared by the
 //! HTTP workers' runtimes and the runner's.
@@ -21,14 +24,17 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::backend::{
     lease_ms, redact_url, Claimed, FenceError, FenceResult, FileQuery, Lease, MetaStore, NewEvent,
     StoreError, StoreResult,
 };
-use super::storage::{new_id, now, CHECKPOINT_PREFIX, EVENT_PREFIX};
+use super::pg_rows::{
+    checkpoint_of, event_of, file_of, job_of, json_str, owned, owned_lease, page,
+};
+use super::storage::{new_id, now, EVENT_PREFIX};
 use super::store::{status, CheckpointRow, EventRow, FileRow, JobRow, Page};
 
 type Result<T> = std::result::Result<T, sqlx::Error>;
@@ -62,8 +68,8 @@ pub struct PgStore {
 
 /// The pool and the queries; cheap to clone into the tasks spawned on the jobs runtime.
 #[derive(Clone)]
-struct Db {
-    pool: PgPool,
+pub(super) struct Db {
+    pub(super) pool: PgPool,
 }
 
 /// A failure to open the database; shows the URL without its password.
@@ -167,88 +173,6 @@ async fn listen(
             None => return,
         }
     }
-}
-
-fn json_col(row: &PgRow, col: &str) -> Result<Option<Value>> {
-    let s: Option<String> = row.try_get(col)?;
-    s.map(|s| serde_json::from_str(&s).map_err(|e| sqlx::Error::Decode(Box::new(e))))
-        .transpose()
-}
-
-fn json_str(v: &Value) -> String {
-    v.to_string()
-}
-
-fn file_of(r: &PgRow) -> Result<FileRow> {
-    Ok(FileRow {
-        id: r.try_get("id")?,
-        bytes: r.try_get("bytes")?,
-        created_at: r.try_get("created_at")?,
-        filename: r.try_get("filename")?,
-        purpose: r.try_get("purpose")?,
-    })
-}
-
-fn job_of(r: &PgRow) -> Result<JobRow> {
-    Ok(JobRow {
-        id: r.try_get("id")?,
-        created_at: r.try_get("created_at")?,
-        status: r.try_get("status")?,
-        model: r.try_get("model")?,
-        training_file: r.try_get("training_file")?,
-        validation_file: r.try_get("validation_file")?,
-        suffix: r.try_get("suffix")?,
-        seed: r.try_get("seed")?,
-        metadata: json_col(r, "metadata")?,
-        spec: json_col(r, "spec")?.unwrap_or(Value::Null),
-        hyperparameters: json_col(r, "hyperparameters")?.unwrap_or(Value::Null),
-        method: json_col(r, "method")?.unwrap_or(Value::Null),
-        variant: r.try_get("variant")?,
-        error: json_col(r, "error")?,
-        fine_tuned_model: r.try_get("fine_tuned_model")?,
-        finished_at: r.try_get("finished_at")?,
-        trained_tokens: r.try_get("trained_tokens")?,
-        estimated_finish: r.try_get("estimated_finish")?,
-        result_files: json_col(r, "result_files")?.unwrap_or(Value::Array(vec![])),
-    })
-}
-
-fn event_of(r: &PgRow) -> Result<EventRow> {
-    Ok(EventRow {
-        seq: r.try_get("seq")?,
-        id: r.try_get("id")?,
-        job_id: r.try_get("job_id")?,
-        created_at: r.try_get("created_at")?,
-        level: r.try_get("level")?,
-        message: r.try_get("message")?,
-        kind: r.try_get("type")?,
-        data: json_col(r, "data")?,
-    })
-}
-
-fn checkpoint_of(r: &PgRow) -> Result<CheckpointRow> {
-    Ok(CheckpointRow {
-        id: r.try_get("id")?,
-        job_id: r.try_get("job_id")?,
-        created_at: r.try_get("created_at")?,
-        step: r.try_get("step")?,
-        metrics: json_col(r, "metrics")?.unwrap_or(Value::Null),
-        model: r.try_get("model")?,
-    })
-}
-
-/// Splits `limit + 1` fetched rows into a page.
-fn page<T>(mut rows: Vec<T>, limit: usize) -> Page<T> {
-    let has_more = rows.len() > limit;
-    rows.truncate(limit);
-    Page {
-        data: rows,
-        has_more,
-    }
-}
-
-fn owned(statuses: &[&str]) -> Vec<String> {
-    statuses.iter().map(|s| s.to_string()).collect()
 }
 
 impl Db {
@@ -457,31 +381,6 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
-    async fn set_progress(
-        self,
-        id: String,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
-    ) -> Result<()> {
-        sqlx::query("UPDATE jobs SET trained_tokens = $1, estimated_finish = $2 WHERE id = $3")
-            .bind(trained_tokens)
-            .bind(estimated_finish)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_hyperparameters(self, id: String, hp: String, method: String) -> Result<()> {
-        sqlx::query("UPDATE jobs SET hyperparameters = $1, method = $2 WHERE id = $3")
-            .bind(hp)
-            .bind(method)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     async fn add_event(
         self,
         job_id: String,
@@ -549,38 +448,6 @@ impl Db {
         rows.iter().map(event_of).collect()
     }
 
-    async fn add_checkpoint(
-        self,
-        job_id: String,
-        step: i64,
-        metrics: Value,
-        model: String,
-    ) -> Result<CheckpointRow> {
-        let row = CheckpointRow {
-            id: new_id(CHECKPOINT_PREFIX),
-            job_id,
-            created_at: now(),
-            step,
-            metrics,
-            model,
-        };
-        sqlx::query(
-            "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, model) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (job_id, step) DO UPDATE SET metrics = excluded.metrics, \
-             created_at = excluded.created_at",
-        )
-        .bind(&row.id)
-        .bind(&row.job_id)
-        .bind(row.created_at)
-        .bind(row.step)
-        .bind(json_str(&row.metrics))
-        .bind(&row.model)
-        .execute(&self.pool)
-        .await?;
-        Ok(row)
-    }
-
     async fn list_checkpoints(self, job_id: String) -> Result<Vec<CheckpointRow>> {
         let rows = sqlx::query("SELECT * FROM checkpoints WHERE job_id = $1 ORDER BY step DESC")
             .bind(job_id)
@@ -644,187 +511,6 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    // ---- fenced writes (see the block in [`MetaStore`]): each checks the owner in the
-    // statement that writes; `None` means the job is no longer the owner's ----
-
-    /// Locks the job's row in `tx` and says whether `owner` owns it, so that the status update
-    /// that follows in the same transaction cannot race with a takeover.
-    async fn lock_owned(
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        id: &str,
-        owner: &str,
-    ) -> Result<bool> {
-        let holder: Option<Option<String>> =
-            sqlx::query_scalar("SELECT owner FROM jobs WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut **tx)
-                .await?;
-        Ok(holder.flatten().as_deref() == Some(owner))
-    }
-
-    /// `Some(moved)`, or None if the lease is lost.
-    async fn fenced_finish(
-        self,
-        (id, owner): (String, String),
-        from: Vec<String>,
-        to: String,
-        error: Option<String>,
-    ) -> Result<Option<bool>> {
-        let mut tx = self.pool.begin().await?;
-        if !Self::lock_owned(&mut tx, &id, &owner).await? {
-            return Ok(None);
-        }
-        let r = sqlx::query(
-            "UPDATE jobs SET status = $1, error = $2, finished_at = $3, estimated_finish = NULL \
-             WHERE id = $4 AND status = ANY($5)",
-        )
-        .bind(to)
-        .bind(error)
-        .bind(now())
-        .bind(id)
-        .bind(from)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Some(r.rows_affected() > 0))
-    }
-
-    /// `Some(moved)`, or None if the lease is lost.
-    async fn fenced_succeed(
-        self,
-        (id, owner): (String, String),
-        fine_tuned_model: Option<String>,
-        trained_tokens: i64,
-    ) -> Result<Option<bool>> {
-        let mut tx = self.pool.begin().await?;
-        if !Self::lock_owned(&mut tx, &id, &owner).await? {
-            return Ok(None);
-        }
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'succeeded', fine_tuned_model = $1, trained_tokens = $2, \
-             finished_at = $3, estimated_finish = NULL, error = NULL \
-             WHERE id = $4 AND status IN ('running', 'paused')",
-        )
-        .bind(fine_tuned_model)
-        .bind(trained_tokens)
-        .bind(now())
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Some(r.rows_affected() > 0))
-    }
-
-    /// False if the lease is lost.
-    async fn fenced_progress(
-        self,
-        (id, owner): (String, String),
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
-    ) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE jobs SET trained_tokens = $1, estimated_finish = $2 \
-             WHERE id = $3 AND owner = $4",
-        )
-        .bind(trained_tokens)
-        .bind(estimated_finish)
-        .bind(id)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() > 0)
-    }
-
-    /// False if the lease is lost.
-    async fn fenced_hyperparameters(
-        self,
-        (id, owner): (String, String),
-        hp: String,
-        method: String,
-    ) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE jobs SET hyperparameters = $1, method = $2 WHERE id = $3 AND owner = $4",
-        )
-        .bind(hp)
-        .bind(method)
-        .bind(id)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() > 0)
-    }
-
-    async fn fenced_event(
-        self,
-        (job_id, owner): (String, String),
-        level: String,
-        message: String,
-        kind: String,
-        data: Option<Value>,
-    ) -> Result<Option<EventRow>> {
-        let id = new_id(EVENT_PREFIX);
-        let created_at = now();
-        let seq: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO events (id, job_id, created_at, level, message, type, data) \
-             SELECT $1, $2, $3, $4, $5, $6, $7 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND owner = $8) RETURNING seq",
-        )
-        .bind(&id)
-        .bind(&job_id)
-        .bind(created_at)
-        .bind(&level)
-        .bind(&message)
-        .bind(&kind)
-        .bind(data.as_ref().map(json_str))
-        .bind(owner)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(seq.map(|seq| EventRow {
-            seq,
-            id,
-            job_id,
-            created_at,
-            level,
-            message,
-            kind,
-            data,
-        }))
-    }
-
-    async fn fenced_checkpoint(
-        self,
-        (job_id, owner): (String, String),
-        step: i64,
-        metrics: Value,
-        model: String,
-    ) -> Result<Option<CheckpointRow>> {
-        let row = CheckpointRow {
-            id: new_id(CHECKPOINT_PREFIX),
-            job_id,
-            created_at: now(),
-            step,
-            metrics,
-            model,
-        };
-        let r = sqlx::query(
-            "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, model) \
-             SELECT $1, $2, $3, $4, $5, $6 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND owner = $7) \
-             ON CONFLICT (job_id, step) DO UPDATE SET metrics = excluded.metrics, \
-             created_at = excluded.created_at",
-        )
-        .bind(&row.id)
-        .bind(&row.job_id)
-        .bind(row.created_at)
-        .bind(row.step)
-        .bind(json_str(&row.metrics))
-        .bind(&row.model)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok((r.rows_affected() > 0).then_some(row))
     }
 }
 
@@ -931,32 +617,6 @@ impl MetaStore for PgStore {
         })
     }
 
-    fn set_progress<'a>(
-        &'a self,
-        id: &'a str,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
-    ) -> BoxFuture<'a, StoreResult<()>> {
-        self.run(
-            self.db
-                .clone()
-                .set_progress(id.into(), trained_tokens, estimated_finish),
-        )
-    }
-
-    fn set_hyperparameters<'a>(
-        &'a self,
-        id: &'a str,
-        hyperparameters: &'a Value,
-        method: &'a Value,
-    ) -> BoxFuture<'a, StoreResult<()>> {
-        self.run(self.db.clone().set_hyperparameters(
-            id.into(),
-            json_str(hyperparameters),
-            json_str(method),
-        ))
-    }
-
     fn add_event<'a>(
         &'a self,
         job_id: &'a str,
@@ -999,20 +659,6 @@ impl MetaStore for PgStore {
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
         self.changes.subscribe()
-    }
-
-    fn add_checkpoint<'a>(
-        &'a self,
-        job_id: &'a str,
-        step: i64,
-        metrics: &'a Value,
-        model: &'a str,
-    ) -> BoxFuture<'a, StoreResult<CheckpointRow>> {
-        self.run(
-            self.db
-                .clone()
-                .add_checkpoint(job_id.into(), step, metrics.clone(), model.into()),
-        )
     }
 
     fn list_checkpoints<'a>(
@@ -1164,9 +810,4 @@ impl MetaStore for PgStore {
         ));
         Box::pin(async move { f.await?.ok_or_else(|| FenceError::lost(lease)) })
     }
-}
-
-/// A lease's job id and owner, owned (for the tasks [`PgStore::run`] spawns).
-fn owned_lease(lease: Lease<'_>) -> (String, String) {
-    (lease.job_id.into(), lease.owner.into())
 }

@@ -4,6 +4,9 @@
 //!
 //! Listings are newest first and page with `after` = the id of the last item seen, as OpenAI's
 //! do; the order is the insertion order (`seq`), never the random ids.
+//!
+//! The runner's fenced writes are in [`super::store_fenced`], the mapping of rows in
+//! [`super::store_rows`].
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -11,16 +14,14 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
 
 use super::backend::{
-    lease_ms, Claimed, FenceError, FenceResult, FileQuery, Lease, MetaStore, NewEvent, StoreError,
-    StoreResult,
+    lease_ms, Claimed, FenceResult, FileQuery, Lease, MetaStore, NewEvent, StoreError, StoreResult,
 };
-use super::storage::{new_id, now, CHECKPOINT_PREFIX, EVENT_PREFIX};
+use super::storage::{new_id, now, EVENT_PREFIX};
+use super::store_rows::{checkpoint_of, event_of, file_of, job_of, json_str, page};
 
 /// `(version, script)`, applied in order to a database whose `user_version` is lower.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -116,88 +117,10 @@ pub struct Page<T> {
 /// The SQLite [`MetaStore`].
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     /// Bumped after every event and job status write: live event streams wait on it instead
     /// of polling the database.
     changes: std::sync::Arc<tokio::sync::watch::Sender<()>>,
-}
-
-fn json_col(row: &SqliteRow, col: &str) -> Result<Option<Value>> {
-    let s: Option<String> = row.try_get(col)?;
-    s.map(|s| serde_json::from_str(&s).map_err(|e| sqlx::Error::Decode(Box::new(e))))
-        .transpose()
-}
-
-fn json_str(v: &Value) -> String {
-    v.to_string()
-}
-
-fn file_of(r: &SqliteRow) -> Result<FileRow> {
-    Ok(FileRow {
-        id: r.try_get("id")?,
-        bytes: r.try_get("bytes")?,
-        created_at: r.try_get("created_at")?,
-        filename: r.try_get("filename")?,
-        purpose: r.try_get("purpose")?,
-    })
-}
-
-fn job_of(r: &SqliteRow) -> Result<JobRow> {
-    Ok(JobRow {
-        id: r.try_get("id")?,
-        created_at: r.try_get("created_at")?,
-        status: r.try_get("status")?,
-        model: r.try_get("model")?,
-        training_file: r.try_get("training_file")?,
-        validation_file: r.try_get("validation_file")?,
-        suffix: r.try_get("suffix")?,
-        seed: r.try_get("seed")?,
-        metadata: json_col(r, "metadata")?,
-        spec: json_col(r, "spec")?.unwrap_or(Value::Null),
-        hyperparameters: json_col(r, "hyperparameters")?.unwrap_or(Value::Null),
-        method: json_col(r, "method")?.unwrap_or(Value::Null),
-        variant: r.try_get("variant")?,
-        error: json_col(r, "error")?,
-        fine_tuned_model: r.try_get("fine_tuned_model")?,
-        finished_at: r.try_get("finished_at")?,
-        trained_tokens: r.try_get("trained_tokens")?,
-        estimated_finish: r.try_get("estimated_finish")?,
-        result_files: json_col(r, "result_files")?.unwrap_or(Value::Array(vec![])),
-    })
-}
-
-fn event_of(r: &SqliteRow) -> Result<EventRow> {
-    Ok(EventRow {
-        seq: r.try_get("seq")?,
-        id: r.try_get("id")?,
-        job_id: r.try_get("job_id")?,
-        created_at: r.try_get("created_at")?,
-        level: r.try_get("level")?,
-        message: r.try_get("message")?,
-        kind: r.try_get("type")?,
-        data: json_col(r, "data")?,
-    })
-}
-
-fn checkpoint_of(r: &SqliteRow) -> Result<CheckpointRow> {
-    Ok(CheckpointRow {
-        id: r.try_get("id")?,
-        job_id: r.try_get("job_id")?,
-        created_at: r.try_get("created_at")?,
-        step: r.try_get("step")?,
-        metrics: json_col(r, "metrics")?.unwrap_or(Value::Null),
-        model: r.try_get("model")?,
-    })
-}
-
-/// Splits `limit + 1` fetched rows into a page.
-fn page<T>(mut rows: Vec<T>, limit: usize) -> Page<T> {
-    let has_more = rows.len() > limit;
-    rows.truncate(limit);
-    Page {
-        data: rows,
-        has_more,
-    }
 }
 
 impl Store {
@@ -394,7 +317,7 @@ impl Store {
         self.changes.subscribe()
     }
 
-    fn changed(&self) {
+    pub(super) fn changed(&self) {
         // marks every receiver changed, whether or not any exists
         self.changes.send_replace(());
     }
@@ -459,31 +382,6 @@ impl Store {
         .await?;
         self.changed();
         Ok(r.rows_affected() > 0)
-    }
-
-    pub async fn set_progress(
-        &self,
-        id: &str,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
-    ) -> Result<()> {
-        sqlx::query("UPDATE jobs SET trained_tokens = ?, estimated_finish = ? WHERE id = ?")
-            .bind(trained_tokens)
-            .bind(estimated_finish)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn set_hyperparameters(&self, id: &str, hp: &Value, method: &Value) -> Result<()> {
-        sqlx::query("UPDATE jobs SET hyperparameters = ?, method = ? WHERE id = ?")
-            .bind(json_str(hp))
-            .bind(json_str(method))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     // ---- events ----
@@ -559,39 +457,6 @@ impl Store {
     }
 
     // ---- checkpoints ----
-
-    /// Records a checkpoint (once per job and step: a resumed run may write a step again).
-    pub async fn add_checkpoint(
-        &self,
-        job_id: &str,
-        step: i64,
-        metrics: &Value,
-        model: &str,
-    ) -> Result<CheckpointRow> {
-        let row = CheckpointRow {
-            id: new_id(CHECKPOINT_PREFIX),
-            job_id: job_id.into(),
-            created_at: now(),
-            step,
-            metrics: metrics.clone(),
-            model: model.into(),
-        };
-        sqlx::query(
-            "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, model) \
-             VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (job_id, step) DO UPDATE SET metrics = excluded.metrics, \
-             created_at = excluded.created_at",
-        )
-        .bind(&row.id)
-        .bind(&row.job_id)
-        .bind(row.created_at)
-        .bind(row.step)
-        .bind(json_str(&row.metrics))
-        .bind(&row.model)
-        .execute(&self.pool)
-        .await?;
-        Ok(row)
-    }
 
     /// A job's checkpoints, newest step first.
     pub async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRow>> {
@@ -686,200 +551,6 @@ impl Store {
         .await?;
         Ok(())
     }
-
-    // ---- fenced writes (see the block in [`MetaStore`]) ----
-
-    /// Whether `lease.owner` owns the job now: after a conditional update changed nothing, this
-    /// tells a lost lease from a status that moved on.
-    async fn owns(&self, lease: Lease<'_>) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE id = ? AND owner = ?")
-            .bind(lease.job_id)
-            .bind(lease.owner)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n > 0)
-    }
-
-    /// The outcome of a fenced status change that moved `moved` rows.
-    async fn fenced_moved(&self, lease: Lease<'_>, moved: bool) -> FenceResult<bool> {
-        self.changed();
-        if moved || self.owns(lease).await.map_err(StoreError::from)? {
-            Ok(moved)
-        } else {
-            Err(FenceError::lost(lease))
-        }
-    }
-
-    /// See [`MetaStore::fenced_finish`].
-    pub async fn fenced_finish(
-        &self,
-        lease: Lease<'_>,
-        from: &[&str],
-        to: &str,
-        error: Option<&Value>,
-    ) -> FenceResult<bool> {
-        let marks = vec!["?"; from.len()].join(", ");
-        let sql = format!(
-            "UPDATE jobs SET status = ?, error = ?, finished_at = ?, estimated_finish = NULL \
-             WHERE id = ? AND owner = ? AND status IN ({marks})"
-        );
-        let mut q = sqlx::query(&sql)
-            .bind(to)
-            .bind(error.map(json_str))
-            .bind(now())
-            .bind(lease.job_id)
-            .bind(lease.owner);
-        for s in from {
-            q = q.bind(*s);
-        }
-        let moved = q.execute(&self.pool).await.map_err(StoreError::from)?;
-        self.fenced_moved(lease, moved.rows_affected() > 0).await
-    }
-
-    /// See [`MetaStore::fenced_succeed`].
-    pub async fn fenced_succeed(
-        &self,
-        lease: Lease<'_>,
-        fine_tuned_model: Option<&str>,
-        trained_tokens: i64,
-    ) -> FenceResult<bool> {
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, trained_tokens = ?, \
-             finished_at = ?, estimated_finish = NULL, error = NULL \
-             WHERE id = ? AND owner = ? AND status IN ('running', 'paused')",
-        )
-        .bind(fine_tuned_model)
-        .bind(trained_tokens)
-        .bind(now())
-        .bind(lease.job_id)
-        .bind(lease.owner)
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
-        self.fenced_moved(lease, r.rows_affected() > 0).await
-    }
-
-    /// See [`MetaStore::fenced_progress`].
-    pub async fn fenced_progress(
-        &self,
-        lease: Lease<'_>,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
-    ) -> FenceResult<()> {
-        let r = sqlx::query(
-            "UPDATE jobs SET trained_tokens = ?, estimated_finish = ? WHERE id = ? AND owner = ?",
-        )
-        .bind(trained_tokens)
-        .bind(estimated_finish)
-        .bind(lease.job_id)
-        .bind(lease.owner)
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
-        fenced_write(lease, r.rows_affected())
-    }
-
-    /// See [`MetaStore::fenced_hyperparameters`].
-    pub async fn fenced_hyperparameters(
-        &self,
-        lease: Lease<'_>,
-        hp: &Value,
-        method: &Value,
-    ) -> FenceResult<()> {
-        let r = sqlx::query(
-            "UPDATE jobs SET hyperparameters = ?, method = ? WHERE id = ? AND owner = ?",
-        )
-        .bind(json_str(hp))
-        .bind(json_str(method))
-        .bind(lease.job_id)
-        .bind(lease.owner)
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
-        fenced_write(lease, r.rows_affected())
-    }
-
-    /// See [`MetaStore::fenced_event`]: the row is inserted only if the lease holds, in one
-    /// statement.
-    pub async fn fenced_event(&self, lease: Lease<'_>, e: NewEvent<'_>) -> FenceResult<EventRow> {
-        let id = new_id(EVENT_PREFIX);
-        let created_at = now();
-        let r = sqlx::query(
-            "INSERT INTO events (id, job_id, created_at, level, message, type, data) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND owner = ?8)",
-        )
-        .bind(&id)
-        .bind(lease.job_id)
-        .bind(created_at)
-        .bind(e.level)
-        .bind(e.message)
-        .bind(e.kind)
-        .bind(e.data.map(json_str))
-        .bind(lease.owner)
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
-        fenced_write(lease, r.rows_affected())?;
-        self.changed();
-        Ok(EventRow {
-            seq: r.last_insert_rowid(),
-            id,
-            job_id: lease.job_id.into(),
-            created_at,
-            level: e.level.into(),
-            message: e.message.into(),
-            kind: e.kind.into(),
-            data: e.data.cloned(),
-        })
-    }
-
-    /// See [`MetaStore::fenced_checkpoint`].
-    pub async fn fenced_checkpoint(
-        &self,
-        lease: Lease<'_>,
-        step: i64,
-        metrics: &Value,
-        model: &str,
-    ) -> FenceResult<CheckpointRow> {
-        let row = CheckpointRow {
-            id: new_id(CHECKPOINT_PREFIX),
-            job_id: lease.job_id.into(),
-            created_at: now(),
-            step,
-            metrics: metrics.clone(),
-            model: model.into(),
-        };
-        // `WHERE` before `ON CONFLICT` also settles SQLite's parse of an upsert from a SELECT.
-        let r = sqlx::query(
-            "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, model) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND owner = ?7) \
-             ON CONFLICT (job_id, step) DO UPDATE SET metrics = excluded.metrics, \
-             created_at = excluded.created_at",
-        )
-        .bind(&row.id)
-        .bind(&row.job_id)
-        .bind(row.created_at)
-        .bind(row.step)
-        .bind(json_str(&row.metrics))
-        .bind(&row.model)
-        .bind(lease.owner)
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
-        fenced_write(lease, r.rows_affected())?;
-        Ok(row)
-    }
-}
-
-/// A fenced write that changed no row found no job owned by `lease.owner`.
-fn fenced_write(lease: Lease<'_>, rows: u64) -> FenceResult<()> {
-    if rows > 0 {
-        Ok(())
-    } else {
-        Err(FenceError::lost(lease))
-    }
 }
 
 /// Milliseconds since the epoch, the unit of `lease_expires_at`.
@@ -968,28 +639,6 @@ impl MetaStore for Store {
         )
     }
 
-    fn set_progress<'a>(
-        &'a self,
-        id: &'a str,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
-    ) -> BoxFuture<'a, StoreResult<()>> {
-        Box::pin(async move {
-            Ok(Store::set_progress(self, id, trained_tokens, estimated_finish).await?)
-        })
-    }
-
-    fn set_hyperparameters<'a>(
-        &'a self,
-        id: &'a str,
-        hyperparameters: &'a Value,
-        method: &'a Value,
-    ) -> BoxFuture<'a, StoreResult<()>> {
-        Box::pin(
-            async move { Ok(Store::set_hyperparameters(self, id, hyperparameters, method).await?) },
-        )
-    }
-
     fn add_event<'a>(
         &'a self,
         job_id: &'a str,
@@ -1019,18 +668,6 @@ impl MetaStore for Store {
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
         Store::subscribe(self)
-    }
-
-    fn add_checkpoint<'a>(
-        &'a self,
-        job_id: &'a str,
-        step: i64,
-        metrics: &'a Value,
-        model: &'a str,
-    ) -> BoxFuture<'a, StoreResult<CheckpointRow>> {
-        Box::pin(
-            async move { Ok(Store::add_checkpoint(self, job_id, step, metrics, model).await?) },
-        )
     }
 
     fn list_checkpoints<'a>(

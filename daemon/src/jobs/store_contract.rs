@@ -185,18 +185,30 @@ async fn jobs_round_trip_and_page_newest_first() {
         assert_eq!(j.error, Some(error), "{name}");
         // a cancelled job cannot then succeed
         assert!(!s.succeed("ftjob-0", Some("m"), 10).await.unwrap());
-        assert!(s
-            .transition("ftjob-1", &[status::QUEUED], status::RUNNING)
+        // the oldest queued job goes to a runner, which records what "auto" resolved to
+        let c = s
+            .claim_job("r", Duration::from_secs(60))
             .await
-            .unwrap());
-        s.set_hyperparameters("ftjob-1", &json!({"n_epochs": 3}), &json!({"type": "x"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.job.id.as_str(), c.interrupted),
+            ("ftjob-1", false),
+            "{name}"
+        );
+        let lease = Lease {
+            job_id: "ftjob-1",
+            owner: "r",
+        };
+        s.fenced_hyperparameters(lease, &json!({"n_epochs": 3}), &json!({"type": "x"}))
             .await
             .unwrap();
         assert!(s.succeed("ftjob-1", Some("m"), 10).await.unwrap());
         let j = s.get_job("ftjob-1").await.unwrap().unwrap();
         assert_eq!(j.status, status::SUCCEEDED, "{name}");
         assert_eq!(j.trained_tokens, Some(10));
-        assert_eq!(j.hyperparameters, json!({"n_epochs": 3}));
+        assert_eq!(j.hyperparameters, json!({"n_epochs": 3}), "{name}");
+        assert_eq!(j.method, json!({"type": "x"}), "{name}");
         assert!(j.finished_at.is_some());
     }
 }
@@ -237,11 +249,27 @@ async fn the_interface_reaches_every_table() {
             vec![e],
             "{name}"
         );
-        s.add_checkpoint("ftjob-i", 3, &json!({"step": 3}), "m:ckpt-step-3")
+        // running without a lease (as after a crash): a runner claims it to resume
+        let c = s
+            .claim_job("r", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.job.id.as_str(), c.interrupted),
+            ("ftjob-i", true),
+            "{name}"
+        );
+        let lease = Lease {
+            job_id: "ftjob-i",
+            owner: "r",
+        };
+        let ck = s
+            .fenced_checkpoint(lease, 3, &json!({"step": 3}), "m:ckpt-step-3")
             .await
             .unwrap();
-        assert_eq!(s.all_checkpoints().await.unwrap()[0].step, 3);
-        s.set_progress("ftjob-i", 7, Some(1)).await.unwrap();
+        assert_eq!(s.all_checkpoints().await.unwrap(), vec![ck], "{name}");
+        s.fenced_progress(lease, 7, Some(1)).await.unwrap();
         let j = s.get_job("ftjob-i").await.unwrap().unwrap();
         assert_eq!((j.trained_tokens, j.estimated_finish), (Some(7), Some(1)));
         assert!(s.succeed("ftjob-i", Some("m"), 9).await.unwrap());
@@ -322,14 +350,22 @@ async fn state_survives_reopen_and_files_page() {
             s.insert_job(&job("ftjob-r", status::RUNNING))
                 .await
                 .unwrap();
-            s.add_checkpoint("ftjob-r", 2, &json!({"step": 2}), "m:ckpt-step-2")
+            s.claim_job("r", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .unwrap();
+            let lease = Lease {
+                job_id: "ftjob-r",
+                owner: "r",
+            };
+            s.fenced_checkpoint(lease, 2, &json!({"step": 2}), "m:ckpt-step-2")
                 .await
                 .unwrap();
             // the same step again (a resumed run) replaces, not duplicates
-            s.add_checkpoint("ftjob-r", 2, &json!({"step": 2, "x": 1}), "m:ckpt-step-2")
+            s.fenced_checkpoint(lease, 2, &json!({"step": 2, "x": 1}), "m:ckpt-step-2")
                 .await
                 .unwrap();
-            s.add_checkpoint("ftjob-r", 4, &json!({"step": 4}), "m:ckpt-step-4")
+            s.fenced_checkpoint(lease, 4, &json!({"step": 4}), "m:ckpt-step-4")
                 .await
                 .unwrap();
         }
