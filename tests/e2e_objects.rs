@@ -3,7 +3,10 @@
 //! job (its checkpoints and result land in the bucket: listed here), then restart the daemon on
 //! an EMPTY data directory holding only a copy of the database (rows and adapter registry): the
 //! tuned variant, its checkpoint and the imported adapter still answer (fetched from the bucket),
-//! the uploaded file comes back byte-identical and the checkpoints are listed.
+//! the uploaded file comes back byte-identical and the checkpoints are listed. Before that
+//! restart, another replica's import of the adapter's next generation "dies" between its upload
+//! and its commit: the restarted daemon still serves the committed generation's bytes, and the
+//! import done again then replaces the dead one's upload.
 //!
 //! The server: `ITAMAE_TEST_S3_ENDPOINT` (+ `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //! `ITAMAE_TEST_S3_BUCKET`) when set, else the one `make test` shares, else one started for this
@@ -14,7 +17,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    build_lora, env_var as var, multipart, s3_daemon_env, s3_env, Daemon, TempDir, WORKSPACE,
+    build_lora, crashed_import, env_var as var, multipart, replica_blob, s3_daemon_env, s3_env,
+    Daemon, TempDir, WORKSPACE,
 };
 use futures::TryStreamExt;
 use object_store::ObjectStore;
@@ -197,8 +201,8 @@ fn variants_files_and_checkpoints_survive_an_empty_data_dir_through_s3() {
     eprintln!("bucket after the job:\n{}", keys.join("\n"));
     for want in [
         format!("{prefix}/files/{file_id}"),
-        format!("{prefix}/adapters/imported-lora/adapter_model.safetensors"),
-        format!("{prefix}/adapters/imported-lora/_COMPLETE"),
+        format!("{prefix}/adapters/imported-lora/gen-1/adapter_model.safetensors"),
+        format!("{prefix}/adapters/imported-lora/gen-1/_COMPLETE"),
         format!("{prefix}/jobs/{job_id}/model/adapter_model.safetensors"),
         format!("{prefix}/jobs/{job_id}/model/_COMPLETE"),
         format!("{prefix}/jobs/{job_id}/checkpoints/step-2/_COMPLETE"),
@@ -206,6 +210,15 @@ fn variants_files_and_checkpoints_survive_an_empty_data_dir_through_s3() {
     ] {
         assert!(keys.contains(&want), "{want} is not in the bucket");
     }
+
+    // Another replica imports generation 2 of the adapter and dies after its upload, before
+    // its commit: the registry still names generation 1.
+    crashed_import(&env, &objects, first.path(), "imported-lora", 2);
+    let keys = list_bucket(&env, &format!("{prefix}/adapters/imported-lora"));
+    assert!(
+        keys.contains(&format!("{prefix}/adapters/imported-lora/gen-2/_COMPLETE")),
+        "{keys:?}"
+    );
 
     // Stop, and start again on an empty data dir with only the rows: the database, which holds
     // the adapter registry too (a shared database holds both in a scaled-out deployment).
@@ -245,6 +258,50 @@ fn variants_files_and_checkpoints_survive_an_empty_data_dir_through_s3() {
         imported_before,
         "the imported adapter changed"
     );
+    // Generation 1's bytes, not those the dead import uploaded.
+    let weights = |d: &Daemon| {
+        let res = d
+            .http
+            .get(d.url("/v1/adapters/imported-lora/files/adapter_model.safetensors"))
+            .send()
+            .expect("adapter file");
+        assert_eq!(res.status().as_u16(), 200);
+        res.bytes().expect("bytes").to_vec()
+    };
+    assert!(
+        weights(&d) == lora.weights,
+        "generation 1's weights changed"
+    );
+    assert_eq!(get(&d, "/v1/adapters/imported-lora")["generation"], 1);
+    // The import done again is generation 2 too, and replaces the dead one's upload.
+    let (ct, body) = lora.import_body("imported-lora", Some("1"));
+    let again = json_of(
+        d.http
+            .post(d.url("/v1/adapters"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .expect("import"),
+        "import again",
+    );
+    assert_eq!(again["generation"], 2, "{again}");
+    assert!(weights(&d) == lora.weights);
+    {
+        use itamae::jobs::backend::BlobStore;
+        let (blob, rt) = replica_blob(&env, &objects, &second.path().join("fresh-replica"));
+        let dir = blob
+            .materialise_adapter("imported-lora", 2)
+            .expect("download")
+            .expect("generation 2 is stored");
+        let stored = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+        assert!(
+            stored == lora.weights,
+            "generation 2 holds the dead import's bytes"
+        );
+        drop(blob);
+        rt.shutdown_background();
+    }
+    assert_eq!(chat(&d, "imported-lora"), imported_before);
     for ck in &ck_models {
         chat(&d, ck);
     }

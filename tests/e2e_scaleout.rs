@@ -8,6 +8,8 @@
 //!   restarted;
 //! - an adapter imported on B and replaced on C: a stale `if_generation` gets 409 on every
 //!   replica, and B (which served the old generation) drops it and answers with the new one;
+//!   an import of the next generation that dies between its upload and its commit changes
+//!   nothing any replica serves;
 //! - a delete on C (the adapter, then the tuned model) gives 404 on every replica;
 //! - nothing is lost: the uploaded file's bytes are identical from every replica, the
 //!   checkpoints are listed everywhere, and every step's metrics event is there (the steps the
@@ -350,6 +352,24 @@ fn three_replicas_share_jobs_variants_and_the_adapter_registry() {
         assert_eq!(answer(d, "persona"), on_c, "an old generation was served");
     }
 
+    // An import of generation 3 dies after its upload, before its commit: every replica still
+    // serves generation 2's bytes, the registry's, and none the upload left behind.
+    common::crashed_import(&cluster.s3, &cluster.objects, root.path(), "persona", 3);
+    for d in all(&replicas) {
+        let res = d
+            .http
+            .get(d.url("/v1/adapters/persona/files/adapter_model.safetensors"))
+            .send()
+            .expect("adapter file");
+        assert_eq!(res.status().as_u16(), 200);
+        assert!(
+            res.bytes().expect("bytes").as_ref() == french.weights.as_slice(),
+            "a replica serves bytes of an uncommitted generation"
+        );
+        assert_eq!(get_ok(d, "/v1/adapters/persona")["generation"], 2);
+        assert_eq!(answer(d, "persona"), on_c);
+    }
+
     // ---- a delete on C: 404 everywhere ----
     let (s, v) = send(
         c.http.delete(c.url("/v1/adapters/persona")).send(),
@@ -372,6 +392,17 @@ fn three_replicas_share_jobs_variants_and_the_adapter_registry() {
         assert_eq!(chat(d, "persona").0, 404);
         assert_eq!(chat(d, &tuned).0, 404);
         // A deleted name starts again from "must not exist", numbered on.
+    }
+    {
+        // Every generation went with the name, the dead import's upload too.
+        use itamae::jobs::backend::BlobStore;
+        let check = root.path().join("check-replica");
+        let (blob, rt) = common::replica_blob(&cluster.s3, &cluster.objects, &check);
+        for g in 1..=3 {
+            assert_eq!(blob.materialise_adapter("persona", g).expect("store"), None);
+        }
+        drop(blob);
+        rt.shutdown_background();
     }
     let (s, v) = import(a_of(&replicas), "persona", &pirate, "0");
     assert_eq!((s, v["generation"].as_u64()), (201, Some(3)), "{v}");

@@ -499,3 +499,63 @@ pub fn s3_daemon_env(env: &[(String, String)]) -> Vec<(&'static str, Option<Stri
         ("AWS_SESSION_TOKEN", None),
     ]
 }
+
+/// The daemon's own object-store code on the bucket, caching under `cache` (another replica,
+/// in this process), with the runtime it runs on.
+#[allow(dead_code)]
+pub fn replica_blob(
+    env: &[(String, String)],
+    objects: &str,
+    cache: &Path,
+) -> (
+    itamae::jobs::object_blob::ObjectBlob,
+    tokio::runtime::Runtime,
+) {
+    let cfg = itamae::jobs::object_blob::ObjectsConfig {
+        url: objects.to_string(),
+        options: [
+            ("aws_endpoint", env_var(env, "ITAMAE_TEST_S3_ENDPOINT")),
+            ("aws_access_key_id", env_var(env, "AWS_ACCESS_KEY_ID")),
+            (
+                "aws_secret_access_key",
+                env_var(env, "AWS_SECRET_ACCESS_KEY"),
+            ),
+            ("aws_region", "us-east-1"),
+            ("aws_allow_http", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let blob = itamae::jobs::object_blob::ObjectBlob::open(&cfg, cache, rt.handle().clone())
+        .expect("the object store");
+    (blob, rt)
+}
+
+/// What an import of generation `generation` of `name` leaves in the bucket when its replica
+/// dies after uploading the files and before the database commits the generation: the upload,
+/// made as the import makes it (here with files that are no adapter at all, so serving them
+/// could not go unnoticed).
+#[allow(dead_code)]
+pub fn crashed_import(
+    env: &[(String, String)],
+    objects: &str,
+    scratch: &Path,
+    name: &str,
+    generation: u64,
+) {
+    use itamae::jobs::backend::BlobStore;
+    let (blob, rt) = replica_blob(env, objects, &scratch.join("crashed-replica"));
+    let dir = blob.local_adapter_dir(name);
+    std::fs::create_dir_all(&dir).expect("adapter dir");
+    std::fs::write(dir.join("adapter_config.json"), b"{}").expect("config");
+    std::fs::write(dir.join("adapter_model.safetensors"), b"never committed").expect("weights");
+    blob.publish_adapter(name, generation).expect("the upload");
+    drop(blob);
+    rt.shutdown_background();
+}

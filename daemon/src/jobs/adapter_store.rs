@@ -388,7 +388,7 @@ impl AdapterStore {
             }
         };
         for (name, r) in rows.into_iter().filter(|(_, r)| r.stored && r.load) {
-            let dir = match self.inner.blobs.materialise_adapter(&name) {
+            let dir = match self.inner.blobs.materialise_adapter(&name, r.generation) {
                 Ok(Some(d)) => d,
                 Ok(None) => {
                     tracing::warn!(adapter = %name, "cannot serve stored adapter: its files are gone");
@@ -465,8 +465,8 @@ impl AdapterStore {
         name: &str,
     ) -> ServiceResult<Option<(PathBuf, Option<u64>)>> {
         if let Some(r) = self.record(name).await?.filter(|r| r.stored) {
-            let (blobs, n) = (self.inner.blobs.clone(), name.to_string());
-            return Ok(blocking(move || blobs.materialise_adapter(&n))
+            let (blobs, n, g) = (self.inner.blobs.clone(), name.to_string(), r.generation);
+            return Ok(blocking(move || blobs.materialise_adapter(&n, g))
                 .await?
                 .map_err(|e| io_err(&format!("Cannot fetch adapter `{name}`"), e))?
                 .map(|d| (d, Some(r.generation))));
@@ -664,9 +664,11 @@ impl AdapterStore {
         let (generation, created) = (tx.generation(), tx.op() == Op::Import);
         {
             let (st, blobs, n) = (stage.clone(), self.inner.blobs.clone(), name.clone());
+            // Published as this generation: if this replica dies before the commit, the store
+            // still holds the committed generation's bytes for every other replica.
             let installed = blocking(move || {
                 crate::durable::install_dir(&st, &local)?;
-                blobs.publish_adapter(&n)
+                blobs.publish_adapter(&n, generation)
             })
             .await?;
             if let Err(e) = installed {

@@ -308,11 +308,16 @@ pub trait BlobStore: Send + Sync {
     /// The local directory of the imported adapter `name` (a validated name): where an import
     /// installs its files before [`Self::publish_adapter`], and where they are materialised.
     fn local_adapter_dir(&self, name: &str) -> PathBuf;
-    /// Makes the adapter files installed at [`Self::local_adapter_dir`] durable in the store.
-    fn publish_adapter(&self, name: &str) -> std::io::Result<()>;
-    /// The stored adapter `name`, materialised locally; None if the store has none.
-    fn materialise_adapter(&self, name: &str) -> std::io::Result<Option<PathBuf>>;
-    /// Deletes the adapter's files locally and in the store; one already gone is not an error.
+    /// Makes the adapter files installed at [`Self::local_adapter_dir`] durable in the store as
+    /// generation `generation` of `name`, before the registry commits that generation. A store
+    /// replicas share keeps every generation apart, so an import that dies before its commit
+    /// leaves the bytes of the generation the registry names as they were.
+    fn publish_adapter(&self, name: &str, generation: u64) -> std::io::Result<()>;
+    /// Generation `generation` of the stored adapter `name`, materialised locally; None if the
+    /// store has none. A store replicas share never hands out another generation's bytes.
+    fn materialise_adapter(&self, name: &str, generation: u64) -> std::io::Result<Option<PathBuf>>;
+    /// Deletes the adapter's files (every generation) locally and in the store; one already
+    /// gone is not an error.
     fn delete_adapter(&self, name: &str) -> std::io::Result<()>;
     /// True when other daemons may write to the same store (an object store), so a variant
     /// this one never served may exist in it.

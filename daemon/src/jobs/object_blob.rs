@@ -4,9 +4,17 @@
 //!
 //! Keys under the prefix mirror the data directory: `files/<file-id>`,
 //! `jobs/<job-id>/model/…` (a job's result), `jobs/<job-id>/checkpoints/step-N/…` and
-//! `adapters/<name>/…` (imported adapters; their index stays with the adapter registry). The trainer
-//! and the adapter loader need local directories, so a cache under the data directory
-//! (`<data>/cache/`, the same layout) holds what was written here or downloaded.
+//! `adapters/<name>/gen-<G>/…` (generation G of an imported adapter; the registry of names and
+//! generations is in the database). The trainer and the adapter loader need local directories,
+//! so a cache under the data directory (`<data>/cache/`, the same layout but one directory per
+//! adapter name) holds what was written here or downloaded.
+//!
+//! Why an adapter's generations have keys of their own: an import uploads the new generation
+//! before the database commits it, and the replica doing it may die in between. Under its own
+//! key (and named in its marker, which a download checks), that upload cannot replace or mix
+//! with the bytes of the generation the registry still names, which every replica goes on
+//! loading. The generation before the current one is kept until the next import, for replicas
+//! still loading it; older ones are removed then.
 //!
 //! Why directories end with a marker: object stores have no atomic rename of many keys, so a
 //! directory (a checkpoint or a result) is uploaded file by file and then a small JSON marker
@@ -141,11 +149,20 @@ pub fn open_store(cfg: &ObjectsConfig) -> Result<(Arc<dyn ObjectStore>, Key), Ob
 }
 
 /// What the marker of an uploaded directory holds: a version (random, new for every upload,
-/// so a cached copy can be told apart from a newer one) and the files with their sizes.
+/// so a cached copy can be told apart from a newer one), the files with their sizes, and for an
+/// imported adapter its generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Marker {
     version: String,
     files: Vec<MarkerFile>,
+    /// Imported adapters only (absent in markers written before generations had keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generation: Option<u64>,
+}
+
+/// The directory of generation `generation` under an adapter's key.
+fn generation_dir(generation: u64) -> String {
+    format!("gen-{generation}")
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -344,8 +361,50 @@ impl ObjectBlob {
         }
     }
 
+    /// Every generation of the adapter `name` is under this key (and, from before generations
+    /// had keys of their own, one copy directly in it).
     fn adapter_key(&self, name: &str) -> Key {
         self.key(&["adapters", name])
+    }
+
+    fn adapter_generation_key(&self, name: &str, generation: u64) -> Key {
+        self.key(&["adapters", name, &generation_dir(generation)])
+    }
+
+    /// Deletes `keys`, the markers among them first: a directory losing its files is already
+    /// incomplete, so ignored, for every reader.
+    fn delete_markers_first(&self, mut keys: Vec<Key>) -> std::io::Result<()> {
+        keys.sort_by_key(|k| k.filename() != Some(MARKER));
+        for k in &keys {
+            self.delete_key(k)?;
+        }
+        Ok(())
+    }
+
+    /// Before generation `generation` of `name` is uploaded: removes the generations older than
+    /// the one the registry names now (`generation - 1`, which replicas may still be loading,
+    /// stays), and the copy of the older layout once that generation has its own.
+    fn prune_adapter(&self, name: &str, generation: u64) -> std::io::Result<()> {
+        let root = self.adapter_key(name);
+        let current = generation.saturating_sub(1);
+        let current_complete = self
+            .read_marker(&self.adapter_generation_key(name, current))?
+            .is_some();
+        let doomed: Vec<Key> = self
+            .list(&root)?
+            .into_iter()
+            .filter(|k| {
+                let Some(first) = k.prefix_match(&root).and_then(|mut rest| rest.next()) else {
+                    return false;
+                };
+                match first.as_ref().strip_prefix("gen-").map(str::parse::<u64>) {
+                    Some(Ok(g)) => g < current,
+                    Some(Err(_)) => false,
+                    None => current_complete,
+                }
+            })
+            .collect();
+        self.delete_markers_first(doomed)
     }
 
     /// Deletes an uploaded directory: its marker first (from then on it is incomplete and
@@ -359,10 +418,11 @@ impl ObjectBlob {
         Ok(existed)
     }
 
-    /// Uploads every file of the local directory `local` under `dir`, then its marker last,
-    /// and writes the same marker into `local`. An older version under `dir` loses its marker
-    /// first (it is incomplete from then on) and its files the new one does not have after.
-    fn upload_dir(&self, local: &Path, dir: &Key) -> std::io::Result<()> {
+    /// Uploads every file of the local directory `local` under `dir`, then its marker last
+    /// (naming `generation` for an imported adapter), and writes the same marker into `local`.
+    /// An older version under `dir` loses its marker first (it is incomplete from then on) and
+    /// its files the new one does not have after.
+    fn upload_dir(&self, local: &Path, dir: &Key, generation: Option<u64>) -> std::io::Result<()> {
         let marker_key = dir.clone().join(MARKER);
         self.delete_key(&marker_key)?;
         let before = self.list(dir)?;
@@ -383,6 +443,7 @@ impl ObjectBlob {
         let marker = Marker {
             version: new_id(""),
             files,
+            generation,
         };
         let bytes = serde_json::to_vec(&marker).map_err(std::io::Error::other)?;
         self.run(
@@ -400,11 +461,23 @@ impl ObjectBlob {
     }
 
     /// Makes `local` a complete copy of the uploaded directory `dir`: kept as is when its marker
-    /// matches, else downloaded beside it and swapped in whole. None when `dir` has no marker.
-    fn download_dir(&self, dir: &Key, local: &Path) -> std::io::Result<Option<PathBuf>> {
+    /// matches, else downloaded beside it and swapped in whole. None when `dir` has no marker;
+    /// an error when its marker does not name `generation`.
+    fn download_dir(
+        &self,
+        dir: &Key,
+        local: &Path,
+        generation: Option<u64>,
+    ) -> std::io::Result<Option<PathBuf>> {
         let Some(marker) = self.read_marker(dir)? else {
             return Ok(None);
         };
+        if marker.generation != generation {
+            return Err(std::io::Error::other(format!(
+                "{dir}/{MARKER} is generation {:?}, not {generation:?}",
+                marker.generation
+            )));
+        }
         let cached: Option<Marker> = std::fs::read(local.join(MARKER))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -452,7 +525,11 @@ impl ObjectBlob {
 
     /// A job's result, materialised in the cache (None if it was never published).
     pub fn materialise_result(&self, job_id: &str) -> std::io::Result<Option<PathBuf>> {
-        self.download_dir(&self.result_key(job_id), &self.cache.result_dir(job_id))
+        self.download_dir(
+            &self.result_key(job_id),
+            &self.cache.result_dir(job_id),
+            None,
+        )
     }
 
     /// A job's checkpoint `step`, materialised in the cache (None if it is not complete).
@@ -464,6 +541,7 @@ impl ObjectBlob {
         self.download_dir(
             &self.checkpoint_key(job_id, step),
             &self.cache.checkpoint_dir(job_id, step),
+            None,
         )
     }
 
@@ -620,7 +698,11 @@ impl BlobStore for ObjectBlob {
     }
 
     fn publish_result(&self, job_id: &str) -> std::io::Result<()> {
-        self.upload_dir(&self.cache.result_dir(job_id), &self.result_key(job_id))
+        self.upload_dir(
+            &self.cache.result_dir(job_id),
+            &self.result_key(job_id),
+            None,
+        )
     }
 
     fn local_checkpoint_dir(&self, job_id: &str, step: usize) -> PathBuf {
@@ -635,7 +717,7 @@ impl BlobStore for ObjectBlob {
     ) -> std::io::Result<PathBuf> {
         let dir = self.cache.checkpoint_dir(job_id, step);
         crate::durable::install_dir(written, &dir)?;
-        self.upload_dir(&dir, &self.checkpoint_key(job_id, step))?;
+        self.upload_dir(&dir, &self.checkpoint_key(job_id, step), None)?;
         Ok(dir)
     }
 
@@ -667,16 +749,30 @@ impl BlobStore for ObjectBlob {
         self.cache.adapter_dir(name)
     }
 
-    fn publish_adapter(&self, name: &str) -> std::io::Result<()> {
-        self.upload_dir(&self.cache.adapter_dir(name), &self.adapter_key(name))
+    fn publish_adapter(&self, name: &str, generation: u64) -> std::io::Result<()> {
+        self.prune_adapter(name, generation)?;
+        self.upload_dir(
+            &self.cache.adapter_dir(name),
+            &self.adapter_generation_key(name, generation),
+            Some(generation),
+        )
     }
 
-    fn materialise_adapter(&self, name: &str) -> std::io::Result<Option<PathBuf>> {
-        self.download_dir(&self.adapter_key(name), &self.cache.adapter_dir(name))
+    /// The cache keeps one generation per name: another one's marker differs, so it is
+    /// downloaded again.
+    fn materialise_adapter(&self, name: &str, generation: u64) -> std::io::Result<Option<PathBuf>> {
+        let local = self.cache.adapter_dir(name);
+        let key = self.adapter_generation_key(name, generation);
+        if let Some(dir) = self.download_dir(&key, &local, Some(generation))? {
+            return Ok(Some(dir));
+        }
+        // Imported before generations had keys of their own: the name's one copy, whatever its
+        // generation, until the next import replaces it.
+        self.download_dir(&self.adapter_key(name), &local, None)
     }
 
     fn delete_adapter(&self, name: &str) -> std::io::Result<()> {
-        self.delete_dir(&self.adapter_key(name))?;
+        self.delete_markers_first(self.list(&self.adapter_key(name))?)?;
         crate::durable::remove_dir(&self.cache.adapter_dir(name)).map(|_| ())
     }
 
@@ -864,8 +960,8 @@ mod tests {
         let ad = a.local_adapter_dir("shared");
         std::fs::create_dir_all(&ad).unwrap();
         std::fs::write(ad.join("adapter_config.json"), b"{}").unwrap();
-        a.publish_adapter("shared").unwrap();
-        let got = b.materialise_adapter("shared").unwrap().unwrap();
+        a.publish_adapter("shared", 1).unwrap();
+        let got = b.materialise_adapter("shared", 1).unwrap().unwrap();
         assert_eq!(
             std::fs::read(got.join("adapter_config.json")).unwrap(),
             b"{}"
@@ -875,7 +971,119 @@ mod tests {
         a.delete_adapter("shared").unwrap();
         std::fs::remove_dir_all(b.local_result_dir("ftjob-r")).unwrap();
         assert_eq!(b.materialise_result("ftjob-r").unwrap(), None);
-        assert_eq!(b.materialise_adapter("shared").unwrap(), None);
+        assert_eq!(b.materialise_adapter("shared", 1).unwrap(), None);
+    }
+
+    /// Generation `g` of the adapter `name` as replica `blob`'s import publishes it: the files
+    /// installed in its local directory, then uploaded (what happens before the commit).
+    fn publish(blob: &ObjectBlob, name: &str, g: u64, weights: &[u8]) {
+        let d = blob.local_adapter_dir(name);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("adapter_config.json"), format!("{{\"g\":{g}}}")).unwrap();
+        std::fs::write(d.join("adapter_model.safetensors"), weights).unwrap();
+        blob.publish_adapter(name, g).unwrap();
+    }
+
+    /// The weights replica `blob` loads for generation `g` of `name`.
+    fn weights(blob: &ObjectBlob, name: &str, g: u64) -> Option<Vec<u8>> {
+        let dir = blob.materialise_adapter(name, g).unwrap()?;
+        Some(std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
+    }
+
+    /// The keys under the adapter `name`, relative to it.
+    fn adapter_keys(blob: &ObjectBlob, name: &str) -> Vec<String> {
+        let root = blob.adapter_key(name);
+        let mut keys: Vec<String> = blob
+            .list(&root)
+            .unwrap()
+            .iter()
+            .map(|k| {
+                let rest: Vec<_> = k
+                    .prefix_match(&root)
+                    .unwrap()
+                    .map(|p| p.as_ref().to_string())
+                    .collect();
+                rest.join("/")
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// An importing replica (`a`) dies after uploading generation 2 but before the registry
+    /// commits it: every replica loading generation 1, the registry's, still gets generation
+    /// 1's bytes (`b` from a warm cache, `c` from an empty one, `a` restarted from a cache that
+    /// holds its own upload). The import done again replaces the dead one's upload; the
+    /// generation before the current one stays for replicas still loading it, older ones go.
+    fn a_crash_before_the_commit_keeps_the_committed_generation(
+        a: &ObjectBlob,
+        b: &ObjectBlob,
+        c: &ObjectBlob,
+    ) {
+        let name = "crashy:v1";
+        let one = || Some(b"one".to_vec());
+        publish(a, name, 1, b"one");
+        assert_eq!(weights(b, name, 1), one());
+        publish(a, name, 2, b"two, never committed");
+        for r in [a, b, c] {
+            assert_eq!(
+                weights(r, name, 1),
+                one(),
+                "a replica served the uncommitted upload"
+            );
+        }
+        publish(b, name, 2, b"two");
+        for r in [a, b, c] {
+            assert_eq!(weights(r, name, 2), Some(b"two".to_vec()));
+        }
+        assert_eq!(
+            weights(c, name, 1),
+            one(),
+            "the previous generation is kept"
+        );
+        publish(c, name, 3, b"three");
+        assert_eq!(weights(a, name, 1), None, "generation 1 is two imports old");
+        assert_eq!(weights(a, name, 2), Some(b"two".to_vec()));
+        assert_eq!(weights(b, name, 3), Some(b"three".to_vec()));
+        let keys = adapter_keys(a, name);
+        assert!(
+            keys.iter()
+                .all(|k| k.starts_with("gen-2/") || k.starts_with("gen-3/")),
+            "{keys:?}"
+        );
+        // A marker under a generation's key that names another generation is refused.
+        let d = a.local_adapter_dir(name);
+        a.upload_dir(&d, &a.adapter_generation_key(name, 4), Some(9))
+            .unwrap();
+        assert!(a.materialise_adapter(name, 4).is_err());
+        // A copy in the layout before generations had keys (the marker names none) is what
+        // any generation loads until an import has one of its own, then it goes.
+        let old = "legacy";
+        std::fs::create_dir_all(a.local_adapter_dir(old)).unwrap();
+        std::fs::write(
+            a.local_adapter_dir(old).join("adapter_model.safetensors"),
+            b"old",
+        )
+        .unwrap();
+        a.upload_dir(&a.local_adapter_dir(old), &a.adapter_key(old), None)
+            .unwrap();
+        assert_eq!(weights(b, old, 5), Some(b"old".to_vec()));
+        publish(a, old, 6, b"six");
+        assert_eq!(
+            weights(c, old, 5),
+            Some(b"old".to_vec()),
+            "still the committed one"
+        );
+        publish(a, old, 7, b"seven");
+        let keys = adapter_keys(a, old);
+        assert!(keys.iter().all(|k| k.starts_with("gen-")), "{keys:?}");
+        // A delete takes every generation.
+        for n in [name, old] {
+            a.delete_adapter(n).unwrap();
+            assert_eq!(adapter_keys(a, n), Vec::<String>::new());
+            assert_eq!(weights(b, n, 3), None);
+        }
     }
 
     #[test]
@@ -885,6 +1093,8 @@ mod tests {
         contract_on(&b, &d);
         let other = file_blob(&d.join("store"), &d.join("cache2"));
         replicas_share(&b, &other, &d);
+        let third = file_blob(&d.join("store"), &d.join("cache3"));
+        a_crash_before_the_commit_keeps_the_committed_generation(&b, &other, &third);
         let _ = std::fs::remove_dir_all(d);
     }
 
@@ -896,6 +1106,8 @@ mod tests {
         contract_on(&b, &d);
         let other = s3_blob(&prefix, &d.join("cache2"));
         replicas_share(&b, &other, &d);
+        let third = s3_blob(&prefix, &d.join("cache3"));
+        a_crash_before_the_commit_keeps_the_committed_generation(&b, &other, &third);
         let _ = std::fs::remove_dir_all(d);
     }
 

@@ -278,12 +278,17 @@ impl BlobStore for Storage {
         self.adapter_dir(name)
     }
 
-    /// The import installed the directory atomically in place: nothing to do.
-    fn publish_adapter(&self, _name: &str) -> std::io::Result<()> {
+    /// The import installed the directory atomically in place: nothing to do. The data
+    /// directory keeps one copy per name, the last installed (docs/scale-out.md, "Limits").
+    fn publish_adapter(&self, _name: &str, _generation: u64) -> std::io::Result<()> {
         Ok(())
     }
 
-    fn materialise_adapter(&self, name: &str) -> std::io::Result<Option<PathBuf>> {
+    fn materialise_adapter(
+        &self,
+        name: &str,
+        _generation: u64,
+    ) -> std::io::Result<Option<PathBuf>> {
         let dir = self.adapter_dir(name);
         Ok(dir.is_dir().then_some(dir))
     }
@@ -449,14 +454,14 @@ pub(crate) mod contract {
         let a = s.local_adapter_dir(name);
         std::fs::create_dir_all(&a).unwrap();
         std::fs::write(a.join("adapter_config.json"), b"{\"r\":8}").unwrap();
-        s.publish_adapter(name).unwrap();
-        assert_eq!(s.materialise_adapter(name).unwrap(), Some(a.clone()));
+        s.publish_adapter(name, 1).unwrap();
+        assert_eq!(s.materialise_adapter(name, 1).unwrap(), Some(a.clone()));
         assert_eq!(
             std::fs::read(a.join("adapter_config.json")).unwrap(),
             b"{\"r\":8}"
         );
         s.delete_adapter(name).unwrap();
         s.delete_adapter(name).unwrap();
-        assert_eq!(s.materialise_adapter(name).unwrap(), None);
+        assert_eq!(s.materialise_adapter(name, 1).unwrap(), None);
     }
 }
