@@ -204,14 +204,34 @@ impl Drop for WorkingSetHold {
 /// Measured on SmolLM2 Q4_1 (docs/ops.md, memory): a 2048-position fill in 256-token prefills
 /// left 74 MB freed in the arenas, 25% of the process's resident set.
 pub fn release_after_burst() {
-    let kept = heap_stats().map_or(0, |h| h.free_kept);
-    if wants_release(HOLDS.load(Ordering::Acquire), kept) {
+    let Some(h) = heap_stats() else {
+        return;
+    };
+    let holds = HOLDS.load(Ordering::Acquire);
+    if holds > 0 || h.free_kept <= KEEP_FREE_BYTES {
+        return;
+    }
+    // glibc still counts trimmed chunks as free, so `free_kept` alone would trim after every
+    // burst once it passed the bound: trim when the free chunks or the resident set grew by
+    // the bound since the last trim (the latter when a burst reused trimmed chunks).
+    let rss = rss_bytes().map_or(0, |(now, _)| now);
+    let last = *LAST_TRIM.lock().unwrap_or_else(|e| e.into_inner());
+    if wants_release(holds, h.free_kept, rss, last) {
         trim();
+        let rss = rss_bytes().map_or(0, |(now, _)| now);
+        let free = heap_stats().map_or(0, |h| h.free_kept);
+        *LAST_TRIM.lock().unwrap_or_else(|e| e.into_inner()) = (free, rss);
     }
 }
 
-fn wants_release(holds: usize, free_kept: u64) -> bool {
-    holds == 0 && free_kept > KEEP_FREE_BYTES
+/// `(free_kept, resident bytes)` right after the last trim.
+static LAST_TRIM: std::sync::Mutex<(u64, u64)> = std::sync::Mutex::new((0, 0));
+
+fn wants_release(holds: usize, free_kept: u64, rss: u64, last: (u64, u64)) -> bool {
+    let (last_free, last_rss) = last;
+    holds == 0
+        && free_kept > KEEP_FREE_BYTES
+        && (free_kept > last_free + KEEP_FREE_BYTES || rss > last_rss + KEEP_FREE_BYTES)
 }
 
 fn trim() {
@@ -222,9 +242,9 @@ fn trim() {
     }
 }
 
-/// What glibc's malloc holds: bytes handed out and live, and bytes freed but kept in its arenas
-/// (the part [`release_free_memory`] can give back, as far as whole pages are free). None under
-/// mimalloc or off glibc.
+/// What glibc's malloc holds: bytes handed out and live, and bytes freed into its arenas (their
+/// whole pages stay resident until a trim gives them back; glibc counts trimmed chunks as
+/// free still). None under mimalloc or off glibc.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HeapStats {
     pub in_use: u64,
@@ -317,9 +337,16 @@ mod tests {
 
     #[test]
     fn only_a_large_burst_outside_training_is_returned() {
-        assert!(wants_release(0, KEEP_FREE_BYTES + 1));
-        assert!(!wants_release(0, KEEP_FREE_BYTES));
-        assert!(!wants_release(1, 1 << 30));
+        const K: u64 = KEEP_FREE_BYTES;
+        assert!(wants_release(0, K + 1, 300 << 20, (0, 0)));
+        assert!(!wants_release(0, K, 300 << 20, (0, 0)));
+        assert!(!wants_release(1, 1 << 30, 300 << 20, (0, 0)));
+        // Nothing new since the last trim: the free chunks are the trimmed ones.
+        assert!(!wants_release(0, 3 * K, 200 << 20, (3 * K, 200 << 20)));
+        // A sequence's cache freed: the free chunks grew.
+        assert!(wants_release(0, 5 * K, 200 << 20, (3 * K, 200 << 20)));
+        // A burst reused trimmed chunks and freed them again: the resident set grew.
+        assert!(wants_release(0, 3 * K, 240 << 20, (3 * K, 200 << 20)));
         let hold = hold_working_set();
         assert!(HOLDS.load(Ordering::Acquire) >= 1);
         drop(hold);

@@ -107,7 +107,7 @@ fn show_stage(line: &str) {
         _ => "-".into(),
     };
     println!(
-        "  {stage:<11} RSS {:>6} = exe {:>5} + libs {:>5} + files {:>5} + heap {:>6} + anon {:>6}   (malloc: live {}, freed but kept {})",
+        "  {stage:<11} RSS {:>6} = exe {:>5} + libs {:>5} + files {:>5} + heap {:>6} + anon {:>6}   (malloc: live {}, free chunks {}, trimmed ones included)",
         mb(0),
         mb(1),
         mb(2),
