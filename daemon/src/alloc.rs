@@ -365,7 +365,7 @@ mod tests {
         let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8 + 1; BLOCK]).collect();
         let addrs: Vec<usize> = blocks.iter().map(|b| b.as_ptr() as usize).collect();
         let _live = vec![1u8; 4096]; // so the blocks are not only the heap's top
-        // Whole pages inside each block (glibc's chunk headers sit at their edges).
+                                     // Whole pages inside each block (glibc's chunk headers sit at their edges).
         let resident = |addr: usize| -> usize {
             let start = (addr + 2 * page) & !(page - 1);
             let pages = BLOCK / page - 4;
@@ -373,7 +373,8 @@ mod tests {
             // SAFETY: the range lies inside one of the heap's mappings (the block was
             // allocated there, and glibc never unmaps arena memory below its top within a
             // test); mincore only reports residency into `v`.
-            let r = unsafe { libc::mincore(start as *mut libc::c_void, pages * page, v.as_mut_ptr()) };
+            let r =
+                unsafe { libc::mincore(start as *mut libc::c_void, pages * page, v.as_mut_ptr()) };
             if r != 0 {
                 return 0;
             }
@@ -384,9 +385,15 @@ mod tests {
         trim();
         let after: usize = addrs.iter().map(|&a| resident(a)).sum();
         let total = 64 * (BLOCK / page - 4);
-        assert!(before > total * 9 / 10, "{before} of {total} resident before");
+        assert!(
+            before > total * 9 / 10,
+            "{before} of {total} resident before"
+        );
         // Other test threads may take some of the freed chunks again at once.
-        assert!(after < total / 2, "{after} of {total} still resident after the trim");
+        assert!(
+            after < total / 2,
+            "{after} of {total} still resident after the trim"
+        );
     }
 
     #[test]
