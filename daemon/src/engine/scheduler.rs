@@ -141,7 +141,8 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
             slots += seq.choices();
             group.push(seq);
         }
-        if !group.is_empty() {
+        let prefilled = !group.is_empty();
+        if prefilled {
             crate::metrics::global().observe_prefill_batch(group.len());
         }
         if group.len() == 1 {
@@ -170,6 +171,10 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
                     }
                 }
             }
+        }
+        if prefilled {
+            // A long prompt's attention transients would otherwise stay resident.
+            crate::alloc::release_after_burst();
         }
         running.retain(|s| !s.client_gone());
         sh.running

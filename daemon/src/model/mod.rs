@@ -103,6 +103,8 @@ pub fn load(
         (parts.config, parts.weights, text, hub_id)
     };
     let model = Transformer::from_stored(config, weights, device)?;
+    // The file's read buffers and the conversions' transients are freed by now.
+    crate::alloc::release_after_burst();
     let template = match &text.chat_template {
         Some(src) => Some(ChatTemplate::new(
             src,

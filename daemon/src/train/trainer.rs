@@ -541,6 +541,8 @@ impl<'m> Trainer<'m> {
         on_event: &mut dyn FnMut(&TrainEvent),
     ) -> Result<TrainOutcome, TrainError> {
         let warmup = (self.config.warmup_ratio * self.total_steps as f64).round() as usize;
+        // Steps reuse their freed working set: serving's prefills must not return it meanwhile.
+        let _hold = crate::alloc::hold_working_set();
         let started = Instant::now();
         let start_step = self.state.step;
         let mut tokens_since_start = 0u64;
