@@ -289,7 +289,23 @@ impl EngineHandle {
 
     /// Sets the prompt cache's byte budget (0 disables it and drops what it holds).
     pub fn set_prompt_cache_bytes(&self, bytes: u64) -> Result<(), EngineError> {
-        self.shared()?.prompt_cache(|pc| pc.set_budget(bytes));
+        let s = self.shared()?;
+        let was_on = s.prompt_cache(|pc| {
+            let on = pc.enabled();
+            pc.set_budget(bytes);
+            on
+        });
+        // Turned on (again): the base's preamble, as at start.
+        if !was_on && bytes > 0 && !s.preamble.is_empty() {
+            let _ = self.queue.send(Work::Warm {
+                key: VariantKey {
+                    model: s.id.clone(),
+                    generation: None,
+                },
+                adapter: None,
+                tokens: s.preamble.clone(),
+            });
+        }
         Ok(())
     }
 
