@@ -9,7 +9,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::prompt_cache::VariantKey;
 use super::registry::Variant;
-use super::scheduler::{run, Work, MAX_WAITING};
+use super::scheduler::{run, warm, MAX_WAITING};
 use super::{now, split, BaseModel, Shared};
 use super::{EngineError, GenEvent, GenerationRequest, ModelCard, PromptInput, SamplingParams};
 use crate::adapters::Adapter;
@@ -72,7 +72,7 @@ pub(super) struct Job {
 #[derive(Clone)]
 pub struct EngineHandle {
     shared: Arc<OnceLock<Result<Arc<Shared>, String>>>,
-    queue: std_mpsc::Sender<Work>,
+    queue: std_mpsc::Sender<Job>,
 }
 
 impl EngineHandle {
@@ -232,7 +232,7 @@ impl EngineHandle {
             model: id.to_string(),
             generation: Some(v.generation),
         };
-        let warm = v.adapter.clone();
+        let adapter = v.adapter.clone();
         {
             let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
             adapters.insert(id.to_string(), v);
@@ -240,15 +240,10 @@ impl EngineHandle {
         }
         // A replaced variant's cached prompts were computed with its old weights.
         s.prompt_cache(|pc| pc.remove_model(id));
-        // Its first chat should not pay for the template's preamble: the engine thread
-        // prefills it before the requests queued after this point.
-        if !s.preamble.is_empty() {
-            let _ = self.queue.send(Work::Warm {
-                key,
-                adapter: warm,
-                tokens: s.preamble.clone(),
-            });
-        }
+        // Its first chat should not pay for the template's preamble. Prefilled here, on the
+        // caller's thread (the engine thread keeps serving meanwhile), before returning: a job
+        // records its success, and an import answers, only once the variant is warm.
+        warm(&s.base.model, s, key, adapter, &s.preamble);
         Ok(())
     }
 
@@ -296,15 +291,12 @@ impl EngineHandle {
             on
         });
         // Turned on (again): the base's preamble, as at start.
-        if !was_on && bytes > 0 && !s.preamble.is_empty() {
-            let _ = self.queue.send(Work::Warm {
-                key: VariantKey {
-                    model: s.id.clone(),
-                    generation: None,
-                },
-                adapter: None,
-                tokens: s.preamble.clone(),
-            });
+        if !was_on && bytes > 0 {
+            let key = VariantKey {
+                model: s.id.clone(),
+                generation: None,
+            };
+            warm(&s.base.model, s, key, None, &s.preamble);
         }
         Ok(())
     }
@@ -529,7 +521,7 @@ impl EngineHandle {
             choices: txs,
             submitted: std::time::Instant::now(),
         };
-        if self.queue.send(Work::Run(job)).is_err() {
+        if self.queue.send(job).is_err() {
             sh.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Unavailable(
                 "the engine thread has stopped".into(),

@@ -54,18 +54,6 @@ struct Seq {
     looked_up: bool,
 }
 
-/// What the engine thread is sent.
-pub(super) enum Work {
-    /// A request to generate for.
-    Run(Job),
-    /// Prefill `tokens` on a variant (after its virtual tokens, if any) into the prompt cache
-    /// only: a new variant's template preamble, so that its first chat prefills only the rest.
-    Warm {
-        key: VariantKey,
-        adapter: Option<Arc<Adapter>>,
-        tokens: Vec<u32>,
-    },
-}
 
 enum Step {
     Continue,
@@ -88,7 +76,7 @@ pub const MAX_WAITING: usize = 64;
 /// Continuous batching: between two decode steps, at most one waiting sequence is prefilled
 /// (so new requests start within one step while running streams keep their pace), then every
 /// running sequence advances by one token in a single batched forward.
-pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Work>) {
+pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
     struct Stopped<'a>(&'a Shared);
     impl Drop for Stopped<'_> {
         fn drop(&mut self) {
@@ -106,14 +94,6 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
         generation: None,
     };
     warm(&model, &sh, base, None, &sh.preamble);
-    let take = |work: Work, waiting: &mut std::collections::VecDeque<Seq>| match work {
-        Work::Run(job) => waiting.push_back(Seq::new(job, &model)),
-        Work::Warm {
-            key,
-            adapter,
-            tokens,
-        } => warm(&model, &sh, key, adapter, &tokens),
-    };
     loop {
         if sh.stop.load(std::sync::atomic::Ordering::SeqCst) {
             let e = candle_core::Error::Msg("the server is shutting down".into());
@@ -127,13 +107,13 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
         // whatever arrived since the last step.
         if running.is_empty() && waiting.is_empty() {
             match rx.recv_timeout(IDLE_POLL) {
-                Ok(work) => take(work, &mut waiting),
+                Ok(job) => waiting.push_back(Seq::new(job, &model)),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
-        while let Ok(work) = rx.try_recv() {
-            take(work, &mut waiting);
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(Seq::new(job, &model));
         }
         // Clients that went away while waiting leave without costing a prefill.
         waiting.retain(|s| {
@@ -249,8 +229,10 @@ fn hooks_of(adapters: &[Option<Arc<Adapter>>]) -> Vec<Option<&dyn ForwardHooks>>
 /// Prefills `tokens` on a variant into a fresh cache and keeps it in the prompt cache (nothing
 /// is generated). Skipped when the cache is off, already holds them, or the variant was
 /// replaced or removed since the warm-up was asked for. Runs on the exact kernels whatever
-/// its length: the prompts that reuse it are longer, and prefill those exactly.
-fn warm(
+/// its length: the prompts that reuse it are longer, and prefill those exactly. Any thread may
+/// call it (the model is shared read-only, as with the trainer): the engine thread at start,
+/// whoever adds a variant otherwise.
+pub(super) fn warm(
     model: &Transformer,
     sh: &Shared,
     key: VariantKey,
@@ -558,7 +540,7 @@ impl Seq {
     }
 
     /// The prefill of a prompt whose first [`Self::cached`] tokens the cache already holds:
-    /// only the rest runs, at the positions after them. It runs on the kernels the whole
+    /// only the rest runs, at the positions after them. Its blocks run on the kernels the whole
     /// prompt's prefill would have used: a few rows would otherwise take the 8-bit-activation
     /// products decode steps use, and the answer would differ from the uncached one by more
     /// than rounding.
@@ -587,13 +569,19 @@ impl Seq {
                 .map(|a| a as &dyn ForwardHooks),
             packed: None,
         };
-        let run = || model.last_logits(&x, ctx);
-        let logits = if exact {
+        let run = || model.forward_hidden(&x, ctx);
+        let h = if exact {
             rayon::scope(|_| crate::ops::quant::exact(run))?
         } else {
             rayon::scope(|_| run())?
         };
-        logits.squeeze(0)?.to_vec1::<f32>()
+        // The LM head on the last position alone, outside `exact`: one row, as in any
+        // prefill's `last_logits`.
+        let last = h.dim(1)? - 1;
+        model
+            .logits(&h.narrow(1, last, 1)?.squeeze(1)?)?
+            .squeeze(0)?
+            .to_vec1::<f32>()
     }
 
     /// A prefill that keeps every position's logits: the prompt's logprobs are stored for the
