@@ -71,24 +71,31 @@ fn chat(e: &EngineHandle, content: &str) -> Out {
     }
 }
 
-/// The greedy tokens are equal; each logprob within 2e-3 of the uncached one (the cached
-/// positions came from a prefill of another length, whose BLAS products may sum in another
-/// order; measured far below this on the host that wrote the test). Returns the largest gap.
-fn assert_same(hit: &Out, miss: &Out, what: &str) -> f32 {
+/// The greedy tokens are equal, and each logprob within `tol` of the uncached one. The cached
+/// positions came from a prefill of another length, whose products may sum in another order:
+/// with the f32 base that stays at f32 rounding (`tol` 1e-4; about 6e-6 measured). With the
+/// base as stored (`auto`) the first token's logprob (the prefill's) came out equal, but decode
+/// steps run on 8-bit-quantized activations (blocks of 32), where a rounding-level difference
+/// can move a value across an int8 rounding step, so later tokens' logprobs differ by more
+/// (`tol` 0.3; up to 0.14 measured, under heavy host load) while the tokens stay the same.
+/// Returns the largest gap.
+fn assert_same(hit: &Out, miss: &Out, what: &str, tol: f32) -> f32 {
     assert_eq!(hit.ids, miss.ids, "{what}: greedy tokens");
-    let gap = hit
+    let gaps: Vec<f32> = hit
         .logprobs
         .iter()
         .zip(&miss.logprobs)
         .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(gap < 2e-3, "{what}: logprobs differ by {gap}");
+        .collect();
+    let gap = gaps.iter().copied().fold(0f32, f32::max);
+    println!("{what}: logprob gaps per token {gaps:?}");
+    assert!(gap < tol, "{what}: logprobs differ by {gap}");
     gap
 }
 
 #[test]
 fn cached_prefixes_answer_as_full_prefills_do() {
-    for mode in [WeightsMode::F32, WeightsMode::Auto] {
+    for (mode, tol) in [(WeightsMode::F32, 1e-4), (WeightsMode::Auto, 0.3)] {
         let cached = engine(mode, true);
         let fresh = engine(mode, false);
         let q = "Tell me about sushi.";
@@ -104,11 +111,11 @@ fn cached_prefixes_answer_as_full_prefills_do() {
             warm.cached,
             warm.prompt
         );
-        let g1 = assert_same(&warm, &miss, "preamble hit");
+        let g1 = assert_same(&warm, &miss, "preamble hit", tol);
         // The same chat again: everything but the last prompt token is reused.
         let again = chat(&cached, q);
         assert_eq!(again.cached, again.prompt - 1);
-        let g2 = assert_same(&again, &miss, "whole-prompt hit");
+        let g2 = assert_same(&again, &miss, "whole-prompt hit", tol);
         // Another question: the preamble again.
         let paris = chat(&cached, "What is the capital of France?");
         assert_eq!(paris.cached, warm.cached);
@@ -116,6 +123,7 @@ fn cached_prefixes_answer_as_full_prefills_do() {
             &paris,
             &chat(&fresh, "What is the capital of France?"),
             "another question",
+            tol,
         );
         println!("{mode}: largest logprob gaps {g1:e} {g2:e} {g3:e}");
         assert!(cached.prompt_cache_bytes() > 0);

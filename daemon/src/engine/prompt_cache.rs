@@ -123,24 +123,27 @@ impl PromptCache {
 
     /// True when an entry on `key` holds all of `tokens` (nothing to add).
     pub(super) fn covers(&self, key: &VariantKey, tokens: &[u32]) -> bool {
-        self.entries
-            .iter()
-            .any(|e| &e.key == key && e.tokens.len() >= tokens.len() && e.tokens.starts_with(tokens))
+        self.entries.iter().any(|e| {
+            &e.key == key && e.tokens.len() >= tokens.len() && e.tokens.starts_with(tokens)
+        })
     }
 
     /// Keeps the prompt `tokens` just prefilled into `cache` (whose first positions are the
     /// variant's virtual ones, then the tokens). Entries it extends are dropped; if an entry
     /// already holds all of it, that entry is only marked used.
-    pub(super) fn insert(&mut self, key: VariantKey, tokens: &[u32], cache: &KvCache) -> Result<()> {
+    pub(super) fn insert(
+        &mut self,
+        key: VariantKey,
+        tokens: &[u32],
+        cache: &KvCache,
+    ) -> Result<()> {
         if !self.enabled() || tokens.is_empty() || cache.len() < tokens.len() {
             return Ok(());
         }
         let now = self.tick();
-        if let Some(e) = self
-            .entries
-            .iter_mut()
-            .find(|e| e.key == key && e.tokens.len() >= tokens.len() && e.tokens.starts_with(tokens))
-        {
+        if let Some(e) = self.entries.iter_mut().find(|e| {
+            e.key == key && e.tokens.len() >= tokens.len() && e.tokens.starts_with(tokens)
+        }) {
             e.last_used = now;
             return Ok(());
         }
@@ -222,7 +225,10 @@ mod tests {
 
     fn prefilled(m: &Transformer, tokens: &[u32]) -> KvCache {
         let mut cache = KvCache::new(&m.cfg, tokens.len());
-        let t = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let t = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         m.forward(&t, Some(&mut cache)).unwrap();
         cache
     }
@@ -234,8 +240,12 @@ mod tests {
         let base = key("base", None);
         pc.insert(base.clone(), &[1, 2, 3], &prefilled(&m, &[1, 2, 3]))
             .unwrap();
-        pc.insert(base.clone(), &[1, 2, 7, 8, 9], &prefilled(&m, &[1, 2, 7, 8, 9]))
-            .unwrap();
+        pc.insert(
+            base.clone(),
+            &[1, 2, 7, 8, 9],
+            &prefilled(&m, &[1, 2, 7, 8, 9]),
+        )
+        .unwrap();
         let hit = pc.lookup(&base, &[1, 2, 7, 8, 4, 4], 32).unwrap().unwrap();
         assert_eq!((hit.tokens, hit.cache.len()), (4, 4));
         // The whole prompt cached: its last token is still prefilled.
@@ -243,13 +253,25 @@ mod tests {
         assert_eq!(hit.tokens, 2);
         assert!(pc.lookup(&base, &[5, 1, 2], 32).unwrap().is_none());
         // Another variant, or another generation of one, never matches.
-        assert!(pc.lookup(&key("v", Some(0)), &[1, 2, 3, 4], 32).unwrap().is_none());
+        assert!(pc
+            .lookup(&key("v", Some(0)), &[1, 2, 3, 4], 32)
+            .unwrap()
+            .is_none());
         pc.insert(key("v", Some(0)), &[1, 2, 3], &prefilled(&m, &[1, 2, 3]))
             .unwrap();
-        assert!(pc.lookup(&key("v", Some(1)), &[1, 2, 3, 4], 32).unwrap().is_none());
-        assert!(pc.lookup(&key("v", Some(0)), &[1, 2, 3, 4], 32).unwrap().is_some());
+        assert!(pc
+            .lookup(&key("v", Some(1)), &[1, 2, 3, 4], 32)
+            .unwrap()
+            .is_none());
+        assert!(pc
+            .lookup(&key("v", Some(0)), &[1, 2, 3, 4], 32)
+            .unwrap()
+            .is_some());
         pc.remove_model("v");
-        assert!(pc.lookup(&key("v", Some(0)), &[1, 2, 3, 4], 32).unwrap().is_none());
+        assert!(pc
+            .lookup(&key("v", Some(0)), &[1, 2, 3, 4], 32)
+            .unwrap()
+            .is_none());
         assert!(pc.lookup(&base, &[1, 2, 3, 4], 32).unwrap().is_some());
     }
 
@@ -259,25 +281,37 @@ mod tests {
         let per_token = prefilled(&m, &[1]).bytes().unwrap() as u64;
         let base = key("base", None);
         let mut pc = PromptCache::new(10 * per_token);
-        pc.insert(base.clone(), &[1, 2], &prefilled(&m, &[1, 2])).unwrap();
+        pc.insert(base.clone(), &[1, 2], &prefilled(&m, &[1, 2]))
+            .unwrap();
         pc.insert(base.clone(), &[1, 2, 3, 4], &prefilled(&m, &[1, 2, 3, 4]))
             .unwrap();
-        assert_eq!(pc.entries.len(), 1, "the longer prompt replaced the shorter");
+        assert_eq!(
+            pc.entries.len(),
+            1,
+            "the longer prompt replaced the shorter"
+        );
         assert_eq!(pc.bytes(), 4 * per_token);
         // Already held whole: nothing added.
-        pc.insert(base.clone(), &[1, 2, 3], &prefilled(&m, &[1, 2, 3])).unwrap();
+        pc.insert(base.clone(), &[1, 2, 3], &prefilled(&m, &[1, 2, 3]))
+            .unwrap();
         assert_eq!(pc.bytes(), 4 * per_token);
-        pc.insert(base.clone(), &[5, 6, 7], &prefilled(&m, &[5, 6, 7])).unwrap();
+        pc.insert(base.clone(), &[5, 6, 7], &prefilled(&m, &[5, 6, 7]))
+            .unwrap();
         // Touch [1..4] so [5,6,7] is the least recently used.
         pc.lookup(&base, &[1, 2, 9], 8).unwrap().unwrap();
-        pc.insert(base.clone(), &[8, 9, 10, 11], &prefilled(&m, &[8, 9, 10, 11]))
-            .unwrap();
+        pc.insert(
+            base.clone(),
+            &[8, 9, 10, 11],
+            &prefilled(&m, &[8, 9, 10, 11]),
+        )
+        .unwrap();
         assert_eq!(pc.bytes(), 8 * per_token);
         assert!(pc.lookup(&base, &[5, 6, 7, 1], 8).unwrap().is_none());
         assert!(pc.lookup(&base, &[1, 2, 3, 1], 8).unwrap().is_some());
         // Larger than the whole budget: not kept.
         let long: Vec<u32> = (1..=11).collect();
-        pc.insert(base.clone(), &long, &prefilled(&m, &long)).unwrap();
+        pc.insert(base.clone(), &long, &prefilled(&m, &long))
+            .unwrap();
         assert_eq!(pc.bytes(), 8 * per_token);
         pc.set_budget(0);
         assert_eq!(pc.bytes(), 0);

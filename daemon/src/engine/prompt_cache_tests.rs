@@ -182,8 +182,13 @@ fn variants_hit_their_own_cache_only_and_a_replace_drops_it() {
     let cached = engine(&m);
     let fresh = engine(&m);
     fresh.set_prompt_cache_bytes(0).expect("cache off");
-    let flat = Tensor::randn(0f32, 1.0, (3, m.cfg.num_layers * 2 * m.cfg.kv_dim()), &Device::Cpu)
-        .expect("flat");
+    let flat = Tensor::randn(
+        0f32,
+        1.0,
+        (3, m.cfg.num_layers * 2 * m.cfg.kv_dim()),
+        &Device::Cpu,
+    )
+    .expect("flat");
     let prefix = || {
         let config = itamae_client::methods::PrefixTuningConfig {
             num_virtual_tokens: Some(3),
@@ -210,12 +215,19 @@ fn variants_hit_their_own_cache_only_and_a_replace_drops_it() {
         cached.add_adapter(id, make()).expect("add");
         fresh.add_adapter(id, make()).expect("add");
         let first = run(&cached, id, text(prompt));
-        assert_eq!(first.cached, 0, "{id}: the base's cache is not the variant's");
+        assert_eq!(
+            first.cached, 0,
+            "{id}: the base's cache is not the variant's"
+        );
         let hit = run(&cached, id, text(other));
         assert_eq!(hit.cached, 10, "{id}");
         let miss = run(&fresh, id, text(other));
         assert_same(&hit, &miss, id);
-        assert_ne!(hit.ids, run(&fresh, "tiny", text(other)).ids, "{id} differs from the base");
+        assert_ne!(
+            hit.ids,
+            run(&fresh, "tiny", text(other)).ids,
+            "{id} differs from the base"
+        );
     }
     // A replaced adapter's cached prompts are gone: the new weights prefill everything.
     cached.add_adapter("lora", lora(&m, 2)).expect("replace");
@@ -238,7 +250,14 @@ fn a_new_variant_and_the_base_start_with_the_preamble_warmed() {
     e.add_adapter("v", lora(&m, 5)).expect("add");
     fresh.add_adapter("v", lora(&m, 5)).expect("add");
     let first = run(&e, "v", chat("t22 t23 t24"));
-    assert_eq!(first.cached, 3, "the variant's first chat reuses its warmed preamble");
-    assert_same(&first, &run(&fresh, "v", chat("t22 t23 t24")), "variant chat");
+    assert_eq!(
+        first.cached, 3,
+        "the variant's first chat reuses its warmed preamble"
+    );
+    assert_same(
+        &first,
+        &run(&fresh, "v", chat("t22 t23 t24")),
+        "variant chat",
+    );
     assert_eq!(run(&fresh, "v", chat("t22")).cached, 0);
 }

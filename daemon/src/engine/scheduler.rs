@@ -54,7 +54,6 @@ struct Seq {
     looked_up: bool,
 }
 
-
 enum Step {
     Continue,
     Done,
@@ -411,7 +410,8 @@ impl Seq {
         if self.cache.len() < self.job.p.tokens.len() || !sh.is_current(key) {
             return;
         }
-        if let Err(e) = sh.prompt_cache(|pc| pc.insert(key.clone(), &self.job.p.tokens, &self.cache))
+        if let Err(e) =
+            sh.prompt_cache(|pc| pc.insert(key.clone(), &self.job.p.tokens, &self.cache))
         {
             tracing::warn!("keeping the prompt in the prompt cache failed: {e}");
         }

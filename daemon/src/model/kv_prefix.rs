@@ -20,8 +20,7 @@ impl KvCache {
             .layers
             .iter()
             .map(|c| {
-                let mut copy =
-                    candle_nn::kv_cache::KvCache::new(2, capacity.max(positions).max(1));
+                let mut copy = candle_nn::kv_cache::KvCache::new(2, capacity.max(positions).max(1));
                 if positions > 0 {
                     if let (Some(k), Some(v)) = (c.k()?, c.v()?) {
                         copy.append(
@@ -92,7 +91,8 @@ mod tests {
         let per_position = cache.bytes().unwrap() / 5;
         assert_eq!(head.bytes().unwrap(), 3 * per_position);
         let next = Tensor::new(&[[13u32]], &Device::Cpu).expect("token");
-        m.forward(&next, Some(&mut head)).expect("forward on the copy");
+        m.forward(&next, Some(&mut head))
+            .expect("forward on the copy");
         assert_eq!(head.len(), 4);
         assert_eq!(cache.len(), 5);
         assert!(cache.fork_prefix(6, 6).is_err());
