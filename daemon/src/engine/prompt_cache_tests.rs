@@ -55,6 +55,9 @@ fn engine(seed_model: &Transformer) -> EngineHandle {
     })
 }
 
+/// Builds one variant's adapter (called once per engine, so both get the same weights).
+type MakeAdapter<'a> = Box<dyn Fn() -> Adapter + 'a>;
+
 fn model() -> Transformer {
     // Untied embeddings: a tied random model mostly repeats its last input token.
     Transformer::random(tiny_config(Arch::Qwen2), &Device::Cpu).expect("model")
@@ -204,7 +207,7 @@ fn variants_hit_their_own_cache_only_and_a_replace_drops_it() {
         };
         Adapter::Prompt(SoftPrompt::init(&m, config, &[], 3).expect("soft prompt"))
     };
-    let variants: Vec<(&str, Box<dyn Fn() -> Adapter>)> = vec![
+    let variants: Vec<(&str, MakeAdapter)> = vec![
         ("lora", Box::new(|| lora(&m, 1))),
         ("prefix", Box::new(prefix)),
         ("soft", Box::new(soft)),

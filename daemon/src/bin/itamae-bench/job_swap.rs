@@ -57,7 +57,7 @@ impl CacheMode {
         match self {
             CacheMode::On => true,
             CacheMode::Off => false,
-            CacheMode::Both => job % 2 == 0,
+            CacheMode::Both => job.is_multiple_of(2),
         }
     }
 }
