@@ -311,7 +311,7 @@ fn tool_call_shapes_conform_to_the_spec() {
     use futures::StreamExt;
     use itamae::api::response::{full_response, sse_stream, Generated, Kind, Meta};
     use itamae::engine::tools::ToolCall;
-    use itamae::engine::{FinishReason, GenEvent, Usage};
+    use itamae::engine::{FinishReason, GenEvent, PromptTokensDetails, Usage};
     let spec = load_spec();
     let call = |i: usize| ToolCall {
         id: format!("call_{i:024}"),
@@ -322,6 +322,7 @@ fn tool_call_shapes_conform_to_the_spec() {
         prompt_tokens: 5,
         completion_tokens: 9,
         total_tokens: 14,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: 4 },
     };
     let meta = Meta::new(Kind::Chat, "m".into(), true);
     let whole = full_response(
@@ -390,12 +391,13 @@ fn tool_call_shapes_conform_to_the_spec() {
 fn several_choices_and_parents_conform_to_the_spec() {
     use futures::StreamExt;
     use itamae::api::response::{full_response, sse_stream, Generated, Kind, Meta};
-    use itamae::engine::{FinishReason, GenEvent, Usage};
+    use itamae::engine::{FinishReason, GenEvent, PromptTokensDetails, Usage};
     let spec = load_spec();
     let usage = |c: usize| Usage {
         prompt_tokens: 5,
         completion_tokens: c,
         total_tokens: 5 + c,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: 3 },
     };
     let choice = |text: &str, c: usize| Generated {
         text: text.into(),
@@ -416,6 +418,10 @@ fn several_choices_and_parents_conform_to_the_spec() {
         assert_eq!(whole["choices"][2]["index"], 2);
         assert_eq!(whole["usage"]["prompt_tokens"], 5, "the prompt counts once");
         assert_eq!(whole["usage"]["completion_tokens"], 6);
+        assert_eq!(
+            whole["usage"]["prompt_tokens_details"]["cached_tokens"], 3,
+            "the cached prompt tokens count once"
+        );
     }
     for (kind, schema) in [
         (Kind::Chat, "#/components/schemas/ChatCompletionChunk"),

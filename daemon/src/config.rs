@@ -52,6 +52,16 @@ pub struct FileConfig {
     pub adapters: AdaptersSection,
     #[serde(default)]
     pub kernels: KernelsSection,
+    #[serde(default)]
+    pub engine: EngineSection,
+}
+
+/// `[engine]`: serving.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// MiB of recent prompts' keys and values kept for reuse (prompt caching); 0 disables.
+    pub prompt_cache_mb: Option<u64>,
 }
 
 /// `[training]`: how fine-tuning shares the machine with serving.
@@ -395,6 +405,10 @@ pub struct ServeArgs {
     /// them in the process list.
     #[arg(long, env = "ITAMAE_API_KEYS", hide = true, hide_env_values = true)]
     pub api_keys: Option<String>,
+    /// MiB of recent prompts' keys and values kept for reuse, 0 = off
+    /// ([engine] prompt_cache_mb).
+    #[arg(long, env = "ITAMAE_PROMPT_CACHE_MB")]
+    pub prompt_cache_mb: Option<u64>,
     /// Set from the top-level kernel flags (they apply to every subcommand).
     #[arg(skip)]
     pub kernels: KernelArgs,
@@ -431,6 +445,8 @@ pub struct ServeConfig {
     pub objects: Option<ObjectsConfig>,
     pub auth: AuthConfig,
     pub kernels: KernelConfig,
+    /// Prompt cache budget in MiB (0: off).
+    pub prompt_cache_mb: u64,
 }
 
 impl ServeConfig {
@@ -551,6 +567,10 @@ impl ServeConfig {
                 metrics_public: file.auth.metrics_public,
             },
             kernels: a.kernels.resolve(&file.kernels),
+            prompt_cache_mb: a
+                .prompt_cache_mb
+                .or(file.engine.prompt_cache_mb)
+                .unwrap_or(crate::engine::DEFAULT_PROMPT_CACHE_MB),
         })
     }
 }
@@ -932,5 +952,32 @@ mod tests {
                 None => std::env::remove_var(v),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod prompt_cache_tests {
+    use super::*;
+
+    /// `engine.prompt_cache_mb`: flag over file over the default; 0 is a valid value (off).
+    #[test]
+    fn prompt_cache_budget_resolves() {
+        if std::env::var_os("ITAMAE_PROMPT_CACHE_MB").is_some() {
+            return; // set by whoever runs the tests: env outranks the file here
+        }
+        let resolve = |flag: Option<u64>, file: &str| {
+            let args = ServeArgs {
+                prompt_cache_mb: flag,
+                ..Default::default()
+            };
+            ServeConfig::resolve(toml::from_str(file).unwrap(), args)
+                .unwrap()
+                .prompt_cache_mb
+        };
+        assert_eq!(resolve(None, ""), crate::engine::DEFAULT_PROMPT_CACHE_MB);
+        let file = "[engine]\nprompt_cache_mb = 0\n";
+        assert_eq!(resolve(None, file), 0);
+        assert_eq!(resolve(Some(16), file), 16);
+        assert!(toml::from_str::<FileConfig>("[engine]\nprompt_cache = 1\n").is_err());
     }
 }

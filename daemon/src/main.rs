@@ -128,6 +128,7 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     // the process with the loader's message rather than serving nothing.
     let watcher = engine.clone();
     let budget = cfg.adapters_max_resident_bytes;
+    let prompt_cache_mb = cfg.prompt_cache_mb;
     let adapters = cfg.adapters.clone();
     std::thread::spawn(move || {
         if let Err(e) = watcher.wait_loaded() {
@@ -136,6 +137,9 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         }
         if let Err(e) = watcher.set_adapter_budget(budget) {
             tracing::warn!("cannot set the adapter memory budget: {e}");
+        }
+        if let Err(e) = watcher.set_prompt_cache_bytes(prompt_cache_mb << 20) {
+            tracing::warn!("cannot set the prompt cache budget: {e}");
         }
         for (name, dir) in adapters {
             let loaded = watcher

@@ -57,6 +57,9 @@ struct Inner {
     jobs_owned: IntGauge,
     adapter_evictions: IntCounter,
     adapter_swaps: IntCounterVec,
+    prompt_cache_hits: IntCounter,
+    prompt_cache_cached_tokens: IntCounter,
+    prompt_cache_bytes: IntGauge,
     training_jobs: IntGaugeVec,
     training_step: IntGaugeVec,
     training_loss: GaugeVec,
@@ -300,6 +303,27 @@ impl Metrics {
                 "itamae_lease_jobs_owned",
                 "Jobs whose lease this replica's runner holds",
             ),
+            prompt_cache_hits: reg(
+                &r,
+                IntCounter::new(
+                    "itamae_prompt_cache_hits_total",
+                    "Prefills that reused a cached prompt prefix (engine.prompt_cache_mb)",
+                )
+                .expect("valid counter"),
+            ),
+            prompt_cache_cached_tokens: reg(
+                &r,
+                IntCounter::new(
+                    "itamae_prompt_cache_cached_tokens_total",
+                    "Prompt tokens whose keys and values came from the prompt cache instead of a prefill",
+                )
+                .expect("valid counter"),
+            ),
+            prompt_cache_bytes: int_gauge(
+                &r,
+                "itamae_prompt_cache_bytes",
+                "Bytes of keys and values the prompt cache holds",
+            ),
             adapter_evictions: reg(
                 &r,
                 IntCounter::new(
@@ -517,6 +541,16 @@ impl Metrics {
 
     pub fn set_jobs_owned(&self, n: usize) {
         self.inner.jobs_owned.set(n as i64);
+    }
+
+    /// A prefill reused `tokens` cached prompt tokens.
+    pub fn prompt_cache_hit(&self, tokens: usize) {
+        self.inner.prompt_cache_hits.inc();
+        self.inner.prompt_cache_cached_tokens.inc_by(tokens as u64);
+    }
+
+    pub fn set_prompt_cache_bytes(&self, n: u64) {
+        self.inner.prompt_cache_bytes.set(n as i64);
     }
 
     pub fn adapter_evicted(&self) {

@@ -88,12 +88,13 @@ impl Meta {
     }
 }
 
-/// The usage of a whole request from its choices' own: the prompt once (every choice
-/// reports the same prompt), the completion tokens of all.
+/// The usage of a whole request from its choices' own: the prompt and its cached tokens once
+/// (every choice reports the same prompt), the completion tokens of all.
 pub fn total_usage<'a>(choices: impl IntoIterator<Item = &'a Usage>) -> Usage {
     let mut total = Usage::default();
     for u in choices {
         total.prompt_tokens = u.prompt_tokens;
+        total.prompt_tokens_details = u.prompt_tokens_details;
         total.completion_tokens += u.completion_tokens;
     }
     total.total_tokens = total.prompt_tokens + total.completion_tokens;
@@ -524,6 +525,9 @@ mod tests {
             prompt_tokens: p,
             completion_tokens: c,
             total_tokens: p + c,
+            prompt_tokens_details: crate::engine::PromptTokensDetails {
+                cached_tokens: p / 2,
+            },
         }
     }
 
@@ -610,7 +614,7 @@ mod tests {
         assert_eq!(u["choices"], json!([]));
         assert_eq!(
             u["usage"],
-            json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+            json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2}})
         );
         assert_eq!(frames[5], "data: [DONE]\n\n");
         // One id for the whole stream.
@@ -702,6 +706,7 @@ mod tests {
                    "finish_reason": "stop", "logprobs": null})
         );
         assert_eq!(v["usage"]["total_tokens"], 14);
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 5);
 
         let tmeta = Meta::new(Kind::Text, "m".into(), false);
         let t = full_response(&tmeta, &g);
@@ -760,7 +765,7 @@ mod tests {
         assert_eq!(v["choices"][1]["text"], "b");
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13})
+            json!({"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 3}})
         );
     }
 
@@ -796,7 +801,7 @@ mod tests {
         assert_eq!(data(&frames[5])["choices"][0]["index"], 0);
         assert_eq!(
             data(&frames[6])["usage"],
-            json!({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6})
+            json!({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 2}})
         );
         assert_eq!(frames[7], "data: [DONE]\n\n");
     }

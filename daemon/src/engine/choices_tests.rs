@@ -34,14 +34,17 @@ fn engine() -> EngineHandle {
         add_bos: false,
     };
     let model = Transformer::random(cfg, &Device::Cpu).expect("model");
-    EngineHandle::from_loaded(LoadedModel {
+    let e = EngineHandle::from_loaded(LoadedModel {
         model,
         text,
         template: None,
         name: "tiny".into(),
         hub_id: None,
         weights: WeightsMode::default(),
-    })
+    });
+    // These tests count the prompt tokens prefilled: a repeated prompt must not be a cache hit.
+    e.set_prompt_cache_bytes(0).expect("prompt cache off");
+    e
 }
 
 const PROMPT: &str = "t1 t2 t3 t4 t5";

@@ -7,8 +7,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::prompt_cache::VariantKey;
 use super::registry::Variant;
-use super::scheduler::{run, MAX_WAITING};
+use super::scheduler::{run, warm, MAX_WAITING};
 use super::{now, split, BaseModel, Shared};
 use super::{EngineError, GenEvent, GenerationRequest, ModelCard, PromptInput, SamplingParams};
 use crate::adapters::Adapter;
@@ -23,6 +24,8 @@ pub struct Prepared {
     /// The served model id asked for (metrics label).
     pub(super) model: String,
     pub(super) adapter: Option<Arc<Adapter>>,
+    /// Which weights the prompt runs through (the prompt cache's key).
+    pub(super) cache_key: VariantKey,
     pub(super) tokens: Vec<u32>,
     pub(super) sampling: SamplingParams,
     pub(super) stop: Vec<String>,
@@ -44,6 +47,7 @@ impl Prepared {
             n: 1,
             model: self.model.clone(),
             adapter: self.adapter.clone(),
+            cache_key: self.cache_key.clone(),
             tokens: self.tokens.clone(),
             sampling: self.sampling.clone(),
             stop: self.stop.clone(),
@@ -224,9 +228,22 @@ impl EngineHandle {
             last_used: s.clock.fetch_add(1, Ordering::Relaxed).into(),
             generation: s.generations.fetch_add(1, Ordering::Relaxed),
         };
-        let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
-        adapters.insert(id.to_string(), v);
-        s.enforce_budget(&mut adapters, Some(id));
+        let key = VariantKey {
+            model: id.to_string(),
+            generation: Some(v.generation),
+        };
+        let adapter = v.adapter.clone();
+        {
+            let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
+            adapters.insert(id.to_string(), v);
+            s.enforce_budget(&mut adapters, Some(id));
+        }
+        // A replaced variant's cached prompts were computed with its old weights.
+        s.prompt_cache(|pc| pc.remove_model(id));
+        // Its first chat should not pay for the template's preamble. Prefilled here, on the
+        // caller's thread (the engine thread keeps serving meanwhile), before returning: a job
+        // records its success, and an import answers, only once the variant is warm.
+        warm(&s.base.model, s, key, adapter, &s.preamble);
         Ok(())
     }
 
@@ -236,6 +253,8 @@ impl EngineHandle {
         let mut adapters = s.adapters.write().unwrap_or_else(|e| e.into_inner());
         let removed = adapters.remove(id).is_some();
         s.publish_resident(&adapters);
+        drop(adapters);
+        s.prompt_cache(|pc| pc.remove_model(id));
         Ok(removed)
     }
 
@@ -261,6 +280,30 @@ impl EngineHandle {
     /// Loads an evicted variant again now (blocking; a no-op if it is loaded).
     pub fn make_resident(&self, id: &str) -> Result<(), EngineError> {
         self.shared()?.variant(id).map(|_| ())
+    }
+
+    /// Sets the prompt cache's byte budget (0 disables it and drops what it holds).
+    pub fn set_prompt_cache_bytes(&self, bytes: u64) -> Result<(), EngineError> {
+        let s = self.shared()?;
+        let was_on = s.prompt_cache(|pc| {
+            let on = pc.enabled();
+            pc.set_budget(bytes);
+            on
+        });
+        // Turned on (again): the base's preamble, as at start.
+        if !was_on && bytes > 0 {
+            let key = VariantKey {
+                model: s.id.clone(),
+                generation: None,
+            };
+            warm(&s.base.model, s, key, None, &s.preamble);
+        }
+        Ok(())
+    }
+
+    /// Bytes the prompt cache holds (0 when not loaded).
+    pub fn prompt_cache_bytes(&self) -> u64 {
+        self.shared().map_or(0, |s| s.prompt_cache(|pc| pc.bytes()))
     }
 
     /// Generations running or waiting: the load signal the trainer yields to (0 when idle or
@@ -311,10 +354,15 @@ impl EngineHandle {
     /// errors name the request field (`messages`, `prompt`, `max_tokens`, `model`, ...).
     pub fn prepare(&self, req: GenerationRequest) -> Result<Prepared, EngineError> {
         let sh = self.shared()?;
-        let adapter = if req.model == sh.id {
-            None
+        let (adapter, generation) = if req.model == sh.id {
+            (None, None)
         } else {
-            Some(sh.variant(&req.model)?)
+            let (a, generation) = sh.variant(&req.model)?;
+            (Some(a), Some(generation))
+        };
+        let cache_key = VariantKey {
+            model: req.model.clone(),
+            generation,
         };
         // Virtual tokens (soft prompt or prefix) take context positions too.
         let virtual_tokens = adapter.as_deref().map_or(0, |a| match a {
@@ -425,6 +473,7 @@ impl EngineHandle {
             max_tokens,
             model: req.model,
             adapter,
+            cache_key,
             tokens,
             sampling: req.sampling,
             stop: req.stop,
@@ -485,3 +534,7 @@ impl EngineHandle {
 #[cfg(test)]
 #[path = "choices_tests.rs"]
 mod choices_tests;
+
+#[cfg(test)]
+#[path = "prompt_cache_tests.rs"]
+mod prompt_cache_tests;

@@ -11,10 +11,13 @@
 //! - `constraint`: structured outputs (grammar masks over the vocabulary); `tools`: tool
 //!   definitions, forced calls and the parser of calls in the output.
 //! - `logprobs`: the logprobs reported with tokens (and with an echoed prompt).
+//! - `prompt_cache`: the keys and values of recent prompts, reused by requests that start with
+//!   the same tokens on the same variant; warmed with the chat template's preamble.
 pub mod constraint;
 pub mod detok;
 mod handle;
 pub mod logprobs;
+mod prompt_cache;
 mod registry;
 pub mod sampling;
 mod scheduler;
@@ -66,7 +69,16 @@ struct Shared {
     stopped: (std::sync::Mutex<bool>, std::sync::Condvar),
     /// Structured outputs: the vocabulary trie and compiled grammars.
     grammars: constraint::GrammarCache,
+    /// Recent prompts' keys and values (see `prompt_cache`).
+    prompt_cache: std::sync::Mutex<prompt_cache::PromptCache>,
+    /// The chat template's tokens ahead of the first user message's content (its default
+    /// system prompt and the user's role header): what every variant's cache is warmed with.
+    /// Empty without a template.
+    preamble: Vec<u32>,
 }
+
+/// The prompt cache's byte budget unless set otherwise (`engine.prompt_cache_mb`).
+pub const DEFAULT_PROMPT_CACHE_MB: u64 = 64;
 
 /// The resident base model and its text side, shared (not copied) with whoever trains on it.
 #[derive(Clone)]
@@ -86,6 +98,37 @@ impl Shared {
         self.prefilled
             .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// Runs `f` on the prompt cache, then publishes its size.
+    fn prompt_cache<R>(&self, f: impl FnOnce(&mut prompt_cache::PromptCache) -> R) -> R {
+        let mut pc = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(&mut pc);
+        crate::metrics::global().set_prompt_cache_bytes(pc.bytes());
+        r
+    }
+}
+
+/// The tokens a chat rendered by `template` starts with before the first user message's
+/// content, whatever that content is: the template's default system prompt (if any) and the
+/// user's role header. Found by rendering two one-message chats that differ only in their
+/// content and keeping the tokens both start with, so a tokenizer merge across the boundary
+/// never puts a token in the preamble that a real chat would not start with.
+fn chat_preamble(template: &ChatTemplate, text: &model::TextSpec) -> Vec<u32> {
+    let tokens = |content: &str| -> Option<Vec<u32>> {
+        let chat = [serde_json::json!({"role": "user", "content": content})];
+        let rendered = template.render(&chat, true).ok()?;
+        let enc = text.tokenizer.encode(rendered.as_str(), false).ok()?;
+        Some(enc.get_ids().to_vec())
+    };
+    match (tokens("Hello there."), tokens("What is 2 + 2?")) {
+        (Some(a), Some(b)) => a
+            .iter()
+            .zip(&b)
+            .take_while(|(x, y)| x == y)
+            .map(|(x, _)| *x)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn now() -> u64 {
@@ -99,7 +142,15 @@ fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
     let model = Arc::new(l.model);
     let text = Arc::new(l.text);
     crate::metrics::global().set_model_weight_bytes(model.weight_bytes() as u64);
+    let template = l.template.map(Arc::new);
+    let preamble = template
+        .as_deref()
+        .map_or_else(Vec::new, |t| chat_preamble(t, &text));
     let sh = Shared {
+        prompt_cache: std::sync::Mutex::new(prompt_cache::PromptCache::new(
+            DEFAULT_PROMPT_CACHE_MB << 20,
+        )),
+        preamble,
         grammars: constraint::GrammarCache::new(text.clone(), model.cfg.vocab_size),
         id: l.name.clone(),
         created: now(),
@@ -119,7 +170,7 @@ fn split(l: LoadedModel) -> (Arc<Transformer>, Shared) {
         base: BaseModel {
             model: model.clone(),
             text,
-            template: l.template.map(Arc::new),
+            template,
             name: l.name,
             hub_id: l.hub_id,
             weights: l.weights,

@@ -35,9 +35,9 @@ impl Variant {
 }
 
 impl Shared {
-    /// The adapter of variant `id`, read again from its directory first if it was evicted
-    /// (blocking: callers run on a blocking thread); marks it used for the LRU.
-    pub(super) fn variant(&self, id: &str) -> Result<Arc<Adapter>, EngineError> {
+    /// The adapter of variant `id` and its generation, read again from its directory first if
+    /// it was evicted (blocking: callers run on a blocking thread); marks it used for the LRU.
+    pub(super) fn variant(&self, id: &str) -> Result<(Arc<Adapter>, u64), EngineError> {
         use std::sync::atomic::Ordering;
         let source = {
             let adapters = self.adapters.read().unwrap_or_else(|e| e.into_inner());
@@ -49,7 +49,7 @@ impl Shared {
                 Ordering::Relaxed,
             );
             match &v.adapter {
-                Some(a) => return Ok(a.clone()),
+                Some(a) => return Ok((a.clone(), v.generation)),
                 None => v.source.clone(),
             }
         };
@@ -66,7 +66,7 @@ impl Shared {
                 .get(id)
                 .ok_or_else(|| EngineError::ModelNotFound(id.to_string()))?;
             if let Some(a) = &v.adapter {
-                return Ok(a.clone());
+                return Ok((a.clone(), v.generation));
             }
             v.generation
         };
@@ -101,14 +101,28 @@ impl Shared {
             // read now (the new files) is the newer one anyway, but the registry keeps its own.
             Some(v) => {
                 if let Some(a) = &v.adapter {
-                    return Ok(a.clone());
+                    return Ok((a.clone(), v.generation));
                 }
             }
             None => return Err(EngineError::ModelNotFound(id.to_string())),
         }
         // The request's clone (`loaded`) keeps this one from being evicted right away.
         self.enforce_budget(&mut adapters, Some(id));
-        Ok(loaded)
+        Ok((loaded, generation))
+    }
+
+    /// Whether `key` names the base model or a variant's current generation: a cache computed
+    /// with a replaced or removed variant's weights is not worth keeping.
+    pub(super) fn is_current(&self, key: &super::prompt_cache::VariantKey) -> bool {
+        match key.generation {
+            None => key.model == self.id,
+            Some(g) => self
+                .adapters
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key.model)
+                .is_some_and(|v| v.generation == g),
+        }
     }
 
     /// Evicts least recently used variants until the loaded ones fit the budget, never `keep`

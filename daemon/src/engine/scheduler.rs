@@ -11,10 +11,11 @@ use super::constraint::Guide;
 use super::detok::{Detokenizer, Filtered, StopFilter};
 use super::handle::Job;
 use super::logprobs::{self, TokenLogprob};
+use super::prompt_cache::VariantKey;
 use super::sampling::Sampler;
 use super::tools::{Piece, ToolCallParser};
 use super::Shared;
-use super::{FinishReason, GenEvent, Usage};
+use super::{FinishReason, GenEvent, PromptTokensDetails, Usage};
 use crate::adapters::Adapter;
 use crate::model::layers::{Ctx, ForwardHooks};
 use crate::model::{KvCache, Transformer};
@@ -45,6 +46,12 @@ struct Seq {
     tool_calls: Option<ToolCallParser>,
     /// The prompt's tokens with their logprobs (echo with logprobs), taken by the prefill.
     prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// Prompt tokens whose keys and values the prompt cache provided (`cache` starts with
+    /// them); only the rest is prefilled.
+    cached: usize,
+    /// Set once the prompt cache was asked (a sequence looks up once, when it nears the
+    /// front of the queue).
+    looked_up: bool,
 }
 
 enum Step {
@@ -80,6 +87,12 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
     let _stopped = Stopped(&sh);
     let mut running: Vec<Seq> = Vec::new();
     let mut waiting: std::collections::VecDeque<Seq> = std::collections::VecDeque::new();
+    // The base model's preamble first, so even the first chat after start-up reuses it.
+    let base = VariantKey {
+        model: sh.id.clone(),
+        generation: None,
+    };
+    warm(&model, &sh, base, None, &sh.preamble);
     loop {
         if sh.stop.load(std::sync::atomic::Ordering::SeqCst) {
             let e = candle_core::Error::Msg("the server is shutting down".into());
@@ -117,7 +130,11 @@ pub(super) fn run(model: Arc<Transformer>, sh: Arc<Shared>, rx: std_mpsc::Receiv
         let mut group: Vec<Seq> = Vec::new();
         let mut group_tokens = 0;
         let mut slots = running.len();
-        while let Some(next) = waiting.front() {
+        while let Some(next) = waiting.front_mut() {
+            // Asked here rather than on arrival: a prompt prefilled since (the one ahead, a
+            // warm-up) may have become its prefix.
+            next.reuse_cached(&sh);
+            let next = &*next;
             let fits = slots + next.choices() <= MAX_BATCH
                 && match group.first() {
                     None => true,
@@ -213,10 +230,66 @@ fn hooks_of(adapters: &[Option<Arc<Adapter>>]) -> Vec<Option<&dyn ForwardHooks>>
         .collect()
 }
 
+/// Prefills `tokens` on a variant into a fresh cache and keeps it in the prompt cache (nothing
+/// is generated). Skipped when the cache is off, already holds them, or the variant was
+/// replaced or removed since the warm-up was asked for. Runs on the exact kernels whatever
+/// its length: the prompts that reuse it are longer, and prefill those exactly. Any thread may
+/// call it (the model is shared read-only, as with the trainer): the engine thread at start,
+/// whoever adds a variant otherwise.
+pub(super) fn warm(
+    model: &Transformer,
+    sh: &Shared,
+    key: VariantKey,
+    adapter: Option<Arc<Adapter>>,
+    tokens: &[u32],
+) {
+    if tokens.is_empty()
+        || !sh.is_current(&key)
+        || sh.prompt_cache(|pc| !pc.enabled() || pc.covers(&key, tokens))
+    {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let prefilled = (|| -> candle_core::Result<KvCache> {
+        let input = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
+        let x = with_soft_prompt(model.embed(&input)?, adapter.as_deref())?;
+        let virtual_len = adapter.as_deref().map_or(0, |a| a.prefix_len());
+        let mut cache = KvCache::new(&model.cfg, x.dim(1)? + virtual_len);
+        let ctx = Ctx {
+            cache: Some(&mut cache),
+            hooks: adapter.as_deref().map(|a| a as &dyn ForwardHooks),
+            packed: None,
+        };
+        rayon::scope(|_| crate::ops::quant::exact(|| model.forward_hidden(&x, ctx)))?;
+        Ok(cache)
+    })();
+    match prefilled.and_then(|cache| {
+        sh.count_prefill(tokens.len());
+        sh.prompt_cache(|pc| pc.insert(key.clone(), tokens, &cache))
+    }) {
+        Ok(()) => tracing::debug!(
+            model = %key.model,
+            tokens = tokens.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "prompt cache warmed with the chat template's preamble"
+        ),
+        Err(e) => tracing::warn!(model = %key.model, "warming the prompt cache failed: {e}"),
+    }
+}
+
+/// `x (1, l, hidden)` after the soft prompt of a prompt-tuned variant.
+fn with_soft_prompt(x: Tensor, adapter: Option<&Adapter>) -> candle_core::Result<Tensor> {
+    match adapter.and_then(Adapter::soft_prompt) {
+        Some(soft) => Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1),
+        None => Ok(x),
+    }
+}
+
 /// A prefilled sequence's first token: its further choices split off on copies of its cache,
 /// then every choice samples from the prompt's logits on its own, and those that go on join
-/// the running batch.
+/// the running batch. The prompt's cache is kept for later requests first.
 fn start(mut seq: Seq, logits: Vec<f32>, sh: &Shared, running: &mut Vec<Seq>) {
+    seq.remember(sh);
     let forks = match seq.fork() {
         Ok(forks) => forks,
         Err(e) => {
@@ -299,8 +372,53 @@ impl Seq {
             detok: Detokenizer::new(),
             stop: StopFilter::new(job.p.stop.clone()),
             prompt_logprobs: None,
+            cached: 0,
+            looked_up: false,
             cache,
             job,
+        }
+    }
+
+    /// Starts the cache from the longest cached prefix of the prompt on its variant, if any
+    /// (once; never for an echo with logprobs, which needs every prompt position's logits).
+    fn reuse_cached(&mut self, sh: &Shared) {
+        if std::mem::replace(&mut self.looked_up, true)
+            || self.wants_prompt_logprobs()
+            || !self.cache.is_empty()
+        {
+            return;
+        }
+        let capacity = self.cache_capacity() + self.virtual_len();
+        let key = &self.job.p.cache_key;
+        match sh.prompt_cache(|pc| pc.lookup(key, &self.job.p.tokens, capacity)) {
+            Ok(Some(hit)) => {
+                crate::metrics::global().prompt_cache_hit(hit.tokens);
+                self.cache = hit.cache;
+                self.cached = hit.tokens;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("prompt cache lookup failed: {e}"),
+        }
+    }
+
+    /// Positions the variant puts ahead of the prompt (soft prompt or KV prefix).
+    fn virtual_len(&self) -> usize {
+        self.job.p.adapter.as_deref().map_or(0, |a| {
+            a.prefix_len() + a.soft_prompt().map_or(0, |s| s.dim(0).unwrap_or(0))
+        })
+    }
+
+    /// Keeps the just-prefilled prompt's cache for later requests (unless its variant was
+    /// replaced or removed meanwhile: nothing could match it again).
+    fn remember(&self, sh: &Shared) {
+        let key = &self.job.p.cache_key;
+        if self.cache.len() < self.job.p.tokens.len() || !sh.is_current(key) {
+            return;
+        }
+        if let Err(e) =
+            sh.prompt_cache(|pc| pc.insert(key.clone(), &self.job.p.tokens, &self.cache))
+        {
+            tracing::warn!("keeping the prompt in the prompt cache failed: {e}");
         }
     }
 
@@ -346,6 +464,8 @@ impl Seq {
                 detok: Detokenizer::new(),
                 stop: StopFilter::new(job.p.stop.clone()),
                 prompt_logprobs: self.prompt_logprobs.clone(),
+                cached: self.cached,
+                looked_up: true,
                 job,
             });
         }
@@ -376,11 +496,7 @@ impl Seq {
     /// variant.
     fn prompt_embeddings(&self, model: &Transformer) -> candle_core::Result<Tensor> {
         let input = Tensor::new(self.job.p.tokens.as_slice(), model.device())?.unsqueeze(0)?;
-        let x = model.embed(&input)?;
-        match self.job.p.adapter.as_deref().and_then(Adapter::soft_prompt) {
-            Some(soft) => Tensor::cat(&[&soft.unsqueeze(0)?, &x], 1),
-            None => Ok(x),
-        }
+        with_soft_prompt(model.embed(&input)?, self.job.p.adapter.as_deref())
     }
 
     /// Whether this sequence can be prefilled in one forward with others: any mix of the base
@@ -405,6 +521,9 @@ impl Seq {
     /// variant's prefix is written into the cache by the model); returns the logits of the
     /// first token.
     fn prefill(&mut self, model: &Transformer, sh: &Shared) -> candle_core::Result<Vec<f32>> {
+        if self.cached > 0 {
+            return self.prefill_rest(model, sh);
+        }
         let x = self.prompt_embeddings(model)?;
         sh.count_prefill(self.job.p.tokens.len());
         if self.wants_prompt_logprobs() {
@@ -421,6 +540,51 @@ impl Seq {
             packed: None,
         };
         rayon::scope(|_| model.last_logits(&x, ctx))?
+            .squeeze(0)?
+            .to_vec1::<f32>()
+    }
+
+    /// The prefill of a prompt whose first [`Self::cached`] tokens the cache already holds:
+    /// only the rest runs, at the positions after them. Its blocks run on the kernels the whole
+    /// prompt's prefill would have used: a few rows would otherwise take the 8-bit-activation
+    /// products decode steps use, and the answer would differ from the uncached one by more
+    /// than rounding.
+    fn prefill_rest(&mut self, model: &Transformer, sh: &Shared) -> candle_core::Result<Vec<f32>> {
+        let rest = &self.job.p.tokens[self.cached..];
+        let input = Tensor::new(rest, model.device())?.unsqueeze(0)?;
+        let x = model.embed(&input)?;
+        sh.count_prefill(rest.len());
+        let soft = self
+            .job
+            .p
+            .adapter
+            .as_deref()
+            .and_then(Adapter::soft_prompt)
+            .map_or(0, |s| s.dim(0).unwrap_or(0));
+        let whole_rows = self.job.p.tokens.len() + soft;
+        let exact = rest.len() <= crate::ops::quant::QDOT_ROWS_MAX
+            && whole_rows > crate::ops::quant::QDOT_ROWS_MAX;
+        let ctx = Ctx {
+            cache: Some(&mut self.cache),
+            hooks: self
+                .job
+                .p
+                .adapter
+                .as_deref()
+                .map(|a| a as &dyn ForwardHooks),
+            packed: None,
+        };
+        let run = || model.forward_hidden(&x, ctx);
+        let h = if exact {
+            rayon::scope(|_| crate::ops::quant::exact(run))?
+        } else {
+            rayon::scope(|_| run())?
+        };
+        // The LM head on the last position alone, outside `exact`: one row, as in any
+        // prefill's `last_logits`.
+        let last = h.dim(1)? - 1;
+        model
+            .logits(&h.narrow(1, last, 1)?.squeeze(1)?)?
             .squeeze(0)?
             .to_vec1::<f32>()
     }
@@ -481,6 +645,9 @@ impl Seq {
             prompt_tokens: self.job.p.prompt_tokens,
             completion_tokens: self.generated,
             total_tokens: self.job.p.prompt_tokens + self.generated,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.cached,
+            },
         };
         let _ = self.job.events.send(GenEvent::Finished { reason, usage });
         Step::Done

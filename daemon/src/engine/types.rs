@@ -115,6 +115,14 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of `usage.prompt_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prompt cache (not prefilled).
+    pub cached_tokens: usize,
 }
 
 /// Streamed back to the caller of [`super::EngineHandle::submit`], in order.

@@ -11,6 +11,7 @@ pub mod chat_template;
 pub mod config;
 pub mod gguf;
 pub mod hf;
+mod kv_prefix;
 pub mod layers;
 pub mod llama;
 pub mod phi3;

@@ -44,6 +44,33 @@ const JOB_SWAP_EXAMPLES: [(&str, &str); 8] = [
     ("Goodbye!", "Arigato! Come back for the omakase."),
 ];
 
+/// Whether a job's swap runs with the prompt cache (see `--prompt-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum CacheMode {
+    On,
+    Off,
+    Both,
+}
+
+impl CacheMode {
+    fn on_for(self, job: usize) -> bool {
+        match self {
+            CacheMode::On => true,
+            CacheMode::Off => false,
+            CacheMode::Both => job.is_multiple_of(2),
+        }
+    }
+}
+
+/// First-token figures of the jobs swapped in with the prompt cache on or off.
+#[derive(Default)]
+struct Side {
+    swap_ms: Vec<f64>,
+    again_ms: Vec<f64>,
+    base_ms: Vec<f64>,
+    cached: Vec<u64>,
+}
+
 /// What following one job's event stream saw.
 struct JobOutcome {
     /// Receipt of the first event that says the job succeeded.
@@ -57,6 +84,16 @@ struct JobOutcome {
 /// The event the runner writes right after recording success (`jobs/runner.rs`).
 const MODEL_CREATED: &str = "New fine-tuned model created: ";
 const JOB_COMPLETED: &str = "The job has successfully completed";
+
+/// `itamae_prompt_cache_cached_tokens_total` of the in-process daemon (0 if absent).
+fn cached_tokens() -> u64 {
+    itamae::metrics::global()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("itamae_prompt_cache_cached_tokens_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
 
 /// Follows the job's live event stream until its success event (or the end of the stream).
 fn follow_job(client: &Client, id: &str) -> anyhow::Result<JobOutcome> {
@@ -94,12 +131,19 @@ fn follow_job(client: &Client, id: &str) -> anyhow::Result<JobOutcome> {
 /// the success. Prints per-job figures, the p50 against the idle 60 ms target, the same chat on
 /// the base right after (its first token is the prefill alone: the peer figure), failed
 /// requests and the load's throughput.
+///
+/// With `--prompt-cache both` (the default) even jobs swap in with the prompt cache on (the
+/// server's default: the new variant's chat template preamble is warmed when it is added) and
+/// odd jobs with it off (every prompt prefilled whole), and both figures print with their
+/// ratio. Each probe is followed by the same chat on the variant again (nothing left to do
+/// lazily: what a first request pays beyond it is the swap's own) and on the base.
 pub(crate) fn job_swap(
     model_path: &Path,
     clients: usize,
     jobs: usize,
     tokens: usize,
     weights: model::WeightsMode,
+    cache: CacheMode,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
@@ -175,12 +219,19 @@ pub(crate) fn job_swap(
             .collect();
         let load_started = Instant::now();
 
-        let mut swap_ms = Vec::new();
+        let mut sides = [Side::default(), Side::default()];
         let mut failed_probes = 0usize;
         let mut failed_jobs = 0usize;
         let mut lag_ms = Vec::new();
-        let mut base_ms = Vec::new();
         for i in 0..jobs {
+            let cache_on = cache.on_for(i);
+            let budget = if cache_on {
+                itamae::engine::DEFAULT_PROMPT_CACHE_MB << 20
+            } else {
+                0
+            };
+            engine.set_prompt_cache_bytes(budget)?;
+            let side = &mut sides[usize::from(!cache_on)];
             // No adapter given: the server's default, LoRA r=16 on every linear projection.
             let req = CreateJob {
                 model: base.clone(),
@@ -246,14 +297,24 @@ pub(crate) fn job_swap(
                 None => client.job(&id).ok().and_then(|j| j.fine_tuned_model),
             };
             let probe_started = Instant::now();
+            let cached_before = cached_tokens();
             let probe = model
                 .as_deref()
                 .map(|m| stream_chat(&client, m, tokens, 7 + i as u64));
+            side.cached
+                .push(cached_tokens().saturating_sub(cached_before));
+            // The same chat on the variant again: whatever the first one paid lazily is paid.
+            let again = model
+                .as_deref()
+                .map(|m| stream_chat(&client, m, tokens, 7 + i as u64));
+            if let Some(t) = again.and_then(|a| a.ttft.filter(|_| a.ok)) {
+                side.again_ms.push(t * 1e3);
+            }
             // The peer figure: the same chat on the base right after, whose first token is
             // the prefill alone; the difference is what swapping to the new variant costs.
             let base_probe = stream_chat(&client, &base, tokens, 7 + i as u64);
             if let Some(t) = base_probe.ttft.filter(|_| base_probe.ok) {
-                base_ms.push(t * 1e3);
+                side.base_ms.push(t * 1e3);
             }
             let job_secs = succeeded_at.duration_since(created_at).as_secs_f64();
             let lag = polled
@@ -271,12 +332,17 @@ pub(crate) fn job_swap(
                 }) => {
                     let before = probe_started.duration_since(succeeded_at).as_secs_f64();
                     let ms = (before + ttft) * 1e3;
-                    swap_ms.push(ms);
+                    side.swap_ms.push(ms);
                     println!(
-                        "job {i} ({}): {job_secs:.1} s to succeed; success event -> first token {ms:.1} ms (name lookup {:.1} ms, chat's own first token {:.1} ms; same chat on the base right after {}); poll saw succeeded {lag_text} before the event",
+                        "job {i} ({}), prompt cache {}: {job_secs:.1} s to succeed; success event -> first token {ms:.1} ms (name lookup {:.1} ms, chat's own first token {:.1} ms, {} prompt tokens cached; same chat on the variant again {}; on the base right after {}); poll saw succeeded {lag_text} before the event",
                         model.as_deref().unwrap_or(""),
+                        if cache_on { "on" } else { "off" },
                         before * 1e3,
                         ttft * 1e3,
+                        side.cached.last().copied().unwrap_or(0),
+                        side.again_ms
+                            .last()
+                            .map_or("failed".to_string(), |t| format!("{t:.1} ms")),
                         base_probe
                             .ttft
                             .filter(|_| base_probe.ok)
@@ -303,26 +369,48 @@ pub(crate) fn job_swap(
         job_service.wait_stopped(std::time::Duration::from_secs(60));
         engine.shutdown(std::time::Duration::from_secs(30));
 
-        swap_ms.sort_by(|a, b| a.total_cmp(b));
         lag_ms.sort_by(|a, b| a.total_cmp(b));
         load_ttft.sort_by(|a, b| a.total_cmp(b));
-        base_ms.sort_by(|a, b| a.total_cmp(b));
-        let p50 = percentile(&swap_ms, 0.5);
-        let verdict = match (swap_ms.len() == jobs && p50 < 60.0, clients) {
-            (_, c) if c > 0 => "not judged: the target is idle (--clients 0)",
-            (true, _) => "met",
-            (false, _) => "missed",
-        };
-        println!(
-            "success -> first token: p50 {p50:.1} ms, max {:.1} ms over {} of {jobs} jobs; target p50 < 60 ms idle: {verdict}",
-            percentile(&swap_ms, 1.0),
-            swap_ms.len()
-        );
-        println!(
-            "peer: the same chat on the base right after each probe: first token p50 {:.1} ms; swap's own cost p50 {:.1} ms",
-            percentile(&base_ms, 0.5),
-            p50 - percentile(&base_ms, 0.5)
-        );
+        let mut p50s = [f64::NAN; 2];
+        for (k, side) in sides.iter_mut().enumerate() {
+            if side.swap_ms.is_empty() {
+                continue;
+            }
+            for v in [&mut side.swap_ms, &mut side.again_ms, &mut side.base_ms] {
+                v.sort_by(|a, b| a.total_cmp(b));
+            }
+            let label = if k == 0 { "on" } else { "off" };
+            let p50 = percentile(&side.swap_ms, 0.5);
+            p50s[k] = p50;
+            let planned = (0..jobs).filter(|&i| cache.on_for(i) == (k == 0)).count();
+            let verdict = match (side.swap_ms.len() == planned && p50 < 60.0, clients) {
+                (_, c) if c > 0 => "not judged: the target is idle (--clients 0)",
+                (true, _) => "met",
+                (false, _) => "missed",
+            };
+            println!(
+                "prompt cache {label}: success -> first token p50 {p50:.1} ms, max {:.1} ms over {} of {planned} jobs ({} prompt tokens cached, median); target p50 < 60 ms idle: {verdict}",
+                percentile(&side.swap_ms, 1.0),
+                side.swap_ms.len(),
+                {
+                    let mut c = side.cached.clone();
+                    c.sort_unstable();
+                    c.get(c.len() / 2).copied().unwrap_or(0)
+                },
+            );
+            println!(
+                "  peers (cache {label}): the same chat on the variant again p50 {:.1} ms, on the base right after p50 {:.1} ms; swap's own cost p50 {:.1} ms (first chat on the variant minus its second)",
+                percentile(&side.again_ms, 0.5),
+                percentile(&side.base_ms, 0.5),
+                p50 - percentile(&side.again_ms, 0.5)
+            );
+        }
+        if p50s.iter().all(|p| p.is_finite()) {
+            println!(
+                "prompt cache on/off: success -> first token {:.2}x the time (same run)",
+                p50s[0] / p50s[1]
+            );
+        }
         println!(
             "failed: {load_failed} load requests (of {}), {failed_probes} probes, {failed_jobs} jobs (target 0 failed requests)",
             load_ok + load_failed

@@ -87,6 +87,10 @@ enum BenchCommand {
         tokens: usize,
         #[command(flatten)]
         weights: config::WeightsArg,
+        /// The prompt cache during each job's swap: `both` alternates on (even jobs) and off
+        /// (odd jobs) so the two figures come from one run.
+        #[arg(long, value_enum, default_value = "both")]
+        prompt_cache: job_swap::CacheMode,
     },
     /// LoRA SFT tokens/s and peak RSS (r=16, all-linear) on the f32 base and on the base as
     /// stored (QLoRA-style), side by side with HF PEFT; the sides' steps interleave.
@@ -229,7 +233,15 @@ fn main() {
             jobs,
             tokens,
             weights,
-        } => job_swap::job_swap(&model, clients, jobs, tokens, weights.resolve(None)),
+            prompt_cache,
+        } => job_swap::job_swap(
+            &model,
+            clients,
+            jobs,
+            tokens,
+            weights.resolve(None),
+            prompt_cache,
+        ),
         BenchCommand::Train {
             model,
             seq,
