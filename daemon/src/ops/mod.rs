@@ -23,6 +23,7 @@ pub mod blas;
 pub mod decode;
 pub mod decoder;
 pub mod dequant;
+pub mod fanout;
 pub mod fused;
 pub mod linear;
 pub mod lora_rows;
