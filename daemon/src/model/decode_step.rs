@@ -324,7 +324,16 @@ pub(super) fn decode(
         }
         crate::ops::decode::attention_slices(&mut att, &q, &kv, nh, d, scale)?;
         drop(kv);
-        project(i, std::slice::from_ref(&(Proj::O, g.o)), &att, n, qd, &mut y, hid, hooks)?;
+        project(
+            i,
+            std::slice::from_ref(&(Proj::O, g.o)),
+            &att,
+            n,
+            qd,
+            &mut y,
+            hid,
+            hooks,
+        )?;
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         with_f32(&blk.post_attention_layernorm, |w| {
             rms_norm(&mut h, &x, w, hid, eps);
@@ -337,7 +346,16 @@ pub(super) fn decode(
                 *o = gv / (1.0 + (-gv).exp()) * uv;
             }
         }
-        project(i, std::slice::from_ref(&(Proj::Down, g.down)), &act, n, ff, &mut y, hid, hooks)?;
+        project(
+            i,
+            std::slice::from_ref(&(Proj::Down, g.down)),
+            &act,
+            n,
+            ff,
+            &mut y,
+            hid,
+            hooks,
+        )?;
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
     }
     for cache in caches.iter_mut() {
@@ -461,8 +479,7 @@ mod tests {
                         cache
                     })
                     .collect();
-                let mut composed: Vec<KvCache> =
-                    row.iter().map(|c| c.fork(4).unwrap()).collect();
+                let mut composed: Vec<KvCache> = row.iter().map(|c| c.fork(4).unwrap()).collect();
                 for step in 0..4u32 {
                     let next = [20 + step, 30 + step, 40 + step];
                     let mut r: Vec<&mut KvCache> = row.iter_mut().collect();
@@ -499,7 +516,9 @@ mod tests {
     fn helpers_match_their_definitions() {
         // RMSNorm and RoPE against f64 versions of the formulas in the module's docs.
         let (hid, eps) = (8, 1e-5f32);
-        let x: Vec<f32> = (0..2 * hid).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let x: Vec<f32> = (0..2 * hid)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
         let w: Vec<f32> = (0..hid).map(|i| 0.5 + i as f32 * 0.1).collect();
         let mut out = vec![0f32; 2 * hid];
         rms_norm(&mut out, &x, &w, hid, eps);

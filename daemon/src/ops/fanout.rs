@@ -52,12 +52,19 @@ pub fn products(
         return Ok(());
     }
     if y.len() < (m - 1) * ldy + targets.iter().map(|t| t.col + t.n).max().unwrap_or(0) {
-        return Err(format!("fan-out: output of {} for {m} rows of {ldy}", y.len()));
+        return Err(format!(
+            "fan-out: output of {} for {m} rows of {ldy}",
+            y.len()
+        ));
     }
     let mut need_acts = false;
     for t in targets {
         if t.col + t.n > ldy {
-            return Err(format!("fan-out: columns {}..{} past {ldy}", t.col, t.col + t.n));
+            return Err(format!(
+                "fan-out: columns {}..{} past {ldy}",
+                t.col,
+                t.col + t.n
+            ));
         }
         match t.w {
             Rows::Blocks { fmt, data } => {
@@ -249,7 +256,11 @@ mod tests {
                     },
                     _ => Rows::F32(dense),
                 };
-                targets.push(Target { w: rows, n: *n, col });
+                targets.push(Target {
+                    w: rows,
+                    n: *n,
+                    col,
+                });
                 col += n;
             }
             let ldy = col + 1;
@@ -262,9 +273,8 @@ mod tests {
                         let got = &y[r * ldy + t.col..][..*n];
                         match w {
                             Weight::Quant(q) => {
-                                let want = crate::ops::quant::qdot_matmul(q, &x, m)
-                                    .unwrap()
-                                    .unwrap();
+                                let want =
+                                    crate::ops::quant::qdot_matmul(q, &x, m).unwrap().unwrap();
                                 assert_eq!(got, &want[r * n..][..*n], "{:?} m={m}", q.dtype());
                             }
                             Weight::Dense(_) => {

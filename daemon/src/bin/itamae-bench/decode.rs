@@ -90,9 +90,8 @@ fn measure(
         let mut next = first;
         let (t, c) = (Instant::now(), cpu_seconds());
         for &want in &served {
-            let logits = rayon::scope(|_| {
-                m.decode_batch_composed(&[next], &mut [&mut twin], &[None])
-            })?;
+            let logits =
+                rayon::scope(|_| m.decode_batch_composed(&[next], &mut [&mut twin], &[None]))?;
             next = argmax(&logits.squeeze(0)?.to_vec1()?);
             same_tokens &= next == want;
             // Follow the served tokens, so both paths see the same positions and cache.
