@@ -134,6 +134,15 @@ pub trait Architecture: Sync {
         None
     }
 
+    /// Whether a block is the standard pre-norm wiring that the row decode path
+    /// ([`super::decode_step`]) hard-codes: RMSNorm → q/k/v (the attention projections before
+    /// `o_proj`, outputs side by side as `[q | k | v]`) → rotate-half RoPE → attention → o →
+    /// RMSNorm → SwiGLU (`[gate | up]` from the MLP projections before `down_proj`). A family
+    /// wired any other way keeps the default and decodes through the composed forward.
+    fn row_decode(&self) -> bool {
+        false
+    }
+
     /// The projections of this family that `wanted` targets: each one it names that the family
     /// has, and each fused projection of the family whose parts it names all (so `all-linear`,
     /// which lists the seven separate projections, covers `qkv_proj` and `gate_up_proj`).

@@ -94,6 +94,10 @@ impl Architecture for LlamaFamily {
         swiglu(h, project)
     }
 
+    fn row_decode(&self) -> bool {
+        true
+    }
+
     fn fused_block(&self, blk: &Block, cfg: &ModelConfig) -> Option<LayerWeights> {
         let lin = |p: Proj| blk.linear(p).ok();
         let [q, k, v, o, gate, up, down] = Proj::ALL.map(lin);

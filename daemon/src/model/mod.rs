@@ -9,6 +9,7 @@ pub mod arch;
 pub mod chat;
 pub mod chat_template;
 pub mod config;
+mod decode_step;
 pub mod gguf;
 pub mod hf;
 mod kv_prefix;

@@ -40,6 +40,10 @@ impl Architecture for Phi3 {
         fused_qkv(cfg, h, project)
     }
 
+    fn row_decode(&self) -> bool {
+        true
+    }
+
     fn mlp(&self, cfg: &ModelConfig, h: &Tensor, project: &ProjectFn<'_>) -> Result<Tensor> {
         fused_swiglu(cfg, h, project)
     }

@@ -40,8 +40,8 @@ pub struct Transformer {
     pub norm: Tensor,
     /// Shares storage with `embed_tokens` when the embeddings are tied.
     pub lm_head: Weight,
-    cos: Tensor,
-    sin: Tensor,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
     device: Device,
 }
 
@@ -566,6 +566,7 @@ impl Transformer {
     /// sequence i's next input, `caches[i]` its (non-empty) cache, `hooks[i]` its adapter.
     /// Projections and the MLP run as one GEMM over all rows, so the weights are read once per
     /// step instead of once per sequence; attention runs per sequence against its own cache.
+    /// On the CPU this takes the row decode path ([`super::decode_step`]) when it applies.
     /// Returns the logits `(n, vocab)`.
     pub fn decode_batch(
         &self,
@@ -592,6 +593,23 @@ impl Transformer {
                 );
             }
         }
+        if super::decode_step::applies(self, hooks) {
+            return super::decode_step::decode(self, tokens, caches, hooks);
+        }
+        self.decode_batch_composed(tokens, caches, hooks)
+    }
+
+    /// [`Self::decode_batch`] through the composed forward (candle ops per step): what runs when
+    /// the row decode path does not apply, and the reference it is tested against.
+    pub fn decode_batch_composed(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        hooks: &[Option<&dyn ForwardHooks>],
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        let c = &self.cfg;
+        let positions: Vec<u32> = caches.iter().map(|k| k.len as u32).collect();
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let half = c.head_dim / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((n, 1, 1, half))?;

@@ -71,7 +71,17 @@ fn with_view<R>(
     f: impl FnOnce(&View<'_>) -> Result<R>,
 ) -> Result<R> {
     let (s, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*s else {
+    f(&view_of(&s, layout, d, what)?)
+}
+
+/// The in-place view of a `(1, n_kv, t, d)` f32 tensor's storage, checked to lie inside it.
+fn view_of<'a>(
+    s: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+    d: usize,
+    what: &str,
+) -> Result<View<'a>> {
+    let candle_core::Storage::Cpu(cpu) = s else {
         candle_core::bail!("attention_rows: {what} is not on the CPU")
     };
     let data = cpu.as_slice::<f32>()?;
@@ -98,7 +108,7 @@ fn with_view<R>(
             candle_core::bail!("attention_rows: {what} view reaches past its storage")
         }
     }
-    f(&view)
+    Ok(view)
 }
 
 fn row(
@@ -112,43 +122,116 @@ fn row(
 ) -> Result<()> {
     with_view(k, d, "keys", |kv| {
         with_view(v, d, "values", |vv| {
-            if kv.n_kv == 0 || !n_head.is_multiple_of(kv.n_kv) || vv.n_kv != kv.n_kv || vv.t != kv.t
-            {
-                candle_core::bail!(
-                    "attention_rows: {n_head} heads over {} key / {} value heads, {} / {} positions",
-                    kv.n_kv,
-                    vv.n_kv,
-                    kv.t,
-                    vv.t
-                )
-            }
-            let rep = n_head / kv.n_kv;
-            let mut p = vec![0f32; kv.t];
+            let rep = check_heads(kv, vv, n_head)?;
+            let mut p = Vec::new();
             for h in 0..n_head {
-                let g = h / rep;
-                let qh = &q[h * d..][..d];
-                let mut max = f32::NEG_INFINITY;
-                for (j, pj) in p.iter_mut().enumerate() {
-                    *pj = scale * super::dot(qh, kv.vector(g, j, d));
-                    max = max.max(*pj);
-                }
-                let mut sum = 0f32;
-                for pj in p.iter_mut() {
-                    *pj = (*pj - max).exp();
-                    sum += *pj;
-                }
-                let o = &mut out[h * d..][..d];
-                o.iter_mut().for_each(|x| *x = 0.0);
-                for (j, &pj) in p.iter().enumerate() {
-                    let w = pj / sum;
-                    for (x, &vj) in o.iter_mut().zip(vv.vector(g, j, d)) {
-                        *x += w * vj;
-                    }
-                }
+                let (o, qh) = (&mut out[h * d..][..d], &q[h * d..][..d]);
+                head(o, qh, kv, vv, h / rep, d, scale, &mut p);
             }
             Ok(())
         })
     })
+}
+
+/// `n_head / n_kv`, after checking the key and value views agree with each other and the heads.
+fn check_heads(kv: &View<'_>, vv: &View<'_>, n_head: usize) -> Result<usize> {
+    if kv.n_kv == 0 || !n_head.is_multiple_of(kv.n_kv) || vv.n_kv != kv.n_kv || vv.t != kv.t {
+        candle_core::bail!(
+            "attention_rows: {n_head} heads over {} key / {} value heads, {} / {} positions",
+            kv.n_kv,
+            vv.n_kv,
+            kv.t,
+            vv.t
+        )
+    }
+    Ok(n_head / kv.n_kv)
+}
+
+/// One query head `qh` against KV head `g`: `o = softmax(scale · qh·Kᵀ) · V`; `p` is scratch.
+#[allow(clippy::too_many_arguments)]
+fn head(
+    o: &mut [f32],
+    qh: &[f32],
+    kv: &View<'_>,
+    vv: &View<'_>,
+    g: usize,
+    d: usize,
+    scale: f32,
+    p: &mut Vec<f32>,
+) {
+    p.clear();
+    p.resize(kv.t, 0.0);
+    let mut max = f32::NEG_INFINITY;
+    for (j, pj) in p.iter_mut().enumerate() {
+        *pj = scale * super::dot(qh, kv.vector(g, j, d));
+        max = max.max(*pj);
+    }
+    let mut sum = 0f32;
+    for pj in p.iter_mut() {
+        *pj = (*pj - max).exp();
+        sum += *pj;
+    }
+    o.iter_mut().for_each(|x| *x = 0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        let w = pj / sum;
+        for (x, &vj) in o.iter_mut().zip(vv.vector(g, j, d)) {
+            *x += w * vj;
+        }
+    }
+}
+
+/// Below this many query·key multiply-adds a step's attention runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// [`attention_rows`] on plain rows, for the row decode path: `q` and `out` are `n × (n_head·d)`
+/// row-major (heads side by side, as the q projection writes them), `kv[r]` row `r`'s keys and
+/// values `(1, n_kv, t_r, d)` (f32 CPU tensors, views of its cache). Every (row, head) pair is a
+/// task of its own, so one sequence's heads spread over the pool too.
+pub fn attention_slices(
+    out: &mut [f32],
+    q: &[f32],
+    kv: &[(Tensor, Tensor)],
+    n_head: usize,
+    d: usize,
+    scale: f32,
+) -> Result<()> {
+    let n = kv.len();
+    if q.len() != n * n_head * d || out.len() != q.len() || d == 0 {
+        candle_core::bail!(
+            "attention_slices: {} queries and {} outputs for {n} rows of {n_head} heads of {d}",
+            q.len(),
+            out.len()
+        )
+    }
+    let guards: Vec<_> = kv
+        .iter()
+        .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+        .collect();
+    let mut views = Vec::with_capacity(n);
+    for (((ks, kl), (vs, vl)), (k, v)) in guards.iter().zip(kv) {
+        if k.dtype() != DType::F32 || v.dtype() != DType::F32 {
+            candle_core::bail!("attention_slices: the cache is not f32")
+        }
+        let kv = view_of(ks, kl, d, "keys")?;
+        let vv = view_of(vs, vl, d, "values")?;
+        let rep = check_heads(&kv, &vv, n_head)?;
+        views.push((kv, vv, rep));
+    }
+    let work: usize = views.iter().map(|(k, _, _)| k.t).sum::<usize>() * n_head * d;
+    let task = |(i, o): (usize, &mut [f32]), p: &mut Vec<f32>| {
+        let (r, h) = (i / n_head, i % n_head);
+        let (kv, vv, rep) = &views[r];
+        head(o, &q[i * d..][..d], kv, vv, h / rep, d, scale, p);
+    };
+    if work < PARALLEL_MIN_WORK {
+        let mut p = Vec::new();
+        out.chunks_mut(d).enumerate().for_each(|t| task(t, &mut p));
+    } else {
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(Vec::new, |p, t| task(t, p));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -181,6 +264,36 @@ mod tests {
         assert_eq!(got.dims(), want.dims());
         let diff = crate::ops::gradcheck::max_diff(&got, &want);
         assert!(diff < 1e-5, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn slices_match_composed_attention_serial_and_parallel() {
+        // Short caches run on the calling thread, long ones over the pool: both must equal the
+        // composed attention.
+        let (n_head, n_kv, d) = (6, 2, 16);
+        for lens in [vec![1usize, 3], vec![40, 700, 5]] {
+            let cap = lens.iter().max().copied().unwrap_or(1) + 3;
+            let q = randn(&[lens.len(), n_head, 1, d]);
+            let kv: Vec<(Tensor, Tensor)> = lens
+                .iter()
+                .map(|&t| {
+                    let k = randn(&[1, n_kv, cap, d]).narrow(2, 0, t).unwrap();
+                    let v = randn(&[1, n_kv, cap, d]).narrow(2, 0, t).unwrap();
+                    (k, v)
+                })
+                .collect();
+            let scale = 1.0 / (d as f64).sqrt();
+            let qv = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut out = vec![0f32; qv.len()];
+            attention_slices(&mut out, &qv, &kv, n_head, d, scale as f32).unwrap();
+            let got = Tensor::from_vec(out, q.dims(), &Device::Cpu).unwrap();
+            let want = composed(&q, &kv, scale).unwrap();
+            let diff = crate::ops::gradcheck::max_diff(&got, &want);
+            assert!(diff < 1e-5, "lens {lens:?}: max abs diff {diff}");
+        }
+        let mut out = vec![0f32; 5];
+        let kv = vec![(randn(&[1, 2, 3, 8]), randn(&[1, 2, 3, 8]))];
+        assert!(attention_slices(&mut out, &[0.0; 5], &kv, 4, 8, 1.0).is_err());
     }
 
     #[test]

@@ -170,6 +170,35 @@ pub fn add_spans<T: Elem>(
     Ok(y)
 }
 
+/// `y += scale·(x·Aᵀ)·Bᵀ` for one row (`x` of `in`, `y` of `out` values) on the calling thread,
+/// with the same kernels as [`add_spans`]: the row decode path's delta on plain buffers.
+pub fn add_row<T: Elem>(y: &mut [f32], x: &[f32], t: RowTerm<'_, T>) -> Result<()> {
+    let p = t.pair;
+    if x.len() != p.inp
+        || y.len() != p.out
+        || p.a.len() != p.r * p.inp
+        || p.bt.len() != p.r * p.out.div_ceil(PANEL) * PANEL
+    {
+        bail!(
+            "lora row: factors of rank {} for {} -> {} on a {} -> {} row",
+            p.r,
+            p.inp,
+            p.out,
+            x.len(),
+            y.len()
+        )
+    }
+    let kernels = Kernels::<T>::pick();
+    let mut h = vec![0f32; p.r];
+    for (j, hj) in h.iter_mut().enumerate() {
+        // SAFETY: checked above: row j of A holds `inp` values, as does `x`.
+        *hj = t.scale * unsafe { (kernels.dot)(&p.a[j * p.inp..][..p.inp], x) };
+    }
+    // SAFETY: Bᵀ holds the panels of r rows for `out` outputs, `y` holds `out`.
+    unsafe { (kernels.axpys)(&p.bt, &h, y) };
+    Ok(())
+}
+
 #[cfg(test)]
 thread_local! {
     /// Calls of [`add_spans`] on this thread: lets model tests prove which path a batch took.

@@ -15,7 +15,8 @@
 //! Serving on CPU has three kernels of its own, inference only (no backward, so no gradient
 //! check; each is tested against an f64 or composed reference): [`skinny`] (`x·Wᵀ` at 2–16
 //! rows, which `blas::gemm` routes to it), [`decode`] (one query per sequence against its KV
-//! cache) and [`lora_rows`] (per-row or per-span LoRA deltas from factors packed at load).
+//! cache) and [`lora_rows`] (per-row or per-span LoRA deltas from factors packed at load);
+//! [`fanout`] runs the projections of one decode input (q/k/v, gate/up) as one parallel region.
 use candle_core::{DType, Device, Result, Tensor, D};
 
 pub mod attention;
@@ -23,6 +24,7 @@ pub mod blas;
 pub mod decode;
 pub mod decoder;
 pub mod dequant;
+pub mod fanout;
 pub mod fused;
 pub mod linear;
 pub mod lora_rows;

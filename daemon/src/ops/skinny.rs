@@ -134,6 +134,16 @@ fn run(
 
 type Kernel = unsafe fn(&Xwt<'_>, usize, usize, usize, usize, &mut [[f32; TILE]; TILE]);
 
+/// Columns `o0..o1` of `y = x·Wᵀ` (`y` at `ldy`), on the calling thread: for a caller that
+/// splits several products over the pool itself ([`super::fanout`]).
+///
+/// # Safety
+/// `p`'s rows `0..m` of x and `o0..o1` of W must be in range, `y` valid for `m` rows of `ldy`
+/// with `o1 ≤ ldy`, and no other thread may touch those columns meanwhile.
+pub(crate) unsafe fn columns_raw(p: &Xwt<'_>, o0: usize, o1: usize, y: *mut f32, ldy: usize) {
+    columns(kernel(), p, o0, o1, 1.0, 0.0, Out(y), ldy)
+}
+
 /// # Safety
 /// Rows `0..m` of x and `o0..o1` of W must be in range (checked by `gemm`), and no other thread
 /// may touch columns `o0..o1` of `y` meanwhile.

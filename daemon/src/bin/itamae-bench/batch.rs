@@ -10,15 +10,22 @@ use itamae::model;
 
 /// Aggregate decode tokens/s of `streams` concurrent requests on the base model, then on
 /// `streams` different LoRA variants (one each, mixed in the same batches); prints the ratio.
-pub(crate) fn batch(model_path: &Path, streams: usize, tokens: usize) -> anyhow::Result<()> {
+/// The base is held in `weights` (`--weights`, default the daemon's default mode).
+pub(crate) fn batch(
+    model_path: &Path,
+    streams: usize,
+    tokens: usize,
+    weights: model::WeightsMode,
+) -> anyhow::Result<()> {
     use itamae::adapters::{Adapter, Lora, LoraConfig};
     use itamae::engine::{EngineHandle, GenerationRequest, PromptInput, SamplingParams};
 
-    let loaded = model::load(
-        model_path,
-        &candle_core::Device::Cpu,
-        itamae::model::WeightsMode::default(),
-    )?;
+    let loaded = model::load(model_path, &candle_core::Device::Cpu, weights)?;
+    println!(
+        "model {} (weights {weights}, {} MB)",
+        loaded.name,
+        loaded.model.weight_bytes() / 1_000_000
+    );
     let cfg = loaded.model.cfg.clone();
     let base = loaded.name.clone();
     let engine = EngineHandle::from_loaded(loaded);

@@ -18,7 +18,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// One mode's median prompt and decode tok/s.
+/// CPU seconds this process has used (every thread): a figure that holds up when other
+/// processes share the cores, unlike wall time.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// One mode's median prompt and decode tok/s (the decode step the engine serves with).
+/// Each run also decodes the same tokens through the composed path
+/// ([`model::Transformer::decode_batch_composed`]), alternating with the served step so both
+/// see the same load, and prints the two side by side with their CPU time per token.
 fn measure(
     model_path: &Path,
     weights: model::WeightsMode,
@@ -45,27 +62,49 @@ fn measure(
     let m = &loaded.model;
     let mut prompt_tps = Vec::new();
     let mut decode_tps = Vec::new();
+    let mut cpu_ms = Vec::new();
+    let mut composed_tps = Vec::new();
+    let mut composed_cpu_ms = Vec::new();
+    let mut same_tokens = true;
     for run in 0..=runs.max(1) {
         let mut cache = KvCache::new(&m.cfg, prompt.len() + tokens);
         let t = Instant::now();
         let input = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
-        let mut next = argmax(
+        let first = argmax(
             &m.forward_last(&input, Some(&mut cache))?
                 .squeeze(0)?
                 .to_vec1()?,
         );
         let prefill = t.elapsed().as_secs_f64();
-        let t = Instant::now();
+        let mut twin = cache.fork(prompt.len() + tokens)?;
         // The step the engine serves with: a decode batch (of one), run on the pool.
+        let mut next = first;
+        let mut served = Vec::with_capacity(tokens);
+        let (t, c) = (Instant::now(), cpu_seconds());
         for _ in 0..tokens {
             let logits = rayon::scope(|_| m.decode_batch(&[next], &mut [&mut cache], &[None]))?;
             next = argmax(&logits.squeeze(0)?.to_vec1()?);
+            served.push(next);
         }
-        let dec = t.elapsed().as_secs_f64();
+        let (dec, dec_cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
+        let mut next = first;
+        let (t, c) = (Instant::now(), cpu_seconds());
+        for &want in &served {
+            let logits =
+                rayon::scope(|_| m.decode_batch_composed(&[next], &mut [&mut twin], &[None]))?;
+            next = argmax(&logits.squeeze(0)?.to_vec1()?);
+            same_tokens &= next == want;
+            // Follow the served tokens, so both paths see the same positions and cache.
+            next = want;
+        }
+        let (comp, comp_cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
         if run > 0 {
             // run 0 warms caches and the allocator
             prompt_tps.push(prompt.len() as f64 / prefill);
             decode_tps.push(tokens as f64 / dec);
+            cpu_ms.push(dec_cpu * 1e3 / tokens as f64);
+            composed_tps.push(tokens as f64 / comp);
+            composed_cpu_ms.push(comp_cpu * 1e3 / tokens as f64);
         }
     }
     let (p, d) = (median(prompt_tps), median(decode_tps));
@@ -74,6 +113,18 @@ fn measure(
         prompt.len(),
         p,
         d
+    );
+    let (dc, cm, ccm) = (
+        median(composed_tps),
+        median(cpu_ms),
+        median(composed_cpu_ms),
+    );
+    println!(
+        "  decode step: served {d:.1} tok/s ({cm:.2} CPU ms/token), composed path {dc:.1} tok/s \
+         ({ccm:.2} CPU ms/token): served/composed {:.2}x wall, {:.2}x CPU; greedy tokens {}",
+        d / dc,
+        ccm / cm,
+        if same_tokens { "identical" } else { "DIFFER" }
     );
     Ok((p, d))
 }

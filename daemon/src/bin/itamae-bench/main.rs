@@ -42,6 +42,8 @@ enum BenchCommand {
         streams: usize,
         #[arg(long, default_value_t = 64)]
         tokens: usize,
+        #[command(flatten)]
+        weights: config::WeightsArg,
     },
     /// Structured outputs: aggregate decode tok/s of N streams under a JSON schema vs the same
     /// N streams unconstrained, same run.
@@ -198,7 +200,8 @@ fn main() {
             model,
             streams,
             tokens,
-        } => batch::batch(&model, streams, tokens),
+            weights,
+        } => batch::batch(&model, streams, tokens, weights.resolve(None)),
         BenchCommand::Structured {
             model,
             streams,
