@@ -181,8 +181,8 @@ pub fn ggml_name(dtype: GgmlDType) -> String {
 }
 
 /// `x · Wᵀ (+ b)` for `x` of any rank `(..., in)`. A dense weight goes to [`super::linear`]
-/// (BLAS, with its own backward); a quantized one to candle's quantized matmul, through
-/// [`QLinear`] when `x` tracks a gradient.
+/// (BLAS, with its own backward); a quantized one to [`QLinear`], which picks the kernel by
+/// phase (module doc).
 pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
     linear_with(x, w, b, false)
 }

@@ -12,6 +12,12 @@
 //!   compiler vectorises as it can ([`formats`] says how each layout maps onto that);
 //! * f16/bf16 rows are widened to f32 eight at a time (F16C) and multiplied with the f32
 //!   activations, no quantization;
+//! * a second kind of kernel ([`Acc::F32`], [`matmul_f32`]) keeps the activations in f32 and
+//!   decodes each sub-block's codes to f32 weights in registers: the dequantized matrix's
+//!   product without its copy, for prefill and the LM head (`ops::quant` says which phase
+//!   takes which kind);
+//! * a row's result never depends on how many rows share the call (each output has its own
+//!   accumulator and summation order), so batching does not change a request's logits;
 //! * the output rows are split over the rayon pool in one contiguous range per thread.
 //!
 //! The instruction-set path is detected once and its kernel table cached ([`kernels`]); tests
