@@ -43,7 +43,7 @@ fn scripted_session_conforms_to_the_spec() {
         .expect("base id")
         .to_string();
     // The base reports how its weights are held and their size (the test server's default mode).
-    assert_eq!(models["data"][0]["weights"], "f32", "{models}");
+    assert_eq!(models["data"][0]["weights"], "auto", "{models}");
     assert!(
         models["data"][0]["weight_bytes"].as_u64().unwrap_or(0) > 0,
         "{models}"

@@ -109,7 +109,8 @@ pub struct ModelSection {
     /// What saved adapters name as their base (`base_model_name_or_path`); default: the hub id
     /// the model files carry, else the served name.
     pub hub_id: Option<String>,
-    /// How the weights are held: `auto` (as stored), `f32`, `bf16`, `f16`, `q8_0`, `q4_k`.
+    /// How the weights are held: `auto` (as stored, the default), `f32` (what full fine-tuning
+    /// needs), `bf16`, `f16`, `q8_0`, `q4_k`.
     pub weights: Option<WeightsMode>,
 }
 
@@ -330,8 +331,8 @@ impl KernelArgs {
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct WeightsArg {
     /// Base weights: auto (as stored: GGUF blocks stay quantized, safetensors keep bf16/f16),
-    /// or f32, bf16, f16, q8_0, q4_k (converted at load). Default f32; full fine-tuning
-    /// (`--method full`) and `export-hf` need f32.
+    /// or f32, bf16, f16, q8_0, q4_k (converted at load). Default auto; full fine-tuning
+    /// (`--method full`) needs f32 and is refused otherwise (`export-hf` always loads f32).
     #[arg(long = "weights", env = "ITAMAE_WEIGHTS", value_name = "MODE")]
     pub weights: Option<WeightsMode>,
 }
@@ -719,7 +720,8 @@ mod tests {
         assert!(c.auth.keys.is_empty());
         assert!(!c.auth.metrics_public);
         assert_eq!(c.storage.organization_id.as_deref(), Some("itamae"));
-        // It states the kernel defaults and pins no core type.
+        // It states the default weights mode, the kernel defaults, and pins no core type.
+        assert_eq!(c.model.weights, Some(WeightsMode::default()));
         let k = KernelArgs::default().resolve(&c.kernels);
         assert_eq!(k, KernelConfig::default());
     }
@@ -857,21 +859,24 @@ mod tests {
         ServeConfig::resolve(toml::from_str(file).unwrap(), args).unwrap()
     }
 
-    /// `model.weights`: flag over file over the `f32` default; unknown modes are refused at
+    /// `model.weights`: flag over file over the `auto` default; unknown modes are refused at
     /// both levels, naming the accepted ones.
     #[test]
     fn weights_mode_resolves_and_unknown_modes_are_refused() {
         if std::env::var_os("ITAMAE_WEIGHTS").is_some() {
             return; // set by whoever runs the tests: env outranks the file here
         }
-        assert_eq!(resolve(&["itamaed", "serve"], "").weights, WeightsMode::F32);
+        assert_eq!(
+            resolve(&["itamaed", "serve"], "").weights,
+            WeightsMode::Auto
+        );
         let file = "[model]\nweights = \"q8_0\"\n";
         assert_eq!(
             resolve(&["itamaed", "serve"], file).weights,
             WeightsMode::Q8_0
         );
-        let c = resolve(&["itamaed", "serve", "--weights", "auto"], file);
-        assert_eq!(c.weights, WeightsMode::Auto);
+        let c = resolve(&["itamaed", "serve", "--weights", "f32"], file);
+        assert_eq!(c.weights, WeightsMode::F32);
         let e = Cli::try_parse_from(["itamaed", "serve", "--weights", "q3_k"])
             .err()
             .unwrap()

@@ -6,6 +6,8 @@
 //! A new model family goes into `model/<family>.rs` and is registered in `arch.rs`: the steps
 //! are in [`arch`]'s module doc.
 pub mod arch;
+#[cfg(test)]
+mod batch_invariance;
 pub mod chat;
 pub mod chat_template;
 pub mod config;

@@ -616,6 +616,7 @@ impl Transformer {
         let sin = self.sin.index_select(&pos, 0)?.reshape((n, 1, 1, half))?;
         let x = self.embed(&Tensor::new(tokens, &self.device)?.unsqueeze(1)?)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let decode = ops::quant::DecodeRows::enter();
         let x = self.run_layers(&x, Rows::PerRow(hooks), &cos, &sin, &mut |i, q, k, v| {
             let mut kv = Vec::with_capacity(n);
             for (r, cache) in caches.iter_mut().enumerate() {
@@ -623,6 +624,7 @@ impl Transformer {
             }
             ops::decode::attention_rows(&q, &kv, scale)
         })?;
+        drop(decode);
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
@@ -725,7 +727,7 @@ impl Transformer {
 
     /// Hidden states `(..., hidden)` → logits `(..., vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        ops::quant::linear(hidden, &self.lm_head, None)
+        ops::quant::linear_exact(hidden, &self.lm_head, None)
     }
 
     /// Full forward: tokens `(b, l)` → logits `(b, l, vocab)`.

@@ -2,12 +2,19 @@
 //! (f32, the trainable/full-precision case) or a block-quantized or half-precision matrix held
 //! as candle's [`QTensor`] (GGUF Q4_0…Q8_0, the K-quants, f16, bf16).
 //!
-//! Which kernel runs on the CPU, by measurement (`itamae-bench quant` prints the crossover):
-//! up to [`QDOT_ROWS_MAX`] rows (decode, few-row decode batches) our own integer-dot kernels
-//! ([`super::qdot`]) read each weight block once for all rows; more rows (prefill, training)
-//! dequantize the matrix one L2-sized tile at a time and run an f32 GEMM per tile
-//! ([`super::dequant::tiled_xwt`]), which wins once the dequantization is spread over enough
-//! rows. Both run inside one op ([`QLinear`]).
+//! Which kernel runs on the CPU is chosen by the phase of the forward pass, never by how many
+//! rows a product has, so a request's logits do not depend on what shares its batch:
+//! * decode steps ([`DecodeRows`]) run every projection on our integer-dot kernels
+//!   ([`super::qdot`], 8-bit activations, each weight block read once for up to eight rows;
+//!   more rows run in groups of eight with the same arithmetic per row);
+//! * everything else that serves (prefill, prompt logprobs) and the LM head in every phase
+//!   ([`linear_exact`]) multiplies f32 activations with the blocks decoded to f32 in registers
+//!   ([`super::qdot::Acc::F32`]): the dequantized matrix's exact product, again row by row.
+//!   8-bit activations on the prompt or on the head's last row move SmolLM2's greedy answers;
+//! * training and validation ([`exact`]) dequantize the matrix one L2-sized tile at a time and
+//!   run an f32 GEMM per tile ([`super::dequant::tiled_xwt`]).
+//!
+//! All of them run inside one op ([`QLinear`]).
 //!
 //! Training never makes a whole f32 copy of a quantized base: [`linear`] on a gradient-tracking
 //! input runs [`QLinear`], whose backward computes `dX = dY · W` from the weight dequantized
@@ -174,9 +181,20 @@ pub fn ggml_name(dtype: GgmlDType) -> String {
 }
 
 /// `x · Wᵀ (+ b)` for `x` of any rank `(..., in)`. A dense weight goes to [`super::linear`]
-/// (BLAS, with its own backward); a quantized one to candle's quantized matmul, through
-/// [`QLinear`] when `x` tracks a gradient.
+/// (BLAS, with its own backward); a quantized one to [`QLinear`], which picks the kernel by
+/// phase (module doc).
 pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, w, b, false)
+}
+
+/// [`linear`] that never rounds the activations to 8 bits, whatever the phase: for the LM head,
+/// whose one row per sequence picks the next token (an argmax that 8-bit activations on the
+/// tied Q8_0 embedding of SmolLM2 move).
+pub fn linear_exact(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, w, b, true)
+}
+
+fn linear_with(x: &Tensor, w: &Weight, b: Option<&Tensor>, f32_acts: bool) -> Result<Tensor> {
     let q = match w {
         Weight::Dense(t) => return super::linear(x, t, b),
         Weight::Quant(q) => q,
@@ -195,7 +213,11 @@ pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
         .reshape((rows, in_dim))?
         .to_dtype(DType::F32)?
         .contiguous()?;
-    let op = QLinear(q.clone(), x2.track_op());
+    let op = QLinear {
+        q: q.clone(),
+        grad: x2.track_op(),
+        f32_acts,
+    };
     let y = if x2.track_op() && x2.device().is_cpu() {
         x2.apply_op1(op)?
     } else {
@@ -230,15 +252,9 @@ pub fn linear_lora(
     linear(x, w, b)? + (d * lora.scale)?
 }
 
-/// The most rows [`super::qdot`] takes; more go to the tiled exact product. `itamae-bench quant`
-/// measured qdot faster up to 64 rows for every block type (docs/ops.md), but prompts run on
-/// 8-bit activations changed SmolLM2's greedy answers in the real-model suite (llama.cpp, which
-/// runs prompts on 8-bit activations, does not answer Paris on that file either), so only
-/// decode batches (one walk over the weight for up to 8 rows) use it and prefill stays exact.
-pub const QDOT_ROWS_MAX: usize = super::qdot::MAX_ROWS;
-
 thread_local! {
     static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static DECODE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `f` with every quantized product on this thread taking the exact path (the weight
@@ -252,25 +268,54 @@ pub fn exact<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// `x · Wᵀ` for the `rows × k` activations `x` with our integer-dot kernels, when they read this
-/// weight's format (every type the loaders keep resident does).
-pub fn qdot_matmul(q: &QTensor, x: &[f32], rows: usize) -> Result<Option<Vec<f32>>> {
+/// While held, the quantized products on this thread take the decode kernels: 8-bit
+/// activations, one walk over each weight per eight rows (one decode step's projections hold
+/// it). The phase, not the row count, decides, so a decode row gets the same arithmetic in a
+/// batch of 1 or 30, and a prompt of 3 tokens the same as one of 300.
+pub struct DecodeRows(bool);
+
+impl DecodeRows {
+    pub fn enter() -> Self {
+        DecodeRows(DECODE.with(|d| d.replace(true)))
+    }
+}
+
+impl Drop for DecodeRows {
+    fn drop(&mut self) {
+        DECODE.with(|d| d.set(self.0));
+    }
+}
+
+/// `x · Wᵀ` for the `rows × k` activations `x` with our block kernels (`acc`: the activations
+/// as 8-bit codes or as f32), when they read this weight's format (every type the loaders
+/// keep resident does).
+pub fn qdot_product(
+    q: &QTensor,
+    x: &[f32],
+    rows: usize,
+    acc: super::qdot::Acc,
+) -> Result<Option<Vec<f32>>> {
     let Some(fmt) = super::qdot::Fmt::from_ggml(q.dtype()) else {
         return Ok(None);
     };
     let (n, k) = q.shape().dims2()?;
     let data = q.data()?;
-    super::qdot::matmul(fmt, &data, n, k, x, rows)
+    let path = super::qdot::path();
+    super::qdot::product_on(path, acc, fmt, &data, n, k, x, rows, true)
         .map(Some)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// The quantized product as an op with a backward for its input only: the weight is frozen,
-/// and `dX = dY · W` is computed from dequantized tiles that live for that call alone. The
-/// flag says the input tracks a gradient: training's forward then always runs on the
-/// dequantized weight, so its loss and gradients are the f32 base's exactly (8-bit activations
-/// are a serving trade only).
-struct QLinear(Arc<QTensor>, bool);
+/// and `dX = dY · W` is computed from dequantized tiles that live for that call alone. When
+/// the input tracks a gradient (`grad`), the forward always runs on the dequantized weight, so
+/// training's loss and gradients are the f32 base's exactly (8-bit activations are a serving
+/// trade only). `f32_acts` keeps a decode step's product on f32 activations ([`linear_exact`]).
+struct QLinear {
+    q: Arc<QTensor>,
+    grad: bool,
+    f32_acts: bool,
+}
 
 impl CustomOp1 for QLinear {
     fn name(&self) -> &'static str {
@@ -280,20 +325,24 @@ impl CustomOp1 for QLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, k) = l.shape().dims2()?;
         let x = super::cpu_slice::<f32>(s, l, "quant-linear")?;
-        if !self.1 && rows <= QDOT_ROWS_MAX && !EXACT.with(|e| e.get()) {
-            if let Some(y) = qdot_matmul(&self.0, x, rows)? {
-                let n = self.0.shape().dims2()?.0;
+        let n = self.q.shape().dims2()?.0;
+        if !self.grad && !EXACT.with(|e| e.get()) {
+            use super::qdot::Acc;
+            let acc = if DECODE.with(|d| d.get()) && !self.f32_acts {
+                Acc::Int8
+            } else {
+                Acc::F32
+            };
+            if let Some(y) = qdot_product(&self.q, x, rows, acc)? {
                 return Ok((CpuStorage::F32(y), Shape::from((rows, n))));
             }
-            // A format qdot does not read (none the loaders keep): candle's own kernel.
-            return self.0.cpu_fwd(s, l);
+            // A format qdot does not read (none the loaders keep): the exact path below.
         }
-        if let Some(y) = super::dequant::tiled_xwt(&self.0, x, rows)? {
-            let n = self.0.shape().dims2()?.0;
+        if let Some(y) = super::dequant::tiled_xwt(&self.q, x, rows)? {
             return Ok((CpuStorage::F32(y), Shape::from((rows, n))));
         }
         // A type without a tile decoder: one transient f32 copy of the matrix.
-        let w = self.0.dequantize(&candle_core::Device::Cpu)?;
+        let w = self.q.dequantize(&candle_core::Device::Cpu)?;
         let n = w.dim(0)?;
         let (ws, wl) = w.storage_and_layout();
         let wv = match &*ws {
@@ -311,20 +360,20 @@ impl CustomOp1 for QLinear {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.0.cuda_fwd(s, l)
+        self.q.cuda_fwd(s, l)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let dy = dy.contiguous()?.to_dtype(DType::F32)?;
         if dy.device().is_cpu() {
             let (m, _) = dy.dims2()?;
-            let k = self.0.shape().dims2()?.1;
+            let k = self.q.shape().dims2()?.1;
             let v = dy.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(dx) = super::dequant::tiled_dy_w(&self.0, &v, m)? {
+            if let Some(dx) = super::dequant::tiled_dy_w(&self.q, &v, m)? {
                 return Ok(Some(Tensor::from_vec(dx, (m, k), dy.device())?));
             }
         }
-        let w = self.0.dequantize(&self.0.device())?;
+        let w = self.q.dequantize(&self.q.device())?;
         let dx = if dy.device().is_cpu() {
             super::linear::gemm_tensors(&dy, false, &w, false)?
         } else {
@@ -382,19 +431,38 @@ mod tests {
             .collect()
     }
 
-    /// The product quantizes the activations to 8 bits (or rounds them to f16/bf16): its error
-    /// against the exact product of the dequantized weight is bounded relative to
-    /// `Σ|x|·|w|`, the scale that rounding of `x` acts on.
+    /// Each serving product against the exact product of the dequantized weight, bounded
+    /// relative to `Σ|x|·|w|`, the scale that rounding acts on: outside decode steps (and in
+    /// the LM head's [`linear_exact`]) f32 rounding only, 1e-5; a decode step's 8-bit codes
+    /// keep about 7 bits per activation, 1%.
     fn check(rows: usize, dtype: GgmlDType) {
+        let lin = |x: &Tensor, w: &Weight| linear(x, w, None);
+        let head = |x: &Tensor, w: &Weight| {
+            let _d = DecodeRows::enter();
+            linear_exact(x, w, None)
+        };
+        let step = |x: &Tensor, w: &Weight| {
+            let _d = DecodeRows::enter();
+            linear(x, w, None)
+        };
+        check_with(rows, dtype, 1e-5, lin);
+        check_with(rows, dtype, 1e-5, head);
+        check_with(rows, dtype, 1e-2, step);
+    }
+
+    fn check_with(
+        rows: usize,
+        dtype: GgmlDType,
+        tol: f64,
+        f: impl Fn(&Tensor, &Weight) -> Result<Tensor>,
+    ) {
         let (out, k) = (40, 512);
         let w = Weight::quantize(&randn(out, k, 7), dtype).unwrap();
         let x = randn(rows, k, 11 + rows as u64);
-        let got = linear(&x, &w, None).unwrap().to_vec2::<f32>().unwrap();
+        let got = f(&x, &w).unwrap().to_vec2::<f32>().unwrap();
         let want = reference(&x, &w);
         let wd = w.to_dense(DType::F32).unwrap().to_vec2::<f32>().unwrap();
         let xv = x.to_vec2::<f32>().unwrap();
-        // bf16 activations keep 8 bits of mantissa, q8 blocks about 7: 1% of Σ|x||w|.
-        let tol = 1e-2;
         for i in 0..rows {
             for j in 0..out {
                 let scale: f64 = xv[i]
@@ -404,7 +472,7 @@ mod tests {
                     .sum();
                 let err = (got[i][j] as f64 - want[i][j]).abs();
                 assert!(
-                    err <= tol * scale,
+                    err <= tol * scale + 1e-6,
                     "{dtype:?} rows={rows} ({i},{j}): {} vs {} (scale {scale})",
                     got[i][j],
                     want[i][j]
@@ -416,7 +484,7 @@ mod tests {
     #[test]
     fn every_type_matches_f64_reference_at_decode_and_prefill_rows() {
         for dtype in TYPES {
-            for rows in [1, 3, 8, 33] {
+            for rows in [1, 3, 8, 9, 33] {
                 check(rows, dtype);
             }
         }

@@ -1,9 +1,10 @@
 //! `itamae-bench quant`: the product `x · Wᵀ` of one SmolLM2-sized projection (1536 × 576) held
-//! in each block type, at decode and prefill row counts: our integer-dot kernels (`ops::qdot`),
+//! in each block type, at decode and prefill row counts: our block kernels (`ops::qdot`) with
+//! 8-bit activations (decode steps) and with f32 activations (prefill and the LM head),
 //! candle's quantized matmul, dequantizing the whole weight + the f32 BLAS GEMM, and the tiled
 //! product (`ops::dequant::tiled_xwt`: L2-sized tiles dequantized into a per-thread buffer, one
-//! GEMM per tile), with the f32 weight's GEMM as the peer. Prints, per type, the largest row count at which qdot still beats
-//! dequantize + BLAS: what `ops::quant::QDOT_ROWS_MAX` is set from.
+//! GEMM per tile; training's path), with the f32 weight's GEMM as the peer. Prints, per type,
+//! the largest row count at which the f32-activation kernel still beats the tiled GEMM.
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
@@ -47,15 +48,16 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
         rayon::current_num_threads()
     );
     println!(
-        "{:<6} {:>5} {:>10} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}",
+        "{:<6} {:>5} {:>10} {:>10} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}",
         "type",
         "rows",
-        "qdot",
+        "qdot-int8",
+        "qdot-f32",
         "candle-qmm",
         "dequant+blas",
         "tiled",
         "f32 blas",
-        "qdot/f32",
+        "int8/f32",
         "tiled/f32"
     );
     for dtype in TYPES {
@@ -74,6 +76,9 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), dev)?;
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
             let qd = time(reps, || Ok(qdot::matmul(fmt, &data, out, inp, &xv, rows)?))?;
+            let qf = time(reps, || {
+                Ok(qdot::matmul_f32(fmt, &data, out, inp, &xv, rows)?)
+            })?;
             let c = time(reps, || Ok(qmm.forward(&x)?))?;
             let d = time(reps, || {
                 let wd = w.to_dense(DType::F32)?;
@@ -84,14 +89,15 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("no tile decoder for {dtype:?}"))
             })?;
             let f = time(reps, || Ok(itamae::ops::linear(&x, &w32, None)?))?;
-            if qd < tl.min(d) {
+            if qf < tl {
                 crossover = rows;
             }
             println!(
-                "{:<6} {:>5} {:>10.0} {:>12.0} {:>14.0} {:>10.0} {:>10.0} {:>9.2}x {:>11.2}x  (k {inp})",
+                "{:<6} {:>5} {:>10.0} {:>10.0} {:>12.0} {:>14.0} {:>10.0} {:>10.0} {:>9.2}x {:>11.2}x  (k {inp})",
                 quant::ggml_name(dtype),
                 rows,
                 qd,
+                qf,
                 c,
                 d,
                 tl,
@@ -101,9 +107,8 @@ pub(crate) fn quant(out: usize, inp: usize, reps: usize) -> anyhow::Result<()> {
             );
         }
         println!(
-            "{:<6} crossover: qdot beats dequantize + GEMM (whole or tiled) up to {crossover} rows (QDOT_ROWS_MAX = {})",
+            "{:<6} crossover: f32-activation qdot beats the tiled GEMM up to {crossover} rows",
             quant::ggml_name(dtype),
-            quant::QDOT_ROWS_MAX
         );
     }
     Ok(())

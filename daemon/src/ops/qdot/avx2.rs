@@ -218,3 +218,88 @@ pub(super) unsafe fn half<const BF: bool, const M: usize>(job: &Job<'_>, o0: usi
         }
     }
 }
+
+/// The f32-activation kernel table: block weights decoded to f32 in registers and multiplied
+/// with the activations as they are (no 8-bit codes). Also the AVX-512 path's.
+pub(super) fn ftable() -> &'static Table {
+    static T: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    T.get_or_init(|| super::ftable!(frows_entry, half_entry))
+}
+
+/// # Safety
+/// See [`super::Rows`]; the CPU must have AVX2, FMA and F16C.
+unsafe fn frows_entry<B: Load, const M: usize, const C: usize>(
+    job: &Job<'_>,
+    o0: usize,
+    o1: usize,
+) {
+    let mut o = o0;
+    while o + C <= o1 {
+        fcols::<B, M, C>(job, o);
+        o += C;
+    }
+    // The tail one column at a time: the same arithmetic per output, only fewer in flight.
+    while o < o1 {
+        fcols::<B, M, 1>(job, o);
+        o += 1;
+    }
+}
+
+/// Sub-block codes (32 lanes of `q`) → the eight f32 weights of group `i` (0..4): `a·q + b`
+/// with the coefficients of the group's 16-element half.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn weights8<B: Load>(q: __m256i, i: usize, a: __m256, b: __m256) -> __m256 {
+    let half = if i < 2 {
+        _mm256_castsi256_si128(q)
+    } else {
+        _mm256_extracti128_si256(q, 1)
+    };
+    let bytes = if i & 1 == 0 {
+        half
+    } else {
+        _mm_srli_si128(half, 8)
+    };
+    let ints = if B::SIGNED {
+        _mm256_cvtepi8_epi32(bytes)
+    } else {
+        _mm256_cvtepu8_epi32(bytes)
+    };
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), a, b)
+}
+
+/// Output columns `o..o + C` of the job's `M` rows. Every output has one accumulator that takes
+/// the sub-blocks in order, four eight-lane FMAs each, then one horizontal sum: its value does
+/// not depend on `M` or `C` (those only set how many independent chains are in flight), so a
+/// row's result is the same whatever shares its batch.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fcols<B: Load, const M: usize, const C: usize>(job: &Job<'_>, o: usize) {
+    let k = job.k;
+    let nblk = k / 32 / B::SUBS;
+    let x = job.x.as_ptr().add(job.r0 * k);
+    let mut acc = [[_mm256_setzero_ps(); C]; M];
+    for bi in 0..nblk {
+        for c in 0..C {
+            let blk = job.w.as_ptr().add((o + c) * job.row_bytes + bi * B::BYTES);
+            let bytes = std::slice::from_raw_parts(blk, B::BYTES);
+            for j in 0..B::SUBS {
+                let q = B::load(blk, j);
+                let cf = B::coef_with(bytes, j, |b, i| h2f(b.as_ptr().add(i)));
+                let e0 = (bi * B::SUBS + j) * 32;
+                for i in 0..4 {
+                    let h = i / 2;
+                    let w = weights8::<B>(q, i, _mm256_set1_ps(cf[h]), _mm256_set1_ps(cf[2 + h]));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(x.add(r * k + e0 + 8 * i));
+                        acc[c] = _mm256_fmadd_ps(w, xv, acc[c]);
+                    }
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (c, &a) in acc.iter().enumerate() {
+            *job.y.add(r * job.ldy + o + c) = hsum(a);
+        }
+    }
+}

@@ -12,6 +12,12 @@
 //!   compiler vectorises as it can ([`formats`] says how each layout maps onto that);
 //! * f16/bf16 rows are widened to f32 eight at a time (F16C) and multiplied with the f32
 //!   activations, no quantization;
+//! * a second kind of kernel ([`Acc::F32`], [`matmul_f32`]) keeps the activations in f32 and
+//!   decodes each sub-block's codes to f32 weights in registers: the dequantized matrix's
+//!   product without its copy, for prefill and the LM head (`ops::quant` says which phase
+//!   takes which kind);
+//! * a row's result never depends on how many rows share the call (each output has its own
+//!   accumulator and summation order), so batching does not change a request's logits;
 //! * the output rows are split over the rayon pool in one contiguous range per thread.
 //!
 //! The instruction-set path is detected once and its kernel table cached ([`kernels`]); tests
@@ -290,6 +296,68 @@ macro_rules! table {
 }
 pub(crate) use table;
 
+/// Builds a path's f32-activation table from `$f::<B, M, C>` (block kernels, `C` output
+/// columns in flight: more when few rows leave FMA latency exposed) and `$h::<BF, M>` (half
+/// kernels, which already take f32 activations).
+macro_rules! ftable {
+    ($f:ident, $h:ident) => {{
+        macro_rules! per_m {
+            ($g:ident, $t:ty) => {
+                [
+                    $g::<$t, 1, 4>,
+                    $g::<$t, 2, 4>,
+                    $g::<$t, 3, 2>,
+                    $g::<$t, 4, 2>,
+                    $g::<$t, 5, 1>,
+                    $g::<$t, 6, 1>,
+                    $g::<$t, 7, 1>,
+                    $g::<$t, 8, 1>,
+                ]
+            };
+        }
+        macro_rules! half_m {
+            ($b:literal) => {
+                [
+                    $h::<$b, 1>,
+                    $h::<$b, 2>,
+                    $h::<$b, 3>,
+                    $h::<$b, 4>,
+                    $h::<$b, 5>,
+                    $h::<$b, 6>,
+                    $h::<$b, 7>,
+                    $h::<$b, 8>,
+                ]
+            };
+        }
+        use $crate::ops::qdot::formats as f;
+        let t: $crate::ops::qdot::Table = [
+            per_m!($f, f::Q4_0),
+            per_m!($f, f::Q4_1),
+            per_m!($f, f::Q5_0),
+            per_m!($f, f::Q5_1),
+            per_m!($f, f::Q8_0),
+            per_m!($f, f::Q4K),
+            per_m!($f, f::Q5K),
+            per_m!($f, f::Q6K),
+            half_m!(false),
+            half_m!(true),
+        ];
+        t
+    }};
+}
+pub(crate) use ftable;
+
+/// What the activations are multiplied as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acc {
+    /// 8-bit codes per 32 elements, integer dot products: the fastest on few rows, the
+    /// activations rounded to about 7 bits.
+    Int8,
+    /// f32 as they are, against the weight decoded to f32 in registers: the dequantized
+    /// matrix's exact product (f32 rounding only).
+    F32,
+}
+
 /// The kernel table of `path` (which must be available).
 fn table_of(path: Path) -> &'static Table {
     static PORTABLE: OnceLock<Table> = OnceLock::new();
@@ -299,6 +367,17 @@ fn table_of(path: Path) -> &'static Table {
         #[cfg(target_arch = "x86_64")]
         Path::Avx512Vnni => avx512::table(),
         _ => PORTABLE.get_or_init(portable::table),
+    }
+}
+
+/// The f32-activation table of `path`. AVX-512 runs the AVX2 kernel: its gain would be the
+/// wider FMA, and no host this was built on has AVX-512 to measure or test it.
+fn ftable_of(path: Path) -> &'static Table {
+    static PORTABLE: OnceLock<Table> = OnceLock::new();
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 | Path::Avx512Vnni => avx2::ftable(),
+        _ => PORTABLE.get_or_init(portable::ftable),
     }
 }
 
@@ -336,10 +415,40 @@ pub fn matmul(
     matmul_on(kernels().0, fmt, w, n, k, x, m, true)
 }
 
+/// [`matmul`] with the activations kept in f32 ([`Acc::F32`]): the product of the dequantized
+/// weight, read from the blocks. A row's result does not depend on `m`.
+pub fn matmul_f32(
+    fmt: Fmt,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Result<Vec<f32>, QdotError> {
+    product_on(kernels().0, Acc::F32, fmt, w, n, k, x, m, true)
+}
+
 /// [`matmul`] on a chosen path, optionally on the calling thread only (tests, benches).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_on(
     path: Path,
+    fmt: Fmt,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    parallel: bool,
+) -> Result<Vec<f32>, QdotError> {
+    product_on(path, Acc::Int8, fmt, w, n, k, x, m, parallel)
+}
+
+/// [`matmul_on`] for either kind of activations: the kernels run over `x` in groups of
+/// [`MAX_ROWS`] rows, each group walking the weight once.
+#[allow(clippy::too_many_arguments)]
+pub fn product_on(
+    path: Path,
+    acc: Acc,
     fmt: Fmt,
     w: &[u8],
     n: usize,
@@ -369,8 +478,14 @@ pub fn matmul_on(
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    let acts = (!fmt.is_half()).then(|| Acts::quantize(x, m, k));
-    let table = table_of(path);
+    let (table, acts) = match acc {
+        // Half weights take f32 activations in both tables.
+        Acc::Int8 => (
+            table_of(path),
+            (!fmt.is_half()).then(|| Acts::quantize(x, m, k)),
+        ),
+        Acc::F32 => (ftable_of(path), None),
+    };
     let tasks = if parallel && n * k >= PARALLEL_MIN_ELEMS {
         rayon::current_num_threads().clamp(1, n)
     } else {

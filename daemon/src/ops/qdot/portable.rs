@@ -71,3 +71,53 @@ pub(super) unsafe fn half<const BF: bool, const M: usize>(job: &Job<'_>, o0: usi
         }
     }
 }
+
+pub(super) fn ftable() -> Table {
+    super::ftable!(frows, half)
+}
+
+/// f32 activations against block weights decoded to f32 (`a·q + b`), eight lanes per row
+/// summed in a fixed order, so a row's result does not depend on how many rows share the call.
+///
+/// # Safety
+/// See [`super::Rows`].
+pub(super) unsafe fn frows<B: Block, const M: usize, const C: usize>(
+    job: &Job<'_>,
+    o0: usize,
+    o1: usize,
+) {
+    let k = job.k;
+    let nblk = k / 32 / B::SUBS;
+    let mut q = [0u8; 32];
+    let mut w = [0f32; 32];
+    for o in o0..o1 {
+        let row = &job.w[o * job.row_bytes..][..job.row_bytes];
+        let mut acc = [[0f32; 8]; M];
+        for bi in 0..nblk {
+            let blk = &row[bi * B::BYTES..][..B::BYTES];
+            for j in 0..B::SUBS {
+                let c = B::unpack(blk, j, &mut q);
+                for (e, (v, &code)) in w.iter_mut().zip(&q).enumerate() {
+                    let code = if B::SIGNED {
+                        code as i8 as f32
+                    } else {
+                        code as f32
+                    };
+                    *v = c[e / 16] * code + c[2 + e / 16];
+                }
+                let e0 = (bi * B::SUBS + j) * 32;
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = &job.x[(job.r0 + r) * k + e0..][..32];
+                    for (wg, xg) in w.chunks_exact(8).zip(x.chunks_exact(8)) {
+                        for l in 0..8 {
+                            acc[l] += wg[l] * xg[l];
+                        }
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            *job.y.add(r * job.ldy + o) = acc.iter().sum();
+        }
+    }
+}

@@ -193,3 +193,71 @@ fn activation_codes_round_trip_within_half_a_step() {
         assert_eq!(s[1], a.d[sb] * sum(1) as f32);
     }
 }
+
+/// The f32-activation kernels: the dequantized weight's exact product (f32 rounding only,
+/// 1e-5 of `Σ|x||w|`) on every format and path, with `k` that is not a multiple of 256 where
+/// the block allows it.
+#[test]
+fn f32_activations_match_f64_reference_on_every_format_and_path() {
+    for path in paths() {
+        for fmt in Fmt::ALL {
+            let ks: &[usize] = match fmt {
+                Fmt::Q4K | Fmt::Q5K | Fmt::Q6K => &[256, 512],
+                Fmt::F16 | Fmt::BF16 => &[100, 512],
+                _ => &[96, 512],
+            };
+            for &k in ks {
+                for m in [1, 2, 3, 5, 8, 11] {
+                    // 37 outputs: not a multiple of any column group, so tails run too.
+                    let n = 37;
+                    let (wb, wd) = weight(fmt, n, k, 17 + k as u64);
+                    let x = randn(m * k, 200 + m as u64);
+                    let got = product_on(path, Acc::F32, fmt, &wb, n, k, &x, m, false).unwrap();
+                    let (want, scale) = reference(&x, &wd, m, n, k);
+                    for i in 0..m * n {
+                        let (g, e, s) = (got[i] as f64, want[i], scale[i]);
+                        assert!(
+                            (g - e).abs() <= 1e-5 * s + 1e-6,
+                            "{path:?} {fmt:?} m={m} k={k} #{i}: {g} vs {e} (scale {s})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A row's output is bit-identical whatever else shares the product: alone, or at any
+/// position of 2, 3, 8, 9 or 17 rows, split over the pool or not — for both kinds of
+/// activations.
+#[test]
+fn a_rows_result_does_not_depend_on_the_other_rows() {
+    for path in paths() {
+        for fmt in [Fmt::Q4_1, Fmt::Q8_0, Fmt::Q6K, Fmt::BF16] {
+            let (n, k) = (301, 512);
+            let (wb, _) = weight(fmt, n, k, 21);
+            let x = randn(17 * k, 22);
+            for acc in [Acc::Int8, Acc::F32] {
+                let solo: Vec<Vec<f32>> = (0..17)
+                    .map(|r| {
+                        let xr = &x[r * k..(r + 1) * k];
+                        product_on(path, acc, fmt, &wb, n, k, xr, 1, false).unwrap()
+                    })
+                    .collect();
+                for m in [2, 3, 8, 9, 17] {
+                    for parallel in [false, true] {
+                        let y = product_on(path, acc, fmt, &wb, n, k, &x[..m * k], m, parallel)
+                            .unwrap();
+                        for (r, want) in solo.iter().take(m).enumerate() {
+                            assert_eq!(
+                                &y[r * n..(r + 1) * n],
+                                &want[..],
+                                "{path:?} {fmt:?} {acc:?}: row {r} of {m}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
