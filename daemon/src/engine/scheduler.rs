@@ -545,25 +545,14 @@ impl Seq {
     }
 
     /// The prefill of a prompt whose first [`Self::cached`] tokens the cache already holds:
-    /// only the rest runs, at the positions after them. Its blocks run on the kernels the whole
-    /// prompt's prefill would have used: a few rows would otherwise take the 8-bit-activation
-    /// products decode steps use, and the answer would differ from the uncached one by more
-    /// than rounding.
+    /// only the rest runs, at the positions after them. A prefill's products compute every row on
+    /// its own, whatever the row count (ops::quant), so the rest's rows come out as they would in
+    /// the whole prompt's prefill.
     fn prefill_rest(&mut self, model: &Transformer, sh: &Shared) -> candle_core::Result<Vec<f32>> {
         let rest = &self.job.p.tokens[self.cached..];
         let input = Tensor::new(rest, model.device())?.unsqueeze(0)?;
         let x = model.embed(&input)?;
         sh.count_prefill(rest.len());
-        let soft = self
-            .job
-            .p
-            .adapter
-            .as_deref()
-            .and_then(Adapter::soft_prompt)
-            .map_or(0, |s| s.dim(0).unwrap_or(0));
-        let whole_rows = self.job.p.tokens.len() + soft;
-        let exact = rest.len() <= crate::ops::quant::QDOT_ROWS_MAX
-            && whole_rows > crate::ops::quant::QDOT_ROWS_MAX;
         let ctx = Ctx {
             cache: Some(&mut self.cache),
             hooks: self
@@ -574,14 +563,8 @@ impl Seq {
                 .map(|a| a as &dyn ForwardHooks),
             packed: None,
         };
-        let run = || model.forward_hidden(&x, ctx);
-        let h = if exact {
-            rayon::scope(|_| crate::ops::quant::exact(run))?
-        } else {
-            rayon::scope(|_| run())?
-        };
-        // The LM head on the last position alone, outside `exact`: one row, as in any
-        // prefill's `last_logits`.
+        let h = rayon::scope(|_| model.forward_hidden(&x, ctx))?;
+        // The LM head on the last position alone, as in any prefill's `last_logits`.
         let last = h.dim(1)? - 1;
         model
             .logits(&h.narrow(1, last, 1)?.squeeze(1)?)?

@@ -274,7 +274,9 @@ mod tests {
                         match w {
                             Weight::Quant(q) => {
                                 let want =
-                                    crate::ops::quant::qdot_matmul(q, &x, m).unwrap().unwrap();
+                                    crate::ops::quant::qdot_product(q, &x, m, qdot::Acc::Int8)
+                                        .unwrap()
+                                        .unwrap();
                                 assert_eq!(got, &want[r * n..][..*n], "{:?} m={m}", q.dtype());
                             }
                             Weight::Dense(_) => {
