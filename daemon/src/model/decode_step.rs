@@ -204,6 +204,9 @@ fn project(
             work.push((xr, parts));
         }
     }
+    if !work.is_empty() {
+        count_packed(group.len());
+    }
     let apply = |(xr, parts): (&[f32], Vec<(&mut [f32], _)>)| -> Result<()> {
         for (y, term) in parts {
             crate::ops::lora_rows::add_row(y, xr, term)?;
@@ -217,6 +220,17 @@ fn project(
         work.into_iter().try_for_each(apply)
     }
 }
+
+/// Counts projections whose deltas came from packed factors in the test counter
+/// `ops::lora_rows::RUNS` (one per projection of a step, as the composed path's `add_spans`),
+/// so tests can prove which path a batch took.
+#[cfg(test)]
+fn count_packed(projections: usize) {
+    crate::ops::lora_rows::RUNS.with(|c| c.set(c.get() + projections));
+}
+
+#[cfg(not(test))]
+fn count_packed(_: usize) {}
 
 /// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) · w` for every row of `hidden` values, rounded as
 /// the composed path's kernel (`candle_nn::ops::rms_norm`) rounds it: a sequential sum and a
