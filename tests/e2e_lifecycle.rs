@@ -216,7 +216,7 @@ fn timed_stream_chat(addr: &str, model: &str, max_tokens: usize) -> (String, boo
         .post(format!("http://{addr}/v1/chat/completions"))
         .json(
             &json!({"model": model, "stream": true, "max_tokens": max_tokens,
-                      "temperature": 1.0, "seed": 1,
+                      "temperature": 1.0, "seed": 1, "ignore_eos": true,
                       "messages": [{"role": "user", "content": "Tell me a story."}]}),
         )
         .send()

@@ -220,6 +220,11 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
         "What is 2 + 2?",
         "Say hello in Japanese.",
     ];
+    // Prompts that start alike would hit the prompt cache, and a hit prefills its rest alone
+    // with attention summed in another order (docs/daemon.md): this test compares whole
+    // prefills, grouped and solo, so the cache stays off throughout.
+    let e = engine();
+    e.set_prompt_cache_bytes(0).unwrap();
     let solo: Vec<String> = questions
         .iter()
         .map(|q| {
@@ -228,7 +233,6 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
                 .concat()
         })
         .collect();
-    let e = engine();
     let id = e.models()[0].id.clone();
     let prefill_batches = || {
         let text = itamae::metrics::global().render();
@@ -280,6 +284,7 @@ fn concurrent_requests_decode_in_one_batch_with_solo_results() {
         assert_eq!(text, solo[i], "request {i} differs when batched");
     }
     let (sum, count) = prefill_batches();
+    e.set_prompt_cache_bytes(64 << 20).unwrap();
     assert!(
         sum - sum0 > count - count0,
         "no prefill took more than one prompt ({} prompts in {} forwards)",

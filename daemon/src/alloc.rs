@@ -128,7 +128,7 @@ fn tune_glibc() {
         // 32 MiB is the most glibc accepts (HEAP_MAX_SIZE / 2 on 64-bit): a training step's
         // per-op outputs of SmolLM2 at 4 × 512 tokens are all below it except the logits.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD);
         let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 64);
         libc::mallopt(libc::M_ARENA_MAX, cpus as libc::c_int);
     }
@@ -185,14 +185,41 @@ static HOLDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::n
 pub struct WorkingSetHold(());
 
 pub fn hold_working_set() -> WorkingSetHold {
-    HOLDS.fetch_add(1, Ordering::AcqRel);
+    if HOLDS.fetch_add(1, Ordering::AcqRel) == 0 {
+        set_trim_threshold(TRAINING_TRIM_THRESHOLD);
+    }
     WorkingSetHold(())
 }
 
 impl Drop for WorkingSetHold {
     fn drop(&mut self) {
-        HOLDS.fetch_sub(1, Ordering::AcqRel);
+        if HOLDS.fetch_sub(1, Ordering::AcqRel) == 1 {
+            set_trim_threshold(SERVING_TRIM_THRESHOLD);
+        }
     }
+}
+
+/// Free bytes at the top of an arena past which glibc gives them back by itself, at the free.
+/// `malloc_trim` returns the free chunks of every arena but the top only of the main one, and
+/// the engine's and the pool's threads allocate in the others: while serving, a long
+/// prefill's transients that merge into such a top go back when they pass this bound.
+const SERVING_TRIM_THRESHOLD: libc::c_int = 32 << 20;
+
+/// While a training job runs: its step frees and reallocates its whole working set, which
+/// must stay mapped (returning it faulted every page in again each step).
+const TRAINING_TRIM_THRESHOLD: libc::c_int = 1 << 30;
+
+fn set_trim_threshold(bytes: libc::c_int) {
+    if current() != Choice::GlibcTuned {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a malloc parameter (under glibc's own lock).
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
 }
 
 /// A burst of short-lived allocations just ended (a model load, a prefill): when the allocator
@@ -354,9 +381,35 @@ mod tests {
 
     /// The pages of freed arena blocks are resident until the trim, and not after it (checked
     /// with `mincore`, so other tests' allocations do not blur it as they would the RSS).
+    /// Runs in a child test process of its own: in this one, training tests running alongside
+    /// hold their working set (a 1 GiB trim threshold) and take freed chunks again.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn the_trim_returns_freed_arena_pages() {
+        const CHILD: &str = "ITAMAE_ALLOC_TRIM_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            return trim_returns_freed_pages_here();
+        }
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "alloc::tests::the_trim_returns_freed_arena_pages",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .expect("child test process");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn trim_returns_freed_pages_here() {
         if heap_stats().is_none() {
             return; // mimalloc in this process: its own purge applies
         }
@@ -389,7 +442,6 @@ mod tests {
             before > total * 9 / 10,
             "{before} of {total} resident before"
         );
-        // Other test threads may take some of the freed chunks again at once.
         assert!(
             after < total / 2,
             "{after} of {total} still resident after the trim"
