@@ -148,12 +148,14 @@ impl PromptCache {
             return Ok(());
         }
         let virtual_len = cache.len() - tokens.len();
-        let positions = cache.len();
-        let kv = cache.fork_prefix(positions, positions)?;
-        let bytes = kv.bytes()? as u64;
+        // Sized from the prefilled cache itself (its cached positions, no spare capacity), so
+        // a prompt too large for the budget is never copied only to be dropped.
+        let bytes = cache.bytes()? as u64;
         if bytes > self.budget {
             return Ok(());
         }
+        let positions = cache.len();
+        let kv = cache.fork_prefix(positions, positions)?;
         let mut freed = 0;
         self.entries.retain(|e| {
             let superseded = e.key == key && tokens.starts_with(&e.tokens);
