@@ -10,12 +10,9 @@ use crate::model::llama::tests::tiny_config;
 use crate::model::tokenizer::TextSpec;
 use crate::model::{LoadedModel, Transformer, WeightsMode};
 
-/// A word-level vocabulary of `t0` … `t60` (the tiny model's 61 ids), and no EOS: every
-/// choice runs to `max_tokens`.
-fn engine() -> EngineHandle {
-    // Untied embeddings: a tied random model mostly repeats its last input token.
-    let cfg = tiny_config(Arch::Qwen2);
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..cfg.vocab_size)
+/// A word-level tokenizer of `t0` … `t{vocab_size - 1}` with no template, BOS or EOS.
+pub(super) fn word_level_text(vocab_size: usize) -> TextSpec {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..vocab_size)
         .map(|i| (format!("t{i}"), serde_json::json!(i)))
         .collect();
     let json = serde_json::json!({
@@ -24,7 +21,7 @@ fn engine() -> EngineHandle {
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
     });
-    let text = TextSpec {
+    TextSpec {
         tokenizer: json.to_string().parse().expect("tokenizer"),
         chat_template: None,
         bos_token: None,
@@ -32,7 +29,15 @@ fn engine() -> EngineHandle {
         eos_token: None,
         eos_ids: Vec::new(),
         add_bos: false,
-    };
+    }
+}
+
+/// A word-level vocabulary of `t0` … `t60` (the tiny model's 61 ids), and no EOS: every
+/// choice runs to `max_tokens`.
+fn engine() -> EngineHandle {
+    // Untied embeddings: a tied random model mostly repeats its last input token.
+    let cfg = tiny_config(Arch::Qwen2);
+    let text = word_level_text(cfg.vocab_size);
     let model = Transformer::random(cfg, &Device::Cpu).expect("model");
     let e = EngineHandle::from_loaded(LoadedModel {
         model,

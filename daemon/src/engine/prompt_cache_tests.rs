@@ -4,6 +4,7 @@
 //! new variant's first chat finds the template's preamble warmed.
 use candle_core::{Device, Tensor};
 
+use super::choices_tests::word_level_text;
 use super::*;
 use crate::adapters::lora::Lora;
 use crate::adapters::prefix::Prefix;
@@ -12,7 +13,6 @@ use crate::engine::{GenEvent, GenerationRequest, PromptInput, SamplingParams};
 use crate::model::arch::Arch;
 use crate::model::chat::ChatMessage;
 use crate::model::llama::tests::tiny_config;
-use crate::model::tokenizer::TextSpec;
 use crate::model::{ChatTemplate, LoadedModel, Transformer, WeightsMode};
 
 /// A template with a fixed preamble (`t1 t2 t3`, a stand-in for a default system prompt)
@@ -22,24 +22,7 @@ const TEMPLATE: &str = "{% for m in messages %}t1 t2 t3 {{ m.content }} t4 {% en
 /// The tiny model of `choices_tests` (word-level `t0` … `t60`, no EOS) with [`TEMPLATE`].
 fn engine(seed_model: &Transformer) -> EngineHandle {
     let cfg = seed_model.cfg.clone();
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..cfg.vocab_size)
-        .map(|i| (format!("t{i}"), serde_json::json!(i)))
-        .collect();
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    });
-    let text = TextSpec {
-        tokenizer: json.to_string().parse().expect("tokenizer"),
-        chat_template: None,
-        bos_token: None,
-        bos_id: None,
-        eos_token: None,
-        eos_ids: Vec::new(),
-        add_bos: false,
-    };
+    let text = word_level_text(cfg.vocab_size);
     // The same weights in every engine of a test.
     let weights = seed_model.named_weights().expect("weights");
     let model = seed_model
